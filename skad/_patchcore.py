@@ -95,7 +95,8 @@ class PatchCore(BaseDetector):
     verbose : int, default=0
         Progress on stderr when > 0.
     random_state : int, Generator or None, default=None
-        Seeds the coreset's projection and starting point.
+        Seeds the coreset's projection and starting point (and random backbone
+        weights, for tests).
 
     Attributes
     ----------
@@ -149,7 +150,8 @@ class PatchCore(BaseDetector):
     def _fit(self, images, y, groups):
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1]; got {self.coreset_ratio}")
-        self.backbone_ = create_backbone(self.backbone, self.weights, self.layers)
+        self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
+                                         random_state=self.random_state)
 
     def _embed(self, batch):
         """Locally aware patch features (paper Eq. 2-3): 3x3 average, levels upsampled, joined."""

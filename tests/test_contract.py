@@ -1,0 +1,189 @@
+"""The estimator contract of DESIGN.md, checked for every detector.
+
+Each entry of ``DETECTORS`` builds a tiny, fast configuration (random weights,
+32-64 px) and gives the keyword arguments ``fit`` needs besides X and y.
+"""
+
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import sklearn
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
+
+from skad import PatchCore
+from skad.datasets import make_textures
+from skad.model_selection import ReferenceScorer
+
+SIZE = 32
+
+
+def _patchcore():
+    return PatchCore(backbone="test_resnet", weights=None, image_size=SIZE, random_state=0)
+
+
+DETECTORS = [
+    pytest.param(_patchcore, {}, id="PatchCore"),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_textures(n_domains=2, n_normal=8, n_anomalous=4, image_size=SIZE, random_state=0)
+
+
+def _fit(factory, fit_kwargs, data, **overrides):
+    det = factory()
+    det.set_params(**overrides)
+    if det._one_class:
+        normal = data.y == 0
+        return det.fit(data.images[normal], **fit_kwargs)
+    return det.fit(data.images, data.y, groups=data.groups, **fit_kwargs)
+
+
+def _ready(det, data):
+    """A fitted detector with references set (non-one-class detectors need them)."""
+    if not hasattr(det, "threshold_"):
+        det.set_reference(data.images[data.y == 0][:4])
+    return det
+
+
+@pytest.fixture(params=[pytest.param(p.values, id=p.id) for p in DETECTORS])
+def fitted(request, data):
+    factory, fit_kwargs = request.param
+    return factory, fit_kwargs, _ready(_fit(factory, fit_kwargs, data), data)
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_constructor_only_stores_params(factory, fit_kwargs):
+    det = factory()
+    params = det.get_params()
+    clone_params = clone(det).get_params()
+    assert params.keys() == clone_params.keys()
+    assert repr(det).startswith(type(det).__name__)
+    assert not [k for k in vars(det) if k.endswith("_") and not k.startswith("_")]
+    with pytest.raises(NotFittedError):
+        det.decision_function(np.zeros((1, SIZE, SIZE), np.uint8))
+
+
+def test_outputs_shapes_and_forms(fitted, data, tmp_path):
+    factory, fit_kwargs, det = fitted
+    X = data.images[-4:]
+    scores = det.decision_function(X)
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+    maps = det.predict_map(X)
+    assert maps.shape == (4, SIZE, SIZE) and np.isfinite(maps).all()
+    assert set(np.unique(det.predict(X))) <= {0, 1}
+    assert np.array_equal(det.predict(X), (scores > det.threshold_).astype(int))
+    # grayscale ndarray, a list of arrays of mixed sizes, file paths
+    grey = data.images[-2:].mean(axis=3).astype(np.uint8)
+    assert det.decision_function(grey).shape == (2,)
+    mixed = [data.images[0], data.images[1][: SIZE - 8, : SIZE - 4] / 255.0]
+    mixed_maps = det.predict_map(mixed)
+    assert isinstance(mixed_maps, list)
+    assert [m.shape for m in mixed_maps] == [(SIZE, SIZE), (SIZE - 8, SIZE - 4)]
+    paths = []
+    for i, img in enumerate(X):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    np.testing.assert_allclose(det.decision_function(paths), scores, rtol=1e-5, atol=1e-6)
+
+
+def test_input_errors_name_the_item(fitted, data, tmp_path):
+    _, _, det = fitted
+    bad = data.images[:3].astype(np.float32) / 255
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"X\[1\].*NaN"):
+        det.decision_function(bad)
+    with pytest.raises(ValueError, match="shape"):
+        det.decision_function(np.zeros((SIZE, SIZE)))
+    with pytest.raises(ValueError, match="empty"):
+        det.decision_function([])
+    with pytest.raises(ValueError, match="missing.png"):
+        det.decision_function([str(tmp_path / "missing.png")])
+    with pytest.raises(TypeError, match=r"X\[0\]"):
+        det.decision_function([object()])
+    with pytest.raises(ValueError, match="0 \\(normal\\) and 1"):
+        det.score(data.images[:3], [0, 2, 1])
+    with pytest.raises(ValueError, match="labels"):
+        det.score(data.images[:3], [0, 1])
+
+
+def test_failed_fit_leaves_detector_as_it_was(fitted, data, tmp_path):
+    factory, fit_kwargs, det = fitted
+    before = det.decision_function(data.images[:4])
+    state = sorted(vars(det))
+    # a corrupt file passes the up-front checks and fails mid-fit, while reading
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    idx = np.r_[np.flatnonzero(data.y == 0)[:5], np.flatnonzero(data.y == 1)[:2]]
+    broken = [*data.images[idx], str(tmp_path / "corrupt.png")]
+    y = np.concatenate([data.y[idx], [0]])
+    groups = np.concatenate([data.groups[idx], data.groups[idx][:1]])
+    with pytest.raises(ValueError, match="corrupt.png"):
+        det.fit(broken, y, groups=groups, **fit_kwargs)
+    assert sorted(vars(det)) == state
+    np.testing.assert_allclose(det.decision_function(data.images[:4]), before)
+
+
+def test_pickle_round_trip(fitted, data, tmp_path):
+    _, _, det = fitted
+    X = data.images[-3:]
+    expected = det.decision_function(X), det.predict_map(X)
+    joblib.dump(det, tmp_path / "det.joblib")
+    loaded = joblib.load(tmp_path / "det.joblib")
+    np.testing.assert_allclose(loaded.decision_function(X), expected[0], rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict_map(X), expected[1], rtol=1e-5, atol=1e-6)
+    assert loaded.threshold_ == det.threshold_
+    loaded2 = pickle.loads(pickle.dumps(det))
+    np.testing.assert_allclose(loaded2.decision_function(X), expected[0], rtol=1e-6)
+
+
+def test_set_reference_recalibrates(fitted, data):
+    _, _, det = fitted
+    other = data.images[(data.y == 0) & (data.groups == data.groups[-1])][:5]
+    det.set_reference(other)
+    assert det.n_references_ == 5
+    assert det.reference_scores_.shape == (5,)
+    assert det.threshold_ == pytest.approx(np.quantile(det.reference_scores_,
+                                                       det.threshold_quantile))
+    with pytest.raises(ValueError, match="normals"):
+        det.set_reference([])
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_random_state_and_global_rng(factory, fit_kwargs, data):
+    np_state = np.random.get_state()[1].copy()
+    torch_state = torch.random.get_rng_state().clone()
+    a = _ready(_fit(factory, fit_kwargs, data), data).decision_function(data.images[-4:])
+    assert np.array_equal(np.random.get_state()[1], np_state), "numpy global RNG was used"
+    assert torch.equal(torch.random.get_rng_state(), torch_state), "torch global RNG was used"
+    b = _ready(_fit(factory, fit_kwargs, data), data).decision_function(data.images[-4:])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_domain_cross_validation_with_routing(factory, fit_kwargs, data):
+    scorer = ReferenceScorer(n_references=3, random_state=0)
+    with sklearn.config_context(enable_metadata_routing=True):
+        search = GridSearchCV(factory(), {"threshold_quantile": [0.9, 0.99]},
+                              cv=LeaveOneGroupOut(), scoring=scorer, refit=False)
+        search.fit(data.images, data.y, groups=data.groups, **fit_kwargs)
+    scores = search.cv_results_["mean_test_score"]
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_one_class_warns_about_left_out_anomalies(data):
+    with pytest.warns(UserWarning, match="left out 4 anomalous"):
+        _patchcore().fit(data.images[:12], data.y[:12])
+
+
+def test_cross_validate_in_parallel(data):
+    res = cross_validate(_patchcore(), data.images, data.y, groups=data.groups,
+                         cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3),
+                         n_jobs=2)
+    assert np.isfinite(res["test_score"]).all()
