@@ -129,6 +129,9 @@ class PatchCore(BaseDetector):
     (2, 64, 64)
     """
 
+    # fit learns nothing beyond the memory bank, which set_reference rebuilds
+    _reference_only = True
+
     def __init__(self, backbone="wide_resnet50_2", weights="pretrained", layers=(2, 3),
                  image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
                  sigma=4.0, threshold_quantile=0.99, batch_size=16, device="auto",

@@ -176,10 +176,14 @@ class BaseDetector(BaseEstimator):
         maps : ndarray of shape (n_samples, height, width) or list of ndarray
             An array when all images share one size, else a list of 2-D arrays.
         """
-        maps = self._predict(X, maps=True)[1]
+        return self.score_and_map(X)[1]
+
+    def score_and_map(self, X):
+        """``decision_function(X)`` and ``predict_map(X)`` in one pass over the images."""
+        scores, maps = self._predict(X, maps=True)
         if len({m.shape for m in maps}) == 1:
-            return np.stack(maps)
-        return maps
+            maps = np.stack(maps)
+        return scores, maps
 
     def predict(self, X):
         """0 (normal) / 1 (anomalous): ``decision_function(X) > threshold_``."""

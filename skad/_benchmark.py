@@ -1,0 +1,139 @@
+"""Benchmark protocols on MVTec-layout data, behind ``skad benchmark``.
+
+Three protocols, each a loop over target categories:
+
+``oneclass``
+    Fit on the category's train/good, score its test/.
+``fewshot``
+    Fit on ``k`` images drawn from train/good (per seed), score test/.
+``domains``
+    Leave one domain out: fit on all images, with labels, of the other
+    categories; ``set_reference`` with ``k`` images drawn from the target's
+    train/good (per seed); score the target's test/. Detectors whose ``fit``
+    learns nothing beyond the reference (PatchCore) are fitted on the ``k``
+    references directly, which is the same model at a fraction of the cost.
+"""
+
+import time
+
+import numpy as np
+import torch
+
+from .datasets import load_domains, load_mvtec
+from .metrics import evaluate
+
+__all__ = ["run_benchmark", "markdown_table"]
+
+
+def _maps_at(maps, size):
+    """Maps (list or array) resized bilinearly to ``size`` x ``size``."""
+    out = []
+    for m in maps:
+        t = torch.from_numpy(np.asarray(m, dtype=np.float32))[None, None]
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear",
+                                            align_corners=False)
+        out.append(t[0, 0].numpy())
+    return np.stack(out)
+
+
+def _evaluate(det, test, eval_size):
+    t0 = time.perf_counter()
+    scores, maps = det.score_and_map(test.paths)
+    elapsed = time.perf_counter() - t0
+    row = evaluate(test.y, scores, masks=test.masks, maps=_maps_at(maps, eval_size))
+    row["score_ips"] = len(test.paths) / elapsed
+    return row
+
+
+def _draw(paths, k, seed):
+    rng = np.random.default_rng(seed)
+    if k > len(paths):
+        raise ValueError(f"asked for {k} reference images; the category has {len(paths)}")
+    return [paths[i] for i in np.sort(rng.choice(len(paths), size=k, replace=False))]
+
+
+def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_references=(10,),
+                  seeds=(0,), eval_size=256, log=print):
+    """Run a protocol; return one dict per (category, k, seed).
+
+    Parameters
+    ----------
+    make_detector : callable
+        Returns a fresh, unfitted detector.
+    root : str
+        MVTec-layout data root.
+    categories : list of str
+    protocol : {"oneclass", "fewshot", "domains"}
+    n_references : sequence of int
+        ``k`` for the fewshot and domains protocols.
+    seeds : sequence of int
+        Seeds of the reference draws.
+    eval_size : int
+        Masks and maps are compared at ``eval_size`` x ``eval_size`` pixels.
+    log : callable
+        Receives one line per finished row.
+    """
+    if protocol not in ("oneclass", "fewshot", "domains"):
+        raise ValueError(f"unknown protocol {protocol!r}")
+    rows = []
+    for cat in categories:
+        test = load_mvtec(root, cat, "test", return_masks=True, mask_size=eval_size)
+        train = load_mvtec(root, cat, "train").paths
+        if protocol == "oneclass":
+            runs = [("all", None, train)]
+        else:
+            runs = [(k, s, _draw(train, k, s)) for k in n_references for s in seeds]
+        sources = None
+        for k, seed, refs in runs:
+            det = make_detector()
+            t0 = time.perf_counter()
+            if protocol in ("oneclass", "fewshot") or getattr(det, "_reference_only", False):
+                det.fit(refs)
+            else:
+                if sources is None:
+                    others = [c for c in categories if c != cat]
+                    sources = _sources(root, others)
+                det.fit(sources.paths, sources.y, groups=sources.groups)
+                det.set_reference(refs)
+            fit_s = time.perf_counter() - t0
+            row = {"category": cat, "k": k, "seed": seed, **_evaluate(det, test, eval_size),
+                   "fit_s": fit_s}
+            rows.append(row)
+            log(_format_row(row))
+    return rows
+
+
+def _sources(root, categories):
+    """All train and test images of ``categories``, with labels and domains."""
+    train = load_domains(root, categories, "train")
+    test = load_domains(root, categories, "test")
+    train.paths = list(train.paths) + list(test.paths)
+    train.y = np.concatenate([train.y, test.y])
+    train.groups = np.concatenate([train.groups, test.groups])
+    return train
+
+
+_COLUMNS = [("category", "{}"), ("k", "{}"), ("seed", "{}"), ("image_auroc", "{:.3f}"),
+            ("pixel_auroc", "{:.3f}"), ("pro", "{:.3f}"), ("fit_s", "{:.1f}"),
+            ("score_ips", "{:.1f}")]
+
+
+def _format_row(row):
+    return " | ".join(f"{k}={fmt.format(row[k])}" for k, fmt in _COLUMNS if k in row)
+
+
+def markdown_table(rows):
+    """Rows as a markdown table, with a mean row per k (over categories and seeds)."""
+    head = "| " + " | ".join(k for k, _ in _COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(_COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "" for k, fmt in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    for k in sorted({r["k"] for r in rows}):
+        sel = [r for r in rows if r["k"] == k]
+        cells = ["**mean**", str(k), ""]
+        for key, fmt in _COLUMNS[3:]:
+            vals = [r[key] for r in sel if r.get(key) is not None]
+            cells.append(fmt.format(np.mean(vals)) if vals else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
