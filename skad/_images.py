@@ -244,18 +244,24 @@ def resize_maps(maps, sizes):
 
 
 def progress(iterable, *, total=None, desc="", verbose=0):
-    """Iterate, writing ``desc: k/total [elapsed]`` to stderr when ``verbose``."""
+    """Iterate, writing ``desc: k/total [elapsed]`` to stderr when ``verbose``.
+
+    The line is rewritten at most twice a second, and once at the end.
+    """
     if not verbose:
         yield from iterable
         return
     total = len(iterable) if total is None else total
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for k, item in enumerate(iterable, 1):
         yield item
-        elapsed = time.perf_counter() - t0
-        end = "\n" if k == total else ""
-        sys.stderr.write(f"\r{desc}: {k}/{total} [{elapsed:.1f}s]{end}")
-        sys.stderr.flush()
+        now = time.perf_counter()
+        if k == total or now - last > 0.5:
+            last = now
+            end = "\n" if k == total else ""
+            sys.stderr.write(f"\r{desc}: {k}/{total} [{now - t0:.1f}s]{end}")
+            sys.stderr.flush()
+
 
 
 def gaussian_blur(maps, sigma):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backbone import create_backbone
-from ._images import gaussian_blur, upsample
+from ._images import gaussian_blur, progress, upsample
 from ._training import seed_from
 from .base import BaseDetector
 
@@ -22,7 +22,7 @@ __all__ = ["PatchCore"]
 _BLOCK = 2**25
 
 
-def greedy_coreset(features, n_select, n_projections=128, generator=None):
+def greedy_coreset(features, n_select, n_projections=128, generator=None, verbose=0):
     """Indices of a greedy k-center coreset (paper Alg. 1) on a random projection.
 
     The projection (Johnson-Lindenstrauss) only speeds up the distance
@@ -38,7 +38,7 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None):
     selected = torch.empty(n_select, dtype=torch.long)
     selected[0] = start
     min_dist = torch.linalg.vector_norm(features - features[start], dim=1)
-    for k in range(1, n_select):
+    for k in progress(range(1, n_select), desc="coreset", verbose=verbose):
         idx = torch.argmax(min_dist)
         selected[k] = idx
         dist = torch.linalg.vector_norm(features - features[idx], dim=1)
@@ -178,7 +178,8 @@ class PatchCore(BaseDetector):
         device = self._device()
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
-        keep = greedy_coreset(patches.to(device), n_keep, self.n_projections, gen).cpu()
+        keep = greedy_coreset(patches.to(device), n_keep, self.n_projections, gen,
+                              verbose=self.verbose).cpu()
         self.memory_bank_ = patches[keep].contiguous()
         self.memory_owner_ = owner[keep]
         self.memory_position_ = position[keep]
