@@ -6,6 +6,7 @@ API and score with higher = more anomalous. See ``README.md`` and ``docs/``.
 
 from . import datasets, metrics, model_selection
 from ._backbone import WeightsNotFoundError
+from ._mmr import MMR
 from ._patchcore import PatchCore
 from .base import BaseDetector
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseDetector",
+    "MMR",
     "PatchCore",
     "WeightsNotFoundError",
     "datasets",

@@ -175,6 +175,26 @@ def resolve_weights(model_name, weights):
     return None, "timm-download"
 
 
+def _fit_pos_embed(state, model):
+    """Resample a ViT checkpoint's position embeddings to the model's patch grid.
+
+    A ViT built for another ``img_size`` than its checkpoint has a different
+    number of positions; timm interpolates them (bicubic) for its own downloads,
+    and this does the same for local files and caches.
+    """
+    pos = state.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is None or target is None or pos.shape == target.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    state = dict(state)
+    state["pos_embed"] = resample_abs_pos_embed(
+        pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+    return state
+
+
 def _create_model(model_name, weights, **kwargs):
     """A full timm model with its weights loaded; see :func:`resolve_weights`."""
     state, source = resolve_weights(model_name, weights)
@@ -194,6 +214,7 @@ def _create_model(model_name, weights, **kwargs):
     if state is not None:
         if any(k.startswith("_blocks.") for k in state):
             state = _lukemelas_to_timm(state, model)
+        state = _fit_pos_embed(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise WeightsNotFoundError(

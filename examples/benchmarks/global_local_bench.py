@@ -1,0 +1,203 @@
+"""Benchmark GlobalLocal beside PatchCore (one-class) and the lambda_s ablation (paper Table 4).
+
+Usage (from the repository root)::
+
+    python examples/benchmarks/global_local_bench.py --out global_local_bench.md   # full, GPU
+    python examples/benchmarks/global_local_bench.py --quick                       # smoke, CPU
+
+Both methods use the offline ImageNet ``tf_efficientnet_lite0`` (GlobalLocal as
+the teacher its Local-Net is distilled from, PatchCore as its backbone), at
+256 px. Per category of the data root (MVTec layout): fit on ``train/good``,
+score ``test/``; image AUROC, pixel AUROC and PRO (FPR <= 0.3) at 256 x 256,
+fit seconds and scoring images per second (files read and decoded included).
+
+The ablation fits GlobalLocal once per category and rescores the test set
+with lambda_s = 0, 0.2, ..., 1.0 (``set_params(lambda_s=...)``; no refit):
+lambda_s = 1 is the IAD head alone, 0 the DAD head alone (Eq. 13).
+
+GlobalLocal's Local-Net is distilled on the training images' patches: the
+paper's ImageNet distillation cannot be done offline (see
+docs/methods/global_local.md). Split a long run with --categories.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from skad import GlobalLocal, PatchCore
+from skad._benchmark import _maps_at
+from skad._global_local import patch_starts
+from skad.datasets import load_mvtec
+from skad.metrics import evaluate
+
+REPO = Path(__file__).resolve().parents[2]
+CATEGORIES = ["mt", "aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04"]
+LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def make_global_local(args):
+    return GlobalLocal(teacher="tf_efficientnet_lite0", teacher_weights=args.weights,
+                       teacher_size=args.teacher_size, patch_size=args.patch_size,
+                       stride=args.stride, context=args.context,
+                       n_distill_epochs=args.distill_epochs,
+                       n_finetune_epochs=args.finetune_epochs, n_patches=args.n_patches,
+                       n_epochs=args.epochs, image_size=args.image_size,
+                       batch_size=args.batch_size, device=args.device, verbose=args.verbose,
+                       random_state=args.seed)
+
+
+def make_patchcore(args):
+    return PatchCore(backbone="tf_efficientnet_lite0", weights=args.weights, image_size=256,
+                     coreset_ratio=args.coreset_ratio, device=args.device,
+                     verbose=args.verbose, random_state=args.seed)
+
+
+def _split(root, category, eval_size, n_train, n_test, rng):
+    """Train paths and test paths/labels/masks, thinned for --quick (both classes kept)."""
+    train = load_mvtec(root, category, "train").paths
+    test = load_mvtec(root, category, "test", return_masks=True, mask_size=eval_size)
+    paths, y, masks = list(test.paths), np.asarray(test.y), list(test.masks)
+    if n_train is not None and len(train) > n_train:
+        train = [train[i] for i in np.sort(rng.choice(len(train), n_train, replace=False))]
+    if n_test is not None and len(paths) > n_test:
+        idx = np.sort(np.r_[rng.choice(np.flatnonzero(y == 0), n_test // 2, replace=False),
+                            rng.choice(np.flatnonzero(y == 1), n_test - n_test // 2,
+                                       replace=False)])
+        paths, y, masks = [paths[i] for i in idx], y[idx], [masks[i] for i in idx]
+    return train, paths, y, np.stack(masks)
+
+
+def _score(det, paths, y, masks, eval_size):
+    t0 = time.perf_counter()
+    scores, maps = det.score_and_map(paths)
+    ips = len(paths) / (time.perf_counter() - t0)
+    return {**evaluate(y, scores, masks, _maps_at(maps, eval_size)), "score_ips": ips}
+
+
+def run_category(root, category, args, n_train, n_test):
+    train, paths, y, masks = _split(root, category, args.eval_size, n_train, n_test,
+                                    np.random.default_rng(args.seed))
+    rows, ablation = [], {}
+    makers = [("GlobalLocal", make_global_local)]
+    if not args.skip_patchcore:
+        makers.append(("PatchCore", make_patchcore))
+    for name, make in makers:
+        det = make(args)
+        t0 = time.perf_counter()
+        det.fit(train)
+        fit_s = time.perf_counter() - t0
+        row = {"category": category, "method": name, "n_train": len(train), "n_test": len(y),
+               **_score(det, paths, y, masks, args.eval_size), "fit_s": fit_s}
+        rows.append(row)
+        print(f"{category} {name}: image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+              f"pro {row['pro']:.3f} fit {fit_s:.1f}s {row['score_ips']:.1f} img/s", flush=True)
+        if name == "GlobalLocal":
+            ablation[det.lambda_s] = row
+            for lam in LAMBDAS:
+                if lam not in ablation:  # one fit, rescored: lambda_s is read at scoring time
+                    ablation[lam] = _score(det.set_params(lambda_s=lam), paths, y, masks,
+                                           args.eval_size)
+            print(f"{category} lambda_s PRO: " + " ".join(
+                f"{lam:.1f}={ablation[lam]['pro']:.3f}" for lam in LAMBDAS), flush=True)
+    return rows, {category: ablation}
+
+
+def main_table(rows):
+    lines = ["| category | method | train | test | image AUROC | pixel AUROC | PRO | fit s | "
+             "images/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['category']} | {r['method']} | {r['n_train']} | {r['n_test']} | "
+                     f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pro']:.3f} | "
+                     f"{r['fit_s']:.1f} | {r['score_ips']:.1f} |")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        means = [np.mean([r[k] for r in sel]) for k in
+                 ("image_auroc", "pixel_auroc", "pro", "fit_s", "score_ips")]
+        lines.append(f"| **mean** | {method} | | | {means[0]:.3f} | {means[1]:.3f} | "
+                     f"{means[2]:.3f} | {means[3]:.1f} | {means[4]:.1f} |")
+    return "\n".join(lines)
+
+
+def ablation_table(ablations, key):
+    lines = ["| category | " + " | ".join(f"{lam:.1f}" for lam in LAMBDAS) + " |",
+             "|---|" + "---|" * len(LAMBDAS)]
+    for cat, by_lam in ablations.items():
+        lines.append(f"| {cat} | " + " | ".join(f"{by_lam[lam][key]:.3f}" for lam in LAMBDAS)
+                     + " |")
+    means = [np.mean([a[lam][key] for a in ablations.values()]) for lam in LAMBDAS]
+    lines.append("| **mean** | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", default="pretrained",
+                        help="tf_efficientnet_lite0 weights of both methods: 'pretrained' "
+                             "(offline package) or a checkpoint file")
+    parser.add_argument("--out", default=None, help="write the markdown tables here")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: aitex_00, 24 train / 16 test images, 128 px, patch 16, "
+                             "stride 8, a few epochs, PatchCore coreset 0.01")
+    parser.add_argument("--categories", nargs="+", default=CATEGORIES)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--patch-size", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--context", type=float, default=3.0)
+    parser.add_argument("--teacher-size", type=int, default=128)
+    parser.add_argument("--distill-epochs", type=int, default=40)
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=100, help="Global-Net and DAD head")
+    parser.add_argument("--n-patches", type=int, default=16, help="per image per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's")
+    parser.add_argument("--skip-patchcore", action="store_true")
+    parser.add_argument("--verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        print(f"global_local_bench: data folder {args.data} not found; nothing to do "
+              "(pass --data ROOT)")
+        return 0
+    n_train = n_test = None
+    if args.quick:
+        args.categories, args.coreset_ratio = ["aitex_00"], 0.01
+        args.image_size, args.patch_size, args.stride, args.teacher_size = 128, 16, 8, 64
+        args.distill_epochs, args.finetune_epochs, args.epochs = 3, 1, 3
+        n_train, n_test = 24, 16
+    settings = (f"GlobalLocal: teacher tf_efficientnet_lite0 (ImageNet, offline), deepest level "
+                f"pooled, patches resized to {args.teacher_size}; image {args.image_size}, patch "
+                f"{args.patch_size}, stride {args.stride}, context {args.context} x patch; "
+                f"Local-Net distilled on the training patches {args.distill_epochs} + "
+                f"{args.finetune_epochs} epochs; Global-Net + DAD {args.epochs} epochs x "
+                f"{args.n_patches} patches per image, batch {args.batch_size}; lambda_s 0.8, "
+                f"seed {args.seed}. PatchCore: tf_efficientnet_lite0 layers 2-3, image 256, "
+                f"coreset {args.coreset_ratio}." + (" QUICK smoke run: subsets, few epochs."
+                                                   if args.quick else ""))
+    rows, ablations = [], {}
+    for cat in args.categories:
+        r, a = run_category(args.data, cat, args, n_train, n_test)
+        rows += r
+        ablations.update(a)
+    out = ["# GlobalLocal benchmark", "", settings, "",
+           "## One-class, beside PatchCore (scoring images/s at stride "
+           f"{args.stride}: {len(patch_starts(args.image_size, args.patch_size, args.stride))}"
+           "^2 patches per image)", "", main_table(rows), "",
+           "## lambda_s ablation (paper Table 4): PRO, one fit rescored", "",
+           ablation_table(ablations, "pro"), "",
+           "## lambda_s ablation: pixel AUROC", "", ablation_table(ablations, "pixel_auroc"), "",
+           "## lambda_s ablation: image AUROC", "", ablation_table(ablations, "image_auroc"), ""]
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Global-local comparison (Wang et al., "Glancing at the Patch: Anomaly Localization
+with Global and Local Feature Comparison", CVPR 2021).
+
+A Local-Net embeds a p x p patch; it is distilled from a frozen ImageNet
+teacher and then frozen. A Global-Net of partial convolutions sees the patch's
+surroundings with the patch itself masked out, so it cannot peek, and learns
+to predict the Local-Net's feature of the hidden patch. At test time a patch
+whose feature disagrees with what its surroundings predict (IAD head), or that
+a small classifier recognises as distorted (DAD head), is anomalous. This
+catches defects that look normal inside any single patch: a part in the wrong
+place, a swapped colour, a bend.
+"""
+
+import copy
+import functools
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._backbone import create_backbone
+from ._images import _size2, check_images
+from ._training import cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed
+from ._training import train as train_loop
+from .base import BaseDetector
+
+__all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
+           "distillation_loss", "compactness_loss", "iad_score", "add_stains", "crop_windows",
+           "patch_starts", "idw_weights", "idw_interpolate"]
+
+_PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
+_CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
+_WEIGHT_DECAY = 1e-5
+import os
+_LOCAL_GRID = int(os.environ.get("GL_LG", 1))
+_TEACHER_GRID = int(os.environ.get("GL_TG", 1))
+
+
+# ------------------------------------------------------------------ geometry
+def patch_starts(size, patch_size, stride):
+    """Raster-scan start offsets along one axis (Sec. 3.3); the last patch ends at the border."""
+    starts = list(range(0, size - patch_size + 1, stride))
+    if starts[-1] != size - patch_size:
+        starts.append(size - patch_size)
+    return torch.tensor(starts)
+
+
+def crop_windows(images, owner, top, left, size):
+    """``images[owner[k], :, top[k]:top[k]+size, left[k]:left[k]+size]`` for every k, gathered.
+
+    One indexing op for all crops: ``(K, C, size, size)``.
+    """
+    ar = torch.arange(size, device=images.device)
+    rows = (top.to(images.device)[:, None] + ar)[:, :, None]
+    cols = (left.to(images.device)[:, None] + ar)[:, None, :]
+    out = images[owner.to(images.device)[:, None, None], :, rows, cols]  # (K, size, size, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def idw_weights(height, width, patch_size, stride, n_neighbors=4, power=2.0):
+    """Inverse-distance weights from the patch centres to every pixel (Sec. 3.3).
+
+    Each pixel takes its ``n_neighbors`` nearest patch centres with weights
+    ``d ** -power``, normalised to sum to 1. Returns ``index (H*W, k)`` into the
+    raster-ordered patches and ``weight (H*W, k)``; cached per geometry.
+    """
+    half = (patch_size - 1) / 2
+    cy = patch_starts(height, patch_size, stride).double() + half
+    cx = patch_starts(width, patch_size, stride).double() + half
+    centres = torch.cartesian_prod(cy, cx)
+    pixels = torch.cartesian_prod(torch.arange(height).double(), torch.arange(width).double())
+    k = min(n_neighbors, len(centres))
+    index, weight = [], []
+    for start in range(0, len(pixels), 16384):  # blocks bound the distance matrix's memory
+        d = torch.cdist(pixels[start:start + 16384], centres)
+        dk, ik = torch.topk(d, k, largest=False)
+        w = (dk + 1e-6) ** -power
+        index.append(ik)
+        weight.append((w / w.sum(dim=1, keepdim=True)).float())
+    return torch.cat(index), torch.cat(weight)
+
+
+def idw_interpolate(scores, index, weight, shape):
+    """Patch scores ``(B, P)`` -> pixel maps ``(B, H, W)``; linear in the scores."""
+    s = scores.float()[:, index.to(scores.device)]  # (B, H*W, k)
+    return (s * weight.to(scores.device)).sum(dim=-1).view(len(scores), *shape)
+
+
+# ------------------------------------------------------------------ modules
+def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0):
+    """Partial convolution (Liu et al. 2018; paper Eq. 5). Stateless.
+
+    ``x`` (B, C, H, W), ``mask`` (B, 1, H, W) binary, 1 = valid. Returns the
+    output and the next layer's mask. Where the window holds valid pixels,
+    ``W^T (X * M) * sum(1) / sum(M) + b``; elsewhere 0. The mask arithmetic runs
+    in float32 outside autocast (1e-8 is 0 in float16).
+    """
+    kernel = weight.shape[-2:]
+    with torch.autocast(x.device.type, enabled=False):
+        ones = torch.ones(1, 1, *kernel, device=mask.device)
+        count = F.conv2d(mask.float(), ones, stride=stride, padding=padding)  # sum(M)
+    update = count.clamp(0.0, 1.0)
+    ratio = kernel.numel() / (count + 1e-8) * update  # sum(1) / sum(M), 0 where no valid pixel
+    out = F.conv2d(x * mask.to(x.dtype), weight, None, stride, padding) * ratio
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1) * update
+    return out, update
+
+
+class PartialConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose ``forward(x, mask)`` is :func:`partial_conv2d`; keeps no mask."""
+
+    def forward(self, x, mask):
+        return partial_conv2d(x, mask, self.weight, self.bias, self.stride, self.padding)
+
+
+class LocalNet(nn.Module):
+    """Lightweight patch CNN L (Sec. 3.1) with its distillation decoder D (Eq. 1).
+
+    ``forward(p)`` is L(p) (the raw embedding, as distilled); ``embed(p)`` is
+    Z_l (Eq. 4), standardised per dimension with the training patches' mean and
+    standard deviation (``z_mean``, ``z_std``; our choice, so that the IAD score
+    is in units of the features' spread). ``target_mean``/``target_std``
+    standardise the teacher's features R(p) for Eq. 1.
+    """
+
+    def __init__(self, embed_dim=128, teacher_dim=512, width=32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1))
+        self.project = nn.Linear(4 * w * _LOCAL_GRID ** 2, embed_dim)
+        self.decoder = nn.Linear(embed_dim, teacher_dim)  # D: L's output to R's dimension
+        for name, size in (("target", teacher_dim), ("z", embed_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(size))
+            self.register_buffer(f"{name}_std", torch.ones(size))
+
+    def forward(self, patches):
+        h = self.features((patches - 0.5) / 0.25)
+        return self.project(F.adaptive_avg_pool2d(h, _LOCAL_GRID).flatten(1))
+
+    def embed(self, patches):
+        return (self(patches) - self.z_mean) / self.z_std
+
+
+class GlobalNet(nn.Module):
+    """Global-Net G(I, M0) (Eq. 6): partial convolutions on the masked context window.
+
+    Five 3x3 partial convolutions (the first with stride 2; 2x2 max pooling
+    after the 2nd-4th, the mask max-pooled alike, i.e. binarised), then an
+    average pool to ``grid x grid`` cells, which keeps where the context lies
+    relative to the hole, and two fully connected layers to Z_g.
+    """
+
+    def __init__(self, embed_dim=128, width=32, grid=4):
+        super().__init__()
+        w = width
+        chans = [3, w, w, 2 * w, 4 * w, 4 * w]
+        self.convs = nn.ModuleList(
+            PartialConv2d(cin, cout, 3, stride=2 if i == 0 else 1, padding=1)
+            for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])))
+        self.pool_after = (False, True, True, True, False)
+        self.grid = grid
+        self.head = nn.Sequential(nn.Linear(4 * w * grid * grid, 4 * w * 2), nn.LeakyReLU(0.1),
+                                  nn.Linear(4 * w * 2, embed_dim))
+
+    def forward(self, windows, mask):
+        x = (windows - 0.5) / 0.25  # masked pixels are zeroed inside the partial conv
+        for conv, pool in zip(self.convs, self.pool_after):
+            x, mask = conv(x, mask)
+            x = F.leaky_relu(x, 0.1)
+            if pool:
+                x = F.max_pool2d(x, 2, ceil_mode=True)
+                mask = F.max_pool2d(mask, 2, ceil_mode=True)
+        x = F.adaptive_avg_pool2d(x, self.grid)
+        return self.head(x.flatten(1))
+
+
+class DADHead(nn.Module):
+    """DAD classifier C(Z*, Z_g) (Eq. 8): fully connected layers on the joined features.
+
+    Returns the logit of "Z* is distorted"; ``sigmoid(logit) = 1 - C`` is s_DAD (Eq. 12).
+    """
+
+    def __init__(self, embed_dim=128, hidden=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.LeakyReLU(0.1),
+                                 nn.Linear(hidden, hidden), nn.LeakyReLU(0.1),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, z, z_global):
+        return self.mlp(torch.cat([z, z_global], dim=1))[:, 0]
+
+
+# ------------------------------------------------------------------ losses and stains
+def distillation_loss(decoded, target):
+    """Eq. 1: ``||D(L(p)) - R(p)||_2^2``, averaged over the batch."""
+    return (decoded.float() - target.float()).pow(2).sum(dim=1).mean()
+
+
+def compactness_loss(z):
+    """Eq. 2: sum of the off-diagonal entries of the correlation matrix of ``z`` over the batch."""
+    z = z.float()
+    z = (z - z.mean(dim=0)) / (z.std(dim=0, unbiased=False) + 1e-6)
+    corr = z.T @ z / len(z)
+    return corr.sum() - corr.diagonal().sum()
+
+
+def iad_score(z_local, z_global):
+    """Eq. 7 / 11: ``(1/n) ||Z_l - Z_g||_2^2`` per row."""
+    return (z_local.float() - z_global.float()).pow(2).mean(dim=1)
+
+
+def add_stains(patches, generator, radius=(0.08, 0.3), alpha=(0.3, 1.0)):
+    """Negative patches p- (Sec. 3.2): one random small stain on each patch.
+
+    A stain is a blob of random colour and opacity ``alpha``, centred in the
+    middle 60% of the patch, with a radius of ``radius`` x the patch size, a
+    random aspect ratio (1:2 to 2:1) and orientation, and a boundary wobbled
+    by three random harmonics; its edge is soft (about 1 pixel).
+    """
+    n, _, ph, pw = patches.shape
+    u = torch.rand(n, 12, generator=generator).to(patches.device)
+    size = min(ph, pw)
+    cy, cx = (0.2 + 0.6 * u[:, 0]) * ph, (0.2 + 0.6 * u[:, 1]) * pw
+    r0 = (radius[0] + (radius[1] - radius[0]) * u[:, 2]) * size
+    aspect = 2.0 ** (2 * u[:, 3] - 1)
+    theta = math.pi * u[:, 4]
+    yy = torch.arange(ph, device=patches.device).view(1, ph, 1) + 0.5 - cy.view(n, 1, 1)
+    xx = torch.arange(pw, device=patches.device).view(1, 1, pw) + 0.5 - cx.view(n, 1, 1)
+    cos, sin = theta.cos().view(n, 1, 1), theta.sin().view(n, 1, 1)
+    a, b = xx * cos + yy * sin, -xx * sin + yy * cos
+    rho = torch.sqrt((a / aspect.sqrt().view(n, 1, 1)) ** 2 + (b * aspect.sqrt().view(n, 1, 1))
+                     ** 2)
+    phi = torch.atan2(b, a)
+    wobble = 1.0 + sum(0.25 * u[:, 5 + j].view(n, 1, 1) * torch.cos((j + 1) * phi + 2 * math.pi
+                                                                      * u[:, 8 + j].view(n, 1, 1))
+                       for j in range(3))
+    shape = torch.sigmoid((wobble * r0.view(n, 1, 1) - rho) * 2.0)  # soft edge, ~1 px
+    opacity = (alpha[0] + (alpha[1] - alpha[0]) * u[:, 11]).view(n, 1, 1, 1)
+    colour = torch.rand(n, 3, 1, 1, generator=generator).to(patches)
+    blend = opacity * shape[:, None]
+    return patches * (1 - blend) + colour * blend
+
+
+# ------------------------------------------------------------------ the detector
+class GlobalLocal(BaseDetector):
+    """Global-local feature comparison: a patch's feature predicted from its surroundings.
+
+    Parameters
+    ----------
+    teacher : str, default="resnet18"
+        Frozen timm CNN the Local-Net is distilled from (the paper's ImageNet
+        ResNet-18; ``"tf_efficientnet_lite0"`` has offline weights). Used in
+        ``fit`` only; it is not kept.
+    teacher_weights : "pretrained", str, path-like or None, default="pretrained"
+        The teacher's weights (see :func:`skad._backbone.resolve_weights`).
+    teacher_layer : int, default=-1
+        Teacher level (``features_only`` index; -1 = the deepest) whose
+        globally average-pooled map is R(p).
+    teacher_size : int, default=128
+        Patches are resized to this size for the teacher.
+    patch_size : int, default=32
+        Side p of the patches, in pixels at ``image_size``.
+    stride : int, default=16
+        Step of the raster scan at scoring time (only used there: it may be
+        changed after ``fit``). 32 / 16 at 256 px gives 15 x 15 patches.
+    context : float or "image", default=3
+        Side of the Global-Net's window in patch sizes, centred on the patch
+        (3: one patch of context on every side). ``"image"``: a window of
+        ``2 * image_size - p``, which covers the whole image from any patch
+        (about 25 times the compute of 3 at 256 px). Pixels outside the image
+        are masked like the patch.
+    embed_dim : int, default=128
+        Dimension n of Z_l and Z_g.
+    width : int, default=32
+        Base channel width of the Local-Net and the Global-Net.
+    n_distill_patches : int, default=32
+        Random patches per image for distilling and fine-tuning the Local-Net
+        (drawn once per fit; their teacher features are computed once).
+    n_distill_epochs : int, default=40
+        Epochs of distillation (Eq. 3) on the patches of ``distill_images``,
+        or of the training images when it is None. Skipped with ``local_net``.
+    n_finetune_epochs : int, default=10
+        Epochs of fine-tuning (Eq. 3 again) on the training images' patches.
+    distill_images : array, list of arrays or list of paths, optional
+        Images to distil the Local-Net on first (the paper uses ImageNet).
+    local_net : LocalNet, optional
+        A pre-distilled Local-Net (e.g. another fit's ``local_net_``); a copy
+        is fine-tuned and the distillation is skipped.
+    n_patches : int, default=16
+        Random patches per image per epoch in training the Global-Net and DAD head.
+    n_epochs : int, default=100
+        Epochs of training the Global-Net and the DAD head (Eq. 10).
+    lambda_k, lambda_c : float, default=1.0
+        Weights of Eq. 1 and Eq. 2 in the Local-Net loss (Eq. 3).
+    lambda_t : float, default=1.0
+        Weight of the DAD loss in Eq. 10.
+    lambda_s : float, default=0.8
+        Weight of s_IAD against s_DAD in the patch score (Eq. 13); read at
+        scoring time, so ``set_params(lambda_s=...)`` rescores without refitting
+        (call ``set_reference`` again to recalibrate ``threshold_``).
+    lr : float, default=1e-3
+        AdamW learning rate of every stage (cosine decay to 5%).
+    idw_neighbors : int, default=4
+        Patch centres (the nearest) each pixel interpolates from.
+    idw_power : float, default=2.0
+        Inverse-distance weights ``d ** -idw_power``.
+    image_size : int, default=256
+        Working size images are resized to.
+    threshold_quantile : float, default=0.99
+        ``threshold_`` is this quantile of the references' scores.
+    batch_size : int, default=16
+        Images per training step (each gives ``n_patches`` windows) and per
+        scoring batch.
+    device : str, default="auto"
+    verbose : int, default=0
+    random_state : int, Generator or None, default=None
+        Seeds the networks' initialisation, the patch positions, the stains
+        and the minibatch order.
+
+    Attributes
+    ----------
+    local_net_ : LocalNet
+        The frozen Local-Net (with its decoder and standardisation).
+    global_net_ : GlobalNet
+    dad_head_ : DADHead
+    window_size_ : int
+        Side of the Global-Net's window in pixels.
+    loss_history_ : dict of list of float
+        Mean loss per epoch of the stages ``"distill"``, ``"finetune"``, ``"global"``.
+    reference_scores_ : ndarray of shape (n_references,)
+    threshold_ : float
+
+    Notes
+    -----
+    The paper fixes: the Local-Net distilled from ResNet-18 with Eq. 1-3 then
+    frozen, a partial-convolution Global-Net that never sees the patch, the
+    IAD and DAD heads (Eq. 7-12), Eq. 10, raster scan with overlap, Eq. 13
+    with lambda_s = 0.8, IDW interpolation of the patch scores. No public code
+    exists; our choices: the network layouts, p = 32, stride 16, a context
+    window of 3p, R(p) = the pooled deepest teacher map of the patch resized
+    to ``teacher_size``, standardised teacher targets and Z_l, the stain
+    generator (:func:`add_stains`), feeding each patch both clean and stained
+    to the DAD head, all loss weights, the optimiser and epochs, and IDW over
+    the 4 nearest centres with power 2; the image score is the map's maximum.
+    The paper distils on ImageNet first, which cannot be done offline here: by
+    default the Local-Net is distilled on the training images' patches
+    (``distill_images`` and ``local_net`` restore the two-stage scheme).
+    ``set_reference`` does not retrain; it calibrates ``threshold_``. After
+    ``fit`` the reference is the training set, whose scores run lower than
+    unseen normals': set a held-out reference for a calibrated threshold.
+
+    References
+    ----------
+    S. Wang, L. Wu, L. Cui, Y. Shen. "Glancing at the Patch: Anomaly
+    Localization with Global and Local Feature Comparison". CVPR 2021.
+
+    Examples
+    --------
+    >>> from skad import GlobalLocal
+    >>> from skad.datasets import make_textures
+    >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=2, image_size=32,
+    ...                      random_state=0)
+    >>> det = GlobalLocal(teacher="test_efficientnet", teacher_weights=None, teacher_size=32,
+    ...                   patch_size=8, stride=4, embed_dim=16, width=8, n_distill_epochs=1,
+    ...                   n_finetune_epochs=1, n_epochs=1, image_size=32,
+    ...                   random_state=0).fit(data.images[data.y == 0])
+    >>> det.decision_function(data.images).shape
+    (10,)
+    >>> det.predict_map(data.images[:2]).shape
+    (2, 32, 32)
+    """
+
+    def __init__(self, teacher="resnet18", teacher_weights="pretrained", teacher_layer=-1,
+                 teacher_size=128, patch_size=32, stride=16, context=3.0, embed_dim=128,
+                 width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
+                 distill_images=None, local_net=None, n_patches=16, n_epochs=100,
+                 lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, lambda_s=0.8, lr=1e-3,
+                 idw_neighbors=4, idw_power=2.0, image_size=256, threshold_quantile=0.99,
+                 batch_size=16, device="auto", verbose=0, random_state=None):
+        self.teacher = teacher
+        self.teacher_weights = teacher_weights
+        self.teacher_layer = teacher_layer
+        self.teacher_size = teacher_size
+        self.patch_size = patch_size
+        self.stride = stride
+        self.context = context
+        self.embed_dim = embed_dim
+        self.width = width
+        self.n_distill_patches = n_distill_patches
+        self.n_distill_epochs = n_distill_epochs
+        self.n_finetune_epochs = n_finetune_epochs
+        self.distill_images = distill_images
+        self.local_net = local_net
+        self.n_patches = n_patches
+        self.n_epochs = n_epochs
+        self.lambda_k = lambda_k
+        self.lambda_c = lambda_c
+        self.lambda_t = lambda_t
+        self.lambda_s = lambda_s
+        self.lr = lr
+        self.idw_neighbors = idw_neighbors
+        self.idw_power = idw_power
+        self.image_size = image_size
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
+
+    # ----------------------------------------------------------- parameters
+    def _check_params(self):
+        h, w = _size2(self.image_size)
+        if not 2 <= self.patch_size <= min(h, w):
+            raise ValueError(f"patch_size must be in [2, {min(h, w)}] (the image_size); "
+                             f"got {self.patch_size}")
+        if not (self.context == "image" or (isinstance(self.context, numbers.Real)
+                                            and self.context >= 1)):
+            raise ValueError(f"context must be a number >= 1 (patch sizes) or 'image'; "
+                             f"got {self.context!r}")
+        for name in ("n_distill_epochs", "n_finetune_epochs"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got "
+                                 f"{getattr(self, name)}")
+        for name in ("n_epochs", "n_patches", "n_distill_patches", "embed_dim", "width"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if self.local_net is not None and not isinstance(self.local_net, LocalNet):
+            raise TypeError(f"local_net must be a LocalNet (e.g. a fitted GlobalLocal's "
+                            f"local_net_); got {type(self.local_net).__name__}")
+        self._check_scoring_params()
+
+    def _check_scoring_params(self):
+        if not 0.0 <= self.lambda_s <= 1.0:
+            raise ValueError(f"lambda_s must be in [0, 1]; got {self.lambda_s}")
+        if int(self.stride) != self.stride or self.stride < 1:
+            raise ValueError(f"stride must be a positive integer; got {self.stride}")
+        if self.idw_neighbors < 1 or self.idw_power <= 0:
+            raise ValueError("idw_neighbors must be >= 1 and idw_power > 0; got "
+                             f"{self.idw_neighbors}, {self.idw_power}")
+
+    def _margin(self):
+        """Context on each side of the patch, in pixels."""
+        if self.context == "image":
+            return max(_size2(self.image_size)) - self.patch_size
+        return int(round((self.context - 1) * self.patch_size / 2))
+
+    # ----------------------------------------------------------- fitting
+    def _fit(self, images, y, groups):
+        self._check_params()
+        seed = seed_from(self.random_state)
+        needs_teacher = self.local_net is None or self.n_finetune_epochs > 0
+        teacher = None
+        if needs_teacher:
+            teacher = create_backbone(self.teacher, self.teacher_weights, (self.teacher_layer,),
+                                      random_state=seed)
+            if teacher.is_vit:
+                raise ValueError(f"teacher must be a CNN; {self.teacher!r} is a ViT")
+        with torch_seed(seed):
+            if self.local_net is None:
+                local = LocalNet(self.embed_dim, teacher.channels[0] * _TEACHER_GRID ** 2, self.width)
+            else:
+                local = copy.deepcopy(self.local_net).cpu().requires_grad_(True)
+                if teacher is not None and local.decoder.out_features != teacher.channels[0] * _TEACHER_GRID ** 2:
+                    raise ValueError(
+                        f"local_net decodes to {local.decoder.out_features} dimensions but "
+                        f"the teacher {self.teacher!r} gives {teacher.channels[0]}")
+            global_net = GlobalNet(local.project.out_features, self.width)
+            dad_head = DADHead(local.project.out_features)
+        gen = torch.Generator().manual_seed(seed + 1)
+        train_u8, patches, targets = self._cache(images, teacher, gen, keep_images=True)
+        history = {"distill": [], "finetune": []}
+        if self.local_net is None:
+            if self.distill_images is None:
+                d_patches, d_targets = patches, targets
+            else:
+                extra = check_images(self.distill_images, name="distill_images")
+                _, d_patches, d_targets = self._cache(extra, teacher, gen, keep_images=False)
+            local.target_mean.copy_(d_targets.mean(dim=0))
+            local.target_std.fill_(float(d_targets.var(dim=0).mean().sqrt()) + 1e-6)
+            history["distill"] = self._train_local(local, d_patches, d_targets,
+                                                   self.n_distill_epochs, gen, "distillation")
+        history["finetune"] = self._train_local(local, patches, targets, self.n_finetune_epochs,
+                                                gen, "fine-tuning")
+        self._standardise(local, patches)
+        local.requires_grad_(False).eval()
+        history["global"] = self._train_global(local, global_net, dad_head, train_u8, gen)
+        self.local_net_, self.global_net_, self.dad_head_ = local, global_net, dad_head
+        self.window_size_ = self.patch_size + 2 * self._margin()
+        self.loss_history_ = history
+
+    def _cache(self, images, teacher, gen, keep_images):
+        """One pass over the images: uint8 copies, random patches and their teacher features."""
+        p, n = self.patch_size, self.n_distill_patches
+        device = self._device()
+        if teacher is not None:
+            teacher.to(device)
+
+        def fn(batch):
+            b, _, h, w = batch.shape
+            u8 = (batch * 255).round_().to(torch.uint8)
+            top = torch.randint(0, h - p + 1, (b * n,), generator=gen)
+            left = torch.randint(0, w - p + 1, (b * n,), generator=gen)
+            patch = crop_windows(u8, torch.arange(b).repeat_interleave(n), top, left, p)
+            out = [u8, patch] if keep_images else [patch]
+            if teacher is not None:
+                x = F.interpolate(patch.float() / 255, size=self.teacher_size, mode="bilinear",
+                                  align_corners=False)
+                with self._autocast(device):
+                    out.append(F.adaptive_avg_pool2d(teacher(x)[0].float(), _TEACHER_GRID).flatten(1))
+            return out
+
+        out = self._map_images(images, fn, desc="caching patches")
+        out = out if isinstance(out, list) else [out]
+        if not keep_images:
+            out = [None, *out]
+        return out[0], out[1], (out[2] if teacher is not None else None)
+
+    def _train_local(self, local, patches, targets, n_epochs, gen, desc):
+        """Eq. 3: lambda_k * l_k (Eq. 1) + lambda_c * l_c (Eq. 2) on cached patches."""
+        if n_epochs == 0:
+            return []
+        device = self._device()
+        local.to(device)
+        opt = make_optimizer(local, self.lr, _WEIGHT_DECAY)
+        sched = cosine_schedule(opt, n_epochs, 0.05)
+
+        def step(idx):
+            x = patches[idx].to(device).float() / 255
+            t = (targets[idx].to(device) - local.target_mean) / local.target_std
+            z = local(x)
+            return (self.lambda_k * distillation_loss(local.decoder(z), t)
+                    + self.lambda_c * compactness_loss(z))
+
+        n = len(patches)
+        return train_loop(
+            local, step, n_epochs=int(n_epochs), optimizer=opt, scheduler=sched, device=device,
+            batches=lambda epoch: iter_minibatches(n, min(_PATCH_BATCH, n), gen, drop_last=True),
+            verbose=self.verbose, desc=f"GlobalLocal Local-Net {desc}")
+
+    def _standardise(self, local, patches):
+        """Z_l statistics over the training patches (see :class:`LocalNet`)."""
+        device = self._device()
+        local.to(device).eval()
+        with torch.no_grad():
+            z = torch.cat([local(patches[i:i + _CHUNK].to(device).float() / 255).float()
+                           for i in range(0, len(patches), _CHUNK)])
+        local.z_mean.copy_(z.mean(dim=0))
+        local.z_std.copy_(z.std(dim=0, unbiased=False) + 1e-6)
+
+    def _train_global(self, local, global_net, dad_head, train_u8, gen):
+        """Eq. 10: l_IAD (Eq. 7) + lambda_t * l_DAD (Eq. 9) on random patches of each image."""
+        device = self._device()
+        heads = nn.ModuleList([global_net, dad_head]).to(device)
+        local.to(device)
+        opt = make_optimizer(heads, self.lr, _WEIGHT_DECAY)
+        sched = cosine_schedule(opt, self.n_epochs, 0.05)
+        p, k = self.patch_size, self.n_patches
+        _, _, h, w = train_u8.shape
+
+        def step(idx):
+            padded, valid = self._pad(train_u8[idx].to(device).float() / 255)
+            owner = torch.arange(len(idx)).repeat_interleave(k)
+            top = torch.randint(0, h - p + 1, (len(owner),), generator=gen)
+            left = torch.randint(0, w - p + 1, (len(owner),), generator=gen)
+            windows, mask, patch = self._crop(padded, valid, owner, top, left)
+            with torch.no_grad():
+                z_l = local.embed(patch)
+                z_neg = local.embed(add_stains(patch, gen))
+            z_g = global_net(windows, mask)
+            l_iad = iad_score(z_l, z_g).mean()
+            # every patch goes to the DAD head both clean (target 0) and stained (1)
+            logits = dad_head(torch.cat([z_l, z_neg]), torch.cat([z_g, z_g])).float()
+            target = torch.cat([torch.zeros(len(z_l)), torch.ones(len(z_l))]).to(logits)
+            l_dad = F.binary_cross_entropy_with_logits(logits, target)
+            return l_iad + self.lambda_t * l_dad
+
+        n = len(train_u8)
+        return train_loop(heads, step, n_epochs=int(self.n_epochs), optimizer=opt,
+                          scheduler=sched, device=device,
+                          batches=lambda epoch: iter_minibatches(n, min(self.batch_size, n), gen),
+                          verbose=self.verbose, desc="GlobalLocal Global-Net")
+
+    # ----------------------------------------------------------- windows
+    def _pad(self, images):
+        """Images padded by the margin, and the validity map (0 outside the image)."""
+        m = self._margin()
+        valid = torch.ones_like(images[:, :1])
+        return F.pad(images, (m, m, m, m)), F.pad(valid, (m, m, m, m))
+
+    def _crop(self, padded, valid, owner, top, left):
+        """Context windows, their masks M0 (0 in the patch and outside the image) and patches."""
+        m, p = self._margin(), self.patch_size
+        size = p + 2 * m
+        windows = crop_windows(padded, owner, top, left, size)
+        mask = crop_windows(valid, owner, top, left, size)
+        mask[:, :, m:m + p, m:m + p] = 0.0  # M0: the Global-Net never sees the patch
+        return windows, mask, windows[:, :, m:m + p, m:m + p]
+
+    # ----------------------------------------------------------- scoring
+    def _set_reference(self, images):
+        # the detector compares each patch with its own context, not with the
+        # references: they only calibrate the threshold
+        return self._map_images(images, lambda b: self._score_batch(b, False)[0],
+                                desc="reference scores").numpy()
+
+    def _patch_scores(self, batch):
+        """s_IAD and s_DAD (Eq. 11-12) of the raster-scanned patches of ``batch``, ``(B, P)`` each.
+
+        ``batch`` is a float tensor ``(B, 3, H, W)`` in [0, 1] at ``image_size``
+        on the compute device. All windows run in batches of up to 1024.
+        """
+        b, _, h, w = batch.shape
+        ys = patch_starts(h, self.patch_size, self.stride)
+        xs = patch_starts(w, self.patch_size, self.stride)
+        top, left = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
+        n, dev = len(top), batch.device
+        owner = torch.arange(b, device=dev).repeat_interleave(n)
+        top, left = top.to(dev).repeat(b), left.to(dev).repeat(b)
+        padded, valid = self._pad(batch)
+        s_iad, s_dad = [], []
+        with self._autocast(batch.device):
+            for s in range(0, len(owner), _CHUNK):
+                part = slice(s, s + _CHUNK)
+                windows, mask, patch = self._crop(padded, valid, owner[part], top[part],
+                                                  left[part])
+                z_l, z_g = self.local_net_.embed(patch), self.global_net_(windows, mask)
+                s_iad.append(iad_score(z_l, z_g))
+                s_dad.append(torch.sigmoid(self.dad_head_(z_l, z_g).float()))  # 1 - C (Eq. 12)
+        return torch.cat(s_iad).view(b, n), torch.cat(s_dad).view(b, n)
+
+    def _score_batch(self, batch, maps):
+        """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""
+        self._check_scoring_params()
+        s_iad, s_dad = self._patch_scores(batch)
+        scores = self.lambda_s * s_iad + (1.0 - self.lambda_s) * s_dad
+        h, w = batch.shape[-2:]
+        index, weight = idw_weights(h, w, self.patch_size, int(self.stride),
+                                    int(self.idw_neighbors), float(self.idw_power))
+        amap = idw_interpolate(scores, index, weight, (h, w))
+        return amap.flatten(1).amax(dim=1), (amap if maps else None)
+
+    def _to_device(self, device):
+        # the fitted networks only: a LocalNet passed as `local_net` is the user's, left alone
+        for name in ("local_net_", "global_net_", "dad_head_"):
+            if hasattr(self, name):
+                getattr(self, name).to(device)

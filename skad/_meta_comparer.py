@@ -1,0 +1,703 @@
+"""MetaComparer (Chen et al., "Domain-Generalized Textured Surface Anomaly Detection", ICME 2022).
+
+A backbone and a BiFPN give patch features at several scales; an MLP, the
+meta-comparer, scores a query patch against normal reference patches (Eq. 1)
+and a co-attention module supplies patch-level guidance (Eq. 3-4). It is
+trained episodically on several source domains with image-level labels only,
+then adapts to a new domain through :meth:`MetaComparer.set_reference` with a
+handful of its normal images, without retraining.
+"""
+
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._backbone import create_backbone
+from ._images import check_images, gaussian_blur, load_resized
+from ._textures import _cut_mask, _ellipse_mask
+from ._training import cosine_schedule, make_optimizer, seed_from, torch_seed, train
+from .base import BaseDetector
+
+__all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_anomaly"]
+
+# elements of one (queries x references x hidden) block of the pair scorer, and its
+# reference rows: cache-sized on the CPU (measured fastest), large on a GPU
+_PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
+_REF_ROWS = {"cpu": 1024, "cuda": 8192}
+_GRAD_CLIP = 1.0
+import os
+_DIFF_INIT = bool(int(os.environ.get('MC_DIFF', '0')))
+_REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_")
+
+
+# ------------------------------------------------------------------ BiFPN (EfficientDet)
+class SeparableConv(nn.Sequential):
+    """Depthwise 3x3 + pointwise 1x1 + BatchNorm (EfficientDet's BiFPN conv)."""
+
+    def __init__(self, channels):
+        super().__init__(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                         nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+
+class FastFusion(nn.Module):
+    """A BiFPN node: ``sum_i w_i x_i`` with ``w = relu(w) / (sum relu(w) + 1e-4)``, swish, conv."""
+
+    def __init__(self, n_inputs, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_inputs))
+        self.conv = SeparableConv(channels)
+
+    def forward(self, inputs):
+        w = F.relu(self.weight)
+        w = w / (w.sum() + 1e-4)
+        return self.conv(F.silu(sum(wi * x for wi, x in zip(w, inputs))))
+
+
+def _up(x, size):
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def _down(x, size):
+    x = F.max_pool2d(x, 3, stride=2, padding=1)
+    return x if x.shape[-2:] == size else F.adaptive_max_pool2d(x, size)
+
+
+class BiFPNCell(nn.Module):
+    """One top-down then bottom-up pass over ``n_levels`` maps of equal width."""
+
+    def __init__(self, n_levels, channels):
+        super().__init__()
+        self.top_down = nn.ModuleList(FastFusion(2, channels) for _ in range(n_levels - 1))
+        self.bottom_up = nn.ModuleList(FastFusion(3 if i < n_levels - 1 else 2, channels)
+                                       for i in range(1, n_levels))
+
+    def forward(self, feats):
+        n = len(feats)
+        td = list(feats)
+        for i in range(n - 2, -1, -1):
+            td[i] = self.top_down[i]([feats[i], _up(td[i + 1], feats[i].shape[-2:])])
+        out = [td[0]]
+        for i in range(1, n):
+            middle = [td[i]] if i < n - 1 else []
+            out.append(self.bottom_up[i - 1]([feats[i], *middle,
+                                              _down(out[-1], feats[i].shape[-2:])]))
+        return out
+
+
+class BiFPN(nn.Module):
+    """Lateral 1x1 convs to ``width``, extra levels by max-pooling, then ``n_cells`` cells.
+
+    With backbone levels P3-P5 and ``n_levels=5`` this is EfficientDet's BiFPN
+    on P3-P7: P6 = maxpool(BN(conv1x1(C5))), P7 = maxpool(P6). ``n_cells=0``
+    keeps the laterals and extra levels only (no fusion; an ablation).
+    """
+
+    def __init__(self, in_channels, width=64, n_levels=5, n_cells=3):
+        super().__init__()
+        self.lateral = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width)) for c in in_channels)
+        self.n_extra = max(0, n_levels - len(in_channels))
+        self.extra = (nn.Sequential(nn.Conv2d(in_channels[-1], width, 1), nn.BatchNorm2d(width))
+                      if self.n_extra else None)
+        self.cells = nn.ModuleList(BiFPNCell(max(n_levels, len(in_channels)), width)
+                                   for _ in range(n_cells))
+
+    def forward(self, feats):
+        levels = [lateral(f) for lateral, f in zip(self.lateral, feats)]
+        if self.n_extra:
+            levels.append(F.max_pool2d(self.extra(feats[-1]), 3, stride=2, padding=1))
+        for _ in range(self.n_extra - 1):
+            levels.append(F.max_pool2d(levels[-1], 3, stride=2, padding=1))
+        for cell in self.cells:
+            levels = cell(levels)
+        return levels
+
+
+# ------------------------------------------------------------------ meta-comparer and co-attention
+class PairComparer(nn.Module):
+    """The meta-comparer MLP of Eq. 1, on the concatenation ``[q, r]``, sigmoid output.
+
+    The first layer ``W [q, r] + b`` is split into ``query(q) = W_q q + b`` and
+    ``reference(r) = W_r r``, computed once per patch and broadcast over pairs;
+    ``forward`` returns logits (the sigmoid is applied where Eq. 2/4 need it:
+    it is monotone, so maxima and rankings are those of the logits).
+    """
+
+    def __init__(self, dim, hidden_sizes=(64,)):
+        super().__init__()
+        self.query = nn.Linear(dim, hidden_sizes[0])
+        self.reference = nn.Linear(dim, hidden_sizes[0], bias=False)
+        if _DIFF_INIT:
+            with torch.no_grad():  # start as a function of q - r: a prior towards comparing
+                self.reference.weight.copy_(-self.query.weight)
+        layers = []
+        for a, b in zip(hidden_sizes, [*hidden_sizes[1:], 1]):
+            layers += [nn.ReLU(), nn.Linear(a, b)]
+        self.rest = nn.Sequential(*layers)
+
+    def from_hidden(self, hidden):
+        """Logits from first-layer pre-activations ``(..., H)``."""
+        return self.rest(hidden).squeeze(-1)
+
+    def forward(self, q, r):
+        """Logits of aligned pairs ``q[..., :]`` with ``r[..., :]``."""
+        return self.from_hidden(self.query(q) + self.reference(r))
+
+    def _tail(self, hidden):
+        """Logits from first-layer pre-activations, overwriting them (no autograd)."""
+        hidden = hidden.relu_()
+        if len(self.rest) == 2:  # one hidden layer: a matrix-vector product
+            return hidden @ self.rest[1].weight[0].to(hidden.dtype) + self.rest[1].bias[0]
+        return self.rest[1:](hidden).squeeze(-1)
+
+    def reduce(self, qh, rh, reduction="max", exclude=None):
+        """For every query row, the max (Eq. 1) or min logit over all reference rows.
+
+        ``qh (n_q, H)`` and ``rh (n_r, H)`` are ``query(q)`` and ``reference(r)``.
+        Pairs are scored in blocks of bounded size with a running reduction (no
+        autograd); ``exclude(q_rows, r_rows) -> bool (n, m)`` masks pairs out.
+        Returns the values ``(n_q,)`` and the index of the reference row reaching them.
+        """
+        n_q, n_r, hidden = len(qh), len(rh), qh.shape[1]
+        device = "cpu" if qh.device.type == "cpu" else "cuda"
+        rows_r = max(1, min(n_r, _REF_ROWS[device], _PAIR_BLOCK[device] // hidden))
+        rows_q = max(1, _PAIR_BLOCK[device] // (rows_r * hidden))
+        sign = 1.0 if reduction == "max" else -1.0
+        best = torch.full((n_q,), -torch.inf, device=qh.device)
+        where = torch.zeros(n_q, dtype=torch.long, device=qh.device)
+        with torch.no_grad():
+            for q0 in range(0, n_q, rows_q):
+                qs = slice(q0, q0 + rows_q)
+                for r0 in range(0, n_r, rows_r):
+                    rs = slice(r0, r0 + rows_r)
+                    z = self._tail(qh[qs, None, :] + rh[None, rs, :]).float()
+                    z = z if sign > 0 else z.neg_()
+                    if exclude is not None:
+                        z = z.masked_fill_(exclude(qs, rs), -torch.inf)
+                    val, idx = z.max(dim=1)
+                    better = val > best[qs]
+                    best[qs] = torch.where(better, val, best[qs])
+                    where[qs] = torch.where(better, idx + r0, where[qs])
+        return sign * best, where
+
+
+class CoAttention(nn.Module):
+    """Co-attention (paper 2.3): a shared projection, cosine affinity mapped to [0, 1]."""
+
+    def __init__(self, dim, attention_dim=64):
+        super().__init__()
+        self.proj = nn.Linear(dim, attention_dim)
+
+    def embed(self, x):
+        return F.normalize(self.proj(x).float(), dim=-1)
+
+    def forward(self, q, r):
+        """Affinity ``a = (1 + cos) / 2`` of aligned pairs."""
+        return 0.5 * (1.0 + (self.embed(q) * self.embed(r)).sum(-1))
+
+    def matrix(self, q, r):
+        """Affinity matrix ``A (n_q, n_r)`` of all pairs."""
+        return 0.5 * (1.0 + self.embed(q) @ self.embed(r).T)
+
+
+class MetaComparerHead(nn.Module):
+    """BiFPN, meta-comparer and co-attention: everything trained on top of the backbone."""
+
+    def __init__(self, in_channels, width, n_levels, n_cells, scales, hidden_sizes,
+                 attention_dim):
+        super().__init__()
+        self.bifpn = BiFPN(in_channels, width, n_levels, n_cells)
+        self.comparer = PairComparer(width, hidden_sizes)
+        self.coattention = CoAttention(width, attention_dim)
+        self.scales = list(scales)
+
+    def forward(self, levels):
+        """The selected pyramid levels, each as patches ``(B, h, w, width)``."""
+        pyramid = self.bifpn(levels)
+        return [pyramid[s].permute(0, 2, 3, 1) for s in self.scales]
+
+
+# ------------------------------------------------------------------ losses (Eq. 2-4)
+def classification_loss(logits, y):
+    """Eq. 2 at one scale: BCE of ``max_j s^j`` (given as a logit) against ``y``."""
+    return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+
+
+def attention_loss(min_affinity, y, eps=1e-6):
+    """Eq. 3 at one scale: ``-y log(1 - min a) - (1 - y) log(min a)``."""
+    m = min_affinity.clamp(eps, 1 - eps)
+    return -(y * torch.log(1 - m) + (1 - y) * torch.log(m)).mean()
+
+
+def rank_loss(s_u, s_v, a_u, a_v, lam=1.0):
+    """Eq. 4 at one scale, averaged over pairs: ``w max(0, 1 - sigma (s_u - s_v))``.
+
+    ``w = lam (exp|a_u - a_v| - 1)``, ``sigma = -sgn(a_u - a_v)``; the affinities are
+    guidance and receive no gradient.
+    """
+    a_u, a_v = a_u.detach(), a_v.detach()
+    w = lam * (torch.exp((a_u - a_v).abs()) - 1)
+    sigma = -torch.sign(a_u - a_v)
+    return (w * F.relu(1 - sigma * (s_u - s_v))).mean()
+
+
+def episode_losses(head, patches, n_queries, y, *, reduction, n_reference_patches,
+                   n_rank_pairs, lam, generator):
+    """``(L_cls, L_att, L_rank)`` of one episode at one scale.
+
+    ``patches (B, h, w, D)`` holds the queries first, then the references. Maxima
+    and minima over pairs are located without gradient over all pairs (chunked),
+    then only the pairs reaching them are recomputed with gradient: a max's
+    gradient flows to its argmax only, so this is exact at a fraction of the memory.
+    """
+    dim = patches.shape[-1]
+    q = patches[:n_queries].reshape(n_queries, -1, dim)
+    r = patches[n_queries:].reshape(-1, dim)
+    if n_reference_patches and len(r) > n_reference_patches:
+        r = r[torch.randperm(len(r), generator=generator)[:n_reference_patches].to(r.device)]
+    n_patches, rows = q.shape[1], torch.arange(n_queries, device=q.device)[:, None]
+    cmp = head.comparer
+    with torch.no_grad():
+        z, k = cmp.reduce(cmp.query(q.reshape(-1, dim)), cmp.reference(r), reduction)
+        z, k = z.view(n_queries, n_patches), k.view(n_queries, n_patches)
+        j_cls = z.argmax(dim=1, keepdim=True)  # Eq. 2: max over the query patches
+        aff = torch.stack([head.coattention.matrix(qi, r) for qi in q])  # (n_q, N, M)
+        a = aff.amax(dim=2)  # a^j = max_k a^{j,k}
+        flat = aff.flatten(1).argmin(dim=1)  # Eq. 3: the least similar pair
+        j_att, k_att = flat // aff.shape[2], flat % aff.shape[2]
+        uv = torch.randint(n_patches, (2, n_queries, n_rank_pairs), generator=generator)
+        u, v = uv.to(q.device)
+    l_cls = classification_loss(cmp(q[rows, j_cls], r[k.gather(1, j_cls)])[:, 0], y)
+    m = head.coattention(q[rows[:, 0], j_att], r[k_att])
+    l_att = attention_loss(m, y.float())
+    s_u = torch.sigmoid(cmp(q[rows, u], r[k.gather(1, u)]).float())
+    s_v = torch.sigmoid(cmp(q[rows, v], r[k.gather(1, v)]).float())
+    l_rank = rank_loss(s_u, s_v, a.gather(1, u), a.gather(1, v), lam)
+    return l_cls, l_att, l_rank
+
+
+# ------------------------------------------------------------------ synthetic anomalies (ours)
+def synthesize_anomaly(image, donor, rng):
+    """One synthetic defect on a float image ``(H, W, 3)``; returns ``(image, mask)``.
+
+    Goes beyond the paper (which needs real anomalous images): a region of
+    ``donor`` pasted in, a noise blob, or a scratch, chosen at random.
+    """
+    h, w = image.shape[:2]
+    kind = rng.integers(3)
+    mask = (_cut_mask(rng, max(h, w)) if kind == 2
+            else _ellipse_mask(rng, max(h, w), 0.05, 0.15, wobble=0.3))[:h, :w]
+    if not mask.any():
+        mask[h // 2, w // 2] = True
+    out = image.copy()
+    if kind == 0:  # a patch of another image, shifted so that its content is unrelated
+        shifted = np.roll(donor, (rng.integers(h), rng.integers(w)), axis=(0, 1))
+        out[mask] = shifted[mask]
+    elif kind == 1:  # a blob of coloured noise
+        noise = rng.uniform(0, 1, 3) + rng.normal(0, 0.15, (int(mask.sum()), 3))
+        alpha = rng.uniform(0.5, 0.9)
+        out[mask] = (1 - alpha) * out[mask] + alpha * noise
+    else:  # a dark or bright scratch
+        alpha = rng.uniform(0.6, 0.9)
+        out[mask] = (1 - alpha) * out[mask] + alpha * float(rng.random() < 0.5)
+    return np.clip(out, 0, 1), mask
+
+
+class _Concat:
+    """Two image sets read as one (training images, then synthetic ones)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self):
+        return len(self.first) + (len(self.second) if self.second is not None else 0)
+
+    def read(self, i):
+        n = len(self.first)
+        return self.first.read(i) if i < n else self.second.read(i - n)
+
+
+# ------------------------------------------------------------------ the estimator
+class MetaComparer(BaseDetector):
+    """Domain-generalized anomaly detector that learns to compare queries with normal references.
+
+    Trained on several source domains (``groups``) with image-level labels
+    only, it scores images of a new domain against a few of that domain's
+    normal images given to :meth:`set_reference`, without retraining, and
+    localizes defects (Chen et al., ICME 2022).
+
+    Parameters
+    ----------
+    backbone : str, default="resnet18"
+        timm CNN with ``features_only`` support (the paper's ImageNet ResNet-18).
+    weights : "pretrained", str, path-like or None, default="pretrained"
+        Backbone weights: timm's pretrained tag, another tag, a checkpoint
+        file, or None (random; tests only). Resolved offline first.
+    layers : tuple of int, default=(2, 3, 4)
+        Backbone levels fed to the BiFPN (strides 8, 16, 32: P3-P5).
+    train_backbone : bool, default=False
+        Fine-tune the backbone (at ``learning_rate * backbone_lr_ratio``). A frozen
+        backbone's features are computed once and cached for the whole fit.
+    image_size : int, default=256
+        Working size images are resized to.
+    fpn_width : int, default=64
+        BiFPN channels, the patch dimension (EfficientDet-D0's).
+    fpn_cells : int, default=3
+        BiFPN cells (EfficientDet-D0's); 0 keeps lateral 1x1 convs only.
+    fpn_levels : int, default=5
+        Pyramid levels (P3-P7 with three backbone levels).
+    scales : tuple of int, default=(0, 1, 2)
+        Pyramid levels compared (the paper's L scales; 0 = P3).
+    hidden_sizes : tuple of int, default=(64,)
+        Hidden layers of the meta-comparer MLP.
+    attention_dim : int, default=64
+        Dimension of the co-attention space.
+    reference_reduction : {"max", "min"}, default="max"
+        How a query patch's pair scores are reduced over the reference patches:
+        "max" is Eq. 1; "min" (ours, beyond the paper) scores a patch by its
+        best-matching reference patch, nearest-neighbour style.
+    attention_weight, rank_weight : float, default=1.0
+        Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2).
+    rank_lambda : float, default=1.0
+        The scale λ of the ranking weights in Eq. 4.
+    n_epochs : int, default=10
+    n_episodes : int, default=50
+        Episodes (optimiser steps) per epoch.
+    episode_queries : int, default=8
+        Query images per episode, half normal, half anomalous.
+    episode_references : int, default=4
+        Normal reference images per episode, from the queries' domain.
+    n_reference_patches : int or None, default=256
+        Reference patches sampled per scale and episode for training (None: all).
+    n_rank_pairs : int, default=128
+        Query patch pairs (u, v) sampled per query and scale for L_rank.
+    learning_rate : float, default=1e-3
+    weight_decay : float, default=1e-4
+    backbone_lr_ratio : float, default=0.1
+    synthesize_anomalies : {"auto", True, False}, default="auto"
+        Add synthetic anomalous images (pasted regions of other images, noise
+        blobs, scratches; beyond the paper): "auto" for domains without any
+        anomalous image, True for every domain, False never.
+    n_synthetic : int, default=32
+        Synthetic anomalous images per domain that gets them.
+    sigma : float, default=0.0
+        Gaussian smoothing of the maps; 0 gives Eq. 6 exactly.
+    threshold_quantile : float, default=0.99
+        ``threshold_`` is this quantile of the references' leave-one-image-out scores.
+    batch_size : int, default=16
+    device : str, default="auto"
+    verbose : int, default=0
+    random_state : int, Generator or None, default=None
+        Seeds initialisation, episodes, patch sampling and synthetic anomalies.
+
+    Attributes
+    ----------
+    backbone_ : skad._backbone.Backbone
+    head_ : MetaComparerHead
+        BiFPN, meta-comparer and co-attention.
+    domains_ : ndarray of str
+        Source domains trained on.
+    n_synthetic_ : int
+        Synthetic anomalous images added.
+    loss_history_ : list of float
+        Mean loss of each epoch.
+    training_time_ : float
+        Seconds spent in the training loop (feature caching excluded).
+    reference_hidden_ : list of torch.Tensor
+        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_sizes[0])``.
+    reference_scores_ : ndarray of shape (n_references,)
+        Leave-one-image-out scores of the references.
+    threshold_ : float
+
+    Notes
+    -----
+    Scores are logits: ``decision_function`` is Eq. 5 before the sigmoid
+    (monotone, so rankings and thresholds are the same, without saturation ties).
+    Choices of ours, where the paper is silent: every default of the BiFPN, MLP,
+    co-attention, loss weights, λ, episodes, patch sampling, optimiser (AdamW,
+    cosine decay to 0.1 x, gradient clipping at 1) and ``scales``. Eq. 1-2 are
+    computed on sampled reference patches during training and on all of them at
+    inference. Without metadata routing, ``GridSearchCV``/``cross_validate`` do
+    not pass ``groups`` to ``fit``: it warns and treats all images as one domain.
+
+    References
+    ----------
+    S.-F. Chen, Y.-M. Liu, C.-C. Lin, T. P.-C. Chen, Y.-C. F. Wang, "Domain-Generalized
+    Textured Surface Anomaly Detection", ICME 2022.
+
+    Examples
+    --------
+    >>> from skad._meta_comparer import MetaComparer
+    >>> from skad.datasets import make_textures
+    >>> data = make_textures(n_domains=3, n_normal=8, n_anomalous=4, image_size=32,
+    ...                      random_state=0)
+    >>> src = data.groups != data.groups[-1]
+    >>> det = MetaComparer(backbone="test_resnet", weights=None, image_size=32, n_epochs=1,
+    ...                    n_episodes=2, random_state=0)
+    >>> det = det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    >>> target = data.images[~src]
+    >>> det = det.set_reference(target[:3])
+    >>> det.decision_function(target[3:]).shape, det.predict_map(target[3:5]).shape
+    ((9,), (2, 32, 32))
+    """
+
+    _one_class = False
+
+    def __init__(self, backbone="resnet18", weights="pretrained", layers=(2, 3, 4),
+                 train_backbone=False, image_size=256, fpn_width=64, fpn_cells=3, fpn_levels=5,
+                 scales=(0, 1, 2), hidden_sizes=(64,), attention_dim=64,
+                 reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
+                 rank_lambda=1.0, n_epochs=10, n_episodes=50, episode_queries=8,
+                 episode_references=4, n_reference_patches=256, n_rank_pairs=128,
+                 learning_rate=1e-3, weight_decay=1e-4, backbone_lr_ratio=0.1,
+                 synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
+                 threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
+                 random_state=None):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.train_backbone = train_backbone
+        self.image_size = image_size
+        self.fpn_width = fpn_width
+        self.fpn_cells = fpn_cells
+        self.fpn_levels = fpn_levels
+        self.scales = scales
+        self.hidden_sizes = hidden_sizes
+        self.attention_dim = attention_dim
+        self.reference_reduction = reference_reduction
+        self.attention_weight = attention_weight
+        self.rank_weight = rank_weight
+        self.rank_lambda = rank_lambda
+        self.n_epochs = n_epochs
+        self.n_episodes = n_episodes
+        self.episode_queries = episode_queries
+        self.episode_references = episode_references
+        self.n_reference_patches = n_reference_patches
+        self.n_rank_pairs = n_rank_pairs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.backbone_lr_ratio = backbone_lr_ratio
+        self.synthesize_anomalies = synthesize_anomalies
+        self.n_synthetic = n_synthetic
+        self.sigma = sigma
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
+
+    # ------------------------------------------------------------ fit
+    def _check_params(self):
+        if self.reference_reduction not in ("max", "min"):
+            raise ValueError(f"reference_reduction must be 'max' or 'min'; "
+                             f"got {self.reference_reduction!r}")
+        if self.synthesize_anomalies not in ("auto", True, False):
+            raise ValueError(f"synthesize_anomalies must be 'auto', True or False; "
+                             f"got {self.synthesize_anomalies!r}")
+        n_levels = max(self.fpn_levels, len(self.layers))
+        if not self.scales or any(not 0 <= s < n_levels for s in self.scales):
+            raise ValueError(f"scales={self.scales} must index the {n_levels} pyramid levels")
+        if self.episode_queries < 2 or self.episode_references < 1:
+            raise ValueError("episode_queries must be >= 2 (normal and anomalous) and "
+                             "episode_references >= 1")
+
+    def _fit(self, images, y, groups):
+        self._check_params()
+        if y is None:
+            raise ValueError("MetaComparer learns from image-level labels: call "
+                             "fit(X, y, groups=domains) with y (0 = normal, 1 = anomalous)")
+        for name in _REFERENCE_ATTRS:  # a new fit invalidates the previous reference
+            self.__dict__.pop(name, None)
+        if groups is None:
+            warnings.warn(
+                "MetaComparer.fit got no groups: all training images are treated as one "
+                "domain. Pass groups=domains; inside GridSearchCV/cross_validate this needs "
+                "sklearn.set_config(enable_metadata_routing=True).", UserWarning, stacklevel=3)
+            groups = np.zeros(len(images), dtype=int)
+        seed = seed_from(self.random_state)
+        rng = np.random.default_rng(seed)
+        plan, names, synthetic = self._plan_domains(images, y, np.asarray(groups), rng)
+        n_syn = len(synthetic) if synthetic is not None else 0
+        labels = np.r_[y, np.ones(n_syn, dtype=np.int64)]
+        with torch_seed(seed) as gen:
+            self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
+                                             trainable=self.train_backbone, random_state=seed)
+            self.head_ = MetaComparerHead(self.backbone_.channels, self.fpn_width,
+                                          self.fpn_levels, self.fpn_cells, self.scales,
+                                          tuple(self.hidden_sizes), self.attention_dim)
+            fetch = self._feature_source(_Concat(images, synthetic))
+            self.loss_history_ = self._train(fetch, plan, labels, rng, gen)
+        self.domains_ = np.asarray(names)
+        self.n_synthetic_ = n_syn
+
+    def _plan_domains(self, images, y, groups, rng):
+        """Per usable domain ``[normal indices, anomalous indices]``, names, synthetic images."""
+        plan, names, bases = [], [], []
+        for name in np.unique(groups):
+            normal = np.flatnonzero((groups == name) & (y == 0))
+            anomalous = np.flatnonzero((groups == name) & (y == 1))
+            synth = self.synthesize_anomalies is True or (
+                self.synthesize_anomalies == "auto" and len(anomalous) == 0)
+            if len(normal) < 2 or not (len(anomalous) or synth):
+                warnings.warn(f"MetaComparer: domain {str(name)!r} ({len(normal)} normal, "
+                              f"{len(anomalous)} anomalous images) is left out: an episode "
+                              "needs 2 normal images and an anomalous one (real or synthetic)",
+                              UserWarning, stacklevel=4)
+                continue
+            if synth:
+                bases.append((len(plan), rng.choice(normal, self.n_synthetic)))
+            plan.append([normal, anomalous])
+            names.append(name)
+        if not plan:
+            raise ValueError(
+                "MetaComparer cannot train: no domain has at least 2 normal images and an "
+                "anomalous image. Label some defective images (y == 1) per domain or set "
+                "synthesize_anomalies='auto' (or True)")
+        return plan, names, self._synthesize(images, y, plan, bases, rng)
+
+    def _synthesize(self, images, y, plan, bases, rng):
+        """Synthetic anomalous images (uint8, at ``image_size``) appended after ``images``."""
+        normals = np.flatnonzero(y == 0)
+
+        def read(i):
+            return load_resized(images, int(i), self.image_size).permute(1, 2, 0).numpy()
+
+        arrays = []
+        for d, idx in bases:
+            start = len(images) + len(arrays)
+            for b in idx:
+                others = normals[normals != b]
+                donor = read(rng.choice(others)) if len(others) else read(b)
+                arrays.append(np.round(synthesize_anomaly(read(b), donor, rng)[0] * 255)
+                              .astype(np.uint8))
+            plan[d][1] = np.r_[plan[d][1], np.arange(start, start + len(idx))]
+        return check_images(arrays, name="synthetic") if arrays else None
+
+    def _feature_source(self, images):
+        """``fetch(indices) -> backbone levels``: cached once when the backbone is frozen."""
+        device = self._device()
+        self._to_device(device)
+        if not self.train_backbone:
+            def backbone(batch):
+                with self._autocast(batch.device):
+                    return [f.half() for f in self.backbone_(batch)]  # half: the cache's size
+            cache = self._map_images(images, backbone, desc="backbone features")
+            cache = cache if isinstance(cache, list) else [cache]
+            return lambda idx: [f[torch.as_tensor(idx)].to(device).float() for f in cache]
+
+        def fetch(idx):
+            batch = torch.stack([load_resized(images, int(i), self.image_size) for i in idx])
+            return self.backbone_(batch.to(device))
+        return fetch
+
+    def _draw_episode(self, plan, rng):
+        """Paper 2.4: a source domain, balanced queries and normal references from it."""
+        normal, anomalous = plan[rng.integers(len(plan))]
+        perm = rng.permutation(normal)
+        n_ref = min(self.episode_references, len(normal) - 1)
+        refs, rest = perm[:n_ref], perm[n_ref:]
+        n_anom = self.episode_queries // 2
+        n_norm = self.episode_queries - n_anom
+        queries = np.r_[rng.choice(rest, n_norm, replace=len(rest) < n_norm),
+                        rng.choice(anomalous, n_anom, replace=len(anomalous) < n_anom)]
+        return queries, refs
+
+    def _train(self, fetch, plan, labels, rng, gen):
+        device = self._device()
+        head = self.head_
+        module = nn.ModuleList([self.backbone_, head]) if self.train_backbone else head
+        opt = make_optimizer(head, self.learning_rate, self.weight_decay)
+        if self.train_backbone:
+            for p in self.backbone_.parameters():
+                opt.add_param_group({"params": [p], "lr": self.learning_rate *
+                                     self.backbone_lr_ratio,
+                                     "weight_decay": self.weight_decay if p.ndim > 1 else 0.0})
+        sched = cosine_schedule(opt, self.n_epochs, final_ratio=0.1)
+
+        def step(episode):
+            queries, refs = episode
+            y = torch.as_tensor(labels[queries], dtype=torch.float32, device=device)
+            loss = 0.0
+            for patches in head(fetch(np.r_[queries, refs])):
+                l_cls, l_att, l_rank = episode_losses(
+                    head, patches, len(queries), y, reduction=self.reference_reduction,
+                    n_reference_patches=self.n_reference_patches,
+                    n_rank_pairs=self.n_rank_pairs, lam=self.rank_lambda, generator=gen)
+                loss = loss + l_cls + self.attention_weight * l_att + self.rank_weight * l_rank
+            return loss
+
+        t0 = time.perf_counter()
+        history = train(module, step, n_epochs=self.n_epochs,
+                        batches=lambda epoch: [self._draw_episode(plan, rng)
+                                               for _ in range(self.n_episodes)],
+                        optimizer=opt, scheduler=sched, device=device, verbose=self.verbose,
+                        desc="MetaComparer", grad_clip=_GRAD_CLIP)
+        self.training_time_ = time.perf_counter() - t0
+        return history
+
+    # ------------------------------------------------------------ reference and scoring
+    def _embed(self, batch):
+        """Per scale, the query part and the reference part of the MLP's first layer."""
+        with self._autocast(batch.device):
+            pyramid = self.head_(self.backbone_(batch))
+        cmp = self.head_.comparer
+        return [t for p in pyramid for t in (cmp.query(p.float()), cmp.reference(p.float()))]
+
+    def _patch_values(self, qh, bank, exclude=None):
+        return self.head_.comparer.reduce(qh, bank, self.reference_reduction, exclude)[0]
+
+    def _set_reference(self, images):
+        parts = self._map_images(images, self._embed, desc="reference features")
+        self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
+        with torch.inference_mode():
+            return self._leave_one_out_scores(parts[0::2])
+
+    def _leave_one_out_scores(self, queries):
+        """Each reference scored against the other references' patches (Eq. 5).
+
+        With a single reference, a patch is scored without the reference
+        patches of its own 3 x 3 neighbourhood instead.
+        """
+        device = self._device()
+        n = len(queries[0])
+        scores = torch.full((n,), -torch.inf)
+        for qh, bank in zip(queries, self.reference_hidden_):
+            _, h, w, _ = qh.shape
+            owner = torch.arange(n).repeat_interleave(h * w)
+            pos = torch.arange(h * w, device=device)
+            for i in range(n):
+                q = qh[i].flatten(0, 1).to(device)
+                if n > 1:
+                    z = self._patch_values(q, bank[owner != i].to(device))
+                else:
+                    def exclude(qs, rs):
+                        dq, dr = pos[qs][:, None], pos[rs][None, :]
+                        return ((dq // w - dr // w).abs() <= 1) & ((dq % w - dr % w).abs() <= 1)
+                    z = self._patch_values(q, bank.to(device), exclude)
+                z = z[torch.isfinite(z)]
+                if len(z):
+                    scores[i] = torch.maximum(scores[i], z.max().cpu())
+        if not torch.isfinite(scores).all():  # grids too small to exclude anything
+            for qh, bank in zip(queries, self.reference_hidden_):
+                z = self._patch_values(qh[0].flatten(0, 1).to(device), bank.to(device))
+                scores[0] = torch.maximum(scores[0], z.max().cpu())
+        return scores.numpy()
+
+    def _score_batch(self, batch, maps):
+        parts = self._embed(batch)
+        scores, out = None, None
+        for qh, bank in zip(parts[0::2], self.reference_hidden_):
+            n, h, w, _ = qh.shape
+            z = self._patch_values(qh.flatten(0, 2), bank.to(batch.device)).view(n, h, w)
+            s = z.flatten(1).amax(dim=1)  # Eq. 5: max over patches, then scales
+            scores = s if scores is None else torch.maximum(scores, s)
+            if maps:  # Eq. 6: a pixel takes the max over the cells containing it
+                m = F.interpolate(z[:, None], size=batch.shape[-2:], mode="nearest")[:, 0]
+                out = m if out is None else torch.maximum(out, m)
+        if maps and self.sigma > 0:
+            out = gaussian_blur(out, self.sigma)
+        return scores, out

@@ -1,0 +1,454 @@
+"""MMR (Zhang et al., "Industrial Anomaly Detection with Domain Shift: A Real-world
+Dataset and Masked Multi-scale Reconstruction", 2023).
+
+A frozen ImageNet CNN (the teacher) encodes an image into features of three
+scales. A ViT (the student) sees only the unmasked patches of the same image
+(MAE-style masking: the masked tokens are removed before the encoder, so
+nothing of them leaks in), a learned mask token fills the removed positions and
+a simple FPN decodes the token grid into the teacher's scales. Training aligns
+the two by cosine similarity (paper Eq. 1); at test nothing is masked and the
+per-scale cosine distances form the anomaly map (Eq. 2). Reconstructing hidden
+patches from their context models how the parts of a normal image depend on
+one another, which the paper argues survives a change of illumination,
+background or viewpoint better than a model of the normal features alone.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+from ._backbone import _create_model, create_backbone
+from ._images import gaussian_blur, upsample
+from ._training import (
+    iter_minibatches,
+    make_optimizer,
+    seed_from,
+    torch_seed,
+    train,
+    warmup_step_schedule,
+)
+from .base import BaseDetector
+
+__all__ = [
+    "MMR",
+    "MaskedStudent",
+    "SimpleFPNLevel",
+    "cosine_distance_maps",
+    "random_resized_crop_flip",
+    "reconstruction_loss",
+    "sincos_2d",
+]
+
+
+# ------------------------------------------------------------------ modules
+def sincos_2d(h, w, dim):
+    """Fixed 2-D sin-cos position embeddings (as in MAE) for an ``h x w`` grid, ``(h*w, dim)``.
+
+    The first half of the channels encodes the row, the second half the column,
+    each as ``[sin(p * omega), cos(p * omega)]`` with ``omega_k = 10000^(-k / (dim/4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4; got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+
+    def encode(pos):
+        angle = pos.reshape(-1, 1).double() * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+class SimpleFPNLevel(nn.Sequential):
+    """One level of the simple FPN (Li et al., ViTDet; paper Sec. 4.1, Fig. 7).
+
+    Rescales the ``(B, dim, h, w)`` token grid by ``factor``: x4 = ConvT(2, s2) +
+    LayerNorm2d + GELU + ConvT(2, s2), x2 = ConvT(2, s2), x1 = identity,
+    x1/2 = max-pool 2 (and x8 one more ConvT); each halving the channels per
+    ConvT. Then a 1x1 conv + LayerNorm2d and a 3x3 conv + LayerNorm2d give
+    ``out_channels``, the teacher's channels at that scale.
+    """
+
+    def __init__(self, dim, out_channels, factor):
+        k = math.log2(factor)
+        if k != int(k) or not -1 <= k <= 3:
+            raise ValueError(f"simple FPN scale factor must be 1/2, 1, 2, 4 or 8; got {factor} "
+                             "(patch size / teacher stride)")
+        layers, ch = [], dim
+        if k < 0:
+            layers.append(nn.MaxPool2d(2, stride=2))
+        for i in range(int(max(k, 0))):
+            if i:
+                layers += [LayerNorm2d(ch), nn.GELU()]
+            layers.append(nn.ConvTranspose2d(ch, max(ch // 2, 1), 2, stride=2))
+            ch = max(ch // 2, 1)
+        layers += [nn.Conv2d(ch, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                   nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                   LayerNorm2d(out_channels)]
+        super().__init__(*layers)
+
+
+class MaskedStudent(nn.Module):
+    """timm ViT encoder on the visible patches, mask tokens, sin-cos grid, simple FPN.
+
+    Parameters
+    ----------
+    vit : timm VisionTransformer
+        Built with ``dynamic_img_size=True`` (its position embeddings are
+        interpolated to any input size).
+    out_channels, factors : sequence
+        Channels and scale factors (patch size / teacher stride) of the levels.
+    mean, std : sequence of float
+        Input normalisation of the ViT's weights.
+    """
+
+    def __init__(self, vit, out_channels, factors, mean, std):
+        super().__init__()
+        self.vit = vit
+        dim = vit.embed_dim
+        # Psi in Sec. 4.1: the learned embedding of a removed patch (MAE init)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.levels = nn.ModuleList(SimpleFPNLevel(dim, c, f)
+                                    for c, f in zip(out_channels, factors))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def encode(self, x, mask_ratio=0.0, generator=None):
+        """Token grid ``(B, D, h, w)`` and the kept-patch mask ``(B, h*w)`` (True = visible).
+
+        Phi(x; eta) of Sec. 4.1: a random ``mask_ratio`` of the patches (per
+        image, drawn with the CPU ``generator``) is removed *before* the
+        encoder, so the encoder never sees them; the mask token then fills
+        their places.
+        """
+        vit = self.vit
+        tokens = vit.patch_embed((x - self.mean) / self.std)  # (B, h, w, D)
+        b, h, w, dim = tokens.shape
+        tokens = vit._pos_embed(tokens)  # prefix tokens + encoder position embeddings
+        n_prefix, n = vit.num_prefix_tokens, h * w
+        prefix, patches = tokens[:, :n_prefix], tokens[:, n_prefix:]
+        n_keep = n if mask_ratio <= 0 else max(1, int(n * (1 - mask_ratio)))
+        visible_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        if n_keep < n:
+            noise = torch.rand(b, n, generator=generator).to(x.device)
+            keep = noise.argsort(dim=1)[:, :n_keep]  # MAE: a random subset per image
+            patches = patches.gather(1, keep[..., None].expand(-1, -1, dim))
+        out = vit.norm(vit.blocks(vit.norm_pre(torch.cat([prefix, patches], dim=1))))
+        grid = out[:, n_prefix:]
+        if n_keep < n:
+            index = keep[..., None].expand(-1, -1, dim)
+            grid = self.mask_token.to(grid.dtype).expand(b, n, dim).scatter(1, index, grid)
+            visible_mask = torch.zeros_like(visible_mask).scatter_(1, keep, True)
+        grid = grid + sincos_2d(h, w, dim).to(grid)  # fixed decoder position embeddings
+        return grid.transpose(1, 2).reshape(b, dim, h, w), visible_mask
+
+    def forward(self, x, mask_ratio=0.0, generator=None, sizes=None):
+        """The reconstructed features of every level, ``[(B, C_l, h_l, w_l), ...]``.
+
+        ``sizes`` are the teacher's grid sizes: a level whose size differs
+        (image size not a multiple of the strides) is resized bilinearly.
+        """
+        grid, _ = self.encode(x, mask_ratio, generator)
+        outs = [level(grid) for level in self.levels]
+        if sizes is not None:
+            outs = [o if tuple(o.shape[-2:]) == tuple(s) else
+                    F.interpolate(o, size=tuple(s), mode="bilinear", align_corners=False)
+                    for o, s in zip(outs, sizes)]
+        return outs
+
+
+# ------------------------------------------------------------------ losses and maps
+def cosine_distance_maps(student_feats, teacher_feats):
+    """Per level ``1 - cos`` over channels (paper Eq. 2), float32 ``[(B, h_l, w_l), ...]``."""
+    return [1.0 - F.cosine_similarity(s.float(), t.float(), dim=1)
+            for s, t in zip(student_feats, teacher_feats)]
+
+
+def reconstruction_loss(student_feats, teacher_feats):
+    """Paper Eq. 1: sum over levels of the mean over all positions of ``1 - cos``."""
+    return sum(d.mean() for d in cosine_distance_maps(student_feats, teacher_feats))
+
+
+def random_resized_crop_flip(x, scale=(0.7, 1.0), hflip=True, generator=None,
+                             ratio=(3 / 4, 4 / 3)):
+    """Random resized crop (area fraction in ``scale``) and horizontal flip, back to x's size.
+
+    Parameters are drawn per image with the CPU ``generator``; the crop is an
+    affine resampling of ``x`` (B, 3, H, W), bilinear.
+    """
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    sx = sy = torch.ones(b, dtype=torch.float64)  # crop width, height / image's
+    if scale is not None:
+        area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+        sx = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
+        sy = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
+    tx = (1 - sx) * (2 * u[:, 2] - 1)  # crop centre, in [-1, 1] coordinates
+    ty = (1 - sy) * (2 * u[:, 3] - 1)
+    flip = torch.where((u[:, 4] < 0.5) & bool(hflip), -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ------------------------------------------------------------------ the detector
+def _to_uint8(batch):
+    return (batch * 255).round_().to(torch.uint8)
+
+
+class MMR(BaseDetector):
+    """Masked multi-scale reconstruction: a ViT rebuilds a frozen CNN's features from a masked view.
+
+    Parameters
+    ----------
+    teacher : str, default="wide_resnet50_2"
+        Frozen timm CNN whose features are reconstructed (the paper's
+        WideResNet-50-2; ``"tf_efficientnet_lite0"`` has offline weights).
+    teacher_weights : "pretrained", str, path-like or None, default="pretrained"
+        The teacher's weights (see :func:`skad._backbone.resolve_weights`).
+    teacher_layers : tuple of int, default=(1, 2, 3)
+        Teacher levels (``features_only`` indices; ResNets: layer1-3, strides
+        4/8/16; ``tf_efficientnet_lite0``: also strides 4/8/16).
+    student : str, default="vit_base_patch16_224.mae"
+        timm ViT of the student (the paper's MAE-pretrained ViT-B/16).
+    student_weights : "pretrained", str, path-like or None, default="pretrained"
+        The student's initial weights; None trains it from scratch (the paper's
+        Table 7 ablation), with fixed sin-cos encoder position embeddings.
+    student_depth : int or None, default=None
+        Keep only the first ``student_depth`` transformer blocks (None: all).
+    mask_ratio : float, default=0.4
+        Fraction of the patches removed from the student's input in training.
+    n_epochs : int, default=200
+    lr : float, default=1e-3
+    weight_decay : float, default=0.05
+        AdamW weight decay, on weight matrices and kernels only.
+    warmup_ratio : float, default=0.25
+        Linear warm-up over this fraction of ``n_epochs`` (50 of 200 in the paper).
+    lr_milestones : tuple of float, default=(0.6, 0.8)
+        Fractions of ``n_epochs`` after which the learning rate is divided by
+        10 (epochs 120 and 160 of 200 in the paper).
+    crop_scale : tuple of float or None, default=(0.7, 1.0)
+        Area range of the training random resized crop; None: no crop.
+    hflip : bool, default=True
+        Random horizontal flips in training.
+    sigma : float, default=4
+        Gaussian smoothing of the maps at ``image_size``.
+    image_size : int, default=224
+        Working size of both networks.
+    threshold_quantile : float, default=0.99
+        ``threshold_`` is this quantile of the references' scores.
+    batch_size : int, default=16
+        Training minibatch (the paper's 16) and scoring batch.
+    device : str, default="auto"
+    verbose : int, default=0
+    random_state : int, Generator or None, default=None
+        Seeds the student's initialisation, the minibatch order, the masks and
+        the augmentation.
+
+    Attributes
+    ----------
+    teacher_ : skad._backbone.Backbone
+        The frozen teacher.
+    student_ : MaskedStudent
+        The trained ViT, mask token and simple FPN.
+    scale_factors_ : list of float
+        FPN factor of each level: student patch size / teacher stride.
+    loss_history_ : list of float
+        Mean training loss (Eq. 1) of each epoch.
+    reference_scores_ : ndarray of shape (n_references,)
+    threshold_ : float
+
+    Notes
+    -----
+    Paper settings (NOTES.md, the authors' configuration): WideResNet-50-2
+    layer1-3, MAE ViT-B/16, masking 0.4, AdamW (0.9, 0.95), lr 1e-3, weight
+    decay 0.05, batch 16, 200 epochs with 50 of warm-up and lr / 10 at 120 and
+    160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. Our
+    choices: the schedule scales with ``n_epochs``; images are resized to
+    ``image_size`` (no 256 -> 224 centre crop) and the crop is taken from the
+    resized image; the encoder's position embeddings are frozen (fixed in the
+    original). Training keeps the resized images in memory as uint8. With
+    augmentation on, the teacher runs on every augmented batch; with
+    ``crop_scale=None, hflip=False`` its features are computed once per fit.
+    ``set_reference`` does not retrain: it only calibrates ``threshold_``. After
+    ``fit`` the reference is the training set, whose scores run lower than
+    unseen normals': set a held-out reference for a calibrated threshold.
+
+    References
+    ----------
+    Z. Zhang, Z. Zhao, X. Zhang, C. Sun, X. Chen. "Industrial Anomaly Detection
+    with Domain Shift: A Real-world Dataset and Masked Multi-scale
+    Reconstruction". Computers in Industry 151, 2023. arXiv:2304.02216.
+
+    Examples
+    --------
+    >>> from skad import MMR
+    >>> from skad.datasets import make_textures
+    >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=2, image_size=32,
+    ...                      random_state=0)
+    >>> det = MMR(teacher="test_efficientnet", teacher_weights=None, student="test_vit",
+    ...           student_weights=None, student_depth=1, n_epochs=1, image_size=32,
+    ...           random_state=0).fit(data.images[data.y == 0])
+    >>> det.decision_function(data.images).shape
+    (10,)
+    >>> det.predict_map(data.images[:2]).shape
+    (2, 32, 32)
+    """
+
+    def __init__(self, teacher="wide_resnet50_2", teacher_weights="pretrained",
+                 teacher_layers=(1, 2, 3), student="vit_base_patch16_224.mae",
+                 student_weights="pretrained", student_depth=None, mask_ratio=0.4,
+                 n_epochs=200, lr=1e-3, weight_decay=0.05, warmup_ratio=0.25,
+                 lr_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True, sigma=4.0,
+                 image_size=224, threshold_quantile=0.99, batch_size=16, device="auto",
+                 verbose=0, random_state=None):
+        self.teacher = teacher
+        self.teacher_weights = teacher_weights
+        self.teacher_layers = teacher_layers
+        self.student = student
+        self.student_weights = student_weights
+        self.student_depth = student_depth
+        self.mask_ratio = mask_ratio
+        self.n_epochs = n_epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.lr_milestones = lr_milestones
+        self.crop_scale = crop_scale
+        self.hflip = hflip
+        self.sigma = sigma
+        self.image_size = image_size
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
+
+    # ----------------------------------------------------------- fitting
+    def _check_params(self):
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1); got {self.mask_ratio}")
+        if int(self.n_epochs) != self.n_epochs or self.n_epochs < 1:
+            raise ValueError(f"n_epochs must be a positive integer; got {self.n_epochs}")
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1; "
+                                 f"got {self.crop_scale}")
+        if len(self.teacher_layers) < 1:
+            raise ValueError("teacher_layers must name at least one level")
+
+    def _build(self, seed):
+        """Teacher and student, seeded; the FPN follows the teacher's strides and channels."""
+        teacher = create_backbone(self.teacher, self.teacher_weights, self.teacher_layers,
+                                  random_state=seed)
+        if teacher.is_vit:
+            raise ValueError(f"teacher must be a hierarchical CNN; {self.teacher!r} is a ViT")
+        with torch_seed(seed):
+            not_vit = ValueError(f"student must be a timm VisionTransformer; got {self.student!r}")
+            try:  # the dynamic size options exist for ViTs only
+                vit, source = _create_model(self.student, self.student_weights,
+                                            dynamic_img_size=True, dynamic_img_pad=True,
+                                            num_classes=0)
+            except TypeError as exc:
+                raise not_vit from exc
+            if not hasattr(vit, "blocks") or not hasattr(vit, "_pos_embed"):
+                raise not_vit
+            if self.student_depth is not None:
+                if not 1 <= self.student_depth <= len(vit.blocks):
+                    raise ValueError(f"student_depth must be in [1, {len(vit.blocks)}] for "
+                                     f"{self.student!r}; got {self.student_depth}")
+                vit.blocks = vit.blocks[:self.student_depth]
+            _freeze_position_embeddings(vit, from_scratch=self.student_weights is None)
+            patch = vit.patch_embed.patch_size[0]
+            factors = [patch / s for s in teacher.strides]
+            cfg = vit.pretrained_cfg
+            student = MaskedStudent(vit, teacher.channels, factors, cfg.get("mean"),
+                                    cfg.get("std"))
+        student.weights_source = source
+        return teacher, student.eval(), factors
+
+    def _fit(self, images, y, groups):
+        self._check_params()
+        seed = seed_from(self.random_state)
+        teacher, student, factors = self._build(seed)
+        self.teacher_, self.student_, self.scale_factors_ = teacher, student, factors
+        augment = self.crop_scale is not None or self.hflip
+        # one pass over the files: resized images (uint8) and, when nothing
+        # changes them between epochs, the frozen teacher's features
+        def cache(batch):
+            u8 = _to_uint8(batch)
+            if augment:
+                return u8
+            with self._autocast(batch.device):
+                return (u8, *(f.half() for f in self.teacher_(u8.float() / 255)))
+        cached = self._map_images(images, cache, desc="caching images")
+        cached = [cached] if augment else list(cached)
+        self.loss_history_ = self._train(cached, augment, seed)
+
+    def _train(self, cached, augment, seed):
+        device = self._device()
+        images_u8, targets = cached[0], cached[1:]
+        n, bs = len(images_u8), min(self.batch_size, len(images_u8))
+        with torch_seed(seed + 1) as gen:
+            opt = make_optimizer(self.student_, self.lr, self.weight_decay, betas=(0.9, 0.95))
+            n_warm = round(self.warmup_ratio * self.n_epochs)
+            sched = warmup_step_schedule(
+                opt, n_warm, [round(m * self.n_epochs) for m in self.lr_milestones], 0.1)
+
+            def step(idx):
+                x = images_u8[idx].to(device).float() / 255
+                if augment:
+                    x = random_resized_crop_flip(x, self.crop_scale, self.hflip, gen)
+                    with torch.no_grad():
+                        target = self.teacher_(x)
+                else:
+                    target = [t[idx].to(device) for t in targets]
+                pred = self.student_(x, self.mask_ratio, gen, [t.shape[-2:] for t in target])
+                return reconstruction_loss(pred, target)
+
+            return train(self.student_, step, n_epochs=int(self.n_epochs),
+                         batches=lambda epoch: iter_minibatches(n, bs, gen), optimizer=opt,
+                         scheduler=sched, device=device, verbose=self.verbose,
+                         desc="MMR training")
+
+    # ----------------------------------------------------------- scoring
+    def _set_reference(self, images):
+        # MMR compares each image with its own reconstruction, not with the
+        # references: they only calibrate the threshold
+        return self._map_images(images, lambda b: self._score_batch(b, False)[0],
+                                desc="reference scores").numpy()
+
+    def _score_batch(self, batch, maps):
+        """Eq. 2: per level 1 - cos, upsampled and summed, smoothed; score = maximum."""
+        with self._autocast(batch.device):
+            target = self.teacher_(batch)
+            pred = self.student_(batch, 0.0, None, [t.shape[-2:] for t in target])
+        dist = cosine_distance_maps(pred, target)
+        amap = sum(upsample(d, self.image_size) for d in dist)
+        amap = gaussian_blur(amap, self.sigma)
+        return amap.flatten(1).amax(dim=1), (amap if maps else None)
+
+
+def _freeze_position_embeddings(vit, from_scratch):
+    """Fixed encoder position embeddings, as in MAE and the MMR code.
+
+    Pretrained weights keep theirs (MAE's are sin-cos); a student trained from
+    scratch gets 2-D sin-cos ones (zeros for the class token), not random ones.
+    """
+    if getattr(vit, "pos_embed", None) is None:
+        return
+    if from_scratch:
+        h, w = vit.patch_embed.grid_size
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        with torch.no_grad():
+            vit.pos_embed.zero_()
+            vit.pos_embed[0, n_prefix:] = sincos_2d(h, w, vit.embed_dim)
+    vit.pos_embed.requires_grad_(False)

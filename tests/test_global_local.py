@@ -1,0 +1,293 @@
+"""GlobalLocal: partial convolution, no peeking, losses, stains, IDW, heads, estimator."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import skad._global_local as gl_module
+from skad._global_local import (
+    DADHead,
+    GlobalLocal,
+    GlobalNet,
+    LocalNet,
+    add_stains,
+    compactness_loss,
+    crop_windows,
+    distillation_loss,
+    iad_score,
+    idw_interpolate,
+    idw_weights,
+    partial_conv2d,
+    patch_starts,
+)
+from skad.datasets import make_textures
+from skad.metrics import evaluate
+
+TINY = {"teacher": "test_efficientnet", "teacher_weights": None, "teacher_size": 32,
+        "patch_size": 8, "stride": 4, "embed_dim": 16, "width": 8, "n_distill_patches": 8,
+        "n_distill_epochs": 2, "n_finetune_epochs": 1, "n_epochs": 2, "image_size": 32,
+        "random_state": 0}
+
+
+@pytest.fixture(scope="module")
+def textures():
+    return make_textures(n_domains=1, n_normal=24, n_anomalous=12, image_size=32,
+                         random_state=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(textures):
+    return GlobalLocal(**TINY).fit(textures.images[textures.y == 0][:10])
+
+
+# ------------------------------------------------------------------ partial convolution
+def _notes_partial_conv(x, mask, weight, bias, padding):
+    """NOTES.md's formula with a C-channel mask, written out independently."""
+    c, k = x.shape[1], weight.shape[-1]
+    m = mask.expand(-1, c, -1, -1)
+    update = F.conv2d(m, torch.ones(1, c, k, k), padding=padding)
+    ratio = k * k * c / (update + 1e-8)
+    update = update.clamp(0, 1)
+    raw = F.conv2d(x * m, weight, bias, padding=padding)
+    b = bias.view(1, -1, 1, 1)
+    return (raw - b) * ratio * update + b * update, update
+
+
+def test_partial_conv_matches_the_notes_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, generator=g)
+    mask = (torch.rand(2, 1, 7, 7, generator=g) > 0.4).float()
+    mask[0, :, :4, :4] = 0  # a hole larger than the kernel: outputs there must be 0
+    weight, bias = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    out, update = partial_conv2d(x, mask, weight, bias, padding=1)
+    ref, ref_update = _notes_partial_conv(x, mask, weight, bias, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(update, ref_update)
+    assert set(update.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(out[0, :, :3, :3] == 0) and torch.all(update[0, :, :3, :3] == 0)
+    # with nothing masked (and no padding) it is an ordinary convolution
+    plain, _ = partial_conv2d(x, torch.ones_like(mask), weight, bias)
+    torch.testing.assert_close(plain, F.conv2d(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_partial_conv_keeps_no_state():
+    conv = gl_module.PartialConv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    full, half = torch.ones(1, 1, 6, 6), torch.ones(1, 1, 6, 6)
+    half[..., :3] = 0
+    a = conv(x, full)[0]
+    conv(x, half)
+    torch.testing.assert_close(conv(x, full)[0], a)
+    assert not [k for k, v in vars(conv).items() if isinstance(v, torch.Tensor)]
+
+
+def _windows(det, image, top, left):
+    padded, valid = det._pad(image[None])
+    owner = torch.zeros(len(top), dtype=torch.long)
+    return det._crop(padded, valid, owner, torch.tensor(top), torch.tensor(left))
+
+
+@pytest.mark.parametrize("context", [3, 2.5, "image"])
+def test_global_net_never_sees_the_patch(context):
+    det = GlobalLocal(patch_size=8, context=context, image_size=32)
+    net = GlobalNet(embed_dim=16, width=8).eval()
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 32, 32, generator=g)
+    top, left = [0, 12, 24], [5, 12, 24]  # corners of the image and its middle
+    windows, mask, patch = _windows(det, image, top, left)
+    m, size = det._margin(), det.patch_size + 2 * det._margin()
+    assert windows.shape == (3, 3, size, size) and patch.shape == (3, 3, 8, 8)
+    assert torch.equal(patch[1], image[:, 12:20, 12:20])
+    assert torch.all(mask[:, :, m:m + 8, m:m + 8] == 0)
+    assert torch.all(mask[0, :, :m, :] == 0)  # above the image: masked too
+    with torch.no_grad():
+        z = net(windows, mask)
+        for i, (t, lf) in enumerate(zip(top, left)):
+            other = image.clone()
+            other[:, t:t + 8, lf:lf + 8] = torch.rand(3, 8, 8, generator=g)
+            z_other = net(*_windows(det, other, top, left)[:2])
+            assert torch.equal(z[i], z_other[i]), "Z_g changed with the hidden patch's pixels"
+            assert not torch.equal(_windows(det, other, top, left)[2][i], patch[i])
+        context_changed = image.clone()
+        context_changed[:, 20:23, 12:20] = 1 - context_changed[:, 20:23, 12:20]
+        z_ctx = net(*_windows(det, context_changed, top, left)[:2])
+        assert not torch.allclose(z[1], z_ctx[1])
+
+
+def test_crop_windows_and_raster_grid():
+    images = torch.arange(2 * 3 * 9 * 10, dtype=torch.float32).view(2, 3, 9, 10)
+    out = crop_windows(images, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([5, 3]), 4)
+    assert torch.equal(out[0], images[1, :, 2:6, 5:9]) and torch.equal(out[1], images[0, :, :4, 3:7])
+    assert patch_starts(256, 32, 16).tolist() == list(range(0, 225, 16))  # 15 per axis
+    assert patch_starts(50, 32, 16).tolist() == [0, 16, 18]  # the last one ends at the border
+
+
+# ------------------------------------------------------------------ losses, stains, heads
+def test_losses_on_hand_made_tensors():
+    decoded = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    target = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert distillation_loss(decoded, target).item() == pytest.approx((5 + 25) / 2)  # Eq. 1
+    assert iad_score(decoded, target).tolist() == pytest.approx([2.5, 12.5])  # Eq. 7: / n
+    z = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    corr = np.corrcoef(z.numpy(), rowvar=False)
+    expected = corr.sum() - np.trace(corr)  # Eq. 2: sum over i != j
+    assert compactness_loss(z).item() == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert compactness_loss(torch.cat([z[:, :1]] * 3, 1)).item() == pytest.approx(6, rel=1e-3)
+
+
+def test_stains_are_small_random_and_seeded():
+    patches = torch.full((64, 3, 32, 32), 0.5)
+    a = add_stains(patches, torch.Generator().manual_seed(1))
+    b = add_stains(patches, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    changed = ((a - patches).abs().amax(dim=1) > 0.02).float().mean(dim=(1, 2))
+    assert torch.all(changed > 0.005) and torch.all(changed < 0.6)  # a stain, not the patch
+    assert changed.std() > 0.01  # random sizes
+    assert not torch.equal(a, add_stains(patches, torch.Generator().manual_seed(2)))
+
+
+def test_dad_head_and_local_net_shapes():
+    local = LocalNet(embed_dim=16, teacher_dim=24, width=8)
+    p = torch.rand(5, 3, 16, 16)
+    assert local(p).shape == (5, 16) and local.decoder(local(p)).shape == (5, 24)
+    local.z_mean.fill_(1.0)
+    local.z_std.fill_(2.0)
+    torch.testing.assert_close(local.embed(p), (local(p) - 1) / 2)
+    assert DADHead(16)(local(p), local(p)).shape == (5,)
+
+
+# ------------------------------------------------------------------ IDW interpolation
+def test_idw_weights_and_interpolation():
+    index, weight = idw_weights(40, 36, 8, 4, 4, 2.0)
+    n_patches = len(patch_starts(40, 8, 4)) * len(patch_starts(36, 8, 4))
+    assert index.shape == weight.shape == (40 * 36, 4) and int(index.max()) < n_patches
+    torch.testing.assert_close(weight.sum(dim=1), torch.ones(40 * 36))
+    scores = torch.rand(2, n_patches, generator=torch.Generator().manual_seed(0))
+    maps = idw_interpolate(scores, index, weight, (40, 36))
+    assert maps.shape == (2, 40, 36)
+    assert maps.min() >= scores.min() - 1e-6 and maps.max() <= scores.max() + 1e-6
+    const = idw_interpolate(torch.full((1, n_patches), 3.0), index, weight, (40, 36))
+    torch.testing.assert_close(const, torch.full_like(const, 3.0))
+    # linear in the scores: what lets lambda_s change without refitting
+    mix = idw_interpolate(0.3 * scores[:1] + 0.7 * scores[1:], index, weight, (40, 36))
+    torch.testing.assert_close(mix, 0.3 * maps[:1] + 0.7 * maps[1:])
+    # next to a patch centre that centre dominates: patch (0, 0) is centred at 3.5
+    idx, w = idw_weights(40, 36, 8, 4, 4, 8.0)
+    one = torch.zeros(1, n_patches)
+    one[0, 0] = 1.0
+    assert idw_interpolate(one, idx, w, (40, 36))[0, 3, 3] > 0.9
+
+
+# ------------------------------------------------------------------ the estimator
+def test_fit_trains_every_stage_and_scores(fitted, textures):
+    det = fitted
+    assert [len(det.loss_history_[k]) for k in ("distill", "finetune", "global")] == [2, 1, 2]
+    assert all(np.isfinite(v).all() for v in det.loss_history_.values())
+    assert det.window_size_ == 24 and not det.local_net_.project.weight.requires_grad
+    # the teacher is used in fit only: no fitted attribute holds it
+    assert not [k for k, v in vars(det).items() if type(v).__name__ == "Backbone"]
+    scores, maps = det.score_and_map(textures.images[-6:])
+    assert scores.shape == (6,) and maps.shape == (6, 32, 32)
+    np.testing.assert_allclose(scores, maps.reshape(6, -1).max(axis=1), rtol=1e-5)
+    s_iad, s_dad = det._patch_scores(torch.rand(2, 3, 32, 32))
+    assert s_iad.shape == s_dad.shape == (2, 49)  # 7 x 7 patches
+    assert torch.all(s_dad >= 0) and torch.all(s_dad <= 1) and torch.all(s_iad >= 0)
+
+
+def test_lambda_s_rescores_without_refit(fitted, textures):
+    det = fitted
+    X = textures.images[-5:]
+    maps = {}
+    for lam in (0.0, 0.5, 1.0):
+        maps[lam] = det.set_params(lambda_s=lam).predict_map(X)
+    np.testing.assert_allclose(maps[0.5], 0.5 * (maps[0.0] + maps[1.0]), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(maps[0.0], maps[1.0])
+    with pytest.raises(ValueError, match="lambda_s"):
+        det.set_params(lambda_s=1.5).decision_function(X)
+    det.set_params(lambda_s=0.8)
+
+
+def test_scoring_in_chunks_and_other_strides(fitted, textures, monkeypatch):
+    det = fitted
+    X = textures.images[-3:]
+    expected = det.decision_function(X)
+    monkeypatch.setattr(gl_module, "_CHUNK", 7)  # many small chunks, same windows
+    np.testing.assert_allclose(det.decision_function(X), expected, rtol=1e-5, atol=1e-6)
+    coarse = det.set_params(stride=8).predict_map(X)  # a stride chosen at scoring time
+    det.set_params(stride=4)
+    assert coarse.shape == (3, 32, 32) and not np.allclose(coarse, det.predict_map(X))
+
+
+def test_detects_synthetic_defects(textures):
+    normal = np.flatnonzero(textures.y == 0)
+    det = GlobalLocal(**{**TINY, "embed_dim": 32, "n_distill_patches": 32,
+                         "n_distill_epochs": 20, "n_finetune_epochs": 0, "n_epochs": 20})
+    det.fit(textures.images[normal[:16]])
+    test = np.r_[normal[16:], np.flatnonzero(textures.y == 1)]
+    scores, maps = det.score_and_map(textures.images[test])
+    result = evaluate(textures.y[test], scores, textures.masks[test], maps)
+    assert result["image_auroc"] > 0.75 and result["pixel_auroc"] > 0.6, result
+
+
+def test_pre_distilled_local_net_is_copied_and_fine_tuned(fitted, textures):
+    normals = textures.images[textures.y == 0][:6]
+    given = fitted.local_net_
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    # no fine-tuning: the teacher is never built (these weights do not exist)
+    det = GlobalLocal(**{**TINY, "teacher_weights": "/no/such/file.pth", "local_net": given,
+                         "n_finetune_epochs": 0}).fit(normals)
+    assert det.loss_history_["distill"] == [] and det.loss_history_["finetune"] == []
+    assert det.local_net_ is not given
+    torch.testing.assert_close(det.local_net_.project.weight, given.project.weight)
+    tuned = GlobalLocal(**{**TINY, "local_net": given}).fit(normals)
+    assert len(tuned.loss_history_["finetune"]) == 1
+    assert not torch.allclose(tuned.local_net_.project.weight, given.project.weight)
+    assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items())
+    with pytest.raises(ValueError, match="decodes to"):
+        GlobalLocal(**{**TINY, "teacher": "test_resnet", "local_net": given}).fit(normals)
+
+
+def test_distill_images_are_used_first(textures):
+    extra = make_textures(n_domains=1, n_normal=4, n_anomalous=0, image_size=48,
+                          random_state=9).images
+    det = GlobalLocal(**{**TINY, "distill_images": list(extra)}).fit(textures.images[:6])
+    assert len(det.loss_history_["distill"]) == 2 and len(det.loss_history_["finetune"]) == 1
+    with pytest.raises(ValueError, match="distill_images"):
+        GlobalLocal(**{**TINY, "distill_images": []}).fit(textures.images[:6])
+
+
+def test_whole_image_context_and_rectangular_images(textures):
+    det = GlobalLocal(**{**TINY, "context": "image", "image_size": (32, 40)})
+    det.fit(textures.images[:4])
+    assert det.window_size_ == 2 * 40 - 8
+    assert det.predict_map(textures.images[:2]).shape == (2, 32, 32)
+
+
+def test_random_state_reproducible(textures):
+    X = textures.images[:6]
+    a = GlobalLocal(**TINY).fit(X).decision_function(X)
+    b = GlobalLocal(**TINY).fit(X).decision_function(X)
+    c = GlobalLocal(**{**TINY, "random_state": 1}).fit(X).decision_function(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"patch_size": 40}, "patch_size"),
+    ({"context": 0.5}, "context"),
+    ({"context": "window"}, "context"),
+    ({"n_epochs": 0}, "n_epochs"),
+    ({"n_distill_epochs": -1}, "n_distill_epochs"),
+    ({"stride": 0}, "stride"),
+    ({"lambda_s": -0.1}, "lambda_s"),
+    ({"idw_power": 0}, "idw_power"),
+])
+def test_bad_parameters(textures, params, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalLocal(**{**TINY, **params}).fit(textures.images[:2])
+
+
+def test_local_net_must_be_a_local_net(textures):
+    with pytest.raises(TypeError, match="LocalNet"):
+        GlobalLocal(**{**TINY, "local_net": torch.nn.Linear(2, 2)}).fit(textures.images[:2])

@@ -1,0 +1,266 @@
+"""MetaComparer: BiFPN, the split meta-comparer, co-attention, losses (Eq. 1-6), the estimator."""
+
+import warnings
+
+import numpy as np
+import pytest
+import sklearn
+import torch
+from sklearn.model_selection import LeaveOneGroupOut, cross_validate
+
+import skad._meta_comparer as mc
+from skad._meta_comparer import (BiFPN, CoAttention, FastFusion, MetaComparer, MetaComparerHead,
+                                 PairComparer, attention_loss, classification_loss,
+                                 episode_losses, rank_loss, synthesize_anomaly)
+from skad.datasets import make_textures
+from skad.model_selection import ReferenceScorer
+
+TINY = dict(backbone="test_resnet", weights=None, image_size=32, fpn_width=16, fpn_cells=1,
+            hidden_sizes=(16,), attention_dim=8, n_epochs=1, n_episodes=2, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_textures(n_domains=3, n_normal=10, n_anomalous=5, image_size=32, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def split(data):
+    target = data.groups == data.groups[-1]
+    return ~target, target
+
+
+@pytest.fixture(scope="module")
+def fitted(data, split):
+    src, _ = split
+    return MetaComparer(**TINY).fit(data.images[src], data.y[src], groups=data.groups[src])
+
+
+# ------------------------------------------------------------------ modules
+def test_bifpn_levels_and_shapes():
+    feats = [torch.randn(2, c, s, s) for c, s in ((8, 16), (12, 8), (20, 4))]
+    for n_cells in (0, 2):
+        out = BiFPN([8, 12, 20], width=16, n_levels=5, n_cells=n_cells)(feats)
+        assert [tuple(o.shape) for o in out] == [(2, 16, s, s) for s in (16, 8, 4, 2, 1)]
+    # odd sizes: extra levels and the cells' resampling still line up
+    odd = [torch.randn(2, 8, 9, 7), torch.randn(2, 12, 5, 4), torch.randn(2, 20, 3, 2)]
+    out = BiFPN([8, 12, 20], width=4, n_levels=5, n_cells=1)(odd)
+    assert [tuple(o.shape[-2:]) for o in out] == [(9, 7), (5, 4), (3, 2), (2, 1), (1, 1)]
+
+
+def test_fast_fusion_is_normalised_weighted_sum():
+    node = FastFusion(2, 4).eval()
+    with torch.no_grad():
+        node.weight.copy_(torch.tensor([3.0, -1.0]))  # relu drops the negative weight
+    a, b = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
+    expected = node.conv(torch.nn.functional.silu(3.0 / (3.0 + 1e-4) * a))
+    assert torch.allclose(node([a, b]), expected, atol=1e-6)
+
+
+def test_split_first_layer_equals_mlp_on_concatenation():
+    torch.manual_seed(0)
+    cmp = PairComparer(6, (5, 3))
+    full = torch.nn.Linear(12, 5)
+    with torch.no_grad():
+        full.weight.copy_(torch.cat([cmp.query.weight, cmp.reference.weight], dim=1))
+        full.bias.copy_(cmp.query.bias)
+    q, r = torch.randn(7, 6), torch.randn(7, 6)
+    expected = cmp.rest(full(torch.cat([q, r], dim=1))).squeeze(-1)
+    assert torch.allclose(cmp(q, r), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [(8,), (8, 4)])
+@pytest.mark.parametrize("reduction", ["max", "min"])
+def test_chunked_reduction_matches_brute_force(monkeypatch, hidden, reduction):
+    monkeypatch.setattr(mc, "_PAIR_BLOCK", {"cpu": 50, "cuda": 50})  # many tiny blocks
+    monkeypatch.setattr(mc, "_REF_ROWS", {"cpu": 3, "cuda": 3})
+    torch.manual_seed(0)
+    cmp = PairComparer(5, hidden)
+    q, r = torch.randn(11, 5), torch.randn(13, 5)
+    with torch.no_grad():
+        pairs = cmp(q[:, None].expand(-1, 13, -1), r[None].expand(11, -1, -1))
+        val, idx = cmp.reduce(cmp.query(q), cmp.reference(r), reduction)
+    ref = pairs.max(dim=1) if reduction == "max" else pairs.min(dim=1)
+    assert torch.allclose(val, ref.values, atol=1e-5) and torch.equal(idx, ref.indices)
+    banned = torch.zeros(11, 13, dtype=torch.bool)
+    banned[torch.arange(11), ref.indices] = True  # exclude each row's best pair
+    val2, idx2 = cmp.reduce(cmp.query(q), cmp.reference(r), reduction,
+                            exclude=lambda qs, rs: banned[qs, rs])
+    assert not banned[torch.arange(11), idx2].any()
+    assert torch.all(val2 <= val) if reduction == "max" else torch.all(val2 >= val)
+
+
+def test_coattention_affinity_in_unit_interval():
+    att = CoAttention(4, 3)
+    x = torch.randn(6, 4)
+    a = att.matrix(x, torch.randn(9, 4))
+    assert a.shape == (6, 9) and a.min() >= 0 and a.max() <= 1
+    assert torch.allclose(att(x, x), torch.ones(6), atol=1e-6)
+    # a point projecting to the opposite direction has affinity 0
+    with torch.no_grad():
+        att.proj.bias.zero_()
+    assert torch.allclose(att(x, -x), torch.zeros(6), atol=1e-6)
+    assert torch.allclose(att.matrix(x, x).diagonal(), att(x, x))
+
+
+# ------------------------------------------------------------------ losses
+def test_classification_and_attention_losses_by_hand():
+    z, y = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    s = torch.sigmoid(z)
+    expected = -(torch.log(s[0]) + torch.log(1 - s[1])) / 2  # Eq. 2, averaged over queries
+    assert torch.allclose(classification_loss(z, y), expected)
+    m = torch.tensor([0.2, 0.9])
+    expected = -(np.log(0.8) + np.log(0.9)) / 2  # Eq. 3
+    assert attention_loss(m, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rank_loss_orders_by_coattention():
+    s_u, s_v = torch.tensor([0.3], requires_grad=True), torch.tensor([0.6])
+    a_u, a_v = torch.tensor([0.1], requires_grad=True), torch.tensor([0.9])
+    # a_u < a_v: sigma = +1, u should score higher; w = lam (e^0.8 - 1)
+    loss = rank_loss(s_u, s_v, a_u, a_v, lam=2.0)
+    assert loss.item() == pytest.approx(2.0 * (np.exp(0.8) - 1) * (1 - (0.3 - 0.6)), rel=1e-5)
+    loss.backward()
+    assert s_u.grad.item() < 0 and a_u.grad is None  # raising s_u lowers it; a is guidance
+    assert rank_loss(s_u, s_v, a_v, a_v).item() == 0.0  # equal affinities: weight 0
+
+
+def test_episode_losses_give_exact_max_gradients():
+    """Locating the max without gradient, then recomputing its pair, is exact (Eq. 2)."""
+    torch.manual_seed(0)
+    head = MetaComparerHead([4, 4, 4], 6, 3, 0, (0,), (5,), 4)
+    patches = torch.randn(5, 3, 3, 6, requires_grad=True)  # 3 queries, 2 references
+    y = torch.tensor([0.0, 1.0, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    l_cls, l_att, l_rank = episode_losses(head, patches, 3, y, reduction="max",
+                                          n_reference_patches=None, n_rank_pairs=4,
+                                          lam=1.0, generator=gen)
+    g_cls = torch.autograd.grad(l_cls, patches, retain_graph=True)[0]
+    q, r = patches[:3].reshape(3, 9, 1, 6), patches[3:].reshape(1, 1, 18, 6)
+    z = head.comparer(q.expand(-1, -1, 18, -1), r.expand(3, 9, -1, -1))
+    full = classification_loss(z.flatten(1).amax(dim=1), y)
+    assert torch.allclose(l_cls, full, atol=1e-6)
+    assert torch.allclose(g_cls, torch.autograd.grad(full, patches)[0], atol=1e-6)
+    a = head.coattention.matrix(patches[:3].reshape(27, 6), patches[3:].reshape(18, 6))
+    assert torch.allclose(l_att, attention_loss(a.view(3, -1).amin(dim=1), y), atol=1e-6)
+    assert torch.isfinite(l_rank) and l_rank >= 0
+
+
+def test_synthetic_anomaly_changes_only_its_mask():
+    rng = np.random.default_rng(0)
+    image, donor = np.full((40, 30, 3), 0.5), rng.uniform(0, 1, (40, 30, 3))
+    for _ in range(6):
+        out, mask = synthesize_anomaly(image, donor, rng)
+        assert mask.shape == (40, 30) and mask.any() and mask.mean() < 0.5
+        assert np.array_equal(out[~mask], image[~mask])
+        assert out.min() >= 0 and out.max() <= 1 and not np.allclose(out[mask], 0.5)
+
+
+# ------------------------------------------------------------------ estimator
+def test_fit_reference_and_outputs(fitted, data, split):
+    _, tgt = split
+    X = data.images[tgt]
+    with pytest.raises(RuntimeError, match="set_reference"):
+        fitted.decision_function(X)
+    det = fitted.set_reference(X[:3])
+    scores, maps = det.score_and_map(X[3:])
+    assert scores.shape == (12,) and maps.shape == (12, 32, 32)
+    # sigma = 0: Eq. 6's map peaks exactly at Eq. 5's image score
+    np.testing.assert_allclose(maps.reshape(12, -1).max(axis=1), scores, rtol=1e-5, atol=1e-5)
+    assert list(det.domains_) == sorted(set(data.groups[~tgt]))
+    assert len(det.loss_history_) == 1 and det.n_synthetic_ == 0
+    assert [len(h) for h in det.reference_hidden_] == [3 * 16, 3 * 4, 3 * 1]
+
+
+def test_leave_one_out_reference_scores(fitted, data, split):
+    refs = data.images[split[1]][:4]
+    det = fitted.set_reference(refs)
+    loo = det.reference_scores_.copy()
+    for i in range(4):
+        others = np.delete(refs, i, axis=0)
+        alone = det.set_reference(others).decision_function(refs[i:i + 1])[0]
+        assert alone == pytest.approx(loo[i], rel=1e-4, abs=1e-4)
+    single = det.set_reference(refs[:1])
+    assert single.reference_scores_.shape == (1,) and np.isfinite(single.reference_scores_).all()
+
+
+def test_refit_drops_the_old_reference(data, split):
+    src, tgt = split
+    det = MetaComparer(**TINY).fit(data.images[src], data.y[src], groups=data.groups[src])
+    det.set_reference(data.images[tgt][:3])
+    det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    with pytest.raises(RuntimeError, match="set_reference"):
+        det.predict(data.images[:2])
+
+
+def test_detects_defects_on_a_held_out_domain():
+    data = make_textures(n_domains=4, n_normal=16, n_anomalous=8, image_size=48, random_state=3)
+    tgt = data.groups == data.groups[-1]
+    det = MetaComparer(**{**TINY, "image_size": 48, "n_epochs": 4, "n_episodes": 12,
+                          "fpn_width": 32, "hidden_sizes": (32,)})
+    det.fit(data.images[~tgt], data.y[~tgt], groups=data.groups[~tgt])
+    assert det.loss_history_[-1] < det.loss_history_[0]
+    X, y = data.images[tgt], data.y[tgt]
+    scores = det.set_reference(X[:6]).decision_function(X[6:])
+    assert scores[y[6:] == 1].mean() > scores[y[6:] == 0].mean()
+
+
+def test_deterministic_with_random_state(data, split):
+    src, tgt = split
+    out = []
+    for _ in range(2):
+        det = MetaComparer(**{**TINY, "synthesize_anomalies": True, "n_synthetic": 3})
+        det.fit(data.images[src], data.y[src], groups=data.groups[src])
+        out.append(det.set_reference(data.images[tgt][:3]).decision_function(data.images[-4:]))
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_synthetic_anomalies_for_domains_without_defects(data, split):
+    src = split[0] & ((data.y == 0) | (data.groups == data.groups[0]))  # domain 2: no defects
+    det = MetaComparer(**{**TINY, "n_synthetic": 4})
+    det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    assert det.n_synthetic_ == 4 and len(det.domains_) == 2
+    normal_only = split[0] & (data.y == 0)
+    det = MetaComparer(**{**TINY, "n_synthetic": 2, "synthesize_anomalies": True})
+    assert det.fit(data.images[normal_only], data.y[normal_only],
+                   groups=data.groups[normal_only]).n_synthetic_ == 4
+    with pytest.raises(ValueError, match="cannot train"), pytest.warns(UserWarning, match="left"):
+        MetaComparer(**{**TINY, "synthesize_anomalies": False}).fit(
+            data.images[normal_only], data.y[normal_only], groups=data.groups[normal_only])
+
+
+def test_train_backbone_updates_it(data, split):
+    src = split[0]
+    det = MetaComparer(**{**TINY, "train_backbone": True, "learning_rate": 1e-2})
+    det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    fresh = MetaComparer(**TINY).fit(data.images[src], data.y[src], groups=data.groups[src])
+    a = next(det.backbone_.parameters())
+    b = next(fresh.backbone_.parameters())
+    assert not torch.equal(a, b) and not det.backbone_.training
+
+
+def test_input_errors(data, split):
+    src = split[0]
+    X, y, g = data.images[src], data.y[src], data.groups[src]
+    with pytest.raises(ValueError, match="image-level labels"):
+        MetaComparer(**TINY).fit(X)
+    with pytest.raises(ValueError, match="reference_reduction"):
+        MetaComparer(**{**TINY, "reference_reduction": "mean"}).fit(X, y, groups=g)
+    with pytest.raises(ValueError, match="scales"):
+        MetaComparer(**{**TINY, "scales": (0, 7)}).fit(X, y, groups=g)
+    with pytest.warns(UserWarning, match="left out"):
+        keep = (g == g[0]) | (np.arange(len(g)) == np.flatnonzero(g != g[0])[0])
+        MetaComparer(**TINY).fit(X[keep], y[keep], groups=g[keep])
+
+
+def test_groups_without_routing_warn_and_pool_domains(data):
+    with sklearn.config_context(enable_metadata_routing=False):
+        with pytest.warns(UserWarning, match="no groups"):
+            res = cross_validate(MetaComparer(**TINY), data.images, data.y, groups=data.groups,
+                                 cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3))
+    assert np.isfinite(res["test_score"]).all()
+    with sklearn.config_context(enable_metadata_routing=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # groups reach fit: no warning
+        cross_validate(MetaComparer(**TINY), data.images, data.y,
+                       cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3),
+                       params={"groups": data.groups})
