@@ -33,9 +33,6 @@ __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
 _CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
 _WEIGHT_DECAY = 1e-5
-import os
-_LOCAL_GRID = int(os.environ.get("GL_LG", 1))
-_TEACHER_GRID = int(os.environ.get("GL_TG", 1))
 
 
 # ------------------------------------------------------------------ geometry
@@ -135,7 +132,7 @@ class LocalNet(nn.Module):
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
             nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1))
-        self.project = nn.Linear(4 * w * _LOCAL_GRID ** 2, embed_dim)
+        self.project = nn.Linear(4 * w, embed_dim)
         self.decoder = nn.Linear(embed_dim, teacher_dim)  # D: L's output to R's dimension
         for name, size in (("target", teacher_dim), ("z", embed_dim)):
             self.register_buffer(f"{name}_mean", torch.zeros(size))
@@ -143,7 +140,7 @@ class LocalNet(nn.Module):
 
     def forward(self, patches):
         h = self.features((patches - 0.5) / 0.25)
-        return self.project(F.adaptive_avg_pool2d(h, _LOCAL_GRID).flatten(1))
+        return self.project(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
     def embed(self, patches):
         return (self(patches) - self.z_mean) / self.z_std
@@ -465,10 +462,10 @@ class GlobalLocal(BaseDetector):
                 raise ValueError(f"teacher must be a CNN; {self.teacher!r} is a ViT")
         with torch_seed(seed):
             if self.local_net is None:
-                local = LocalNet(self.embed_dim, teacher.channels[0] * _TEACHER_GRID ** 2, self.width)
+                local = LocalNet(self.embed_dim, teacher.channels[0], self.width)
             else:
                 local = copy.deepcopy(self.local_net).cpu().requires_grad_(True)
-                if teacher is not None and local.decoder.out_features != teacher.channels[0] * _TEACHER_GRID ** 2:
+                if teacher is not None and local.decoder.out_features != teacher.channels[0]:
                     raise ValueError(
                         f"local_net decodes to {local.decoder.out_features} dimensions but "
                         f"the teacher {self.teacher!r} gives {teacher.channels[0]}")
@@ -514,7 +511,7 @@ class GlobalLocal(BaseDetector):
                 x = F.interpolate(patch.float() / 255, size=self.teacher_size, mode="bilinear",
                                   align_corners=False)
                 with self._autocast(device):
-                    out.append(F.adaptive_avg_pool2d(teacher(x)[0].float(), _TEACHER_GRID).flatten(1))
+                    out.append(F.adaptive_avg_pool2d(teacher(x)[0].float(), 1).flatten(1))
             return out
 
         out = self._map_images(images, fn, desc="caching patches")

@@ -29,8 +29,6 @@ __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_a
 _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
 _GRAD_CLIP = 1.0
-import os
-_DIFF_INIT = bool(int(os.environ.get('MC_DIFF', '0')))
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_")
 
 
@@ -131,9 +129,6 @@ class PairComparer(nn.Module):
         super().__init__()
         self.query = nn.Linear(dim, hidden_sizes[0])
         self.reference = nn.Linear(dim, hidden_sizes[0], bias=False)
-        if _DIFF_INIT:
-            with torch.no_grad():  # start as a function of q - r: a prior towards comparing
-                self.reference.weight.copy_(-self.query.weight)
         layers = []
         for a, b in zip(hidden_sizes, [*hidden_sizes[1:], 1]):
             layers += [nn.ReLU(), nn.Linear(a, b)]

@@ -16,7 +16,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
 
-from skad import MMR, PatchCore
+from skad import MMR, GeneralAD, GlobalLocal, MetaComparer, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
 
@@ -33,9 +33,30 @@ def _mmr():
                random_state=0)
 
 
+def _general_ad():
+    return GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), hidden_dim=32,
+                     n_epochs=1, image_size=SIZE, random_state=0)
+
+
+def _global_local():
+    return GlobalLocal(teacher="test_efficientnet", teacher_weights=None, teacher_size=SIZE,
+                       patch_size=8, stride=4, embed_dim=16, width=8, n_distill_patches=8,
+                       n_distill_epochs=1, n_finetune_epochs=1, n_epochs=1, image_size=SIZE,
+                       random_state=0)
+
+
+def _meta_comparer():
+    return MetaComparer(backbone="test_resnet", weights=None, image_size=SIZE, fpn_width=16,
+                        fpn_cells=1, hidden_sizes=(16,), attention_dim=8, n_epochs=1,
+                        n_episodes=2, random_state=0)
+
+
 DETECTORS = [
     pytest.param(_patchcore, {}, id="PatchCore"),
     pytest.param(_mmr, {}, id="MMR"),
+    pytest.param(_general_ad, {}, id="GeneralAD"),
+    pytest.param(_global_local, {}, id="GlobalLocal"),
+    pytest.param(_meta_comparer, {}, id="MetaComparer"),
 ]
 
 
