@@ -310,7 +310,7 @@ class GeneralAD(BaseDetector):
 
     Examples
     --------
-    >>> from skad._general_ad import GeneralAD
+    >>> from skad import GeneralAD
     >>> from skad.datasets import make_textures
     >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=4, image_size=32,
     ...                      random_state=0)
@@ -364,10 +364,12 @@ class GeneralAD(BaseDetector):
         kinds = self._distortion_list()
         if not (isinstance(self.n_epochs, numbers.Integral) and self.n_epochs >= 1):
             raise ValueError(f"n_epochs must be a positive integer; got {self.n_epochs!r}")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0; got {self.noise_std!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral)
-                                           and self.top_k >= 1):
+        # with no noise the distorted copies equal the real tokens yet are labelled anomalous
+        if not self.noise_std > 0 and any(k.startswith("noise") for k in kinds):
+            raise ValueError(f"noise_std must be > 0 for the noise distortions; "
+                             f"got {self.noise_std!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not (
+                isinstance(self.top_k, numbers.Integral) and self.top_k >= 1)):
             raise ValueError(f"top_k must be a positive integer or None; got {self.top_k!r}")
         return kinds
 

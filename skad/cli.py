@@ -40,6 +40,10 @@ OFFLINE = {
     # no MAE weights offline: a ViT-S/16 student trained from scratch
     "mmr": {"teacher": "tf_efficientnet_lite0", "student": "vit_small_patch16_224",
             "student_weights": None, "image_size": 256},
+    "metacomparer": {"backbone": "tf_efficientnet_lite0", "image_size": 256},
+    # lite0's stride-8 and stride-16 levels: a 32 x 32 token grid at 256 px
+    "generalad": {"backbone": "tf_efficientnet_lite0", "layers": [2, 3], "image_size": 256},
+    "globallocal": {"teacher": "tf_efficientnet_lite0", "image_size": 256},
 }
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

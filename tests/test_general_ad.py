@@ -240,6 +240,8 @@ def test_vit_with_every_distortion(textures):
     ({"top_k": 0}, "top_k"),
     ({"n_epochs": 0}, "n_epochs"),
     ({"noise_std": -1.0}, "noise_std"),
+    ({"noise_std": 0.0}, "noise_std"),
+    ({"top_k": True}, "top_k"),
     ({"n_heads": 3}, "divisible"),
 ])
 def test_bad_parameters_raise_and_leave_nothing(textures, params, match):
