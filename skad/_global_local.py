@@ -28,7 +28,7 @@ from .base import BaseDetector
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "iad_score", "add_stains", "crop_windows",
-           "patch_starts", "idw_weights", "idw_interpolate"]
+           "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
 _CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
@@ -36,12 +36,31 @@ _WEIGHT_DECAY = 1e-5
 
 
 # ------------------------------------------------------------------ geometry
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def patch_starts(size, patch_size, stride):
     """Raster-scan start offsets along one axis (Sec. 3.3); the last patch ends at the border."""
     starts = list(range(0, size - patch_size + 1, stride))
     if starts[-1] != size - patch_size:
         starts.append(size - patch_size)
     return torch.tensor(starts)
+
+
+def jittered_starts(size, patch_size, stride, n, generator):
+    """``n`` training positions along one axis: raster starts moved by up to half a stride.
+
+    Scoring visits the raster of :func:`patch_starts`, whose first and last
+    windows have their context cut by the image edge; uniform positions reach
+    those border windows rarely (a corner about once in ``(size - p + 1)^2``
+    draws), which left them untrained and scoring high on normal images.
+    Drawing around the raster trains them as often as scoring meets them.
+    """
+    starts = patch_starts(size, patch_size, stride)
+    pick = starts[torch.randint(len(starts), (n,), generator=generator)]
+    jitter = torch.randint(-(stride // 2), stride // 2 + 1, (n,), generator=generator)
+    return (pick + jitter).clamp_(0, size - patch_size)
 
 
 def crop_windows(images, owner, top, left, size):
@@ -266,8 +285,9 @@ class GlobalLocal(BaseDetector):
     patch_size : int, default=32
         Side p of the patches, in pixels at ``image_size``.
     stride : int, default=16
-        Step of the raster scan at scoring time (only used there: it may be
-        changed after ``fit``). 32 / 16 at 256 px gives 15 x 15 patches.
+        Step of the raster scan at scoring time; training draws its patch
+        positions around that raster (:func:`jittered_starts`), and the stride
+        may still be changed after ``fit``. 32 / 16 at 256 px gives 15 x 15 patches.
     context : float or "image", default=3
         Side of the Global-Net's window in patch sizes, centred on the patch
         (3: one patch of context on every side). ``"image"``: a window of
@@ -330,6 +350,9 @@ class GlobalLocal(BaseDetector):
     dad_head_ : DADHead
     window_size_ : int
         Side of the Global-Net's window in pixels.
+    geometry_ : tuple
+        ``(patch_size, context)`` the networks were trained for; scoring with
+        other values raises.
     loss_history_ : dict of list of float
         Mean loss per epoch of the stages ``"distill"``, ``"finetune"``, ``"global"``.
     reference_scores_ : ndarray of shape (n_references,)
@@ -415,10 +438,11 @@ class GlobalLocal(BaseDetector):
     # ----------------------------------------------------------- parameters
     def _check_params(self):
         h, w = _size2(self.image_size)
-        if not 2 <= self.patch_size <= min(h, w):
+        if not _is_int(self.patch_size) or not 2 <= self.patch_size <= min(h, w):
             raise ValueError(f"patch_size must be in [2, {min(h, w)}] (the image_size); "
                              f"got {self.patch_size}")
         if not (self.context == "image" or (isinstance(self.context, numbers.Real)
+                                            and not isinstance(self.context, bool)
                                             and self.context >= 1)):
             raise ValueError(f"context must be a number >= 1 (patch sizes) or 'image'; "
                              f"got {self.context!r}")
@@ -437,11 +461,20 @@ class GlobalLocal(BaseDetector):
     def _check_scoring_params(self):
         if not 0.0 <= self.lambda_s <= 1.0:
             raise ValueError(f"lambda_s must be in [0, 1]; got {self.lambda_s}")
-        if int(self.stride) != self.stride or self.stride < 1:
-            raise ValueError(f"stride must be a positive integer; got {self.stride}")
+        if not _is_int(self.stride) or self.stride < 1:
+            raise ValueError(f"stride must be a positive integer; got {self.stride!r}")
         if self.idw_neighbors < 1 or self.idw_power <= 0:
             raise ValueError("idw_neighbors must be >= 1 and idw_power > 0; got "
                              f"{self.idw_neighbors}, {self.idw_power}")
+
+    def _check_geometry(self):
+        """The window scored must be the one the Global-Net was trained on."""
+        current = (self.patch_size, self.context)
+        if self.geometry_ != current:
+            raise ValueError(
+                f"patch_size and context were {self.geometry_} at fit and are now {current}: "
+                "the Global-Net only knows the window it was trained on; set them back or "
+                "fit again")
 
     def _margin(self):
         """Context on each side of the patch, in pixels."""
@@ -491,6 +524,7 @@ class GlobalLocal(BaseDetector):
         history["global"] = self._train_global(local, global_net, dad_head, train_u8, gen)
         self.local_net_, self.global_net_, self.dad_head_ = local, global_net, dad_head
         self.window_size_ = self.patch_size + 2 * self._margin()
+        self.geometry_ = (self.patch_size, self.context)
         self.loss_history_ = history
 
     def _cache(self, images, teacher, gen, keep_images):
@@ -559,14 +593,14 @@ class GlobalLocal(BaseDetector):
         local.to(device)
         opt = make_optimizer(heads, self.lr, _WEIGHT_DECAY)
         sched = cosine_schedule(opt, self.n_epochs, 0.05)
-        p, k = self.patch_size, self.n_patches
+        p, k, stride = self.patch_size, self.n_patches, int(self.stride)
         _, _, h, w = train_u8.shape
 
         def step(idx):
             padded, valid = self._pad(train_u8[idx].to(device).float() / 255)
             owner = torch.arange(len(idx)).repeat_interleave(k)
-            top = torch.randint(0, h - p + 1, (len(owner),), generator=gen)
-            left = torch.randint(0, w - p + 1, (len(owner),), generator=gen)
+            top = jittered_starts(h, p, stride, len(owner), gen)
+            left = jittered_starts(w, p, stride, len(owner), gen)
             windows, mask, patch = self._crop(padded, valid, owner, top, left)
             with torch.no_grad():
                 z_l = local.embed(patch)
@@ -636,6 +670,7 @@ class GlobalLocal(BaseDetector):
     def _score_batch(self, batch, maps):
         """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""
         self._check_scoring_params()
+        self._check_geometry()
         s_iad, s_dad = self._patch_scores(batch)
         scores = self.lambda_s * s_iad + (1.0 - self.lambda_s) * s_dad
         h, w = batch.shape[-2:]

@@ -18,6 +18,7 @@ from skad._global_local import (
     iad_score,
     idw_interpolate,
     idw_weights,
+    jittered_starts,
     partial_conv2d,
     patch_starts,
 )
@@ -121,6 +122,30 @@ def test_crop_windows_and_raster_grid():
     assert torch.equal(out[0], images[1, :, 2:6, 5:9]) and torch.equal(out[1], images[0, :, :4, 3:7])
     assert patch_starts(256, 32, 16).tolist() == list(range(0, 225, 16))  # 15 per axis
     assert patch_starts(50, 32, 16).tolist() == [0, 16, 18]  # the last one ends at the border
+
+
+def test_training_positions_reach_the_raster_borders():
+    """Border and corner windows are trained as often as scoring meets them."""
+    gen = torch.Generator().manual_seed(0)
+    pos = jittered_starts(256, 32, 16, 20000, gen)
+    assert pos.min() == 0 and pos.max() == 224
+    # 15 raster starts, a border one drawn 1/15 of the time, clamped half of that
+    assert 0.02 < (pos == 0).float().mean() < 0.05
+    assert 0.02 < (pos == 224).float().mean() < 0.05
+    assert len(pos.unique()) > 200  # the jitter covers the positions between raster starts
+
+
+def test_scoring_with_another_window_than_fitted_raises(fitted, textures):
+    X = textures.images[:2]
+    try:
+        for change in ({"patch_size": 16}, {"context": 2}):
+            fitted.set_params(**change)
+            with pytest.raises(ValueError, match="patch_size and context.*fit again"):
+                fitted.decision_function(X)
+            fitted.set_params(**{k: TINY.get(k, 3) for k in change})
+    finally:
+        fitted.set_params(patch_size=TINY["patch_size"], context=3)
+    assert fitted.decision_function(X).shape == (2,)
 
 
 # ------------------------------------------------------------------ losses, stains, heads
@@ -280,6 +305,9 @@ def test_random_state_reproducible(textures):
     ({"n_epochs": 0}, "n_epochs"),
     ({"n_distill_epochs": -1}, "n_distill_epochs"),
     ({"stride": 0}, "stride"),
+    ({"stride": 4.0}, "stride"),
+    ({"patch_size": 8.0}, "patch_size"),
+    ({"context": True}, "context"),
     ({"lambda_s": -0.1}, "lambda_s"),
     ({"idw_power": 0}, "idw_power"),
 ])
