@@ -23,7 +23,7 @@ import sklearn
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
 from skad._benchmark import _maps_at
-from skad._meta_comparer import MetaComparer
+from skad import MetaComparer
 from skad.datasets import load_domains, make_textures
 from skad.metrics import evaluate
 from skad.model_selection import ReferenceScorer

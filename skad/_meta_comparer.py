@@ -426,7 +426,7 @@ class MetaComparer(BaseDetector):
 
     Examples
     --------
-    >>> from skad._meta_comparer import MetaComparer
+    >>> from skad import MetaComparer
     >>> from skad.datasets import make_textures
     >>> data = make_textures(n_domains=3, n_normal=8, n_anomalous=4, image_size=32,
     ...                      random_state=0)

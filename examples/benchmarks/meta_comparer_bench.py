@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skad import PatchCore
+from skad import MetaComparer, PatchCore
 from skad._benchmark import _draw, _evaluate, _sources, markdown_table
-from skad._meta_comparer import MetaComparer
 from skad.datasets import load_mvtec
 
 REPO = Path(__file__).resolve().parents[2]
