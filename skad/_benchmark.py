@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from ._images import resize_maps
 from .datasets import load_domains, load_mvtec
 from .metrics import evaluate
 
@@ -29,13 +30,8 @@ __all__ = ["run_benchmark", "markdown_table"]
 
 def _maps_at(maps, size):
     """Maps (list or array) resized bilinearly to ``size`` x ``size``."""
-    out = []
-    for m in maps:
-        t = torch.from_numpy(np.asarray(m, dtype=np.float32))[None, None]
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear",
-                                            align_corners=False)
-        out.append(t[0, 0].numpy())
-    return np.stack(out)
+    tensors = [torch.as_tensor(np.asarray(m, dtype=np.float32))[None] for m in maps]
+    return np.stack([resize_maps(t, [(size, size)])[0] for t in tensors])
 
 
 def _evaluate(det, test, eval_size):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backbone import create_backbone
-from ._images import gaussian_blur, upsample
+from ._images import _size2, gaussian_blur, upsample
 from ._training import (cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed,
                         train)
 from .base import BaseDetector
@@ -399,6 +399,11 @@ class GeneralAD(BaseDetector):
         self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
                                          image_size=self.image_size, norm=self.norm,
                                          random_state=seed)
+        patch = self.backbone_.strides[-1]
+        if self.backbone_.is_vit and any(side % patch for side in _size2(self.image_size)):
+            # the ViT would drop the border that does not fill a patch: maps would drift
+            raise ValueError(f"image_size={self.image_size} is not a multiple of the "
+                             f"{patch}-pixel patches of {self.backbone!r}")
         use_attention = "attention_shuffle" in kinds
         if use_attention and not self.backbone_.is_vit:
             raise ValueError(f"distortion 'attention_shuffle' needs a ViT backbone (class-token "
@@ -453,7 +458,7 @@ class GeneralAD(BaseDetector):
     def _sigma(self):
         if self.sigma is not None:
             return float(self.sigma)
-        return _SIGMA_AT_518 * float(self.image_size) / 518.0
+        return _SIGMA_AT_518 * max(_size2(self.image_size)) / 518.0
 
     def _score_batch(self, batch, maps):
         tokens = self._feature_map(batch).flatten(2).transpose(1, 2)
@@ -465,8 +470,3 @@ class GeneralAD(BaseDetector):
         grid = logits.view(len(batch), *self.feature_grid_)
         return scores, gaussian_blur(upsample(grid, self.image_size), self._sigma())
 
-    def _set_reference(self, images):
-        # the references calibrate the threshold only; nothing is retrained
-        scores = self._map_images(images, lambda b: self._score_batch(b, False)[0],
-                                  desc="reference scores")
-        return scores.numpy()

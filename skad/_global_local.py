@@ -636,12 +636,6 @@ class GlobalLocal(BaseDetector):
         return windows, mask, windows[:, :, m:m + p, m:m + p]
 
     # ----------------------------------------------------------- scoring
-    def _set_reference(self, images):
-        # the detector compares each patch with its own context, not with the
-        # references: they only calibrate the threshold
-        return self._map_images(images, lambda b: self._score_batch(b, False)[0],
-                                desc="reference scores").numpy()
-
     def _patch_scores(self, batch):
         """s_IAD and s_DAD (Eq. 11-12) of the raster-scanned patches of ``batch``, ``(B, P)`` each.
 

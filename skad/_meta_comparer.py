@@ -247,7 +247,8 @@ def episode_losses(head, patches, n_queries, y, *, reduction, n_reference_patche
     ``patches (B, h, w, D)`` holds the queries first, then the references. Maxima
     and minima over pairs are located without gradient over all pairs (chunked),
     then only the pairs reaching them are recomputed with gradient: a max's
-    gradient flows to its argmax only, so this is exact at a fraction of the memory.
+    gradient flows to its argmax only, so this is exact at a fraction of the memory (in
+    float32; under CUDA's bfloat16 autocast a near-tie may pick a neighbouring maximum).
     """
     dim = patches.shape[-1]
     q = patches[:n_queries].reshape(n_queries, -1, dim)
@@ -496,6 +497,9 @@ class MetaComparer(BaseDetector):
         n_levels = max(self.fpn_levels, len(self.layers))
         if not self.scales or any(not 0 <= s < n_levels for s in self.scales):
             raise ValueError(f"scales={self.scales} must index the {n_levels} pyramid levels")
+        if not self.hidden_sizes or any(int(h) != h or h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must hold one or more positive layer widths; "
+                             f"got {self.hidden_sizes!r}")
         if self.episode_queries < 2 or self.episode_references < 1:
             raise ValueError("episode_queries must be >= 2 (normal and anomalous) and "
                              "episode_references >= 1")
@@ -676,7 +680,9 @@ class MetaComparer(BaseDetector):
                 z = z[torch.isfinite(z)]
                 if len(z):
                     scores[i] = torch.maximum(scores[i], z.max().cpu())
-        if not torch.isfinite(scores).all():  # grids too small to exclude anything
+        # one reference whose grids are all so small (<= 2 x 2) that the 3 x 3 exclusion
+        # leaves no patch: score it against all of its own patches
+        if not torch.isfinite(scores).all():
             for qh, bank in zip(queries, self.reference_hidden_):
                 z = self._patch_values(qh[0].flatten(0, 1).to(device), bank.to(device))
                 scores[0] = torch.maximum(scores[0], z.max().cpu())

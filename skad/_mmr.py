@@ -420,12 +420,6 @@ class MMR(BaseDetector):
                          desc="MMR training")
 
     # ----------------------------------------------------------- scoring
-    def _set_reference(self, images):
-        # MMR compares each image with its own reconstruction, not with the
-        # references: they only calibrate the threshold
-        return self._map_images(images, lambda b: self._score_batch(b, False)[0],
-                                desc="reference scores").numpy()
-
     def _score_batch(self, batch, maps):
         """Eq. 2: per level 1 - cos, upsampled and summed, smoothed; score = maximum."""
         with self._autocast(batch.device):

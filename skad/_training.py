@@ -37,7 +37,10 @@ def torch_seed(seed):
     Module initialisation and dropout use torch's global generator; forking it
     keeps ``random_state`` local, as scikit-learn estimators do.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # every CUDA device is forked where there is one: torch.manual_seed also seeds CUDA
+    # (lazily, when it starts), and only a fork restores that; dropout on the GPU then
+    # draws from the seeded, forked generator too
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield torch.Generator().manual_seed(seed)

@@ -11,6 +11,8 @@ fitted state on the CPU. A detector implements three hooks:
 ``_set_reference(images)``
     Keep what scoring needs from the reference images and return their
     scores, leave-one-image-out where the references are the comparison set.
+    The default scores them with ``_score_batch`` and keeps nothing: right
+    for detectors whose references only calibrate the threshold.
 ``_score_batch(batch, maps)``
     Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
     return ``(scores (B,), maps (B, h, w) or None)``.
@@ -157,6 +159,12 @@ class BaseDetector(BaseEstimator):
             self.__dict__.update(snapshot)
             raise
         return self
+
+    def _set_reference(self, images):
+        """Default: the references' own scores, for detectors that compare an image with
+        itself (its reconstruction, its surroundings), where references only calibrate."""
+        return self._map_images(images, lambda batch: self._score_batch(batch, False)[0],
+                                desc="reference scores").numpy()
 
     # ----------------------------------------------------------- scoring
     def decision_function(self, X):

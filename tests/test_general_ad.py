@@ -233,6 +233,15 @@ def test_vit_with_every_distortion(textures):
     assert np.isfinite(det.loss_history_).all()
 
 
+def test_vit_image_size_must_fill_whole_patches(textures):
+    # test_vit has 16-pixel patches: 56 px would drop an 8-pixel border from the maps
+    det = GeneralAD(backbone="test_vit", weights=None, image_size=56, hidden_dim=32,
+                    n_epochs=1, random_state=0)
+    with pytest.raises(ValueError, match="multiple of the 16-pixel patches"):
+        det.fit(textures.images[:4])
+    assert not hasattr(det, "backbone_")
+
+
 @pytest.mark.parametrize("params,match", [
     ({"distortions": "attention_shuffle"}, "needs a ViT"),
     ({"distortions": ("noise_all", "blur")}, "distortions must name"),

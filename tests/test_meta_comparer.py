@@ -248,6 +248,8 @@ def test_input_errors(data, split):
         MetaComparer(**{**TINY, "reference_reduction": "mean"}).fit(X, y, groups=g)
     with pytest.raises(ValueError, match="scales"):
         MetaComparer(**{**TINY, "scales": (0, 7)}).fit(X, y, groups=g)
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        MetaComparer(**{**TINY, "hidden_sizes": ()}).fit(X, y, groups=g)
     with pytest.warns(UserWarning, match="left out"):
         keep = (g == g[0]) | (np.arange(len(g)) == np.flatnonzero(g != g[0])[0])
         MetaComparer(**TINY).fit(X[keep], y[keep], groups=g[keep])
