@@ -236,13 +236,16 @@ def iad_score(z_local, z_global):
 def add_stains(patches, generator, radius=(0.08, 0.3), alpha=(0.3, 1.0)):
     """Negative patches p- (Sec. 3.2): one random small stain on each patch.
 
-    A stain is a blob of random colour and opacity ``alpha``, centred in the
-    middle 60% of the patch, with a radius of ``radius`` x the patch size, a
-    random aspect ratio (1:2 to 2:1) and orientation, and a boundary wobbled
-    by three random harmonics; its edge is soft (about 1 pixel).
+    A stain is a blob of opacity ``alpha``, centred in the middle 60% of the
+    patch, with a radius of ``radius`` x the patch size, a random aspect ratio
+    (1:2 to 2:1) and orientation, and a boundary wobbled by three random
+    harmonics; its edge is soft (about 1 pixel). Its colour is the patch's own
+    mean colour moved 30-80% of the way towards black or white: on grayscale
+    images a stain of another hue would be told from the patch by its colour
+    alone, and the DAD head would learn nothing about real (grey) defects.
     """
     n, _, ph, pw = patches.shape
-    u = torch.rand(n, 12, generator=generator).to(patches.device)
+    u = torch.rand(n, 14, generator=generator).to(patches.device)
     size = min(ph, pw)
     cy, cx = (0.2 + 0.6 * u[:, 0]) * ph, (0.2 + 0.6 * u[:, 1]) * pw
     r0 = (radius[0] + (radius[1] - radius[0]) * u[:, 2]) * size
@@ -260,7 +263,9 @@ def add_stains(patches, generator, radius=(0.08, 0.3), alpha=(0.3, 1.0)):
                        for j in range(3))
     shape = torch.sigmoid((wobble * r0.view(n, 1, 1) - rho) * 2.0)  # soft edge, ~1 px
     opacity = (alpha[0] + (alpha[1] - alpha[0]) * u[:, 11]).view(n, 1, 1, 1)
-    colour = torch.rand(n, 3, 1, 1, generator=generator).to(patches)
+    tone = patches.mean(dim=(2, 3), keepdim=True)
+    target = (u[:, 12] < 0.5).to(patches).view(n, 1, 1, 1)  # black or white
+    colour = tone + (0.3 + 0.5 * u[:, 13]).view(n, 1, 1, 1) * (target - tone)
     blend = opacity * shape[:, None]
     return patches * (1 - blend) + colour * blend
 

@@ -293,8 +293,10 @@ def synthesize_anomaly(image, donor, rng):
     if kind == 0:  # a patch of another image, shifted so that its content is unrelated
         shifted = np.roll(donor, (rng.integers(h), rng.integers(w)), axis=(0, 1))
         out[mask] = shifted[mask]
-    elif kind == 1:  # a blob of coloured noise
-        noise = rng.uniform(0, 1, 3) + rng.normal(0, 0.15, (int(mask.sum()), 3))
+    elif kind == 1:  # a blob of noise, grey on grey images (a new hue would give it away)
+        grey = np.allclose(image[..., :1], image[..., 1:])
+        channels = 1 if grey else 3
+        noise = rng.uniform(0, 1, channels) + rng.normal(0, 0.15, (int(mask.sum()), channels))
         alpha = rng.uniform(0.5, 0.9)
         out[mask] = (1 - alpha) * out[mask] + alpha * noise
     else:  # a dark or bright scratch

@@ -170,6 +170,9 @@ def test_stains_are_small_random_and_seeded():
     assert torch.all(changed > 0.005) and torch.all(changed < 0.6)  # a stain, not the patch
     assert changed.std() > 0.01  # random sizes
     assert not torch.equal(a, add_stains(patches, torch.Generator().manual_seed(2)))
+    # grey patches get grey stains, darker or lighter (no new hue to spot them by)
+    assert torch.allclose(a[:, 0], a[:, 1]) and torch.allclose(a[:, 1], a[:, 2])
+    assert a.min() < 0.4 and a.max() > 0.6
 
 
 def test_dad_head_and_local_net_shapes():

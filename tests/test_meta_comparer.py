@@ -156,6 +156,14 @@ def test_synthetic_anomaly_changes_only_its_mask():
         assert out.min() >= 0 and out.max() <= 1 and not np.allclose(out[mask], 0.5)
 
 
+def test_synthetic_anomalies_on_grey_images_stay_grey():
+    rng = np.random.default_rng(1)
+    grey, donor = (np.repeat(rng.uniform(0, 1, (40, 30, 1)), 3, axis=2) for _ in range(2))
+    for _ in range(12):  # all three kinds of defect come up
+        out, _ = synthesize_anomaly(grey, donor, rng)
+        assert np.allclose(out[..., 0], out[..., 1]) and np.allclose(out[..., 1], out[..., 2])
+
+
 # ------------------------------------------------------------------ estimator
 def test_fit_reference_and_outputs(fitted, data, split):
     _, tgt = split
