@@ -27,6 +27,7 @@ from skad import MetaComparer
 from skad.datasets import load_domains, make_textures
 from skad.metrics import evaluate
 from skad.model_selection import ReferenceScorer
+from skad.viz import plot_maps
 
 N_REFERENCES = 5
 
@@ -48,33 +49,6 @@ def real(root, categories):
 
 def take(X, idx):
     return X[idx] if isinstance(X, np.ndarray) else [X[i] for i in idx]
-
-
-def save_figure(images, maps, masks, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
-        return
-    from skad._images import check_images
-
-    images = check_images(list(images))
-    fig, axes = plt.subplots(3, len(maps), figsize=(2.2 * len(maps), 6.6), squeeze=False)
-    for j, (m, mask) in enumerate(zip(maps, masks)):
-        axes[0, j].imshow(images.read(j))
-        axes[1, j].imshow(m, cmap="inferno")
-        axes[2, j].imshow(mask, cmap="gray")
-    for ax, name in zip(axes[:, 0], ("image", "map", "ground truth")):
-        ax.set_ylabel(name)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved the held-out domain's maps to {path}")
 
 
 def main(argv):
@@ -106,7 +80,12 @@ def main(argv):
     print(f"new domain {str(groups[-1])!r} with {search.best_params_}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     top = np.argsort(-scores)[:6]
-    save_figure(take(X, scored[top]), maps[top], masks[scored[top]], "meta_comparer_maps.png")
+    try:
+        plot_maps(take(X, scored[top]), maps[top], masks[scored[top]],
+                  path="meta_comparer_maps.png")
+        print("saved the maps of the 6 highest-scored images to meta_comparer_maps.png")
+    except ImportError as err:  # matplotlib is optional
+        print(err)
 
 
 if __name__ == "__main__":

@@ -19,30 +19,7 @@ import numpy as np
 from skad import GeneralAD
 from skad.datasets import make_textures
 from skad.metrics import image_roc_auc, pixel_roc_auc, pro_score
-
-
-def save_figure(images, maps, masks, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
-        return
-    fig, axes = plt.subplots(3, len(maps), figsize=(2.2 * len(maps), 6.6), squeeze=False)
-    for j in range(len(maps)):
-        axes[0, j].imshow(images[j])
-        axes[1, j].imshow(maps[j], cmap="inferno")
-        axes[2, j].imshow(masks[j], cmap="gray")
-    for ax, name in zip(axes[:, 0], ("image", "map", "ground truth")):
-        ax.set_ylabel(name)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved the maps of the 6 highest-scored test images to {path}")
+from skad.viz import plot_maps
 
 
 def main():
@@ -65,7 +42,11 @@ def main():
     print(f"image AUROC {image_roc_auc(y, scores):.3f}, pixel AUROC "
           f"{pixel_roc_auc(masks, maps):.3f}, PRO {pro_score(masks, maps):.3f}")
     top = np.argsort(-scores)[:6]
-    save_figure(X[top], maps[top], masks[top], "general_ad_maps.png")
+    try:
+        plot_maps(X[top], maps[top], masks[top], path="general_ad_maps.png")
+        print("saved the maps of the 6 highest-scored images to general_ad_maps.png")
+    except ImportError as err:  # matplotlib is optional
+        print(err)
 
 
 if __name__ == "__main__":

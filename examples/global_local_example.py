@@ -15,30 +15,7 @@ import numpy as np
 from skad import GlobalLocal
 from skad.datasets import make_textures
 from skad.metrics import evaluate
-
-
-def save_figure(images, maps, masks, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
-        return
-    fig, axes = plt.subplots(3, len(maps), figsize=(2.2 * len(maps), 6.6), squeeze=False)
-    for j in range(len(maps)):
-        axes[0, j].imshow(images[j])
-        axes[1, j].imshow(maps[j], cmap="inferno")
-        axes[2, j].imshow(masks[j], cmap="gray")
-    for ax, name in zip(axes[:, 0], ("image", "map", "ground truth")):
-        ax.set_ylabel(name)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved {len(maps)} anomaly maps to {path}")
+from skad.viz import plot_maps
 
 
 def main():
@@ -62,7 +39,11 @@ def main():
     print(f"window {det.window_size_} px; threshold {det.threshold_:.3f}; flagged "
           f"{int((scores > det.threshold_).sum())} of {len(y)} ({int(y.sum())} anomalous)")
     top = np.argsort(-scores)[:6]
-    save_figure(X[top], maps[top], masks[top], "global_local_maps.png")
+    try:
+        plot_maps(X[top], maps[top], masks[top], path="global_local_maps.png")
+        print("saved the maps of the 6 highest-scored images to global_local_maps.png")
+    except ImportError as err:  # matplotlib is optional
+        print(err)
 
 
 if __name__ == "__main__":

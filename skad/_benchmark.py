@@ -65,7 +65,9 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
     n_references : sequence of int
         ``k`` for the fewshot and domains protocols.
     seeds : sequence of int
-        Seeds of the reference draws.
+        Seeds of the reference draws; each also becomes the ``random_state`` of
+        the row's detector where that is None (0 for ``oneclass``), so that a
+        row can be reproduced.
     eval_size : int
         Masks and maps are compared at ``eval_size`` x ``eval_size`` pixels.
     log : callable
@@ -83,7 +85,7 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
             runs = [(k, s, _draw(train, k, s)) for k in n_references for s in seeds]
         trained, train_s = None, 0.0  # domains: one fit on the sources serves every draw
         for k, seed, refs in runs:
-            det = make_detector()
+            det = _seeded(make_detector(), seed)
             t0 = time.perf_counter()
             if protocol in ("oneclass", "fewshot") or getattr(det, "_reference_only", False):
                 det.fit(refs)
@@ -100,6 +102,13 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
             rows.append(row)
             log(_format_row(row))
     return rows
+
+
+def _seeded(det, seed):
+    """The row's seed also seeds the detector, unless its ``random_state`` is set already."""
+    if "random_state" in det.get_params() and det.get_params()["random_state"] is None:
+        det.set_params(random_state=0 if seed is None else seed)
+    return det
 
 
 def _sources(root, categories):

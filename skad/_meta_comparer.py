@@ -362,6 +362,13 @@ class MetaComparer(BaseDetector):
         Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2).
     rank_lambda : float, default=1.0
         The scale λ of the ranking weights in Eq. 4.
+    mismatch_ratio : float, default=0.0
+        Fraction of episodes (beyond the paper) whose references come from another
+        source domain than their queries, with every query labelled anomalous. The
+        paper's episodes can be solved by recognising defects without looking at
+        the references (a defect is a defect in any source domain); these episodes
+        reward telling a query from the references, so that the score depends on
+        them. Needs two or more source domains.
     n_epochs : int, default=10
     n_episodes : int, default=50
         Episodes (optimiser steps) per epoch.
@@ -449,8 +456,9 @@ class MetaComparer(BaseDetector):
                  train_backbone=False, image_size=256, fpn_width=64, fpn_cells=3, fpn_levels=5,
                  scales=(0, 1, 2), hidden_sizes=(64,), attention_dim=64,
                  reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
-                 rank_lambda=1.0, n_epochs=10, n_episodes=50, episode_queries=8,
-                 episode_references=4, n_reference_patches=256, n_rank_pairs=128,
+                 rank_lambda=1.0, mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
+                 episode_queries=8, episode_references=4, n_reference_patches=256,
+                 n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_lr_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
                  threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
@@ -470,6 +478,7 @@ class MetaComparer(BaseDetector):
         self.attention_weight = attention_weight
         self.rank_weight = rank_weight
         self.rank_lambda = rank_lambda
+        self.mismatch_ratio = mismatch_ratio
         self.n_epochs = n_epochs
         self.n_episodes = n_episodes
         self.episode_queries = episode_queries
@@ -502,6 +511,8 @@ class MetaComparer(BaseDetector):
         if not self.hidden_sizes or any(int(h) != h or h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must hold one or more positive layer widths; "
                              f"got {self.hidden_sizes!r}")
+        if not 0.0 <= self.mismatch_ratio <= 1.0:
+            raise ValueError(f"mismatch_ratio must be in [0, 1]; got {self.mismatch_ratio!r}")
         if self.episode_queries < 2 or self.episode_references < 1:
             raise ValueError("episode_queries must be >= 2 (normal and anomalous) and "
                              "episode_references >= 1")
@@ -595,9 +606,15 @@ class MetaComparer(BaseDetector):
             return self.backbone_(batch.to(device))
         return fetch
 
-    def _draw_episode(self, plan, rng):
-        """Paper 2.4: a source domain, balanced queries and normal references from it."""
-        normal, anomalous = plan[rng.integers(len(plan))]
+    def _draw_episode(self, plan, labels, rng):
+        """Paper 2.4: a source domain, balanced queries and normal references from it.
+
+        Returns ``(queries, references, y)``. With probability ``mismatch_ratio``
+        (beyond the paper) the references come from another domain and every
+        query is labelled anomalous: it does not match them.
+        """
+        d = rng.integers(len(plan))
+        normal, anomalous = plan[d]
         perm = rng.permutation(normal)
         n_ref = min(self.episode_references, len(normal) - 1)
         refs, rest = perm[:n_ref], perm[n_ref:]
@@ -605,7 +622,12 @@ class MetaComparer(BaseDetector):
         n_norm = self.episode_queries - n_anom
         queries = np.r_[rng.choice(rest, n_norm, replace=len(rest) < n_norm),
                         rng.choice(anomalous, n_anom, replace=len(anomalous) < n_anom)]
-        return queries, refs
+        y = labels[queries]
+        if self.mismatch_ratio > 0 and len(plan) > 1 and rng.random() < self.mismatch_ratio:
+            other = plan[(d + rng.integers(1, len(plan))) % len(plan)][0]
+            refs = rng.choice(other, min(self.episode_references, len(other)), replace=False)
+            y = np.ones_like(y)
+        return queries, refs, y
 
     def _train(self, fetch, plan, labels, rng, gen):
         device = self._device()
@@ -620,8 +642,8 @@ class MetaComparer(BaseDetector):
         sched = cosine_schedule(opt, self.n_epochs, final_ratio=0.1)
 
         def step(episode):
-            queries, refs = episode
-            y = torch.as_tensor(labels[queries], dtype=torch.float32, device=device)
+            queries, refs, y = episode
+            y = torch.as_tensor(y, dtype=torch.float32, device=device)
             loss = 0.0
             for patches in head(fetch(np.r_[queries, refs])):
                 l_cls, l_att, l_rank = episode_losses(
@@ -633,7 +655,7 @@ class MetaComparer(BaseDetector):
 
         t0 = time.perf_counter()
         history = train(module, step, n_epochs=self.n_epochs,
-                        batches=lambda epoch: [self._draw_episode(plan, rng)
+                        batches=lambda epoch: [self._draw_episode(plan, labels, rng)
                                                for _ in range(self.n_episodes)],
                         optimizer=opt, scheduler=sched, device=device, verbose=self.verbose,
                         desc="MetaComparer", grad_clip=_GRAD_CLIP)

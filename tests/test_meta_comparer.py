@@ -237,6 +237,28 @@ def test_synthetic_anomalies_for_domains_without_defects(data, split):
             data.images[normal_only], data.y[normal_only], groups=data.groups[normal_only])
 
 
+def test_mismatched_episodes_take_other_domain_references():
+    det = MetaComparer(mismatch_ratio=1.0, episode_queries=4, episode_references=3)
+    plan = [[np.arange(0, 6), np.arange(6, 9)], [np.arange(10, 16), np.arange(16, 19)]]
+    labels = np.r_[np.zeros(6), np.ones(4), np.zeros(6), np.ones(3)].astype(np.int64)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        queries, refs, y = det._draw_episode(plan, labels, rng)
+        same = (queries < 10).all() or (queries >= 10).all()
+        assert same and len(refs) == 3 and (y == 1).all()
+        assert (refs < 10).all() != (queries < 10).all()  # the references: the other domain
+    det.set_params(mismatch_ratio=0.0)
+    queries, refs, y = det._draw_episode(plan, labels, rng)
+    assert ((refs < 10) == (queries[0] < 10)).all() and y.tolist() == [0, 0, 1, 1]
+
+
+def test_mismatched_episodes_train(data, split):
+    src = split[0]
+    det = MetaComparer(**{**TINY, "mismatch_ratio": 0.5})
+    det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    assert np.isfinite(det.loss_history_).all()
+
+
 def test_train_backbone_updates_it(data, split):
     src = split[0]
     det = MetaComparer(**{**TINY, "train_backbone": True, "learning_rate": 1e-2})
@@ -258,6 +280,8 @@ def test_input_errors(data, split):
         MetaComparer(**{**TINY, "scales": (0, 7)}).fit(X, y, groups=g)
     with pytest.raises(ValueError, match="hidden_sizes"):
         MetaComparer(**{**TINY, "hidden_sizes": ()}).fit(X, y, groups=g)
+    with pytest.raises(ValueError, match="mismatch_ratio"):
+        MetaComparer(**{**TINY, "mismatch_ratio": 1.5}).fit(X, y, groups=g)
     with pytest.warns(UserWarning, match="left out"):
         keep = (g == g[0]) | (np.arange(len(g)) == np.flatnonzero(g != g[0])[0])
         MetaComparer(**TINY).fit(X[keep], y[keep], groups=g[keep])

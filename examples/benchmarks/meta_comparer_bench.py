@@ -18,7 +18,9 @@ Ablation flags: ``--no-att`` (L_att off), ``--no-rank`` (L_rank off),
 ``--no-bifpn`` (lateral 1x1 convs only), ``--train-backbone``,
 ``--anomalies synthetic`` (source anomalies replaced by synthetic ones) or
 ``both`` (synthetic added to the real ones), ``--reduction min`` (nearest
-reference patch instead of Eq. 1's max), ``--sigma`` (map smoothing).
+reference patch instead of Eq. 1's max), ``--mismatch R`` (a fraction R of the
+episodes take their references from another domain, all queries anomalous;
+beyond the paper), ``--sigma`` (map smoothing).
 """
 
 import argparse
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--ref-patches", type=int, default=1024, help="0 = all")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--reduction", choices=["max", "min"], default="max")
+    ap.add_argument("--mismatch", type=float, default=0.0,
+                    help="MetaComparer's mismatch_ratio: episodes with other-domain references")
     ap.add_argument("--no-att", action="store_true")
     ap.add_argument("--no-rank", action="store_true")
     ap.add_argument("--no-bifpn", action="store_true")
@@ -72,7 +76,8 @@ def make_meta_comparer(args):
         backbone=args.backbone, weights=args.weights, image_size=args.image_size,
         train_backbone=args.train_backbone, fpn_cells=0 if args.no_bifpn else 3,
         reference_reduction=args.reduction, attention_weight=0.0 if args.no_att else 1.0,
-        rank_weight=0.0 if args.no_rank else 1.0, n_epochs=args.epochs,
+        rank_weight=0.0 if args.no_rank else 1.0, mismatch_ratio=args.mismatch,
+        n_epochs=args.epochs,
         n_episodes=args.episodes, episode_queries=args.queries,
         episode_references=args.references, n_reference_patches=args.ref_patches or None,
         learning_rate=args.lr, synthesize_anomalies=True if args.anomalies == "both" else "auto",

@@ -151,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's")
     parser.add_argument("--skip-oneclass", action="store_true")
     parser.add_argument("--skip-shift", action="store_true")
+    parser.add_argument("--skip-patchcore", action="store_true",
+                        help="MMR only (PatchCore's numbers are in docs/benchmarks.md)")
     parser.add_argument("--verbose", type=int, default=0)
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
@@ -168,6 +170,8 @@ def main(argv=None):
                 f"{args.coreset_ratio}.")
     out = ["# MMR benchmark", "", settings, ""]
     makers = (("MMR", make_mmr), ("PatchCore", make_patchcore))
+    if args.skip_patchcore:
+        makers = makers[:1]
     if not args.skip_oneclass:
         for name, make in makers:
             rows = run_benchmark(lambda m=make: m(args), args.data, args.categories,
