@@ -368,7 +368,8 @@ class MetaComparer(BaseDetector):
         paper's episodes can be solved by recognising defects without looking at
         the references (a defect is a defect in any source domain); these episodes
         reward telling a query from the references, so that the score depends on
-        them. Needs two or more source domains.
+        them. Needs two or more source domains. Measured on one held-out fabric it
+        did not make more references help (docs/benchmarks.md).
     n_epochs : int, default=10
     n_episodes : int, default=50
         Episodes (optimiser steps) per epoch.
