@@ -71,3 +71,19 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
     assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m"),
                  "--param", "colour=1"]) == 1
     assert "has no parameter colour" in capsys.readouterr().err
+
+
+def test_benchmark_rows_are_reproducible(mvtec):
+    from skad import GeneralAD
+    from skad._benchmark import run_benchmark
+
+    def make():  # random_state left None: the row's seed seeds the detector
+        return GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,),
+                         hidden_dim=32, n_epochs=2, image_size=32)
+
+    cat = sorted(p.name for p in mvtec.iterdir())[:1]
+    runs = [run_benchmark(make, str(mvtec), cat, protocol="fewshot", n_references=(3,),
+                          seeds=(0, 1), log=lambda line: None) for _ in range(2)]
+    metrics = [[(r["image_auroc"], r["pixel_auroc"], r["pro"]) for r in rows] for rows in runs]
+    assert metrics[0] == metrics[1]
+    assert [r["seed"] for r in runs[0]] == [0, 1]
