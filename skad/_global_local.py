@@ -202,15 +202,23 @@ class DADHead(nn.Module):
     """DAD classifier C(Z*, Z_g) (Eq. 8): fully connected layers on the joined features.
 
     Returns the logit of "Z* is distorted"; ``sigmoid(logit) = 1 - C`` is s_DAD (Eq. 12).
+    ``inputs="joint"`` feeds ``[Z*, Z_g]`` (the paper); ``"difference"`` feeds
+    ``[Z* - Z_g, |Z* - Z_g|]`` (ours), which leaves the head nothing to judge but
+    how far the patch is from what its surroundings predict (see
+    :class:`GlobalLocal`, ``dad_input``).
     """
 
-    def __init__(self, embed_dim=128, hidden=128):
+    def __init__(self, embed_dim=128, hidden=128, inputs="joint"):
         super().__init__()
+        self.inputs = inputs
         self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.LeakyReLU(0.1),
                                  nn.Linear(hidden, hidden), nn.LeakyReLU(0.1),
                                  nn.Linear(hidden, 1))
 
     def forward(self, z, z_global):
+        if self.inputs == "difference":
+            d = z - z_global
+            return self.mlp(torch.cat([d, d.abs()], dim=1))[:, 0]
         return self.mlp(torch.cat([z, z_global], dim=1))[:, 0]
 
 
@@ -324,6 +332,15 @@ class GlobalLocal(BaseDetector):
         Weights of Eq. 1 and Eq. 2 in the Local-Net loss (Eq. 3).
     lambda_t : float, default=1.0
         Weight of the DAD loss in Eq. 10.
+    dad_input : {"joint", "difference"}, default="joint"
+        What the DAD head sees. ``"joint"``: ``[Z*, Z_g]``, the paper's
+        C(Z*, Z_g). ``"difference"`` (beyond the paper): ``[Z* - Z_g,
+        |Z* - Z_g|]``. With the joint input the head can tell a stained patch
+        from a clean one by the patch alone; on the AITEX fabrics it learned
+        "contrast and brightness" that way (its scores follow the patch's
+        standard deviation, Spearman 0.70) and ranked the dark real defects
+        below normal texture. The difference leaves it only the disagreement
+        with the context (docs/benchmarks.md, GlobalLocal).
     lambda_s : float, default=0.8
         Weight of s_IAD against s_DAD in the patch score (Eq. 13); read at
         scoring time, so ``set_params(lambda_s=...)`` rescores without refitting
@@ -407,7 +424,8 @@ class GlobalLocal(BaseDetector):
                  teacher_size=128, patch_size=32, stride=16, context=3.0, embed_dim=128,
                  width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
                  distill_images=None, local_net=None, n_patches=16, n_epochs=100,
-                 lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, lambda_s=0.8, lr=1e-3,
+                 lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint", lambda_s=0.8,
+                 lr=1e-3,
                  idw_neighbors=4, idw_power=2.0, image_size=256, threshold_quantile=0.99,
                  batch_size=16, device="auto", verbose=0, random_state=None):
         self.teacher = teacher
@@ -429,6 +447,7 @@ class GlobalLocal(BaseDetector):
         self.lambda_k = lambda_k
         self.lambda_c = lambda_c
         self.lambda_t = lambda_t
+        self.dad_input = dad_input
         self.lambda_s = lambda_s
         self.lr = lr
         self.idw_neighbors = idw_neighbors
@@ -458,6 +477,8 @@ class GlobalLocal(BaseDetector):
         for name in ("n_epochs", "n_patches", "n_distill_patches", "embed_dim", "width"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if self.dad_input not in ("joint", "difference"):
+            raise ValueError(f"dad_input must be 'joint' or 'difference'; got {self.dad_input!r}")
         if self.local_net is not None and not isinstance(self.local_net, LocalNet):
             raise TypeError(f"local_net must be a LocalNet (e.g. a fitted GlobalLocal's "
                             f"local_net_); got {type(self.local_net).__name__}")
@@ -508,7 +529,7 @@ class GlobalLocal(BaseDetector):
                         f"local_net decodes to {local.decoder.out_features} dimensions but "
                         f"the teacher {self.teacher!r} gives {teacher.channels[0]}")
             global_net = GlobalNet(local.project.out_features, self.width)
-            dad_head = DADHead(local.project.out_features)
+            dad_head = DADHead(local.project.out_features, inputs=self.dad_input)
         gen = torch.Generator().manual_seed(seed + 1)
         train_u8, patches, targets = self._cache(images, teacher, gen, keep_images=True)
         history = {"distill": [], "finetune": []}

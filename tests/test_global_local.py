@@ -185,6 +185,15 @@ def test_dad_head_and_local_net_shapes():
     assert DADHead(16)(local(p), local(p)).shape == (5,)
 
 
+def test_dad_head_on_differences_sees_only_the_disagreement():
+    head = DADHead(16, inputs="difference")
+    z, z_g, shift = torch.randn(5, 16), torch.randn(5, 16), torch.randn(1, 16)
+    # a patch and a context that move together look the same to it; the joint head sees them
+    torch.testing.assert_close(head(z + shift, z_g + shift), head(z, z_g))
+    joint = DADHead(16)
+    assert not torch.allclose(joint(z + shift, z_g + shift), joint(z, z_g))
+
+
 # ------------------------------------------------------------------ IDW interpolation
 def test_idw_weights_and_interpolation():
     index, weight = idw_weights(40, 36, 8, 4, 4, 2.0)
@@ -247,10 +256,12 @@ def test_scoring_in_chunks_and_other_strides(fitted, textures, monkeypatch):
     assert coarse.shape == (3, 32, 32) and not np.allclose(coarse, det.predict_map(X))
 
 
-def test_detects_synthetic_defects(textures):
+@pytest.mark.parametrize("dad_input", ["joint", "difference"])
+def test_detects_synthetic_defects(textures, dad_input):
     normal = np.flatnonzero(textures.y == 0)
     det = GlobalLocal(**{**TINY, "embed_dim": 32, "n_distill_patches": 32,
-                         "n_distill_epochs": 20, "n_finetune_epochs": 0, "n_epochs": 20})
+                         "n_distill_epochs": 20, "n_finetune_epochs": 0, "n_epochs": 20,
+                         "dad_input": dad_input})
     det.fit(textures.images[normal[:16]])
     test = np.r_[normal[16:], np.flatnonzero(textures.y == 1)]
     scores, maps = det.score_and_map(textures.images[test])
@@ -313,6 +324,7 @@ def test_random_state_reproducible(textures):
     ({"context": True}, "context"),
     ({"lambda_s": -0.1}, "lambda_s"),
     ({"idw_power": 0}, "idw_power"),
+    ({"dad_input": "sum"}, "dad_input"),
 ])
 def test_bad_parameters(textures, params, match):
     with pytest.raises(ValueError, match=match):

@@ -44,7 +44,8 @@ def make_global_local(args):
                        stride=args.stride, context=args.context,
                        n_distill_epochs=args.distill_epochs,
                        n_finetune_epochs=args.finetune_epochs, n_patches=args.n_patches,
-                       n_epochs=args.epochs, image_size=args.image_size,
+                       n_epochs=args.epochs, dad_input=args.dad_input,
+                       image_size=args.image_size,
                        batch_size=args.batch_size, device=args.device, verbose=args.verbose,
                        random_state=args.seed)
 
@@ -153,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=100, help="Global-Net and DAD head")
     parser.add_argument("--n-patches", type=int, default=16, help="per image per epoch")
+    parser.add_argument("--dad-input", choices=["joint", "difference"], default="joint",
+                        help="the DAD head's input: [Z*, Z_g] (paper) or their difference")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
