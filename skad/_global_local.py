@@ -208,6 +208,8 @@ class DADHead(nn.Module):
     :class:`GlobalLocal`, ``dad_input``).
     """
 
+    inputs = "joint"  # heads pickled before the option existed are joint
+
     def __init__(self, embed_dim=128, hidden=128, inputs="joint"):
         super().__init__()
         self.inputs = inputs
