@@ -36,11 +36,8 @@ def plot_maps(images, maps, masks=None, *, path=None, scores=None):
     4
     """
     try:
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg")  # a file is asked for: no display needed
-        import matplotlib.pyplot as plt
+        # a Figure without pyplot: no backend is switched and nothing is kept open
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError('plot_maps needs matplotlib: pip install "skad[viz]"') from err
     images = check_images(images, name="images")
@@ -49,7 +46,8 @@ def plot_maps(images, maps, masks=None, *, path=None, scores=None):
                          + ("" if masks is None else f" and {len(masks)} masks"))
     rows = 2 if masks is None else 3
     n = len(images)
-    fig, axes = plt.subplots(rows, n, figsize=(2.2 * n, 2.2 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * n, 2.2 * rows))
+    axes = fig.subplots(rows, n, squeeze=False)
     for j in range(n):
         axes[0, j].imshow(images.read(j))
         axes[1, j].imshow(np.asarray(maps[j]), cmap="inferno")
