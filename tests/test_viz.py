@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from skad.viz import plot_maps  # noqa: E402
+from skad.viz import plot_maps
 
 
 def test_plot_maps_layout_and_file(tmp_path):
