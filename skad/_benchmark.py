@@ -106,7 +106,8 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
 
 def _seeded(det, seed):
     """The row's seed also seeds the detector, unless its ``random_state`` is set already."""
-    if "random_state" in det.get_params() and det.get_params()["random_state"] is None:
+    params = det.get_params()
+    if "random_state" in params and params["random_state"] is None:
         det.set_params(random_state=0 if seed is None else seed)
     return det
 

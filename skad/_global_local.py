@@ -27,7 +27,8 @@ from ._training import train as train_loop
 from .base import BaseDetector
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
-           "distillation_loss", "compactness_loss", "iad_score", "add_stains", "crop_windows",
+           "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
+           "crop_windows",
            "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
@@ -236,6 +237,13 @@ def compactness_loss(z):
     z = (z - z.mean(dim=0)) / (z.std(dim=0, unbiased=False) + 1e-6)
     corr = z.T @ z / len(z)
     return corr.sum() - corr.diagonal().sum()
+
+
+def dad_loss(dad_head, z_clean, z_stained, z_global):
+    """Eq. 9: every patch goes to the DAD head both clean (target 0) and stained (1)."""
+    logits = dad_head(torch.cat([z_clean, z_stained]), torch.cat([z_global, z_global])).float()
+    target = torch.cat([torch.zeros(len(z_clean)), torch.ones(len(z_clean))]).to(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def iad_score(z_local, z_global):
@@ -621,25 +629,16 @@ class GlobalLocal(BaseDetector):
         local.to(device)
         opt = make_optimizer(heads, self.lr, _WEIGHT_DECAY)
         sched = cosine_schedule(opt, self.n_epochs, 0.05)
-        p, k, stride = self.patch_size, self.n_patches, int(self.stride)
-        _, _, h, w = train_u8.shape
 
         def step(idx):
-            padded, valid = self._pad(train_u8[idx].to(device).float() / 255)
-            owner = torch.arange(len(idx)).repeat_interleave(k)
-            top = jittered_starts(h, p, stride, len(owner), gen)
-            left = jittered_starts(w, p, stride, len(owner), gen)
-            windows, mask, patch = self._crop(padded, valid, owner, top, left)
+            windows, mask, patch = self._training_windows(
+                train_u8[idx].to(device).float() / 255, gen)
             with torch.no_grad():
                 z_l = local.embed(patch)
                 z_neg = local.embed(add_stains(patch, gen))
             z_g = global_net(windows, mask)
             l_iad = iad_score(z_l, z_g).mean()
-            # every patch goes to the DAD head both clean (target 0) and stained (1)
-            logits = dad_head(torch.cat([z_l, z_neg]), torch.cat([z_g, z_g])).float()
-            target = torch.cat([torch.zeros(len(z_l)), torch.ones(len(z_l))]).to(logits)
-            l_dad = F.binary_cross_entropy_with_logits(logits, target)
-            return l_iad + self.lambda_t * l_dad
+            return l_iad + self.lambda_t * dad_loss(dad_head, z_l, z_neg, z_g)
 
         n = len(train_u8)
         return train_loop(heads, step, n_epochs=int(self.n_epochs), optimizer=opt,
@@ -648,6 +647,19 @@ class GlobalLocal(BaseDetector):
                           verbose=self.verbose, desc="GlobalLocal Global-Net")
 
     # ----------------------------------------------------------- windows
+    def _training_windows(self, images, gen):
+        """Windows, masks M0 and patches at ``n_patches`` positions per image (training).
+
+        The positions are drawn around the scoring raster (:func:`jittered_starts`).
+        """
+        _, _, h, w = images.shape
+        p, stride = self.patch_size, int(self.stride)
+        padded, valid = self._pad(images)
+        owner = torch.arange(len(images)).repeat_interleave(self.n_patches)
+        top = jittered_starts(h, p, stride, len(owner), gen)
+        left = jittered_starts(w, p, stride, len(owner), gen)
+        return self._crop(padded, valid, owner, top, left)
+
     def _pad(self, images):
         """Images padded by the margin, and the validity map (0 outside the image)."""
         m = self._margin()

@@ -14,6 +14,7 @@ from skad._global_local import (
     add_stains,
     compactness_loss,
     crop_windows,
+    dad_loss,
     distillation_loss,
     iad_score,
     idw_interpolate,
@@ -159,6 +160,14 @@ def test_losses_on_hand_made_tensors():
     expected = corr.sum() - np.trace(corr)  # Eq. 2: sum over i != j
     assert compactness_loss(z).item() == pytest.approx(expected, rel=1e-3, abs=1e-3)
     assert compactness_loss(torch.cat([z[:, :1]] * 3, 1)).item() == pytest.approx(6, rel=1e-3)
+    # Eq. 9: clean patches against target 0, stained against 1; a head that outputs the
+    # first coordinate of Z* gives logits 2 (clean) and -1 (stained)
+    def head(z_star, z_global):
+        return z_star[:, 0]
+
+    clean, stained = torch.full((3, 2), 2.0), torch.full((3, 2), -1.0)
+    expected = (np.log1p(np.exp(2.0)) + np.log1p(np.exp(1.0))) / 2
+    assert dad_loss(head, clean, stained, torch.zeros(3, 2)).item() == pytest.approx(expected)
 
 
 def test_stains_are_small_random_and_seeded():

@@ -22,13 +22,12 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from skad import GlobalLocal
 from skad._benchmark import _maps_at
-from skad._global_local import DADHead, add_stains, jittered_starts, patch_starts
+from skad._global_local import DADHead, add_stains, dad_loss, patch_starts
 from skad._images import check_images, load_resized
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
@@ -53,9 +52,10 @@ def patch_table(det, test):
     starts = patch_starts(256, p, det.stride)
     rows = []
     for i in range(len(images)):
+        image = load_resized(images, i, 256)
         with torch.no_grad():
-            s_iad, s_dad = det._patch_scores(load_resized(images, i, 256)[None])
-        grey = load_resized(images, i, 256).mean(0).numpy()
+            s_iad, s_dad = det._patch_scores(image[None])
+        grey = image.mean(0).numpy()
         mask = test.masks[i] > 0
         k = 0
         for t in starts.tolist():
@@ -75,21 +75,14 @@ def retrain_dad(det, train, inputs, steps, seed=0):
     imgs = torch.stack([load_resized(images, i, 256) for i in range(len(images))])
     head = DADHead(det.local_net_.project.out_features, inputs=inputs)
     opt = torch.optim.AdamW(head.parameters(), 1e-3)
-    p, k, stride = det.patch_size, det.n_patches, int(det.stride)
     for _ in range(steps):
         idx = torch.randint(len(imgs), (16,), generator=gen)
-        padded, valid = det._pad(imgs[idx])
-        owner = torch.arange(16).repeat_interleave(k)
-        top = jittered_starts(256, p, stride, len(owner), gen)
-        left = jittered_starts(256, p, stride, len(owner), gen)
-        windows, mask, patch = det._crop(padded, valid, owner, top, left)
+        windows, mask, patch = det._training_windows(imgs[idx], gen)
         with torch.no_grad():
             z_l = det.local_net_.embed(patch)
             z_neg = det.local_net_.embed(add_stains(patch, gen))
             z_g = det.global_net_(windows, mask)
-        logits = head(torch.cat([z_l, z_neg]), torch.cat([z_g, z_g]))
-        target = torch.cat([torch.zeros(len(z_l)), torch.ones(len(z_l))])
-        loss = F.binary_cross_entropy_with_logits(logits, target)
+        loss = dad_loss(head, z_l, z_neg, z_g)
         opt.zero_grad()
         loss.backward()
         opt.step()
