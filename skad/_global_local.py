@@ -350,7 +350,7 @@ class GlobalLocal(BaseDetector):
         "contrast and brightness" that way (its scores follow the patch's
         standard deviation, Spearman 0.70) and ranked the dark real defects
         below normal texture. The difference leaves it only the disagreement
-        with the context. Over four AITEX fabrics it led on the mean, mostly
+        with the context. Over five AITEX fabrics it led on the mean, mostly
         through one of them, so the default stays the paper's
         (docs/benchmarks.md, GlobalLocal).
     lambda_s : float, default=0.8
