@@ -28,8 +28,7 @@ from .base import BaseDetector
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
-           "crop_windows",
-           "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate"]
+           "crop_windows", "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
 _CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
@@ -437,8 +436,7 @@ class GlobalLocal(BaseDetector):
                  width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
                  distill_images=None, local_net=None, n_patches=16, n_epochs=100,
                  lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint", lambda_s=0.8,
-                 lr=1e-3,
-                 idw_neighbors=4, idw_power=2.0, image_size=256, threshold_quantile=0.99,
+                 lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256, threshold_quantile=0.99,
                  batch_size=16, device="auto", verbose=0, random_state=None):
         self.teacher = teacher
         self.teacher_weights = teacher_weights

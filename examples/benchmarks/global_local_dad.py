@@ -29,6 +29,8 @@ from skad import GlobalLocal
 from skad._benchmark import _maps_at
 from skad._global_local import DADHead, add_stains, dad_loss, patch_starts
 from skad._images import check_images, load_resized
+from skad._training import torch_seed
+from skad._training import train as train_loop
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
@@ -46,13 +48,16 @@ def fit_or_load(args, train):
 
 
 def patch_table(det, test):
-    """Per raster patch: defect fraction, s_IAD, s_DAD, grey std and mean, normal image."""
+    """Per raster patch: defect fraction, s_IAD, s_DAD, grey std and mean, normal image.
+
+    ``test.masks`` must be at the detector's ``image_size``.
+    """
     images = check_images(list(test.paths))
-    p = det.patch_size
-    starts = patch_starts(256, p, det.stride)
+    p, size = det.patch_size, det.image_size
+    starts = patch_starts(size, p, det.stride)
     rows = []
     for i in range(len(images)):
-        image = load_resized(images, i, 256)
+        image = load_resized(images, i, size)
         with torch.no_grad():
             s_iad, s_dad = det._patch_scores(image[None])
         grey = image.mean(0).numpy()
@@ -68,24 +73,29 @@ def patch_table(det, test):
 
 
 def retrain_dad(det, train, inputs, steps, seed=0):
-    """A new DAD head trained ``steps`` steps on the fitted, frozen Local-Net and Global-Net."""
+    """A new DAD head trained ``steps`` steps on the fitted, frozen Local-Net and Global-Net.
+
+    One epoch of ``steps`` batches of 16 images drawn with replacement, plain AdamW
+    (lr 1e-3), through skad's shared training loop.
+    """
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     images = check_images(train)
-    imgs = torch.stack([load_resized(images, i, 256) for i in range(len(images))])
-    head = DADHead(det.local_net_.project.out_features, inputs=inputs)
-    opt = torch.optim.AdamW(head.parameters(), 1e-3)
-    for _ in range(steps):
-        idx = torch.randint(len(imgs), (16,), generator=gen)
+    imgs = torch.stack([load_resized(images, i, det.image_size) for i in range(len(images))])
+    with torch_seed(seed):
+        head = DADHead(det.local_net_.project.out_features, inputs=inputs)
+
+    def step(idx):
         windows, mask, patch = det._training_windows(imgs[idx], gen)
         with torch.no_grad():
             z_l = det.local_net_.embed(patch)
             z_neg = det.local_net_.embed(add_stains(patch, gen))
             z_g = det.global_net_(windows, mask)
-        loss = dad_loss(head, z_l, z_neg, z_g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return dad_loss(head, z_l, z_neg, z_g)
+
+    train_loop(head, step, n_epochs=1, optimizer=torch.optim.AdamW(head.parameters(), 1e-3),
+               batches=lambda epoch: (torch.randint(len(imgs), (16,), generator=gen)
+                                      for _ in range(steps)),
+               device=torch.device("cpu"), desc="DAD head")
     return head.eval()
 
 
@@ -101,8 +111,9 @@ def main(argv=None):
         print(f"global_local_dad: {args.data}/{args.category} not found; nothing to do")
         return 0
     train = load_mvtec(args.data, args.category, "train").paths
-    test = load_mvtec(args.data, args.category, "test", return_masks=True, mask_size=256)
     det = fit_or_load(args, train)
+    test = load_mvtec(args.data, args.category, "test", return_masks=True,
+                      mask_size=det.image_size)
 
     r = patch_table(det, test)
     defect, normal = r[:, 0] > 0.1, r[:, 5] == 1
@@ -120,7 +131,7 @@ def main(argv=None):
                          else retrain_dad(det, train, inputs, args.steps))
         for lam in (0.0, 0.8):
             s, m = det.set_params(lambda_s=lam).score_and_map(test.paths)
-            res = evaluate(test.y, s, test.masks, _maps_at(m, 256))
+            res = evaluate(test.y, s, test.masks, _maps_at(m, det.image_size))
             print(f"DAD head {inputs}, lambda_s {lam}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
     return 0
