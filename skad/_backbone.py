@@ -37,6 +37,17 @@ _OFFLINE_PACKAGES = {
 }
 # weights of these packages expect mean = std = 0.5 (NOTES.md)
 _OFFLINE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# weights that the authors' released code loads and timm has no tag for:
+# "model.tag" -> (the timm model whose architecture and preprocessing they fit, URL).
+# Downloaded into torch hub's checkpoint folder, where they are found offline afterwards.
+EXTRA_WEIGHTS = {
+    # MMR's released configs load MAE's "visualize" ViT-B/16 checkpoint, not the
+    # "pretrain" checkpoint that timm calls `vit_base_patch16_224.mae`
+    "vit_base_patch16_224.mae_visualize": (
+        "vit_base_patch16_224.mae",
+        "https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_base.pth",
+    ),
+}
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -110,10 +121,40 @@ def _cached_hub_file(model_name):
             if isinstance(hit, str) and os.path.isfile(hit):
                 return hit
     if cfg.url:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        path = _hub_checkpoint(cfg.url)
         if os.path.isfile(path):
             return path
     return None
+
+
+def _hub_checkpoint(url):
+    """Where torch hub keeps (or would keep) the file at ``url``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _downloads_disabled():
+    return bool(os.environ.get("SKAD_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"))
+
+
+def _extra_weights_file(full_name):
+    """The local file of an :data:`EXTRA_WEIGHTS` entry, downloaded first if needed."""
+    url = EXTRA_WEIGHTS[full_name][1]
+    path = _hub_checkpoint(url)
+    if os.path.isfile(path):
+        return path
+    if _downloads_disabled():
+        raise WeightsNotFoundError(
+            f"no local weights for {full_name!r} and downloads are disabled (SKAD_OFFLINE/"
+            f"HF_HUB_OFFLINE is set): download {url} into {os.path.dirname(path)}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path)
+    except Exception as exc:  # network errors come in many types
+        raise WeightsNotFoundError(
+            f"could not download the weights of {full_name!r} from {url} "
+            f"({type(exc).__name__}: {exc}); download the file into "
+            f"{os.path.dirname(path)} by hand") from exc
+    return path
 
 
 def _load_state(path):
@@ -133,9 +174,9 @@ def resolve_weights(model_name, weights):
         A timm model name, optionally with a pretrained tag (``"resnet18.a1_in1k"``).
     weights : {"pretrained"} or str or path-like or None
         ``"pretrained"``: timm's default pretrained tag for the model; another
-        string that is not a file: a timm pretrained tag (``"tv_in1k"``); an
-        existing file: a checkpoint; ``None``: random initialisation (returns
-        ``(None, "random")``).
+        string that is not a file: a timm pretrained tag (``"tv_in1k"``) or a
+        tag of :data:`EXTRA_WEIGHTS` (``"mae_visualize"``); an existing file: a
+        checkpoint; ``None``: random initialisation (returns ``(None, "random")``).
 
     Returns
     -------
@@ -164,10 +205,13 @@ def resolve_weights(model_name, weights):
         except ImportError:
             pass
     full = f"{arch}.{tag}" if tag else arch
+    if full in EXTRA_WEIGHTS:
+        path = _extra_weights_file(full)
+        return _load_state(path), path
     hit = _cached_hub_file(full)
     if hit is not None:
         return _load_state(hit), hit
-    if os.environ.get("SKAD_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
+    if _downloads_disabled():
         raise WeightsNotFoundError(
             f"no local weights for {full!r} and downloads are disabled (SKAD_OFFLINE/"
             f"HF_HUB_OFFLINE is set).\n{_how_to_supply(full)}"
@@ -202,6 +246,7 @@ def _create_model(model_name, weights, **kwargs):
     if isinstance(weights, str) and weights not in ("pretrained",) and not os.path.isfile(weights):
         tag = weights
     name = f"{arch}.{tag}" if tag else arch
+    name = EXTRA_WEIGHTS.get(name, (name,))[0]  # the architecture those weights fit
     if source == "timm-download":
         try:
             return timm.create_model(name, pretrained=True, **kwargs), source

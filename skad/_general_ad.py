@@ -28,8 +28,9 @@ __all__ = ["GeneralAD", "Discriminator", "distort", "balanced_bce", "top_k_mean"
            "DISTORTIONS"]
 
 DISTORTIONS = ("noise_all", "noise_random", "attention_shuffle", "random_shuffle")
-# the paper's sigma of 16 px belongs to 518 px images; it scales with the image
+# the released smoothing at 518 px: sigma 16, the kernel cut at 18 px
 _SIGMA_AT_518 = 16.0
+_RADIUS_AT_518 = 18.0
 
 
 # ---------------------------------------------------------------- discriminator
@@ -44,6 +45,11 @@ class PatchAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # initialised as torch's MultiheadAttention, which the released discriminator uses:
+        # xavier-uniform input projections, zero biases
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         b, n, d = x.shape
@@ -432,7 +438,9 @@ class GeneralAD(BaseDetector):
         attention = attention.to(device) if attention is not None else None
         # the distortions draw on the compute device, from their own seeded generator
         dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
-        opt = make_optimizer(self.discriminator_, self.lr, self.weight_decay)
+        # weight decay on every parameter, norms and biases too, as the released AdamW
+        opt = make_optimizer(self.discriminator_, self.lr, self.weight_decay,
+                             decay_norm_and_bias=True)
         sched = cosine_schedule(opt, self.n_epochs, self.lr_final_ratio)
 
         def step(idx):
@@ -450,15 +458,21 @@ class GeneralAD(BaseDetector):
             return sum(balanced_bce(lg, m) for lg, m in zip(logits, masks))
 
         return train(self.discriminator_, step, n_epochs=self.n_epochs,
-                     batches=lambda epoch: iter_minibatches(len(feats), self.batch_size, gen),
+                     batches=lambda epoch: iter_minibatches(len(feats), self.batch_size, gen,
+                                                            drop_last=True),
                      optimizer=opt, scheduler=sched, device=device, verbose=self.verbose,
                      desc="GeneralAD discriminator")
 
     # ------------------------------------------------------------ scoring (§3.4)
-    def _sigma(self):
-        if self.sigma is not None:
-            return float(self.sigma)
-        return _SIGMA_AT_518 * max(_size2(self.image_size)) / 518.0
+    def _smoothing(self):
+        """Gaussian sigma of the maps and its kernel radius, in pixels at ``image_size``.
+
+        The released 16 px at 518 px, scaled with the image, cut at the released
+        18 / 16 sigma (scipy's default would be 4 sigma).
+        """
+        sigma = (_SIGMA_AT_518 * max(_size2(self.image_size)) / 518.0 if self.sigma is None
+                 else float(self.sigma))
+        return sigma, max(1, round(sigma * _RADIUS_AT_518 / _SIGMA_AT_518))
 
     def _score_batch(self, batch, maps):
         tokens = self._feature_map(batch).flatten(2).transpose(1, 2)
@@ -468,5 +482,5 @@ class GeneralAD(BaseDetector):
         if not maps:
             return scores, None
         grid = logits.view(len(batch), *self.feature_grid_)
-        return scores, gaussian_blur(upsample(grid, self.image_size), self._sigma())
+        return scores, gaussian_blur(upsample(grid, self.image_size), *self._smoothing())
 

@@ -293,9 +293,11 @@ class GlobalLocal(BaseDetector):
 
     Parameters
     ----------
-    teacher : str, default="resnet18"
-        Frozen timm CNN the Local-Net is distilled from (the paper's ImageNet
-        ResNet-18; ``"tf_efficientnet_lite0"`` has offline weights). Used in
+    teacher : str, default="resnet18.tv_in1k"
+        Frozen timm CNN the Local-Net is distilled from, optionally with its
+        pretrained tag: the paper's ImageNet ResNet-18, with torchvision's weights
+        (the paper does not say which; timm's default tag for ``resnet18`` is another
+        training recipe); ``"tf_efficientnet_lite0"`` has offline weights. Used in
         ``fit`` only; it is not kept.
     teacher_weights : "pretrained", str, path-like or None, default="pretrained"
         The teacher's weights (see :func:`skad._backbone.resolve_weights`).
@@ -431,7 +433,7 @@ class GlobalLocal(BaseDetector):
     (2, 32, 32)
     """
 
-    def __init__(self, teacher="resnet18", teacher_weights="pretrained", teacher_layer=-1,
+    def __init__(self, teacher="resnet18.tv_in1k", teacher_weights="pretrained", teacher_layer=-1,
                  teacher_size=128, patch_size=32, stride=16, context=3.0, embed_dim=128,
                  width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
                  distill_images=None, local_net=None, n_patches=16, n_epochs=100,

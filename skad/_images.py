@@ -264,24 +264,36 @@ def progress(iterable, *, total=None, desc="", verbose=0):
 
 
 
-def gaussian_blur(maps, sigma):
-    """Gaussian smoothing of maps ``(B, h, w)`` (separable, reflect padding, 4 sigma wide)."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(4.0 * sigma + 0.5))
-    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
+def _blur_axis(maps, sigma, radius, dim):
+    """1-D Gaussian along ``dim``, the map reflected about its edge (scipy's "reflect")."""
+    radius = min(radius, maps.shape[dim])  # one reflection at most: tiny maps only
     if radius < 1:
         return maps
     x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-    return out[:, 0]
+    size = maps.shape[dim]
+    padded = torch.cat([maps.narrow(dim, 0, radius).flip(dim), maps,
+                        maps.narrow(dim, size - radius, radius).flip(dim)], dim=dim)
+    shape = [1, 1, 1, 1]
+    shape[dim + 1] = -1  # dim counts in (B, h, w); the conv sees (B, 1, h, w)
+    return F.conv2d(padded[:, None], kernel.view(shape))[:, 0]
 
 
-def upsample(maps, size):
+def gaussian_blur(maps, sigma, radius=None):
+    """Gaussian smoothing of maps ``(B, h, w)``, as ``scipy.ndimage.gaussian_filter``.
+
+    The same separable kernel (``radius`` cells each side; ``int(4 sigma + 0.5)`` by
+    default, scipy's ``truncate=4``) and borders reflected about the edge (scipy's
+    default ``mode="reflect"``), which the reference implementations smooth with.
+    """
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5) if radius is None else int(radius)
+    return _blur_axis(_blur_axis(maps, sigma, radius, 2), sigma, radius, 1)
+
+
+def upsample(maps, size, align_corners=False):
     """Bilinear resize of maps ``(B, h, w)`` to ``size`` (int or (H, W))."""
     return F.interpolate(maps[:, None].float(), size=_size2(size), mode="bilinear",
-                         align_corners=False)[:, 0]
+                         align_corners=align_corners)[:, 0]

@@ -330,8 +330,11 @@ class MetaComparer(BaseDetector):
 
     Parameters
     ----------
-    backbone : str, default="resnet18"
-        timm CNN with ``features_only`` support (the paper's ImageNet ResNet-18).
+    backbone : str, default="resnet18.tv_in1k"
+        timm CNN with ``features_only`` support, optionally with its pretrained tag:
+        the paper's ImageNet ResNet-18, with torchvision's weights (the paper does not
+        say which; torchvision's were the usual ones in 2022, timm's default tag for
+        ``resnet18`` is another training recipe).
     weights : "pretrained", str, path-like or None, default="pretrained"
         Backbone weights: timm's pretrained tag, another tag, a checkpoint
         file, or None (random; tests only). Resolved offline first.
@@ -453,7 +456,7 @@ class MetaComparer(BaseDetector):
 
     _one_class = False
 
-    def __init__(self, backbone="resnet18", weights="pretrained", layers=(2, 3, 4),
+    def __init__(self, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
                  train_backbone=False, image_size=256, fpn_width=64, fpn_cells=3, fpn_levels=5,
                  scales=(0, 1, 2), hidden_sizes=(64,), attention_dim=64,
                  reference_reduction="max", attention_weight=1.0, rank_weight=1.0,

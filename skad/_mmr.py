@@ -208,16 +208,21 @@ class MMR(BaseDetector):
 
     Parameters
     ----------
-    teacher : str, default="wide_resnet50_2"
-        Frozen timm CNN whose features are reconstructed (the paper's
-        WideResNet-50-2; ``"tf_efficientnet_lite0"`` has offline weights).
+    teacher : str, default="wide_resnet50_2.tv_in1k"
+        Frozen timm CNN whose features are reconstructed, optionally with its
+        pretrained tag (the paper's WideResNet-50-2 with torchvision's ImageNet
+        weights, as the released code loads it; ``"tf_efficientnet_lite0"`` has
+        offline weights).
     teacher_weights : "pretrained", str, path-like or None, default="pretrained"
         The teacher's weights (see :func:`skad._backbone.resolve_weights`).
     teacher_layers : tuple of int, default=(1, 2, 3)
         Teacher levels (``features_only`` indices; ResNets: layer1-3, strides
         4/8/16; ``tf_efficientnet_lite0``: also strides 4/8/16).
-    student : str, default="vit_base_patch16_224.mae"
-        timm ViT of the student (the paper's MAE-pretrained ViT-B/16).
+    student : str, default="vit_base_patch16_224.mae_visualize"
+        timm ViT of the student, optionally with its pretrained tag: the paper's
+        MAE ViT-B/16 with the MAE "visualize" checkpoint that the released configs
+        load (see :data:`skad._backbone.EXTRA_WEIGHTS`; timm's ``.mae`` tag is
+        MAE's "pretrain" checkpoint).
     student_weights : "pretrained", str, path-like or None, default="pretrained"
         The student's initial weights; None trains it from scratch (the paper's
         Table 7 ablation), with fixed sin-cos encoder position embeddings.
@@ -302,8 +307,8 @@ class MMR(BaseDetector):
     (2, 32, 32)
     """
 
-    def __init__(self, teacher="wide_resnet50_2", teacher_weights="pretrained",
-                 teacher_layers=(1, 2, 3), student="vit_base_patch16_224.mae",
+    def __init__(self, teacher="wide_resnet50_2.tv_in1k", teacher_weights="pretrained",
+                 teacher_layers=(1, 2, 3), student="vit_base_patch16_224.mae_visualize",
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
                  n_epochs=200, lr=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  lr_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True, sigma=4.0,
@@ -426,7 +431,8 @@ class MMR(BaseDetector):
             target = self.teacher_(batch)
             pred = self.student_(batch, 0.0, None, [t.shape[-2:] for t in target])
         dist = cosine_distance_maps(pred, target)
-        amap = sum(upsample(d, self.image_size) for d in dist)
+        # align_corners=True as in the released code's map upsampling
+        amap = sum(upsample(d, self.image_size, align_corners=True) for d in dist)
         amap = gaussian_blur(amap, self.sigma)
         return amap.flatten(1).amax(dim=1), (amap if maps else None)
 

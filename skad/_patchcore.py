@@ -69,8 +69,9 @@ class PatchCore(BaseDetector):
 
     Parameters
     ----------
-    backbone : str, default="wide_resnet50_2"
-        timm CNN (the paper's WideResNet-50-2).
+    backbone : str, default="wide_resnet50_2.tv_in1k"
+        timm CNN, optionally with its pretrained tag: the paper's WideResNet-50-2 with
+        torchvision's ImageNet weights, as the authors' code loads it.
     weights : "pretrained", str, path-like or None, default="pretrained"
         Backbone weights: timm's pretrained tag, another tag, a checkpoint file,
         or None (random; tests only). Resolved offline first.
@@ -132,7 +133,7 @@ class PatchCore(BaseDetector):
     # fit learns nothing beyond the memory bank, which set_reference rebuilds
     _reference_only = True
 
-    def __init__(self, backbone="wide_resnet50_2", weights="pretrained", layers=(2, 3),
+    def __init__(self, backbone="wide_resnet50_2.tv_in1k", weights="pretrained", layers=(2, 3),
                  image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
                  sigma=4.0, threshold_quantile=0.99, batch_size=16, device="auto",
                  verbose=0, random_state=None):
@@ -163,7 +164,10 @@ class PatchCore(BaseDetector):
         size = levels[0].shape[-2:]
         out = []
         for f in levels:
-            f = F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=False)
+            # zero padding counts in the average, as in the authors' code (unfold with zero
+            # padding) and anomalib; averaging the border cells over fewer neighbours made
+            # them the noisiest patches and set the image score (docs/methods/patchcore.md)
+            f = F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=True)
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             out.append(f)

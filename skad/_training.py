@@ -46,12 +46,17 @@ def torch_seed(seed):
         yield torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999)):
-    """AdamW with weight decay on weight matrices/kernels only, not on norms and biases."""
+def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999), *,
+                   decay_norm_and_bias=False):
+    """AdamW; weight decay on weight matrices and kernels only, unless ``decay_norm_and_bias``.
+
+    Without decay on norms and biases (parameters of one dimension) is timm's grouping,
+    which MMR's released code uses; GeneralAD's decays every parameter.
+    """
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
+            (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
@@ -66,10 +71,16 @@ def cosine_schedule(optimizer, n_epochs, final_ratio=0.0):
 
 
 def warmup_step_schedule(optimizer, n_warmup, milestones=(), gamma=0.1):
-    """Linear warm-up over ``n_warmup`` epochs, then x ``gamma`` at each milestone epoch."""
+    """Linear warm-up from 0 over ``n_warmup`` epochs, then x ``gamma`` from each milestone.
+
+    As MMR's released schedule: epoch ``e`` (from 0) runs at ``e / n_warmup`` of the base
+    rate while ``e < n_warmup`` (the first epoch at 0), and the rate is divided at the end
+    of the epoch numbered ``m`` counting from 1 (``e + 1 >= m``).
+    """
     def factor(epoch):
-        warm = min((epoch + 1) / n_warmup, 1.0) if n_warmup > 0 else 1.0
-        return warm * gamma ** sum(epoch >= m for m in milestones)
+        if epoch < n_warmup:
+            return epoch / n_warmup
+        return gamma ** sum(epoch + 1 >= m for m in milestones)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -99,3 +99,25 @@ def test_vit_checkpoint_at_another_image_size(tmp_path):
     (grid,) = bb(torch.rand(1, 3, 64, 64))
     assert grid.shape[-2:] == (4, 4)
     assert torch.equal(bb.model.patch_embed.proj.weight, model.patch_embed.proj.weight)
+
+
+def test_extra_weights_found_in_torch_hub_offline(tmp_path, monkeypatch):
+    """Weights timm has no tag for (MMR's MAE "visualize" checkpoint) come from their URL's
+    file in torch hub's checkpoint folder; with downloads off and no file, the error says
+    where to put it."""
+    import skad._backbone as bb
+
+    url = "https://example.invalid/weights/fake_visualize.pth"
+    monkeypatch.setitem(bb.EXTRA_WEIGHTS, "test_vit.fake_visualize", ("test_vit", url))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("SKAD_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="fake_visualize.pth"):
+        create_backbone("test_vit", "fake_visualize", layers=(-1,))
+    source = timm.create_model("test_vit", pretrained=False)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"model": source.state_dict()}, tmp_path / "checkpoints" / "fake_visualize.pth")
+    vit = create_backbone("test_vit", "fake_visualize", layers=(-1,))
+    assert torch.equal(vit.model.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    # the architecture and preprocessing are the named timm model's
+    assert vit.model.pretrained_cfg["architecture"] == "test_vit"
+    assert "vit_base_patch16_224.mae_visualize" in bb.EXTRA_WEIGHTS

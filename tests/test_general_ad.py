@@ -71,6 +71,36 @@ def test_positional_embedding_breaks_permutation_equivariance():
     torch.testing.assert_close(disc(x[:, perm]), disc(x)[:, perm], rtol=1e-4, atol=1e-5)
 
 
+def test_initialised_and_trained_as_released():
+    """Attention projections as torch's MultiheadAttention initialises them; AdamW decays
+    every parameter; the last partial batch is dropped."""
+    from skad._general_ad import PatchAttention
+
+    attn = PatchAttention(dim=32, n_heads=4)
+    bound = math.sqrt(6 / (32 + 96))  # xavier-uniform of the (96, 32) in-projection
+    assert attn.qkv.weight.abs().max() <= bound and attn.qkv.weight.abs().max() > 0.9 * bound
+    assert not attn.qkv.bias.any() and not attn.proj.bias.any()
+    det = GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), image_size=32,
+                    hidden_dim=16, n_epochs=1, batch_size=4, random_state=0)
+    steps = []
+    from skad import _general_ad
+
+    original = _general_ad.make_optimizer
+
+    def spy(module, *args, **kwargs):
+        opt = original(module, *args, **kwargs)
+        steps.append(opt)
+        return opt
+    images = np.random.default_rng(0).random((10, 32, 32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_general_ad, "make_optimizer", spy)
+        det.fit(images)
+    (opt,) = steps
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {id(p) for p in det.discriminator_.parameters()} == decayed
+    assert opt.state[det.discriminator_.head.weight]["step"] == 2  # 10 images, batches of 4
+
+
 def test_heads_must_divide_the_token_dimension():
     with pytest.raises(ValueError, match="divisible"):
         Discriminator(dim=10, n_patches=4, n_heads=4)
@@ -192,7 +222,9 @@ def test_fit_and_outputs(textures):
     assert len(det.loss_history_) == 2 and det.reference_scores_.shape == (10,)
     scores, maps = det.score_and_map(textures.images)
     assert scores.shape == (30,) and maps.shape == (30, 64, 64)
-    assert det._sigma() == pytest.approx(16 * 64 / 518)
+    # the released smoothing (sigma 16, radius 18 at 518 px), scaled to 64 px
+    sigma, radius = det._smoothing()
+    assert sigma == pytest.approx(16 * 64 / 518) and radius == 2
     # the score is Eq. 5 on the discriminator's patch logits
     feats = det._feature_map(torch.stack([torch.from_numpy(textures.images[i]).permute(2, 0, 1)
                                           .float() / 255 for i in range(3)]))

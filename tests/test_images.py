@@ -86,8 +86,9 @@ def test_resize_maps_and_blur():
     from scipy.ndimage import gaussian_filter
 
     rand = torch.rand(2, 20, 24)
-    blurred = gaussian_blur(rand, 1.5)
-    # torch's "reflect" padding is scipy's "mirror"
-    expected = np.stack([gaussian_filter(m, 1.5, mode="mirror", truncate=4.0)
-                         for m in rand.numpy().astype(np.float64)])
-    np.testing.assert_allclose(blurred.numpy(), expected, atol=1e-5)
+    # scipy's default ("reflect") borders and radius, and a radius given (GeneralAD's)
+    for sigma, radius in ((1.5, None), (4.0, None), (3.0, 4)):
+        blurred = gaussian_blur(rand, sigma, radius)
+        expected = np.stack([gaussian_filter(m, sigma, radius=radius)
+                             for m in rand.numpy().astype(np.float64)])
+        np.testing.assert_allclose(blurred.numpy(), expected, atol=1e-5)

@@ -118,6 +118,24 @@ def test_loss_and_maps_on_hand_made_features():
     assert reconstruction_loss(mixed, t).item() == pytest.approx(0.5)
 
 
+def test_schedule_is_the_released_one():
+    """Warm-up from 0 (epoch e at e/50 of the rate), then / 10 from the epochs numbered
+    120 and 160 counting from 1 (mmr_adjust_learning_rate in the released code)."""
+    from skad._training import warmup_step_schedule
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_step_schedule(opt, 50, (120, 160), 0.1)
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0 and lrs[1] == pytest.approx(1 / 50) and lrs[49] == pytest.approx(0.98)
+    assert lrs[50] == lrs[118] == 1.0
+    assert lrs[119] == lrs[158] == pytest.approx(0.1)
+    assert lrs[159] == lrs[199] == pytest.approx(0.01)
+
+
 def test_random_resized_crop_flip():
     x = torch.rand(4, 3, 16, 16)
     same = random_resized_crop_flip(x, None, False, torch.Generator().manual_seed(0))
