@@ -124,7 +124,7 @@ def _decode(path):
 
 
 def _scale_to_depth(arr, depth, path):
-    """Integer samples of a declared depth -> a dtype of :data:`_FULL_SCALE`, or float32 in [0, 1]."""
+    """Integer samples of a declared depth -> a :data:`_FULL_SCALE` dtype, or float32 in [0, 1]."""
     bits, signed = depth
     kind = "i" if signed else "u"
     if arr.dtype.kind != kind and 8 * arr.dtype.itemsize == bits:

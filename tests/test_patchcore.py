@@ -140,8 +140,8 @@ def test_degenerate_references_give_a_finite_threshold_or_say_what_is_needed(
 
 
 @pytest.mark.parametrize("n_references, params, match", [
-    (2, {"coreset_ratio": 1e-9}, r"bank's 1 patches all come from reference image \d.*Raise "
-                                 r"coreset_ratio \(now 1e-09\).*at least 2 of the 2"),
+    (2, {"coreset_ratio": 1e-9}, (r"bank's 1 patches all come from reference image \d.*Raise "
+                                  r"coreset_ratio \(now 1e-09\).*at least 2 of the 2")),
     (1, {"image_size": 8}, r"one reference image with a 1 x 1 patch grid.*at least 2 reference"),
     (1, {"image_size": 16}, r"one reference image with a 2 x 2 patch grid"),
 ])
