@@ -44,6 +44,11 @@ def _describe(item):
     return f"an object of type {type(item).__name__}"
 
 
+def _full_scale(dtype):
+    """The :data:`_FULL_SCALE` value of ``dtype`` in either byte order, or None."""
+    return _FULL_SCALE.get(dtype.newbyteorder("="))
+
+
 def _check_array(img, where):
     """Validate one image array (2-D, or 3-D channels last) and return it."""
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
@@ -53,7 +58,7 @@ def _check_array(img, where):
         )
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ValueError(f"{where} is empty (shape {img.shape})")
-    if img.dtype in _FULL_SCALE:
+    if _full_scale(img.dtype) is not None:
         return img
     if not np.issubdtype(img.dtype, np.floating):
         raise TypeError(
@@ -75,7 +80,7 @@ def _check_array(img, where):
 
 def _to_float_rgb(img):
     """Image array (H, W[, C]) -> float32 (H, W, 3) in [0, 1]; grey is repeated, alpha dropped."""
-    scale = _FULL_SCALE.get(img.dtype)
+    scale = _full_scale(img.dtype)
     img = img.astype(np.float32)
     if scale is not None:
         img /= scale
@@ -119,7 +124,6 @@ def _decode(path):
             arr = np.asarray(im.convert(mode) if mode != im.mode else im)
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # "I;16B" decodes big-endian
     return (arr[..., :-1] if mode in _ALPHA_MODES else arr), depth
 
 
@@ -131,7 +135,7 @@ def _scale_to_depth(arr, depth, path):
         # Pillow keeps the bit pattern of signed 8-bit and unsigned 32-bit samples
         arr = arr.view(f"{kind}{arr.dtype.itemsize}")
     full = 2 ** (bits - signed) - 1
-    if _FULL_SCALE.get(arr.dtype) == full:
+    if _full_scale(arr.dtype) == full:
         return arr
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0:
@@ -155,7 +159,7 @@ def _read_file(path):
     arr, depth = _decode(path)
     if depth is not None:
         return _scale_to_depth(arr, depth, os.fspath(path))
-    if arr.dtype not in _FULL_SCALE and arr.dtype.kind in "iu":
+    if _full_scale(arr.dtype) is None and arr.dtype.kind in "iu":
         raise ValueError(
             f"image file {os.fspath(path)!r} holds {8 * arr.dtype.itemsize}-bit integer "
             "samples without a declared bit depth, so their range is unknown: save it as 8- "

@@ -152,7 +152,8 @@ def _save_atomic(obj, path):
 def _load_model(path):
     """The detector saved in the model file ``path``."""
     if not Path(path).is_file():
-        raise CLIError(f"model file {path} does not exist")
+        problem = "is not a file" if Path(path).exists() else "does not exist"
+        raise CLIError(f"model file {path} {problem}")
     try:
         det = joblib.load(path)
     except Exception as exc:  # unpickling a truncated or foreign file can raise anything
@@ -483,7 +484,7 @@ def main(argv=None):
     with _log_to_stderr(args.verbose):
         try:
             return args.func(args) or 0
-        except (CLIError, ValueError, TypeError, OSError, RuntimeError,
+        except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
                 FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
             print(f"skad: error: {exc}", file=sys.stderr)
             return 1

@@ -63,6 +63,7 @@ def test_benchmark_prints_a_table(mvtec, capsys):
     (["fit", "--train", "/nonexistent", "--out", "x.joblib"], "not a folder"),
     (["fit", "--method", "nope", "--train", ".", "--out", "x"], "unknown method"),
     (["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"], "does not exist"),
+    (["score", "--model", "/", "--images", ".", "--out", "r"], "/ is not a file"),
     (["benchmark", "--data", "/nonexistent"], "does not exist"),
 ])
 def test_errors_are_one_line_with_status_1(argv, message, capsys):

@@ -205,6 +205,7 @@ def test_multi_frame_files_read_their_first_frame(tmp_path):
 
 @pytest.mark.parametrize("array, expected", [
     (np.array([[0, 65535]], np.uint16), [0.0, 1.0]),
+    (np.array([[0, 65535]], ">u2"), [0.0, 1.0]),  # big-endian, as FITS and raw dumps hold it
     (np.array([[False, True]]), [0.0, 1.0]),
     (np.array([[0, 255]], np.uint8), [0.0, 1.0]),
     (np.array([[0.0, 0.5]], np.float16), [0.0, 0.5]),
@@ -214,7 +215,8 @@ def test_arrays_read_by_dtype(array, expected):
         np.testing.assert_allclose(check_images(X).read(0)[0, :, 0], expected)
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.uint32, np.complex64])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.uint32, np.complex64,
+                                   object])
 def test_arrays_of_no_fixed_range_are_refused(dtype):
     X = [np.zeros((4, 4), np.uint8), np.zeros((4, 4), dtype)]
     with pytest.raises(TypeError, match=rf"X\[1\] has dtype {np.dtype(dtype)}.*X.astype"):
