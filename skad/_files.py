@@ -29,8 +29,10 @@ _DEBRIS_NAMES = frozenset({
     "@recycle", "@recently-snapshot",                # QNAP
     "lost+found", "__pycache__",
 })
-# Office and other editors' lock files and temporaries ("~$report.docx")
+# hidden names, and the lock files and temporaries of Office ("~$report.docx")
 _DEBRIS_PREFIXES = (".", "~$")
+# names shown per folder in a log line
+_N_LOGGED = 10
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,12 @@ def is_debris(name):
     return name.startswith(_DEBRIS_PREFIXES) or name.lower() in _DEBRIS_NAMES
 
 
+def _some(names):
+    """``names`` joined for a log line, the first ``_N_LOGGED`` of them."""
+    more = f", ... ({len(names) - _N_LOGGED} more)" if len(names) > _N_LOGGED else ""
+    return ", ".join(names[:_N_LOGGED]) + more
+
+
 def _entries(folder):
     """The entries of ``folder`` that may be data, sorted by name; the rest is logged."""
     with os.scandir(folder) as it:
@@ -53,7 +61,7 @@ def _entries(folder):
     skipped = [e.name for e in entries if is_debris(e.name)]
     if skipped:
         logger.info("skipped %d hidden or system entries in %s: %s", len(skipped), folder,
-                    ", ".join(skipped))
+                    _some(skipped))
     return [e for e in entries if not is_debris(e.name)]
 
 
@@ -127,5 +135,5 @@ def list_images(folder, *, recursive=False, exclude=()):
             others.append(entry.name)
     if others:
         logger.info("ignored %d files in %s that are not images (%s): %s", len(others), folder,
-                    " ".join(IMAGE_EXTENSIONS), ", ".join(others))
+                    " ".join(IMAGE_EXTENSIONS), _some(others))
     return images
