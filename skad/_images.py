@@ -15,18 +15,38 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["ImageSet", "check_images", "check_labels", "iter_batches", "resize_maps", "progress",
-           "gaussian_blur", "upsample"]
+__all__ = ["ImageSet", "check_images", "check_labels", "displayed_size", "iter_batches",
+           "read_mask", "resize_maps", "progress", "gaussian_blur", "upsample"]
 
 _PATH_TYPES = (str, os.PathLike)
+
+# The value that reads as 1.0, per integer dtype: arrays of these dtypes, and image
+# files that decode to them, are divided by it whatever their content.
+_FULL_SCALE = {np.dtype(np.bool_): 1, np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+# Pillow modes read through another one, so that only grey or colour values of a fixed
+# range are left: palettes become their colours, other colour spaces RGB, premultiplied
+# alpha is undone (alpha is then dropped).
+_CONVERT = {"P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
+            "HSV": "RGB", "RGBX": "RGB", "RGBa": "RGBA", "La": "LA"}
+_ALPHA_MODES = ("LA", "RGBA")
+# Grey modes whose samples Pillow keeps as the file stores them, so that the bit depth
+# the file declares gives their range (Pillow itself scales 1- to 4-bit samples to 8 bits).
+_STORED_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+# what Pillow raises for a file it cannot decode
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _describe(item):
     if isinstance(item, np.ndarray):
         return f"an array of shape {item.shape} and dtype {item.dtype}"
     return f"an object of type {type(item).__name__}"
+
+
+def _full_scale(dtype):
+    """The :data:`_FULL_SCALE` value of ``dtype`` in either byte order, or None."""
+    return _FULL_SCALE.get(dtype.newbyteorder("="))
 
 
 def _check_array(img, where):
@@ -38,11 +58,13 @@ def _check_array(img, where):
         )
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ValueError(f"{where} is empty (shape {img.shape})")
-    if img.dtype == np.uint8:
+    if _full_scale(img.dtype) is not None:
         return img
-    if img.dtype == np.bool_ or not np.issubdtype(img.dtype, np.floating):
+    if not np.issubdtype(img.dtype, np.floating):
         raise TypeError(
-            f"{where} has dtype {img.dtype}; expected uint8 in [0, 255] or float in [0, 1]"
+            f"{where} has dtype {img.dtype}; expected uint8 (0-255), uint16 (0-65535), bool "
+            "or float in [0, 1]. Other integer dtypes have no fixed range: convert, e.g. "
+            "X.astype(np.uint8) for 0-255 values or X / 4095 for 12-bit values"
         )
     if not np.isfinite(img).all():
         raise ValueError(f"{where} contains NaN or infinite values")
@@ -50,14 +72,18 @@ def _check_array(img, where):
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"{where} is float with values in [{lo:.3g}, {hi:.3g}]; float images must lie "
-            "in [0, 1] (divide uint16 or 0-255 floats accordingly)"
+            "in [0, 1]: divide by the full-scale value of the data (65535 for 16-bit, 255 "
+            "for 0-255 values), or rescale from the sensor's known range"
         )
     return img
 
 
 def _to_float_rgb(img):
-    """uint8/float (H, W[, C]) -> float32 (H, W, 3) in [0, 1]; grey is repeated, alpha dropped."""
-    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    """Image array (H, W[, C]) -> float32 (H, W, 3) in [0, 1]; grey is repeated, alpha dropped."""
+    scale = _full_scale(img.dtype)
+    img = img.astype(np.float32)
+    if scale is not None:
+        img /= scale
     if img.ndim == 2:
         img = img[:, :, None]
     if img.shape[2] == 4:
@@ -67,15 +93,118 @@ def _to_float_rgb(img):
     return img
 
 
-def _read_file(path):
+def _unreadable(path, exc):
+    return ValueError(f"cannot read image file {os.fspath(path)!r}: {exc}")
+
+
+def _declared_depth(im):
+    """``(bits, signed)`` of a grey image's samples as its file declares them, or None."""
+    if im.mode not in _STORED_MODES:
+        return None
+    if hasattr(im, "tag_v2"):  # TIFF: BitsPerSample and SampleFormat (2: signed integers)
+        bits = im.tag_v2.get(258, (1,))[0]
+        return (bits, im.tag_v2.get(339, (1,))[0] == 2) if bits >= 8 else None
+    if im.format == "PPM" and im.mode == "I":
+        return 16, False  # Pillow rescales PGM samples of 9 to 16 bits to 16 bits
+    return None
+
+
+def _decode(path):
+    """The first frame of an image file as it is displayed, without alpha.
+
+    Returns ``(array, depth)``: the array (H, W[, C]) as Pillow decodes the mode
+    (after :data:`_CONVERT`), EXIF orientation applied; ``depth`` as
+    :func:`_declared_depth`.
+    """
     try:
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                return np.clip(arr / (65535.0 if arr.max() > 255 else 255.0), 0, 1)
-            return np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image file {os.fspath(path)!r}: {exc}") from exc
+            depth = _declared_depth(im)  # before the transpose, which drops the TIFF tags
+            ImageOps.exif_transpose(im, in_place=True)
+            mode = _CONVERT.get(im.mode, im.mode)
+            arr = np.asarray(im.convert(mode) if mode != im.mode else im)
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    return (arr[..., :-1] if mode in _ALPHA_MODES else arr), depth
+
+
+def _scale_to_depth(arr, depth, path):
+    """Integer samples of a declared depth -> a :data:`_FULL_SCALE` dtype, or float32 in [0, 1]."""
+    bits, signed = depth
+    kind = "i" if signed else "u"
+    if arr.dtype.kind != kind and 8 * arr.dtype.itemsize == bits:
+        # Pillow keeps the bit pattern of signed 8-bit and unsigned 32-bit samples
+        arr = arr.view(f"{kind}{arr.dtype.itemsize}")
+    full = 2 ** (bits - signed) - 1
+    if _full_scale(arr.dtype) == full:
+        return arr
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0:
+        raise ValueError(
+            f"image file {path!r} holds negative values (down to {lo}) in signed {bits}-bit "
+            "samples; images are read as intensities from 0 to full scale: save it unsigned "
+            "or as float in [0, 1]"
+        )
+    if hi > full:
+        raise ValueError(f"image file {path!r} holds values up to {hi}, beyond the {bits}-bit "
+                         "range its header declares")
+    return (arr / full).astype(np.float32)
+
+
+def _read_file(path):
+    """Image file -> array (H, W) or (H, W, C) read at its mode's fixed range.
+
+    Integers of the file's own depth come back in a dtype of :data:`_FULL_SCALE`
+    (or as float32 in [0, 1] for other depths), floats as stored.
+    """
+    arr, depth = _decode(path)
+    if depth is not None:
+        return _scale_to_depth(arr, depth, os.fspath(path))
+    if _full_scale(arr.dtype) is None and arr.dtype.kind in "iu":
+        raise ValueError(
+            f"image file {os.fspath(path)!r} holds {8 * arr.dtype.itemsize}-bit integer "
+            "samples without a declared bit depth, so their range is unknown: save it as 8- "
+            "or 16-bit PNG or TIFF, or as float TIFF in [0, 1]"
+        )
+    return arr
+
+
+def displayed_size(path):
+    """``(height, width)`` of an image file as it is displayed (EXIF orientation applied).
+
+    Read from the header; Pillow decodes a PNG file without EXIF before its
+    pixel data, since the EXIF chunk may follow them.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            # Pillow's TIFF reader turns the picture itself, and its size is the displayed one
+            turned = not hasattr(im, "tag_v2") and (
+                im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8))
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    # orientations 5 to 8 turn the picture by a quarter
+    return (width, height) if turned else (height, width)
+
+
+def read_mask(path):
+    """A ground-truth mask file as a boolean array (H, W): any nonzero pixel is a defect.
+
+    Read like an image (first frame, as displayed, palettes as their colours,
+    alpha dropped), so that 0/255, 0/1 and class-index masks (defects coded 1,
+    2, 3, ...) of any mode agree with :mod:`skad.metrics`.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read.
+    """
+    arr = _decode(path)[0]
+    return (arr != 0).any(axis=2) if arr.ndim == 3 else arr != 0
 
 
 class ImageSet:
@@ -83,12 +212,16 @@ class ImageSet:
 
     Build it with :func:`check_images`. ``read(i)`` returns image ``i`` as a
     float32 array ``(height, width, 3)`` in [0, 1]; ``size(i)`` returns its
-    ``(height, width)`` without decoding pixels where it can.
+    ``(height, width)`` as displayed, from the last ``read(i)`` or else from
+    the file's header (see :func:`displayed_size`).
     """
 
     def __init__(self, items, name="X"):
         self._items = items
         self.name = name
+        # sizes of files already decoded: maps are resized to them right after
+        # scoring, without opening the file again
+        self._read_sizes = {}
 
     def __len__(self):
         return len(self._items)
@@ -103,17 +236,16 @@ class ImageSet:
         item = self._items[i]
         if isinstance(item, _PATH_TYPES):
             item = _check_array(_read_file(item), self._where(i))
+            self._read_sizes[i] = item.shape[:2]
         return _to_float_rgb(item)
 
     def size(self, i):
         item = self._items[i]
-        if isinstance(item, _PATH_TYPES):
-            try:
-                with Image.open(item) as im:
-                    return im.size[1], im.size[0]
-            except OSError as exc:
-                raise ValueError(f"cannot read image file {os.fspath(item)!r}: {exc}") from exc
-        return item.shape[0], item.shape[1]
+        if not isinstance(item, _PATH_TYPES):
+            return item.shape[0], item.shape[1]
+        if i not in self._read_sizes:
+            self._read_sizes[i] = displayed_size(item)
+        return self._read_sizes[i]
 
     def sizes(self):
         return [self.size(i) for i in range(len(self))]
@@ -130,9 +262,13 @@ def check_images(X, *, name="X"):
     ----------
     X : ndarray, list of ndarray or list of path-like
         ``(n_samples, height, width)`` or ``(n_samples, height, width,
-        n_channels)`` uint8 in [0, 255] or float in [0, 1]; or a list of 2-D /
-        3-D such arrays of possibly different sizes; or a list of image file
-        paths (read lazily). An :class:`ImageSet` passes through.
+        n_channels)`` with 1, 3 or 4 channels (alpha is dropped), read by
+        dtype: uint8 / 255, uint16 / 65535, bool as 0 and 1, float as is (it
+        must lie in [0, 1]); other dtypes are refused. Or a list of 2-D / 3-D
+        such arrays of possibly different sizes; or a list of image file paths,
+        read lazily at the fixed range of their mode (see ``docs/usage.md``),
+        first frame, EXIF orientation applied. An :class:`ImageSet` passes
+        through.
     name : str, default="X"
         The argument's name, used in error messages.
 
@@ -163,7 +299,7 @@ def check_images(X, *, name="X"):
         if len(X) == 0:
             raise ValueError(f"{name} is empty: at least one image is required")
         _check_array(X[0], f"{name}[0]")  # dtype and shape once for the whole array
-        if X.dtype != np.uint8:
+        if X.dtype.kind == "f":  # the value range, image by image
             for i in range(len(X)):
                 _check_array(X[i], f"{name}[{i}]")
         return ImageSet(list(X), name)

@@ -687,7 +687,8 @@ class MetaComparer(BaseDetector):
         """Each reference scored against the other references' patches (Eq. 5).
 
         With a single reference, a patch is scored without the reference
-        patches of its own 3 x 3 neighbourhood instead.
+        patches of its own 3 x 3 neighbourhood instead; patches with none left
+        outside it do not count.
         """
         device = self._device()
         n = len(queries[0])
@@ -708,12 +709,15 @@ class MetaComparer(BaseDetector):
                 z = z[torch.isfinite(z)]
                 if len(z):
                     scores[i] = torch.maximum(scores[i], z.max().cpu())
-        # one reference whose grids are all so small (<= 2 x 2) that the 3 x 3 exclusion
-        # leaves no patch: score it against all of its own patches
         if not torch.isfinite(scores).all():
-            for qh, bank in zip(queries, self.reference_hidden_):
-                z = self._patch_values(qh[0].flatten(0, 1).to(device), bank.to(device))
-                scores[0] = torch.maximum(scores[0], z.max().cpu())
+            # scoring the reference against its own patches would calibrate on self-matches
+            grids = ", ".join(f"{qh.shape[1]} x {qh.shape[2]}" for qh in queries)
+            raise ValueError(
+                "MetaComparer cannot calibrate threshold_ on one reference image with patch "
+                f"grids of {grids}: every reference patch lies in the 3 x 3 neighbourhood of "
+                "every patch, so the image would be scored against itself. Pass at least 2 "
+                "reference images (or raise image_size)"
+            )
         return scores.numpy()
 
     def _score_batch(self, batch, maps):

@@ -191,10 +191,11 @@ class PatchCore(BaseDetector):
         return self._leave_one_out_scores(feats)
 
     def _leave_one_out_scores(self, feats):
-        """Each reference scored against the bank without its own patches.
+        """Each reference scored against the bank without its own patches (Eq. 7 included).
 
-        With a single reference there is no other image: the patch's own
-        3 x 3 neighbourhood (which shares its averaged features) is left out.
+        With a single reference there is no other image: a patch is scored
+        without the bank patches of its own 3 x 3 neighbourhood (which share its
+        averaged features), and patches with none left outside it do not count.
         """
         device = self._device()
         bank = self.memory_bank_.to(device)
@@ -214,22 +215,46 @@ class PatchCore(BaseDetector):
                     return (((qp[:, None] // w) - (pos[None] // w)).abs() <= 1) & (
                         ((qp[:, None] % w) - (pos[None] % w)).abs() <= 1)
             dist, idx = nearest(q, bank, excluded)
+            if not torch.isfinite(dist).any():
+                raise ValueError(self._no_leave_one_out(i, len(feats)))
             scores.append(self._image_score(q, dist, idx, bank, excluded=excluded))
         return torch.stack(scores).cpu().numpy()
 
+    def _no_leave_one_out(self, i, n_references):
+        """Why reference ``i`` cannot be scored without its own patches, and what to change."""
+        h, w = self.feature_grid_
+        if n_references == 1:
+            return (
+                f"PatchCore cannot calibrate threshold_ on one reference image with a {h} x {w} "
+                f"patch grid and {len(self.memory_bank_)} bank patches: every bank patch lies in "
+                "the 3 x 3 neighbourhood of every patch, so the image would be scored against "
+                "itself. Pass at least 2 reference images (or raise image_size or coreset_ratio)"
+            )
+        return (
+            f"PatchCore cannot calibrate threshold_: the memory bank's {len(self.memory_bank_)} "
+            f"patches all come from reference image {i}, which then has no other image's patch "
+            f"to be scored against. Raise coreset_ratio (now {self.coreset_ratio}) so that the "
+            f"bank keeps patches of at least 2 of the {n_references} reference images"
+        )
+
     def _image_score(self, q, dist, idx, bank, excluded=None):
-        """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density."""
-        j = torch.argmax(dist)
+        """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
+
+        For leave-one-out scores, ``excluded`` leaves the image's own bank patches
+        out of the neighbourhood ``N_b(m*)`` as well as out of the nearest-neighbour
+        search; patches without any bank patch (distance inf) do not count.
+        """
+        j = torch.argmax(torch.where(torch.isfinite(dist), dist, -torch.inf))
         s_star = dist[j]
-        b = min(self.n_reweight, len(bank))
-        if b < 2:
-            return s_star
-        # the b nearest bank neighbours of m* (m* first: its own nearest)
+        # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
         m_star = bank[idx[j]][None]
         d_bank = torch.cdist(m_star, bank)[0]
         if excluded is not None:
             d_bank = d_bank.masked_fill(excluded(slice(int(j), int(j) + 1))[0], float("inf"))
             d_bank[idx[j]] = 0.0
+        b = min(self.n_reweight, int(torch.isfinite(d_bank).sum()))
+        if b < 2:
+            return s_star
         support = torch.topk(d_bank, b, largest=False).indices
         d_support = torch.cdist(q[j][None], bank[support])[0]
         weight = 1.0 - torch.softmax(d_support, dim=0)[0]

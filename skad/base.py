@@ -25,10 +25,10 @@ import warnings
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.metrics import roc_auc_score
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import check_images, check_labels, iter_batches, resize_maps
+from .metrics import _check_image_labels, image_roc_auc
 
 __all__ = ["BaseDetector", "resolve_device"]
 
@@ -198,10 +198,18 @@ class BaseDetector(BaseEstimator):
         return (self.decision_function(X) > self.threshold_).astype(np.int64)
 
     def score(self, X, y):
-        """Image-level ROC AUC of ``decision_function(X)`` against ``y`` (1 = anomalous)."""
+        """Image-level ROC AUC of ``decision_function(X)`` against ``y`` (1 = anomalous).
+
+        Raises
+        ------
+        ValueError
+            If ``y`` does not hold both classes (as
+            :func:`skad.metrics.image_roc_auc`), before any image is scored.
+        """
         images = check_images(X)
         y = check_labels(y, len(images))
-        return float(roc_auc_score(y, self.decision_function(images)))
+        _check_image_labels(y)
+        return image_roc_auc(y, self.decision_function(images))
 
     def _predict(self, X, maps):
         self._check_ready()

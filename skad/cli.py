@@ -5,16 +5,23 @@
     skad demo
     skad benchmark --method patchcore --data ROOT --protocol oneclass
 
-Errors are printed as one line (``skad: error: ...``) with exit status 1;
-``--verbose`` shows progress of long work on stderr.
+Exit status: 0 when all went well; 1 with one line ``skad: error: ...`` on
+stderr for anything that stopped the command; 2 for a wrong command line; 3
+when ``skad score`` finished but some images could not be read (their rows in
+``scores.csv`` say why); 130 when interrupted. ``--verbose`` shows progress of
+long work, and what folder listings skipped, on stderr.
 """
 
 import argparse
+import contextlib
 import csv
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +30,10 @@ import numpy as np
 
 import skad
 
-from ._images import check_images
+from ._files import IMAGE_EXTENSIONS, is_debris
+from ._files import list_images as _list_images
+from ._images import ImageSet, check_images, progress
+from .datasets import _find_categories
 
 __all__ = ["main"]
 
@@ -46,7 +56,11 @@ OFFLINE = {
     "generalad": {"backbone": "tf_efficientnet_lite0", "layers": [3], "image_size": 256},
     "globallocal": {"teacher": "tf_efficientnet_lite0", "image_size": 256},
 }
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# status of a `skad score` run that kept going past unreadable images
+EXIT_UNREADABLE = 3
+# overlay names keep this much of the image's name (UTF-8 bytes), far below the
+# 255-byte limit of file names
+_MAX_STEM_BYTES = 120
 
 
 class CLIError(Exception):
@@ -89,14 +103,18 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0)
     return det.set_params(**settings)
 
 
-def list_images(folder):
-    """Image files below ``folder``, sorted."""
+def list_images(folder, exclude=()):
+    """Image files below ``folder`` (subfolders too) as str, sorted; at least one.
+
+    Hidden entries and system debris are left out (see :mod:`skad._files`), and
+    so are the paths in ``exclude``.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CLIError(f"{folder} is not a folder")
-    paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = [str(p) for p in _list_images(folder, recursive=True, exclude=exclude)]
     if not paths:
-        raise CLIError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+        raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return paths
 
 
@@ -105,9 +123,7 @@ def _training_set(folder):
     folder = Path(folder)
     if (folder / "train" / "good").is_dir():
         return list_images(folder / "train" / "good"), None, None
-    categories = sorted(p.name for p in folder.iterdir()
-                        if (p / "train").is_dir() and (p / "test").is_dir()) \
-        if folder.is_dir() else []
+    categories = _find_categories(folder) if folder.is_dir() else []
     if categories:
         train = skad.datasets.load_domains(folder, categories, "train")
         test = skad.datasets.load_domains(folder, categories, "test")
@@ -117,17 +133,35 @@ def _training_set(folder):
 
 
 def _save_atomic(obj, path):
-    """joblib.dump through a temporary file, so no half-written model is ever left."""
+    """joblib.dump through a temporary file, so no half-written model is ever left.
+
+    The file is created like any other, with the user's umask (tempfile's are
+    private, mode 0600), under a hidden name that no listing takes for data.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        joblib.dump(obj, tmp)
+        with open(tmp, "xb") as fh:
+            joblib.dump(obj, fh)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def _load_model(path):
+    """The detector saved in the model file ``path``."""
+    if not Path(path).is_file():
+        problem = "is not a file" if Path(path).exists() else "does not exist"
+        raise CLIError(f"model file {path} {problem}")
+    try:
+        det = joblib.load(path)
+    except Exception as exc:  # unpickling a truncated or foreign file can raise anything
+        raise CLIError(f"cannot load model file {path}: {type(exc).__name__}: {exc} (is it a "
+                       "complete file written by skad fit?)") from exc
+    if not isinstance(det, skad.BaseDetector):
+        raise CLIError(f"model file {path} holds a {type(det).__name__}, not a skad detector")
+    return det
 
 
 def cmd_fit(args):
@@ -163,43 +197,161 @@ def overlay(image, amap, lo, hi, alpha=0.5):
     return Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
 
 
-def write_results(det, images, names, scores, maps, out):
-    """``scores.csv`` and an overlay PNG per image under ``out``.
+def colour_range(threshold):
+    """The map values an overlay draws from blue to red: ``threshold`` is mid-ramp.
 
-    Maps of all images share one colour scale (the run's minimum to maximum),
-    so a quiet map looks quiet.
+    The range is fixed by the model, not by the images of a run, so that every
+    overlay of every run can be compared and a quiet map looks quiet.
+    """
+    half = abs(threshold) or 1.0
+    return threshold - half, threshold + half
+
+
+def _map_name(index, path):
+    """``{index:06d}_{stem}.png``: unique in its run and valid on any file system.
+
+    Characters Windows forbids become "_"; a stem longer than ``_MAX_STEM_BYTES``
+    is cut and followed by a short hash of the whole name.
+    """
+    # undecodable bytes (surrogate escapes) become U+FFFD: valid Unicode everywhere
+    stem = os.fsencode(Path(path).stem).decode("utf-8", "replace")
+    stem = re.sub(r'[\x00-\x1f<>:"/\\|?*]', "_", stem).rstrip(". ")
+    raw = stem.encode()
+    if len(raw) > _MAX_STEM_BYTES:
+        digest = hashlib.sha256(raw).hexdigest()[:8]
+        stem = raw[:_MAX_STEM_BYTES].decode("utf-8", "ignore") + "-" + digest
+    return f"{index:06d}_{stem}.png"
+
+
+def _previous_outputs(csv_path):
+    """The overlay files a run recorded in its ``scores.csv`` (plain names only)."""
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as fh:
+        names = [row.get("map") for row in csv.DictReader(fh)]
+    return [n for n in names if n and n == Path(n).name and n not in (".", "..")]
+
+
+def prepare_output(out, *, overwrite=False):
+    """Make ``out`` ready for one run's results, never mixed with another run's.
+
+    ``out`` must be new or empty (hidden entries and system debris aside).
+    With ``overwrite``, the files a previous run recorded in its
+    ``scores.csv`` are removed first; other files are left alone.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = (scores > det.threshold_).astype(int)
-    lo = min(float(np.min(m)) for m in maps)
-    hi = max(float(np.max(m)) for m in maps)
-    rows = []
-    for i, (name, score, label, amap) in enumerate(zip(names, scores, labels, maps)):
-        png = f"{i:05d}_{Path(name).stem}.png"
-        overlay(images.read(i), amap, lo, hi).save(out / png)
-        rows.append((name, f"{score:.6g}", int(label), png))
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "score", "label", "map"])
-        writer.writerows(rows)
-    return out / "scores.csv"
+    if not any(not is_debris(p.name) for p in out.iterdir()):
+        return out
+    previous = out / "scores.csv"
+    if not overwrite:
+        held = " holds a previous run's results" if previous.is_file() else " is not empty"
+        raise CLIError(f"{out}{held}: choose a new or empty folder, or pass --overwrite to "
+                       "replace the files a previous run wrote there")
+    if previous.is_file():
+        for name in _previous_outputs(previous):
+            (out / name).unlink(missing_ok=True)
+        previous.unlink()
+    return out
+
+
+class Results:
+    """``scores.csv`` and one overlay PNG per image under ``out``, written as they come.
+
+    Each row is flushed when written, so an interrupted run keeps what it has
+    scored, and ``scores.csv`` lists every file the run wrote (see
+    :func:`prepare_output`). Columns: ``path``, ``score``, ``label`` (1 above
+    the threshold), ``map`` (the overlay's file name) and ``error`` (why the
+    image could not be scored; the other columns are then empty).
+    """
+
+    def __init__(self, out, threshold):
+        self.out = Path(out)
+        self.threshold = threshold
+        self.lo, self.hi = colour_range(threshold)
+        self.n_scored = self.n_above = self.n_failed = 0
+        self.csv_path = self.out / "scores.csv"
+        # open for the whole run (closed by __exit__); a file name that is not valid
+        # Unicode is written with backslash escapes, keeping the table valid UTF-8
+        self._fh = open(  # noqa: SIM115
+            self.csv_path, "w", newline="", encoding="utf-8", errors="backslashreplace")
+        self._writer = csv.writer(self._fh)
+        self._write("path", "score", "label", "map", "error")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+    def _write(self, *row):
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def add(self, path, score, amap, image):
+        """One scored image: its overlay, then its row."""
+        name = _map_name(self.n_scored + self.n_failed, path)
+        overlay(image, amap, self.lo, self.hi).save(self.out / name)
+        label = int(score > self.threshold)
+        self._write(path, f"{score:.6g}", label, name, "")
+        self.n_scored += 1
+        self.n_above += label
+
+    def add_error(self, path, message):
+        """One image that could not be scored."""
+        self._write(path, "", "", "", message)
+        self.n_failed += 1
+
+
+def _score_chunk(det, images, paths, indices, results):
+    """Score the images at ``indices``; the unreadable ones become error rows.
+
+    Each file is decoded once: the arrays that decode are scored together, so
+    that one bad file does not fail the others.
+    """
+    decoded, errors = {}, {}
+    for i in indices:
+        try:
+            decoded[i] = images.read(i)
+        except ValueError as exc:
+            errors[i] = str(exc)
+    scored = {}
+    if decoded:
+        scores, maps = det.score_and_map(list(decoded.values()))
+        scored = dict(zip(decoded, zip(scores, maps)))
+    for i in indices:
+        if i in errors:
+            results.add_error(paths[i], errors[i])
+        else:
+            results.add(paths[i], *scored[i], decoded[i])
 
 
 def cmd_score(args):
-    if not Path(args.model).is_file():
-        raise CLIError(f"model file {args.model} does not exist")
-    det = joblib.load(args.model)
+    det = _load_model(args.model)
     det.set_params(device=args.device, verbose=args.verbose)
     if args.reference:
         det.set_reference(list_images(args.reference))
-    paths = list_images(args.images)
-    images = check_images(paths)
-    scores, maps = det.score_and_map(images)
-    csv_path = write_results(det, images, paths, scores, maps, args.out)
-    n_bad = int((scores > det.threshold_).sum())
-    print(f"scored {len(paths)} images: {n_bad} above the threshold {det.threshold_:.4g}; "
-          f"results in {csv_path}")
+    if not hasattr(det, "threshold_"):
+        raise CLIError(f"the model in {args.model} has no reference: pass --reference with a "
+                       "folder of good images of the parts to score")
+    out = Path(args.out)
+    if out.resolve() == Path(args.images).resolve():
+        raise CLIError("--out must not be the --images folder: the overlays would be scored "
+                       "as images by the next run")
+    # a results folder (or the model) inside the images folder is never scored
+    paths = list_images(args.images, exclude=(out, args.model))
+    prepare_output(out, overwrite=args.overwrite)
+    # read lazily and scored a batch at a time: memory holds one chunk's images and maps
+    images = ImageSet(paths, "images")
+    size = det.batch_size
+    chunks = [range(k, min(k + size, len(paths))) for k in range(0, len(paths), size)]
+    det.set_params(verbose=0)  # one progress line for the run, not one per chunk
+    with Results(out, det.threshold_) as results:
+        for chunk in progress(chunks, desc="scoring", verbose=args.verbose):
+            _score_chunk(det, images, paths, chunk, results)
+    failed = (f"; {results.n_failed} could not be read (see the error column)"
+              if results.n_failed else "")
+    print(f"scored {results.n_scored} of {len(paths)} images: {results.n_above} above the "
+          f"threshold {det.threshold_:.4g}{failed}; results in {results.csv_path}")
+    return EXIT_UNREADABLE if results.n_failed else 0
 
 
 def cmd_demo(args):
@@ -224,8 +376,10 @@ def cmd_demo(args):
         print(f"| {domain} | {res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} | "
               f"{res['pro']:.3f} |")
         images = check_images(data.images[test])
-        write_results(det, images, [f"{domain}_{i}" for i in test], scores, maps,
-                      out / domain)
+        # the demo's results are its own: a new run replaces the previous one's
+        with Results(prepare_output(out / domain, overwrite=True), det.threshold_) as results:
+            for k, (i, score, amap) in enumerate(zip(test, scores, maps)):
+                results.add(f"{domain}_{i}", score, amap, images.read(k))
     print(f"overlays and scores.csv per domain in {out}/")
 
 
@@ -235,8 +389,7 @@ def cmd_benchmark(args):
     root = Path(args.data)
     if not root.is_dir():
         raise CLIError(f"data folder {root} does not exist")
-    categories = args.categories or sorted(
-        p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    categories = args.categories or _find_categories(root)
     if not categories:
         raise CLIError(f"no MVTec-layout categories (with train/ and test/) in {root}")
 
@@ -279,9 +432,15 @@ def _parser():
 
     sp = sub.add_parser("score", help="score images with a saved detector")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--images", required=True, help="folder of images to score")
+    sp.add_argument("--images", required=True,
+                    help="folder of images to score (subfolders too)")
     sp.add_argument("--reference", help="folder of normal images of the target domain")
-    sp.add_argument("--out", required=True, help="results folder")
+    sp.add_argument("--out", required=True,
+                    help="results folder: scores.csv and one overlay PNG per image; new or "
+                         "empty unless --overwrite")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the files a previous run wrote to --out (listed in its "
+                         "scores.csv); other files are kept")
     common(sp, method=False)
     sp.set_defaults(func=cmd_score)
 
@@ -304,17 +463,34 @@ def _parser():
     return p
 
 
+@contextlib.contextmanager
+def _log_to_stderr(verbose):
+    """Show the records of the ``skad`` loggers on stderr: INFO and above with --verbose."""
+    logger = logging.getLogger("skad")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("skad: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"skad: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("skad: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    with _log_to_stderr(args.verbose):
+        try:
+            return args.func(args) or 0
+        except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
+                FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
+            print(f"skad: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("skad: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

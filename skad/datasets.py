@@ -21,18 +21,13 @@ import numpy as np
 from PIL import Image
 from sklearn.utils import Bunch
 
+from skad._files import list_images, list_subfolders
+from skad._images import displayed_size, read_mask
 from skad._textures import DEFECT_KINDS, make_texture_set
 
 __all__ = ["load_domains", "load_mvtec", "make_textures"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLITS = ("train", "test")
-
-
-def _list_images(folder):
-    """Sorted image files in ``folder`` (extension matched case-insensitively)."""
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(files)
 
 
 def _require_dir(path, what):
@@ -55,18 +50,17 @@ def _mask_shape(mask_size):
     return shape
 
 
-def _read_mask(mask_path, shape):
-    """Read a mask file as a uint8 0/1 array of ``shape`` (h, w)."""
-    with Image.open(mask_path) as img:
-        img = img.convert("L")
-        if img.size != (shape[1], shape[0]):
-            # Nearest-neighbour keeps the mask binary and its edges sharp.
-            img = img.resize((shape[1], shape[0]), Image.NEAREST)
-        arr = np.asarray(img)
-    # 0/255 masks (possibly with compression noise) are cut at mid-grey;
-    # 0/1 masks have a maximum of 1 and only need "nonzero".
-    binary = arr >= 128 if arr.max() > 1 else arr > 0
-    return binary.astype(np.uint8)
+def _read_mask(mask_path, image_path):
+    """Mask of ``image_path`` as a bool array of the image's displayed size."""
+    mask = read_mask(mask_path)
+    shape = displayed_size(image_path)
+    if mask.shape != shape:
+        raise ValueError(
+            f"mask {mask_path} is {mask.shape[1]} x {mask.shape[0]} pixels but its image "
+            f"{image_path} is {shape[1]} x {shape[0]} (width x height, as displayed, EXIF "
+            "orientation applied); a mask must have its image's size"
+        )
+    return mask
 
 
 def _load_masks(paths, mask_paths, mask_size):
@@ -74,17 +68,14 @@ def _load_masks(paths, mask_paths, mask_size):
     target = _mask_shape(mask_size)
     masks = []
     for path, mask_path in zip(paths, mask_paths):
-        if target is None:
-            # Opening reads the header only, not the pixel data.
-            with Image.open(path) as img:
-                width, height = img.size
-            shape = (height, width)
+        if mask_path is not None:
+            mask = _read_mask(mask_path, path)
         else:
-            shape = target
-        if mask_path is None:
-            masks.append(np.zeros(shape, dtype=np.uint8))
-        else:
-            masks.append(_read_mask(mask_path, shape))
+            mask = np.zeros(target or displayed_size(path), dtype=bool)
+        if target is not None and mask.shape != target:
+            # Nearest-neighbour keeps the mask binary and its edges sharp.
+            mask = np.asarray(Image.fromarray(mask).resize(target[::-1], Image.NEAREST))
+        masks.append(mask.astype(np.uint8))
     return masks
 
 
@@ -101,10 +92,18 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
         ``"train"`` lists ``train/good`` (all normal); ``"test"`` lists every
         subfolder of ``test``, ``good`` being the normal one.
     return_masks : bool, default=False
-        Also load the ground-truth masks.
+        Also load the ground-truth masks. Any nonzero pixel of a mask file is a
+        defect (0/255, 0/1 and class-index masks alike, as in
+        :mod:`skad.metrics`).
     mask_size : int or (int, int), default=None
-        Resize masks (nearest neighbour) to this size, ``(h, w)`` for a pair.
-        By default each mask has the size of its image.
+        Resize masks (nearest neighbour) to this size, ``(h, w)`` for a pair,
+        once each is checked against its image. By default each mask has the
+        size of its image.
+
+    Hidden files and folders and the debris of notebooks, macOS, Windows and
+    NAS boxes (``.ipynb_checkpoints``, ``__MACOSX``, ``._*``, ``Thumbs.db``,
+    ...) are never images or defect types; what is skipped is logged on the
+    ``skad`` logger.
 
     Returns
     -------
@@ -120,6 +119,9 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
     FileNotFoundError
         If a folder is missing, a split holds no image, or a defective image
         has no mask file (the message names the expected path).
+    ValueError
+        If an image or mask file cannot be read, or a mask's size differs from
+        its image's displayed size (the message names both files).
 
     Examples
     --------
@@ -149,12 +151,12 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
         _require_dir(split_dir / "good", "train/good")
         type_dirs = [split_dir / "good"]
     else:
-        type_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+        type_dirs = list_subfolders(split_dir)
 
     paths, defect_types, mask_paths = [], [], []
     for type_dir in type_dirs:
         defect_type = type_dir.name
-        for image_path in _list_images(type_dir):
+        for image_path in list_images(type_dir):
             mask_path = None
             if defect_type != "good":
                 mask_path = (
@@ -183,15 +185,9 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
 
 
 def _find_categories(root):
-    """Subfolders of ``root`` that have both ``train/`` and ``test/``."""
-    root = Path(root)
-    _require_dir(root, "dataset root")
-    found = sorted(
-        p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir()
-    )
-    if not found:
-        raise FileNotFoundError(f"no category folder with train/ and test/ found in {root}")
-    return found
+    """Subfolders of ``root`` that have both ``train/`` and ``test/``, sorted; maybe none."""
+    return [p.name for p in list_subfolders(root)
+            if (p / "train").is_dir() and (p / "test").is_dir()]
 
 
 def load_domains(root, categories=None, split="test", *, return_masks=False, mask_size=None):
@@ -236,7 +232,11 @@ def load_domains(root, categories=None, split="test", *, return_masks=False, mas
     ['cloth', 'tile']
     """
     if categories is None:
+        _require_dir(Path(root), "dataset root")
         categories = _find_categories(root)
+        if not categories:
+            raise FileNotFoundError(
+                f"no category folder with train/ and test/ found in {root}")
     elif isinstance(categories, str):
         categories = [categories]
     categories = list(categories)

@@ -1,6 +1,10 @@
 """The skad command: fit, score, benchmark and clear errors."""
 
 import csv
+import os
+import pickle
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +63,7 @@ def test_benchmark_prints_a_table(mvtec, capsys):
     (["fit", "--train", "/nonexistent", "--out", "x.joblib"], "not a folder"),
     (["fit", "--method", "nope", "--train", ".", "--out", "x"], "unknown method"),
     (["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"], "does not exist"),
+    (["score", "--model", "/", "--images", ".", "--out", "r"], "/ is not a file"),
     (["benchmark", "--data", "/nonexistent"], "does not exist"),
 ])
 def test_errors_are_one_line_with_status_1(argv, message, capsys):
@@ -87,3 +92,198 @@ def test_benchmark_rows_are_reproducible(mvtec):
     metrics = [[(r["image_auroc"], r["pixel_auroc"], r["pro"]) for r in rows] for rows in runs]
     assert metrics[0] == metrics[1]
     assert [r["seed"] for r in runs[0]] == [0, 1]
+
+
+# ------------------------------------------------------------ batch runs
+@pytest.fixture(scope="module")
+def model(mvtec, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m.joblib"
+    cat = min(mvtec.iterdir())
+    assert main(["fit", "--train", str(cat), "--out", str(path), *TINY]) == 0
+    return path
+
+
+def _images(folder, n=3, size=(32, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+            folder / f"{i:03d}.png")
+    return folder
+
+
+def _rows(out):
+    with open(out / "scores.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_outputs_and_model_inside_the_images_are_never_scored(model, tmp_path):
+    images = _images(tmp_path / "images")
+    inside = images / "model.png"  # a model file named like an image, inside the folder
+    inside.write_bytes(model.read_bytes())
+    out = images / "results"
+    for extra in ([], ["--overwrite"], ["--overwrite"]):
+        argv = ["score", "--model", str(inside), "--images", str(images), "--out", str(out)]
+        assert main(argv + extra) == 0
+        rows = _rows(out)
+        assert [Path(r["path"]).name for r in rows] == ["000.png", "001.png", "002.png"]
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [r["map"] for r in rows] + ["scores.csv"])
+    assert main(["score", "--model", str(model), "--images", str(images), "--out",
+                 str(images)]) == 1
+
+
+def test_unreadable_images_are_rows_and_the_run_goes_on(model, tmp_path, capsys):
+    images = _images(tmp_path / "images", n=4)
+    good = (images / "001.png").read_bytes()
+    (images / "001.png").write_bytes(good[: len(good) // 2])  # truncated
+    (images / "002.jpg").write_bytes(b"not a jpeg at all")
+    Image.fromarray(np.full((8, 8), 3.0, np.float32)).save(images / "003.tif")  # beyond [0, 1]
+    out = tmp_path / "out"
+    status = main(["score", "--model", str(model), "--images", str(images), "--out", str(out)])
+    assert status == 3
+    rows = _rows(out)
+    assert len(rows) == 6  # 000.png to 003.png, 002.jpg and 003.tif, in order
+    failed = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert sorted(failed) == ["001.png", "002.jpg", "003.tif"]
+    assert "003.tif" in failed["003.tif"] and "[0, 1]" in failed["003.tif"]
+    for r in rows:
+        assert bool(r["error"]) != bool(r["score"]) and bool(r["map"]) == bool(r["score"])
+        assert not r["map"] or (out / r["map"]).is_file()
+    printed = capsys.readouterr().out
+    assert "scored 3 of 6 images" in printed and "3 could not be read" in printed
+
+
+def test_each_run_writes_into_a_folder_of_its_own(model, tmp_path, capsys):
+    images = _images(tmp_path / "images", n=3)
+    out = tmp_path / "out"
+    argv = ["score", "--model", str(model), "--images", str(images), "--out", str(out)]
+    assert main(argv) == 0
+    first = {r["map"] for r in _rows(out)}
+    (out / "notes.txt").write_text("the user's own file")
+    (out / ".DS_Store").write_bytes(b"")
+    capsys.readouterr()
+    assert main(argv) == 1  # never mixed silently with the previous run's files
+    assert "holds a previous run's results" in capsys.readouterr().err
+    (images / "000.png").unlink()
+    (images / "001.png").rename(images / "a new name.png")
+    assert main(argv + ["--overwrite"]) == 0
+    second = {r["map"] for r in _rows(out)}
+    assert not first & second and len(second) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*second, "scores.csv", "notes.txt", ".DS_Store"])
+    # a new folder is fine; a folder holding something else needs --overwrite too
+    assert main([*argv[:-1], str(tmp_path / "new")]) == 0
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("")
+    assert main([*argv[:-1], str(tmp_path / "busy")]) == 1
+
+
+def test_output_names_are_always_valid(model, tmp_path):
+    images = tmp_path / "images"
+    names = ["a" * 246 + ".png", "b" * 246 + ".png", "é" * 120 + ".png", 'x:y"z|w?.png',
+             os.fsdecode(b"undecodable-\xff.png"), "dup.png", "sub/dup.png"]
+    rng = np.random.default_rng(0)
+    for name in names:
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / name)
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(model), "--images", str(images), "--out",
+                 str(out)]) == 0
+    maps = [r["map"] for r in _rows(out)]
+    assert len(set(maps)) == len(names)
+    for name in maps:
+        assert len(name.encode()) <= 255 and not set('<>:"/\\|?*') & set(name)
+        assert (out / name).is_file()
+
+
+def test_files_are_written_with_the_users_umask(mvtec, tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = tmp_path / "m.joblib"
+        cat = min(mvtec.iterdir())
+        assert main(["fit", "--train", str(cat / "train"), "--out", str(model), *TINY]) == 0
+        out = tmp_path / "out"
+        assert main(["score", "--model", str(model), "--images", str(cat / "test"),
+                     "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    for path in [model, out / "scores.csv", *out.glob("*.png")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert {p.name for p in tmp_path.iterdir()} == {"m.joblib", "out"}  # no temporary file left
+
+
+def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, capsys):
+    train = _images(tmp_path / "train", n=4)
+    copies = _images(train / ".ipynb_checkpoints", n=4)
+    (train / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (train / "Thumbs.db").write_bytes(b"")
+    _images(train / "__MACOSX", n=2)
+    assert copies.is_dir()
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.joblib"),
+                 "-v", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "fitted PatchCore on 4 images" in captured.out
+    assert ".ipynb_checkpoints" in captured.err and "._000.png" in captured.err
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.joblib"),
+                 *TINY]) == 0
+    assert "skipped" not in capsys.readouterr().err  # quiet without --verbose
+
+
+def _model_file(tmp_path, content):
+    path = tmp_path / "bad.joblib"
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "EOFError"),
+    (b"\x80\x04\x95\x10\x00\x00", "cannot load model file"),        # truncated pickle
+    (b"PK\x03\x04 a zip archive", "cannot load model file"),
+    (b"cnonexistent_module\nFoo\n)\x81.", "ModuleNotFoundError"),
+    (b"cskad\nNoSuchClass\n)\x81.", "AttributeError"),
+    (pickle.dumps({"not": "a detector"}), "holds a dict, not a skad detector"),
+])
+def test_bad_model_files_are_one_line_errors(model, tmp_path, capsys, content, message):
+    bad = _model_file(tmp_path, content)
+    assert main(["score", "--model", str(bad), "--images", str(_images(tmp_path / "i")),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("skad: error:") and message in err and err.count("\n") == 1
+
+
+def test_truncated_real_model_is_a_one_line_error(model, tmp_path, capsys):
+    data = model.read_bytes()
+    bad = _model_file(tmp_path, data[: len(data) // 3])
+    assert main(["score", "--model", str(bad), "--images", str(_images(tmp_path / "i")),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("skad: error: cannot load model file") and err.count("\n") == 1
+
+
+def test_diverging_fit_and_unreadable_folders_are_one_line_errors(mvtec, tmp_path, capsys,
+                                                                  monkeypatch):
+    import skad._files
+
+    def diverge(self, images, y, groups):
+        raise FloatingPointError("PatchCore: the loss became nan at epoch 1; lower the "
+                                 "learning rate or check the input images")
+
+    train = _images(tmp_path / "train")
+    monkeypatch.setattr(skad.PatchCore, "_fit", diverge)
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m"), *TINY]) == 1
+    assert capsys.readouterr().err.startswith("skad: error: PatchCore: the loss became nan")
+    monkeypatch.undo()
+
+    listing = skad._files._entries
+
+    def locked(folder):
+        if Path(folder).name == "locked":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return listing(folder)
+
+    (train / "locked").mkdir()
+    monkeypatch.setattr(skad._files, "_entries", locked)
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("skad: error:") and "locked" in err and err.count("\n") == 1

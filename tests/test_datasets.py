@@ -198,3 +198,89 @@ def test_load_real_mvtec_folder():
     assert not any(masks[i].any() for i in np.flatnonzero(data.y == 0))
     small = load_mvtec(SHARED_DATA, "aitex_00", return_masks=True, mask_size=32).masks
     assert all(m.shape == (32, 32) for m in small)
+
+
+# ------------------------------------------------------- what a folder holds
+DEBRIS_FOLDERS = [".ipynb_checkpoints", "__MACOSX", "@eaDir", "$RECYCLE.BIN",
+                  "System Volume Information", ".hidden"]
+DEBRIS_FILES = ["._000.png", ".DS_Store", "Thumbs.db", "desktop.ini", "~$000.png", ".x.png"]
+
+
+def _litter(folder):
+    """Put the debris of notebooks, macOS, Windows and NAS boxes in ``folder``."""
+    for name in DEBRIS_FOLDERS:
+        _save(folder / name / "000.png", np.zeros((4, 4)))
+    for name in DEBRIS_FILES:
+        (folder / name).write_bytes(b"\x00\x05\x16\x07 not an image")
+
+
+def test_debris_is_never_an_image_a_defect_type_or_a_category(tmp_path, caplog):
+    clean = tmp_path / "clean"
+    make_fake_category(clean, "cloth")
+    make_fake_category(clean, "tile")
+    expected = {split: load_domains(clean, split=split) for split in ("train", "test")}
+    litter = tmp_path / "litter"
+    cats = [make_fake_category(litter, "cloth"), make_fake_category(litter, "tile")]
+    _litter(litter)
+    for cat in cats:
+        for folder in (cat, cat / "test", cat / "test" / "good", cat / "test" / "crack",
+                       cat / "train" / "good", cat / "ground_truth"):
+            _litter(folder)
+    # a notebook's copy of a whole category is not a category either
+    make_fake_category(litter / ".ipynb_checkpoints", "tile")
+    with caplog.at_level("INFO", logger="skad"):
+        for split in ("train", "test"):
+            data = load_domains(litter, split=split, return_masks=split == "test")
+            got = [Path(p).relative_to(litter) for p in data.paths]
+            assert got == [Path(p).relative_to(clean) for p in expected[split].paths]
+            assert data.defect_types == expected[split].defect_types
+    assert "__MACOSX" in caplog.text and "._000.png" in caplog.text
+
+
+def test_masks_any_nonzero_pixel_is_a_defect(tmp_path):
+    cat = make_fake_category(tmp_path, size=(12, 10))
+    expected = np.zeros((12, 10), dtype=np.uint8)
+    expected[2:5, 3:7] = 1
+    gt = cat / "ground_truth" / "crack"
+    palette = Image.fromarray(expected * 2, mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 0, 0, 0, 200, 30, 30])
+    masks = {
+        "class 2": Image.fromarray(expected * 2),
+        "class 3 and 8": Image.fromarray(np.where(expected, np.arange(10) % 2 * 5 + 3, 0)
+                                         .astype(np.uint8)),
+        "bilevel": Image.fromarray(expected.astype(bool)),
+        "16-bit": Image.fromarray(expected.astype(np.uint16) * 7),
+        "palette": palette,
+        "red on black": Image.fromarray(np.stack([expected * 255, 0 * expected,
+                                                  0 * expected], axis=-1)),
+    }
+    for kind, mask in masks.items():
+        mask.save(gt / "000_mask.png")
+        data = load_mvtec(tmp_path, "tile", return_masks=True)
+        np.testing.assert_array_equal(data.masks[0], expected, err_msg=kind)
+
+
+def test_masks_follow_their_images_orientation(tmp_path):
+    cat = make_fake_category(tmp_path, size=(12, 10))
+    stored = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: 64 wide, 96 high
+    (cat / "test" / "crack" / "000.png").unlink()
+    Image.fromarray(stored).save(cat / "test" / "crack" / "000.jpg", exif=exif)
+    shown = np.zeros((96, 64), dtype=np.uint8)
+    shown[80:90, 5:20] = 255
+    _save(cat / "ground_truth" / "crack" / "000_mask.png", shown)
+    data = load_mvtec(tmp_path, "tile", return_masks=True)
+    np.testing.assert_array_equal(data.masks[0], shown // 255)
+    small = load_mvtec(tmp_path, "tile", return_masks=True, mask_size=(48, 32))
+    assert small.masks[0].shape == (48, 32) and small.masks[0][40:45, 3:10].all()
+    # a mask of the stored, unturned size is refused, naming both files, even when resizing
+    _save(cat / "ground_truth" / "crack" / "000_mask.png", np.rot90(shown))
+    for mask_size in (None, 32):
+        with pytest.raises(ValueError, match=r"000_mask\.png is 96 x 64 .*000\.jpg is 64 x 96"):
+            load_mvtec(tmp_path, "tile", return_masks=True, mask_size=mask_size)
+    # and so is any other size: never silently stretched
+    _save(cat / "ground_truth" / "crack" / "000_mask.png", shown)
+    _save(cat / "ground_truth" / "crack" / "001_mask.png", np.zeros((6, 5)))
+    with pytest.raises(ValueError, match=r"001_mask\.png is 5 x 6 .*001\.png is 10 x 12"):
+        load_mvtec(tmp_path, "tile", return_masks=True, mask_size=32)

@@ -1,9 +1,11 @@
 """Image input: the forms of X, validation messages, lazy reading, resizing."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from skad._images import (check_images, check_labels, gaussian_blur, iter_batches,
                           resize_maps)
@@ -92,3 +94,158 @@ def test_resize_maps_and_blur():
         expected = np.stack([gaussian_filter(m, sigma, radius=radius)
                              for m in rand.numpy().astype(np.float64)])
         np.testing.assert_allclose(blurred.numpy(), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------- pixel values by mode
+def _read_file_as(tmp_path, name, image, **save):
+    path = tmp_path / name
+    image.save(path, **save)
+    return check_images([path]).read(0)
+
+
+def test_sixteen_bit_files_and_arrays_read_by_type_not_content(tmp_path):
+    # one scene at two exposures: B = 1.2 A must read 1.2 times as bright, not 200 times darker
+    a = np.linspace(0, 250, 48).reshape(6, 8).astype(np.uint16)
+    b = (a * 1.2).astype(np.uint16)
+    for ext in ("png", "tif"):
+        ra = _read_file_as(tmp_path, f"a.{ext}", Image.fromarray(a))[..., 0]
+        rb = _read_file_as(tmp_path, f"b.{ext}", Image.fromarray(b))[..., 0]
+        np.testing.assert_allclose(ra, a / 65535, atol=1e-7)
+        np.testing.assert_allclose(rb, b / 65535, atol=1e-7)
+    # an in-memory uint16 array reads as the file does
+    np.testing.assert_allclose(check_images(b[None]).read(0)[..., 0], rb, atol=1e-7)
+    path = tmp_path / "c.pgm"  # Pillow reads 16-bit PGM as 32-bit "I", rescaled to 16 bits
+    Image.fromarray(b).save(path)
+    np.testing.assert_allclose(check_images([path]).read(0)[..., 0], rb, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("1", 1, (1.0, 1.0, 1.0)),
+    ("L", 51, (0.2, 0.2, 0.2)),
+    ("LA", (51, 0), (0.2, 0.2, 0.2)),              # alpha dropped, grey kept
+    ("RGB", (255, 51, 0), (1.0, 0.2, 0.0)),
+    ("RGBA", (255, 51, 0, 10), (1.0, 0.2, 0.0)),   # alpha dropped, colour not blended
+    ("I;16", 13107, (0.2, 0.2, 0.2)),
+])
+def test_png_modes(tmp_path, mode, value, expected):
+    out = _read_file_as(tmp_path, "x.png", Image.new(mode, (5, 3), value))
+    assert out.shape == (3, 5, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[1, 2], expected, atol=1e-6)
+
+
+def test_palettes_read_as_their_colours(tmp_path):
+    palette = [0, 0, 0, 255, 51, 0]
+    im = Image.new("P", (4, 4), 1)
+    im.putpalette(palette)
+    for name in ("p.png", "p.gif", "p.bmp"):
+        np.testing.assert_allclose(_read_file_as(tmp_path, name, im)[0, 0], (1.0, 0.2, 0.0))
+    im.info["transparency"] = bytes([255, 0])  # transparent index: colour kept, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(_read_file_as(tmp_path, "pt.png", im)[0, 0], (1.0, 0.2, 0.0))
+
+
+@pytest.mark.parametrize("mode, value", [("CMYK", (0, 204, 255, 0)), ("LAB", None)])
+def test_other_colour_spaces_become_rgb(tmp_path, mode, value):
+    rgb = Image.new("RGB", (4, 4), (255, 51, 0))
+    im = rgb.convert(mode) if value is None else Image.new(mode, (4, 4), value)
+    out = _read_file_as(tmp_path, "x.tif", im)
+    np.testing.assert_allclose(out[0, 0], (1.0, 0.2, 0.0), atol=0.03)  # 8-bit LAB round trip
+
+
+def test_tiff_integers_read_at_their_declared_depth(tmp_path):
+    values = np.array([[0, 100, 2**31 - 1]], dtype=np.int32)  # Pillow writes signed 32-bit
+    out = _read_file_as(tmp_path, "i32.tif", Image.fromarray(values))
+    np.testing.assert_allclose(out[0, :, 0], values[0] / (2**31 - 1), rtol=1e-6)
+    Image.fromarray(values - 5).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"neg\.tif.*negative values \(down to -5\)"):
+        check_images([tmp_path / "neg.tif"]).read(0)
+
+
+@pytest.mark.parametrize("dtype, bits, full", [
+    (np.uint8, 8, 255), (np.int8, 8, 127), (np.uint16, 16, 65535), (np.uint16, 12, 4095),
+    (np.int16, 16, 32767), (np.uint32, 32, 2**32 - 1), (np.int32, 32, 2**31 - 1),
+])
+def test_tiff_sample_formats(tmp_path, dtype, bits, full):
+    tifffile = pytest.importorskip("tifffile")
+    top = np.iinfo(dtype).max if bits == 8 * np.dtype(dtype).itemsize else full
+    values = np.array([[0, 3, top // 2, top]], dtype=dtype)
+    tifffile.imwrite(tmp_path / "x.tif", values, bitspersample=bits)
+    out = check_images([tmp_path / "x.tif"]).read(0)
+    np.testing.assert_allclose(out[0, :, 0], values[0] / full, rtol=1e-6)
+
+
+def test_float_files_must_lie_in_unit_range(tmp_path):
+    values = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(
+        _read_file_as(tmp_path, "f.tif", Image.fromarray(values))[0, :, 0], values[0])
+    Image.fromarray(values * 4095).save(tmp_path / "raw.tif")
+    with pytest.raises(ValueError, match=r"raw\.tif.*\[0, 4.1e\+03\].*divide by"):
+        check_images([tmp_path / "raw.tif"]).read(0)
+    Image.fromarray(np.full((2, 2), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match=r"nan\.tif.*NaN"):
+        check_images([tmp_path / "nan.tif"]).read(0)
+
+
+def test_integers_of_unknown_depth_are_refused(tmp_path, monkeypatch):
+    import skad._images
+
+    # as a 32-bit integer file of a format that declares no bit depth (FITS, IM, ...)
+    monkeypatch.setattr(skad._images, "_declared_depth", lambda im: None)
+    Image.new("I", (4, 4), 7).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=r"x\.tif.*32-bit integer samples without a declared"):
+        check_images([tmp_path / "x.tif"]).read(0)
+
+
+def test_multi_frame_files_read_their_first_frame(tmp_path):
+    frames = [Image.new("L", (4, 4), v) for v in (51, 200)]
+    for name in ("x.tif", "x.gif"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+        np.testing.assert_allclose(check_images([tmp_path / name]).read(0), 0.2)
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.array([[0, 65535]], np.uint16), [0.0, 1.0]),
+    (np.array([[0, 65535]], ">u2"), [0.0, 1.0]),  # big-endian, as FITS and raw dumps hold it
+    (np.array([[False, True]]), [0.0, 1.0]),
+    (np.array([[0, 255]], np.uint8), [0.0, 1.0]),
+    (np.array([[0.0, 0.5]], np.float16), [0.0, 0.5]),
+])
+def test_arrays_read_by_dtype(array, expected):
+    for X in (array[None], [array]):
+        np.testing.assert_allclose(check_images(X).read(0)[0, :, 0], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.uint32, np.complex64,
+                                   object])
+def test_arrays_of_no_fixed_range_are_refused(dtype):
+    X = [np.zeros((4, 4), np.uint8), np.zeros((4, 4), dtype)]
+    with pytest.raises(TypeError, match=rf"X\[1\] has dtype {np.dtype(dtype)}.*X.astype"):
+        check_images(X)
+
+
+# ------------------------------------------------------------------- orientation
+def _oriented(tmp_path, name, array, orientation):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(array).save(tmp_path / name, exif=exif)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("orientation, turn", [
+    (1, lambda a: a), (3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+    (8, lambda a: np.rot90(a, 1)), (2, lambda a: a[:, ::-1]),
+    (5, lambda a: np.swapaxes(a, 0, 1)),
+])
+@pytest.mark.parametrize("ext", ["png", "jpg", "tif"])
+def test_images_are_read_as_displayed(tmp_path, orientation, turn, ext):
+    # a smooth, asymmetric picture, 64 high and 96 wide as stored
+    yy, xx = np.mgrid[0:64, 0:96]
+    stored = np.stack([xx * 2, yy * 3, xx + yy], axis=-1).astype(np.uint8)
+    path = _oriented(tmp_path, f"x.{ext}", stored, orientation)
+    shown = turn(stored) / 255
+    images = check_images([path])
+    assert images.size(0) == shown.shape[:2]  # from the header, before any read
+    out = images.read(0)
+    assert out.shape == shown.shape and images.size(0) == shown.shape[:2]
+    np.testing.assert_allclose(out, shown, atol=0.05 if ext == "jpg" else 1e-6)

@@ -1,5 +1,6 @@
 """MetaComparer: BiFPN, the split meta-comparer, co-attention, losses (Eq. 1-6), the estimator."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -298,3 +299,14 @@ def test_groups_without_routing_warn_and_pool_domains(data):
         cross_validate(MetaComparer(**TINY), data.images, data.y,
                        cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3),
                        params={"groups": data.groups})
+
+
+def test_one_reference_that_would_match_itself_is_refused(fitted, data, split):
+    refs = data.images[split[1]][:2]
+    det = copy.deepcopy(fitted).set_params(image_size=16)  # patch grids of 2 x 2 and less
+    before = det.set_reference(refs).threshold_  # two references: each left out in turn
+    assert np.isfinite(before)
+    with pytest.raises(ValueError, match=r"one reference image with patch grids of 2 x 2.*at "
+                                         "least 2 reference images"):
+        det.set_reference(refs[:1])
+    assert det.threshold_ == before

@@ -89,3 +89,74 @@ def test_bad_coreset_ratio(textures):
     with pytest.raises(ValueError, match="coreset_ratio"):
         PatchCore(backbone="test_resnet", weights=None, coreset_ratio=0).fit(
             textures.images[:2])
+
+
+# ------------------------------------------------------------ degenerate references
+def test_excluded_patches_stay_out_of_the_reweighting():
+    det = PatchCore(n_reweight=9)
+    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # the image's own patch, another image's
+    q = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
+    own = torch.tensor([[True, False]])
+    dist, idx = nearest(q, bank, lambda rows: own)
+    # only one bank patch is allowed: no neighbourhood to reweight with (Eq. 7 needs b >= 2);
+    # letting the own patch in would weigh the score down to about 0
+    assert det._image_score(q, dist, idx, bank, lambda rows: own) == pytest.approx(dist.max())
+    det.set_params(n_reweight=1000)  # larger than the bank: every allowed patch, no more
+    bank3 = torch.cat([bank, torch.tensor([[10.0, 1.0]])])
+    own3 = torch.tensor([[True, False, False]])
+    dist, idx = nearest(q, bank3, lambda rows: own3)
+    score = det._image_score(q, dist, idx, bank3, lambda rows: own3)
+    d = torch.cdist(q[1:2], bank3[1:])[0]
+    assert score == pytest.approx(float((1 - torch.softmax(d, 0)[0]) * dist.max()))
+
+
+TINY = {"backbone": "test_resnet", "weights": None, "image_size": 64}
+
+
+@pytest.mark.parametrize("n_references, params", [
+    (1, {}),
+    (1, {"coreset_ratio": 1e-9}),                      # a 1-patch bank
+    (2, {"coreset_ratio": 2 / 128}),                   # a 2-patch bank (8 x 8 grids)
+    (3, {"image_size": 16}),                           # 2 x 2 grids
+    (3, {"image_size": 8}),                            # 1 x 1 grids
+    (1, {"image_size": 24}),                           # 3 x 3 grid, one reference
+    (3, {"coreset_ratio": 0.01, "n_reweight": 1000}),  # b larger than the bank
+    (4, {"n_reweight": 1}),
+])
+@pytest.mark.parametrize("random_state", [0, 1])
+def test_degenerate_references_give_a_finite_threshold_or_say_what_is_needed(
+        textures, n_references, params, random_state):
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(**{**TINY, **params}, random_state=random_state)
+    try:
+        det.fit(normals[:n_references])
+    except ValueError as exc:  # a bank of one image's patches: nothing to leave it out against
+        assert "at least 2" in str(exc) and not hasattr(det, "threshold_")
+        return
+    assert det.reference_scores_.shape == (n_references,)
+    assert np.isfinite(det.reference_scores_).all() and np.isfinite(det.threshold_)
+    if n_references > 1:  # new normal images are not all flagged
+        assert det.predict(normals[6:]).mean() <= 0.5
+
+
+@pytest.mark.parametrize("n_references, params, match", [
+    (2, {"coreset_ratio": 1e-9}, (r"bank's 1 patches all come from reference image \d.*Raise "
+                                  r"coreset_ratio \(now 1e-09\).*at least 2 of the 2")),
+    (1, {"image_size": 8}, r"one reference image with a 1 x 1 patch grid.*at least 2 reference"),
+    (1, {"image_size": 16}, r"one reference image with a 2 x 2 patch grid"),
+])
+def test_references_that_cannot_be_left_out_are_refused(textures, n_references, params, match):
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(**TINY, random_state=0).fit(normals[:4])
+    before = det.threshold_
+    with pytest.raises(ValueError, match=match):
+        det.set_params(**params).set_reference(normals[4:4 + n_references])
+    assert det.threshold_ == before  # the previous reference is kept
+
+
+def test_score_with_one_class_raises_before_scoring(textures):
+    det = PatchCore(**TINY, random_state=0).fit(textures.images[:4])
+    det.decision_function = None  # would fail if scoring started
+    for y in ([0, 0, 0], [1, 1, 1]):
+        with pytest.raises(ValueError, match=r"both normal \(0\) and anomalous \(1\)"):
+            det.score(textures.images[:3], y)

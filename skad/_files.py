@@ -1,0 +1,139 @@
+"""Listing folders as their user means them: data only, never the debris around it.
+
+Every folder skad lists (dataset categories, defect types, image folders of the
+command line) goes through :func:`list_subfolders` or :func:`list_images`, so
+that one rule decides what is data. Hidden entries (names starting with ".")
+and the files and folders that notebooks, macOS, Windows and NAS boxes leave
+beside data (``.ipynb_checkpoints``, ``__MACOSX``, AppleDouble ``._*`` files,
+``Thumbs.db``, ``$RECYCLE.BIN``, ``@eaDir``, Office ``~$*`` temporaries, ...)
+are never images, defect types or categories. What is skipped is logged on the
+``skad._files`` logger (INFO), which ``skad --verbose`` shows.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["IMAGE_EXTENSIONS", "is_debris", "list_images", "list_subfolders"]
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+
+# Names, compared case-insensitively, that operating systems, archivers and NAS boxes
+# put beside data; hidden names (".DS_Store", "._*", ".ipynb_checkpoints", ".Trash-1000",
+# ...) are caught by their leading dot.
+_DEBRIS_NAMES = frozenset({
+    "__macosx",                                      # macOS zip archives
+    "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini",
+    "$recycle.bin", "recycler", "system volume information",  # Windows
+    "@eadir", "#recycle", "#snapshot",               # Synology
+    "@recycle", "@recently-snapshot",                # QNAP
+    "lost+found", "__pycache__",
+})
+# hidden names, and the lock files and temporaries of Office ("~$report.docx")
+_DEBRIS_PREFIXES = (".", "~$")
+# names shown per folder in a log line
+_N_LOGGED = 10
+
+logger = logging.getLogger(__name__)
+
+
+def is_debris(name):
+    """Whether a file or folder name is hidden or left by a tool, never data.
+
+    Examples
+    --------
+    >>> [is_debris(n) for n in ("000.png", "._000.png", "__MACOSX", "Thumbs.db")]
+    [False, True, True, True]
+    """
+    return name.startswith(_DEBRIS_PREFIXES) or name.lower() in _DEBRIS_NAMES
+
+
+def _some(names):
+    """``names`` joined for a log line, the first ``_N_LOGGED`` of them."""
+    more = f", ... ({len(names) - _N_LOGGED} more)" if len(names) > _N_LOGGED else ""
+    return ", ".join(names[:_N_LOGGED]) + more
+
+
+def _entries(folder):
+    """The entries of ``folder`` that may be data, sorted by name; the rest is logged."""
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda entry: entry.name)
+    skipped = [e.name for e in entries if is_debris(e.name)]
+    if skipped:
+        logger.info("skipped %d hidden or system entries in %s: %s", len(skipped), folder,
+                    _some(skipped))
+    return [e for e in entries if not is_debris(e.name)]
+
+
+def list_subfolders(folder):
+    """Subfolders of ``folder`` that may hold data, sorted by name.
+
+    Parameters
+    ----------
+    folder : str or path-like
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    OSError
+        If ``folder`` cannot be listed (missing, not a folder, no permission).
+    """
+    return [Path(e.path) for e in _entries(folder) if e.is_dir()]
+
+
+def list_images(folder, *, recursive=False, exclude=()):
+    """Image files in ``folder``, sorted by path, hidden entries and debris left out.
+
+    Parameters
+    ----------
+    folder : str or path-like
+    recursive : bool, default=False
+        Also list the subfolders, depth first; hidden and system folders, and
+        symbolic links to folders (which may loop), are not entered.
+    exclude : sequence of path-like, default=()
+        Files or folders to leave out wherever they are below ``folder`` (the
+        command line's own output folder and model file).
+
+    Returns
+    -------
+    list of Path
+        Files whose extension (any case) is one of ``IMAGE_EXTENSIONS``. Other
+        files are left out and logged.
+
+    Raises
+    ------
+    OSError
+        If ``folder`` or a subfolder to enter cannot be listed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("b.png", "a.JPG", "._a.JPG", "notes.txt"):
+    ...     (folder / name).touch()
+    >>> [p.name for p in list_images(folder)]
+    ['a.JPG', 'b.png']
+    """
+    excluded = {Path(p).resolve() for p in exclude}
+    images, others = [], []
+    for entry in _entries(folder):
+        path = Path(entry.path)
+        if excluded and path.resolve() in excluded:
+            logger.info("left out %s", path)
+        elif entry.is_dir():
+            if recursive and entry.is_symlink():
+                logger.info("did not enter %s: a symbolic link to a folder", path)
+            elif recursive:
+                images.extend(list_images(path, recursive=True, exclude=exclude))
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            others.append(entry.name)
+    if others:
+        logger.info("ignored %d files in %s that are not images (%s): %s", len(others), folder,
+                    " ".join(IMAGE_EXTENSIONS), _some(others))
+    return images
