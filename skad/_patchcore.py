@@ -20,13 +20,49 @@ __all__ = ["PatchCore"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
+# greedy coreset: farthest points whose order is settled among themselves per pass over the
+# features, principal directions of the distance lower bound, feature rows per update chunk
+_CANDIDATES = 512
+_BASIS = 32
+_ROWS = 4096
+# farthest_patch: rows searched exactly per bank prefix; relative rounding allowed for
+_N_EXACT = 8
+_BOUND_SLACK = 1e-3
 
 
 def greedy_coreset(features, n_select, n_projections=128, generator=None, verbose=0):
     """Indices of a greedy k-center coreset (paper Alg. 1) on a random projection.
 
     The projection (Johnson-Lindenstrauss) only speeds up the distance
-    computations; the selected rows index ``features`` itself.
+    computations; the selected rows index ``features`` itself. The selection
+    is that of the plain algorithm (each step takes the point farthest from
+    those chosen, the first of equals), computed in passes over the features
+    rather than one pass per step (see :func:`_farthest_first`).
+
+    Parameters
+    ----------
+    features : torch.Tensor of shape (n, dim)
+        Floating point, on any device; not modified.
+    n_select : int
+        Number of rows to select; all rows (in order) when ``n_select >= n``.
+    n_projections : int, default=128
+        Dimension of the random projection; 0 or ``>= dim`` uses the features.
+    generator : torch.Generator, optional
+        Draws the projection and the starting row.
+    verbose : int, default=0
+        Progress on stderr when > 0.
+
+    Returns
+    -------
+    selected : torch.Tensor of shape (n_select,)
+        Row indices on the CPU, in the order they were chosen: every prefix
+        is itself a greedy coreset (:func:`farthest_patch` relies on it).
+
+    Notes
+    -----
+    Memory: the projection, ``n * (n_projections + _BASIS + 2)`` values of
+    the features' dtype, besides the features. Time: O(n * n_select) pairs,
+    most of them rejected by a lower bound in ``_BASIS`` dimensions.
     """
     n, dim = features.shape
     if n_select >= n:
@@ -35,22 +71,132 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, verbos
         proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
         features = features @ proj.to(features.device, features.dtype)
     start = int(torch.randint(n, (1,), generator=generator))
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = start
-    min_dist = torch.linalg.vector_norm(features - features[start], dim=1)
-    for k in progress(range(1, n_select), desc="coreset", verbose=verbose):
-        idx = torch.argmax(min_dist)
-        selected[k] = idx
-        dist = torch.linalg.vector_norm(features - features[idx], dim=1)
-        torch.minimum(min_dist, dist, out=min_dist)
-    return selected
+    return _farthest_first(features, n_select, start, verbose)
+
+
+def _farthest_first(x, n_select, start, verbose=0):
+    """Greedy farthest-first traversal of the rows of ``x`` from row ``start``.
+
+    The plain algorithm updates the distance of every row to the chosen set
+    after every step: ``n_select`` passes over ``x``, each bound by memory
+    bandwidth. Here each pass settles many steps at once:
+
+    1. The ``_CANDIDATES`` rows farthest from the chosen set are the only
+       ones that can be chosen next while their distance stays above that of
+       every other row (which only decreases); their distances to each other
+       settle the next steps exactly (:func:`_next_steps`).
+    2. One pass then updates every row's distance to the new centres. A pair
+       is computed only if its lower bound, the distance of the projections
+       on the ``_BASIS`` leading principal directions (a matrix product),
+       does not already exceed the row's distance (:func:`_update_distances`).
+
+    Distances of the pairs computed are those of the plain algorithm, bit
+    for bit (the same difference and norm), so the selection is the same.
+    """
+    n, dim = x.shape
+    mean, basis = _principal_basis(x, min(_BASIS, dim))
+    # [z, 1] and |z|^2 turn the bound |z_x - z_c|^2 into one product with [-2 z_c, |z_c|^2]
+    z = torch.addmm(-(mean @ basis)[None], x, basis)
+    z_sq = (z * z).sum(dim=1)
+    z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+    # rounding of the product form, far above the dtype's precision: a pair is skipped
+    # only when its bound exceeds the row's distance by more than this (squared)
+    radius_sq = float(((x[:: max(1, n // 65536)] - mean) ** 2).sum(dim=1).max())
+    slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
+    min_dist = _distances(x, x[start])
+    selected = [torch.tensor([start])]
+    bar = progress(range(n_select), desc="coreset", verbose=verbose)
+    next(bar, None)
+    n_done = 1
+    while n_done < n_select:
+        picks = _next_steps(x, min_dist, n_select - n_done)
+        _update_distances(x, z, z_sq, min_dist, picks, slack)
+        selected.append(picks.cpu())
+        n_done += len(picks)
+        for _ in zip(range(len(picks)), bar):
+            pass
+    return torch.cat(selected)
+
+
+def _principal_basis(x, n_basis):
+    """Mean and ``n_basis`` leading principal directions ``(dim, n_basis)`` of the rows of ``x``.
+
+    Any orthonormal basis gives a valid lower bound; the principal one gives
+    the tightest. Computed in float64 on at most 65536 evenly spaced rows.
+    """
+    sample = x[:: max(1, len(x) // 65536)].double()
+    mean = sample.mean(dim=0)
+    centred = sample - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    return mean.to(x.dtype), vectors[:, -n_basis:].to(x.dtype).contiguous()
+
+
+def _distances(x, centre):
+    """``|x_i - centre|`` for every row, in chunks (no temporary of the size of ``x``)."""
+    out = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for s in range(0, len(x), 16 * _ROWS):
+        out[s:s + 16 * _ROWS] = torch.linalg.vector_norm(x[s:s + 16 * _ROWS] - centre, dim=1)
+    return out
+
+
+def _next_steps(x, min_dist, n_left):
+    """The next greedy steps that the ``_CANDIDATES`` farthest rows settle on their own.
+
+    The first step is the farthest row. Every later one is the farthest
+    candidate after the steps before it, as long as its distance stays above
+    ``tau``, the largest distance outside the candidates (lower ties could be
+    rows outside). Returns up to ``n_left`` row indices, in order.
+    """
+    n_cand = min(_CANDIDATES, len(x) - 1)
+    top = torch.topk(min_dist, n_cand + 1)
+    tau = float(top.values[-1])
+    first = torch.argmax(min_dist)[None]  # the first of equals, as the plain algorithm
+    cand = torch.cat([first, top.indices[:-1]])
+    xc = x[cand]
+    rows = max(1, 2**20 // xc.numel())  # (rows, n_cand, dim) difference blocks of 4 MiB
+    between = torch.cat([torch.linalg.vector_norm(xc[None] - xc[i:i + rows, None], dim=2)
+                         for i in range(0, len(xc), rows)]).cpu().double().numpy()
+    dist = min_dist[cand].cpu().double().numpy()  # float64 holds every dtype's values exactly
+    index = cand.cpu().numpy()
+    steps = [0]
+    np.minimum(dist, between[0], out=dist)
+    while len(steps) < n_left:
+        far = dist.max()
+        if not far > tau:
+            break
+        ties = np.flatnonzero(dist == far)
+        step = ties[np.argmin(index[ties])]
+        steps.append(step)
+        np.minimum(dist, between[step], out=dist)
+    return cand[torch.as_tensor(steps, device=cand.device)]
+
+
+def _update_distances(x, z, z_sq, min_dist, picks, slack):
+    """``min_dist = min(min_dist, |x - x[picks]|)`` for the pairs the lower bound cannot rule out.
+
+    ``z`` is ``[projection on the basis, 1]`` per row and ``z_sq`` the squared
+    norm of the projection: ``z @ [-2 z_c, |z_c|^2]^T + z_sq`` is the squared
+    distance of the projections, which is at most the squared distance.
+    """
+    zc = z[picks, :-1]
+    weights = torch.cat([-2 * zc, (zc * zc).sum(dim=1, keepdim=True)], dim=1).T.contiguous()
+    xc = x[picks]
+    for s in range(0, len(x), _ROWS):
+        dist = min_dist[s:s + _ROWS]
+        bound = torch.mm(z[s:s + _ROWS], weights)
+        limit = dist * dist + slack - z_sq[s:s + _ROWS]
+        rows, cols = (bound <= limit[:, None]).nonzero(as_tuple=True)
+        if len(rows):
+            d = torch.linalg.vector_norm(x[s + rows] - xc[cols], dim=1)
+            dist.scatter_reduce_(0, rows, d, "amin")
 
 
 def nearest(queries, bank, excluded=None):
     """Distance to, and index of, the nearest bank row for each query row, in blocks.
 
-    ``excluded(rows) -> bool (len(rows), len(bank))`` masks bank rows a query may
-    not match (its own image's patches, for leave-one-out scores).
+    ``excluded(rows) -> bool (len(rows) or 1, len(bank))`` masks bank rows a
+    query may not match (its own image's patches, for leave-one-out scores);
+    ``rows`` is a slice of the query rows, or their indices.
     """
     rows = max(1, _BLOCK // max(len(bank), 1))
     dists, index = [], []
@@ -63,6 +209,49 @@ def nearest(queries, bank, excluded=None):
         index.append(imin)
     return torch.cat(dists), torch.cat(index)
 
+
+
+def farthest_patch(queries, bank, excluded=None):
+    """The query row farthest from its nearest bank row, without a full search for every row.
+
+    Returns ``(j, d[j], i[j])`` with ``d, i = nearest(queries, bank, excluded)``
+    and ``j = argmax(d)`` (the first of equals). Branch and bound over the
+    prefixes ``bank[:m]`` of growing size: the nearest distance within a
+    prefix bounds a row's nearest distance from above, the exact distances of
+    the rows with the largest bounds bound the answer from below, and rows
+    whose upper bound falls below it are dropped before the next prefix.
+    Correct for any bank order; fast for a bank in greedy coreset order
+    (:func:`greedy_coreset`), whose prefixes cover the whole bank.
+
+    The bounds and the answer come from different :func:`nearest` calls,
+    which round alike to about 1e-6; a row is dropped only below
+    ``1 - _BOUND_SLACK`` times the lower bound.
+    """
+    rows = torch.arange(len(queries), device=queries.device)
+    lower = 0.0
+    for size in _prefix_sizes(len(bank)):
+        dist, index = nearest(queries[rows], bank[:size], _restrict(excluded, rows, size))
+        if size == len(bank):
+            break
+        top = rows[torch.topk(dist, min(_N_EXACT, len(rows))).indices]
+        exact, _ = nearest(queries[top], bank, _restrict(excluded, top, len(bank)))
+        lower = max(lower, float(exact.max()))
+        rows = rows[dist >= lower * (1 - _BOUND_SLACK)]
+    j = int(torch.argmax(dist))
+    return int(rows[j]), dist[j], index[j]
+
+
+def _prefix_sizes(n_bank):
+    """Bank prefixes searched by :func:`farthest_patch`: 1/64 and 1/8 of the bank (from 256
+    rows up), then all of it."""
+    return [m for m in (n_bank >> 6, n_bank >> 3) if m >= 256] + [n_bank]
+
+
+def _restrict(excluded, rows, size):
+    """``excluded`` for the query rows ``rows`` and the bank prefix of ``size`` rows."""
+    if excluded is None:
+        return None
+    return lambda part: excluded(rows[part])[:, :size]
 
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector: nearest-neighbour distance to a coreset of normal patches.
@@ -170,9 +359,11 @@ class PatchCore(BaseDetector):
         return torch.cat(out, dim=1)
 
     def _set_reference(self, images):
-        feats = self._map_images(images, self._embed, desc="reference features")
-        n, dim, h, w = feats.shape
-        patches = feats.permute(0, 2, 3, 1).reshape(-1, dim)
+        # channels last: the patches are a view of the maps, so the features are held once
+        feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
+                                 desc="reference features")
+        n, h, w, dim = feats.shape
+        patches = feats.view(-1, dim)
         owner = torch.arange(n).repeat_interleave(h * w)
         position = torch.arange(h * w).repeat(n)
         device = self._device()
@@ -198,7 +389,7 @@ class PatchCore(BaseDetector):
         h, w = self.feature_grid_
         scores = []
         for i, f in enumerate(feats):
-            q = f.to(device).flatten(1).T
+            q = f.to(device).flatten(0, 1)
             if len(feats) > 1:
                 def excluded(rows, i=i):
                     return (owner == i)[None, :]  # broadcast over the query rows
@@ -209,23 +400,24 @@ class PatchCore(BaseDetector):
                     qp = qpos[rows]
                     return (((qp[:, None] // w) - (pos[None] // w)).abs() <= 1) & (
                         ((qp[:, None] % w) - (pos[None] % w)).abs() <= 1)
-            dist, idx = nearest(q, bank, excluded)
-            scores.append(self._image_score(q, dist, idx, bank, excluded=excluded))
+            j, s_star, m_star = farthest_patch(q, bank, excluded)
+            scores.append(self._image_score(q, j, s_star, m_star, bank, excluded=excluded))
         return torch.stack(scores).cpu().numpy()
 
-    def _image_score(self, q, dist, idx, bank, excluded=None):
-        """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density."""
-        j = torch.argmax(dist)
-        s_star = dist[j]
+    def _image_score(self, q, j, s_star, m_star, bank, excluded=None):
+        """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
+
+        ``q[j]`` is the query patch farthest from the bank: ``s_star`` from
+        its nearest bank row, ``bank[m_star]``.
+        """
         b = min(self.n_reweight, len(bank))
         if b < 2:
             return s_star
         # the b nearest bank neighbours of m* (m* first: its own nearest)
-        m_star = bank[idx[j]][None]
-        d_bank = torch.cdist(m_star, bank)[0]
+        d_bank = torch.cdist(bank[m_star][None], bank)[0]
         if excluded is not None:
-            d_bank = d_bank.masked_fill(excluded(slice(int(j), int(j) + 1))[0], float("inf"))
-            d_bank[idx[j]] = 0.0
+            d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
+            d_bank[m_star] = 0.0
         support = torch.topk(d_bank, b, largest=False).indices
         d_support = torch.cdist(q[j][None], bank[support])[0]
         weight = 1.0 - torch.softmax(d_support, dim=0)[0]
@@ -237,9 +429,13 @@ class PatchCore(BaseDetector):
         scores, grids = [], []
         for f in feats:
             q = f.flatten(1).T
-            dist, idx = nearest(q, bank)
-            scores.append(self._image_score(q, dist, idx, bank))
-            grids.append(dist.view(f.shape[1:]))
+            if maps:
+                dist, idx = nearest(q, bank)
+                j = int(torch.argmax(dist))
+                scores.append(self._image_score(q, j, dist[j], idx[j], bank))
+                grids.append(dist.view(f.shape[1:]))
+            else:  # the score needs the farthest patch only
+                scores.append(self._image_score(q, *farthest_patch(q, bank), bank))
         out_maps = None
         if maps:
             out_maps = gaussian_blur(upsample(torch.stack(grids), self.image_size), self.sigma)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from skad import PatchCore
-from skad._patchcore import greedy_coreset, nearest
+import skad._patchcore as pc
+from skad._patchcore import farthest_patch, greedy_coreset, nearest
 from skad.datasets import make_textures
 
 
@@ -21,9 +22,57 @@ def test_greedy_coreset_is_k_center():
     assert torch.equal(greedy_coreset(x, 400), torch.arange(300))
 
 
-def test_nearest_in_blocks_matches_brute_force(monkeypatch):
-    import skad._patchcore as pc
 
+def plain_greedy(features, n_select, n_projections, generator):
+    """Alg. 1 as written: one full distance update per step (the reference)."""
+    n, dim = features.shape
+    if n_projections and dim > n_projections:
+        proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
+        features = features @ proj.to(features.dtype)
+    selected = [int(torch.randint(n, (1,), generator=generator))]
+    min_dist = torch.linalg.vector_norm(features - features[selected[0]], dim=1)
+    for _ in range(1, n_select):
+        selected.append(int(torch.argmax(min_dist)))
+        torch.minimum(min_dist, torch.linalg.vector_norm(features - features[selected[-1]], dim=1),
+                      out=min_dist)
+    return torch.tensor(selected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n, dim, n_select, n_projections", [
+    (40, 3, 39, 0), (700, 6, 90, 0), (3000, 16, 900, 0), (2500, 160, 400, 128)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, n_projections, seed,
+                                                monkeypatch):
+    monkeypatch.setattr(pc, "_CANDIDATES", 64)  # many passes, few candidates each
+    monkeypatch.setattr(pc, "_ROWS", 256)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    # exact duplicates and coarse values: ties that only "the first of equals" resolves
+    x = torch.cat([x[: n // 2], x[: n // 4], x[: n - n // 2 - n // 4].round()]).to(dtype)
+    expected = plain_greedy(x, n_select, n_projections, torch.Generator().manual_seed(seed))
+    got = greedy_coreset(x, n_select, n_projections, torch.Generator().manual_seed(seed))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("order", ["greedy", "random"])
+def test_farthest_patch_matches_full_search(order, monkeypatch):
+    monkeypatch.setattr(pc, "_BLOCK", 4096)
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 12, generator=gen)
+    if order == "greedy":
+        bank = bank[greedy_coreset(bank, len(bank) - 1, 0, gen)]
+    owner = torch.arange(len(bank)) % 7
+    for i in range(3):
+        q = torch.randn(500, 12, generator=gen) * (1 + i)
+        for excluded in (None, lambda rows, i=i: (owner == i)[None, :],
+                         lambda rows: (torch.arange(500)[rows, None] % 50) == owner[None, :] * 7):
+            d, idx = nearest(q, bank, excluded)
+            j = int(torch.argmax(d))
+            assert farthest_patch(q, bank, excluded) == (j, d[j], idx[j])
+
+
+def test_nearest_in_blocks_matches_brute_force(monkeypatch):
     monkeypatch.setattr(pc, "_BLOCK", 50)  # force many blocks
     q, bank = torch.randn(37, 4), torch.randn(23, 4)
     d, i = nearest(q, bank)
