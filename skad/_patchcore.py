@@ -7,6 +7,8 @@ the reference images, so :meth:`PatchCore.set_reference` adapts the detector to
 a new domain without any training.
 """
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,8 @@ _N_EXACT = 8
 _BOUND_SLACK = 1e-3
 
 
-def greedy_coreset(features, n_select, n_projections=128, generator=None, verbose=0):
+def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_size=None,
+                   verbose=0):
     """Indices of a greedy k-center coreset (paper Alg. 1) on a random projection.
 
     The projection (Johnson-Lindenstrauss) only speeds up the distance
@@ -48,21 +51,32 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, verbos
     n_projections : int, default=128
         Dimension of the random projection; 0 or ``>= dim`` uses the features.
     generator : torch.Generator, optional
-        Draws the projection and the starting row.
+        Draws the projection, the chunks and the starting rows.
+    chunk_size : int, optional
+        An approximation for large ``n``: the rows are split at random into
+        ``ceil(n / chunk_size)`` chunks of equal size (:func:`_chunks`), each
+        gets its share of ``n_select`` and is thinned on its own. Each chunk's
+        selection is the exact greedy one of that chunk, but the chunks'
+        selections do not see each other: the union covers every row within
+        the largest of the chunks' covering radii, not the exact coreset's
+        radius. Time grows as ``n * chunk_size`` instead of ``n ** 2``. None
+        (or ``n <= chunk_size``): exact.
     verbose : int, default=0
         Progress on stderr when > 0.
 
     Returns
     -------
     selected : torch.Tensor of shape (n_select,)
-        Row indices on the CPU, in the order they were chosen: every prefix
-        is itself a greedy coreset (:func:`farthest_patch` relies on it).
+        Row indices on the CPU, in the order they were chosen (with chunks:
+        every chunk's first, then every chunk's second, ...), so that every
+        prefix covers the rows coarsely (:func:`farthest_patch` relies on it).
 
     Notes
     -----
     Memory: the projection, ``n * (n_projections + _BASIS + 2)`` values of
-    the features' dtype, besides the features. Time: O(n * n_select) pairs,
-    most of them rejected by a lower bound in ``_BASIS`` dimensions.
+    the features' dtype, besides the features. Time: O(n * n_select) pairs
+    (O(chunk_size * n_select) with chunks), most of them rejected by a
+    lower bound in ``_BASIS`` dimensions.
     """
     n, dim = features.shape
     if n_select >= n:
@@ -70,11 +84,30 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, verbos
     if n_projections and dim > n_projections:
         proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
         features = features @ proj.to(features.device, features.dtype)
-    start = int(torch.randint(n, (1,), generator=generator))
-    return _farthest_first(features, n_select, start, verbose)
+    if chunk_size is None or n <= chunk_size:
+        start = int(torch.randint(n, (1,), generator=generator))
+        return _farthest_first(features, n_select, start, verbose=verbose)
+    chunks = _chunks(n, chunk_size, generator)
+    # shares of n_select in proportion to the chunks' sizes, summing to n_select
+    ends = np.round(n_select * np.cumsum([len(rows) for rows in chunks]) / n).astype(int)
+    picks, ranks = [], []
+    for j, (rows, share) in enumerate(zip(chunks, np.diff(ends, prepend=0))):
+        start = int(torch.randint(len(rows), (1,), generator=generator))
+        local = _farthest_first(features[rows.to(features.device)], max(1, int(share)), start,
+                                desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
+        picks.append(rows[local])
+        ranks.append(torch.arange(len(local)))
+    return torch.cat(picks)[torch.argsort(torch.cat(ranks), stable=True)]
 
 
-def _farthest_first(x, n_select, start, verbose=0):
+def _chunks(n, chunk_size, generator):
+    """A random partition of ``range(n)`` into ``ceil(n / chunk_size)`` sorted parts of equal size."""
+    n_chunks = -(-n // chunk_size)
+    perm = torch.randperm(n, generator=generator)
+    return [torch.sort(perm[j::n_chunks]).values for j in range(n_chunks)]
+
+
+def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
     """Greedy farthest-first traversal of the rows of ``x`` from row ``start``.
 
     The plain algorithm updates the distance of every row to the chosen set
@@ -105,7 +138,7 @@ def _farthest_first(x, n_select, start, verbose=0):
     slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
     min_dist = _distances(x, x[start])
     selected = [torch.tensor([start])]
-    bar = progress(range(n_select), desc="coreset", verbose=verbose)
+    bar = progress(range(n_select), desc=desc, verbose=verbose)
     next(bar, None)
     n_done = 1
     while n_done < n_select:
@@ -274,6 +307,12 @@ class PatchCore(BaseDetector):
     n_reweight : int, default=9
         Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7);
         0 disables the reweighting (score = largest patch distance).
+    coreset_chunk_size : int or None, default=None
+        None: the exact greedy coreset, whose time grows as the square of the
+        number of reference patches. An int: references with more patches
+        than this are split at random into chunks of at most this many, each
+        thinned on its own (an approximation whose time grows linearly; see
+        :func:`greedy_coreset` and docs/benchmarks.md for its accuracy).
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
     threshold_quantile : float, default=0.99
@@ -323,8 +362,8 @@ class PatchCore(BaseDetector):
 
     def __init__(self, backbone="wide_resnet50_2", weights="pretrained", layers=(2, 3),
                  image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
-                 sigma=4.0, threshold_quantile=0.99, batch_size=16, device="auto",
-                 verbose=0, random_state=None):
+                 coreset_chunk_size=None, sigma=4.0, threshold_quantile=0.99, batch_size=16,
+                 device="auto", verbose=0, random_state=None):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
@@ -332,6 +371,7 @@ class PatchCore(BaseDetector):
         self.coreset_ratio = coreset_ratio
         self.n_projections = n_projections
         self.n_reweight = n_reweight
+        self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
@@ -359,6 +399,11 @@ class PatchCore(BaseDetector):
         return torch.cat(out, dim=1)
 
     def _set_reference(self, images):
+        if self.coreset_chunk_size is not None and not (
+                isinstance(self.coreset_chunk_size, numbers.Integral)
+                and self.coreset_chunk_size >= 1):
+            raise ValueError(f"coreset_chunk_size must be None or a positive integer; "
+                             f"got {self.coreset_chunk_size!r}")
         # channels last: the patches are a view of the maps, so the features are held once
         feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
                                  desc="reference features")
@@ -370,7 +415,7 @@ class PatchCore(BaseDetector):
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
         keep = greedy_coreset(patches.to(device), n_keep, self.n_projections, gen,
-                              verbose=self.verbose).cpu()
+                              self.coreset_chunk_size, verbose=self.verbose)
         self.memory_bank_ = patches[keep].contiguous()
         self.memory_owner_ = owner[keep]
         self.memory_position_ = position[keep]

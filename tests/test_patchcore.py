@@ -55,6 +55,30 @@ def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, n_proje
     assert torch.equal(got, expected)
 
 
+def test_chunked_coreset_is_greedy_within_each_chunk():
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    idx = greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3), chunk_size=300)
+    assert len(idx) == 100 and len(set(idx.tolist())) == 100
+    # the same draws: the partition comes first when there is no projection
+    chunks = pc._chunks(len(x), 300, torch.Generator().manual_seed(3))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(1000))
+    radius, firsts = [], set()
+    for rows in chunks:
+        mine = idx[torch.isin(idx, rows)]  # in the order chosen
+        firsts.add(int(mine[0]))
+        assert len(mine) == 25  # n_select shared in proportion to the chunk sizes
+        for k in range(1, len(mine)):  # each is the farthest of its chunk from those before
+            d = torch.cdist(x[rows], x[mine[:k]]).min(dim=1).values
+            assert d.max() == pytest.approx(torch.cdist(x[mine[k]][None], x[mine[:k]]).min())
+        radius.append(torch.cdist(x[rows], x[mine]).min(dim=1).values.max())
+    # the union covers every row within the largest of the chunks' radii
+    assert torch.cdist(x, x[idx]).min(dim=1).values.max() <= max(radius)
+    # every chunk's first pick comes first, so that bank prefixes cover all chunks
+    assert set(idx[:len(chunks)].tolist()) == firsts
+    exact = greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3))
+    assert torch.equal(greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3),
+                                      chunk_size=1000), exact)
+
 @pytest.mark.parametrize("order", ["greedy", "random"])
 def test_farthest_patch_matches_full_search(order, monkeypatch):
     monkeypatch.setattr(pc, "_BLOCK", 4096)
@@ -134,7 +158,8 @@ def test_detects_synthetic_defects_with_offline_weights(textures):
     assert det.score(textures.images[test], textures.y[test]) > 0.8
 
 
-def test_bad_coreset_ratio(textures):
-    with pytest.raises(ValueError, match="coreset_ratio"):
-        PatchCore(backbone="test_resnet", weights=None, coreset_ratio=0).fit(
-            textures.images[:2])
+@pytest.mark.parametrize("param", [{"coreset_ratio": 0}, {"coreset_chunk_size": 0},
+                                   {"coreset_chunk_size": 1.5}])
+def test_bad_coreset_parameters(textures, param):
+    with pytest.raises(ValueError, match=next(iter(param))):
+        PatchCore(backbone="test_resnet", weights=None, **param).fit(textures.images[:2])
