@@ -6,7 +6,9 @@
     skad benchmark --method patchcore --data ROOT --protocol oneclass
 
 Errors are printed as one line (``skad: error: ...``) with exit status 1;
-``--verbose`` shows progress of long work on stderr.
+``--verbose`` shows progress of long work on stderr. torch, timm and the detectors
+are imported by the sub-commands that need them, so that ``--help`` and argument
+errors answer at once.
 """
 
 import argparse
@@ -22,8 +24,6 @@ import joblib
 import numpy as np
 
 import skad
-
-from ._images import check_images
 
 __all__ = ["main"]
 
@@ -187,6 +187,8 @@ def write_results(det, images, names, scores, maps, out):
 
 
 def cmd_score(args):
+    from ._images import check_images
+
     if not Path(args.model).is_file():
         raise CLIError(f"model file {args.model} does not exist")
     det = joblib.load(args.model)
@@ -203,6 +205,7 @@ def cmd_score(args):
 
 
 def cmd_demo(args):
+    from ._images import check_images
     from .datasets import make_textures
     from .metrics import evaluate
 

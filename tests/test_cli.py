@@ -1,6 +1,9 @@
 """The skad command: fit, score, benchmark and clear errors."""
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +90,12 @@ def test_benchmark_rows_are_reproducible(mvtec):
     metrics = [[(r["image_auroc"], r["pixel_auroc"], r["pro"]) for r in rows] for rows in runs]
     assert metrics[0] == metrics[1]
     assert [r["seed"] for r in runs[0]] == [0, 1]
+
+
+def test_help_imports_no_torch():
+    """``skad --help`` and argument errors must not wait for torch, timm or scikit-learn."""
+    code = ("import sys, skad.cli; skad.cli._parser().format_help(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
