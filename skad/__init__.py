@@ -2,29 +2,40 @@
 
 Detectors take images (arrays or file paths), follow scikit-learn's estimator
 API and score with higher = more anomalous. See ``README.md`` and ``docs/``.
+
+The public names are imported on first use (PEP 562), so that ``import skad``
+and the command line's ``--help`` do not wait for torch and timm.
 """
 
-from . import datasets, metrics, model_selection
-from ._backbone import WeightsNotFoundError
-from ._general_ad import GeneralAD
-from ._global_local import GlobalLocal
-from ._meta_comparer import MetaComparer
-from ._mmr import MMR
-from ._patchcore import PatchCore
-from .base import BaseDetector
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BaseDetector",
-    "GeneralAD",
-    "GlobalLocal",
-    "MetaComparer",
-    "MMR",
-    "PatchCore",
-    "WeightsNotFoundError",
-    "datasets",
-    "metrics",
-    "model_selection",
-    "__version__",
-]
+# public name -> module defining it (the submodules are their own entries)
+_MODULES = {
+    "BaseDetector": ".base",
+    "GeneralAD": "._general_ad",
+    "GlobalLocal": "._global_local",
+    "MetaComparer": "._meta_comparer",
+    "MMR": "._mmr",
+    "PatchCore": "._patchcore",
+    "WeightsNotFoundError": "._backbone",
+    "datasets": ".datasets",
+    "metrics": ".metrics",
+    "model_selection": ".model_selection",
+}
+
+__all__ = [*_MODULES, "__version__"]
+
+
+def __getattr__(name):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_MODULES[name], __name__)
+    value = module if _MODULES[name] == f".{name}" else getattr(module, name)
+    globals()[name] = value  # later lookups do not come here
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})

@@ -63,16 +63,19 @@ def jittered_starts(size, patch_size, stride, n, generator):
     return (pick + jitter).clamp_(0, size - patch_size)
 
 
-def crop_windows(images, owner, top, left, size):
+def crop_windows(images, owner, top, left, size, channels_last=False):
     """``images[owner[k], :, top[k]:top[k]+size, left[k]:left[k]+size]`` for every k, gathered.
 
-    One indexing op for all crops: ``(K, C, size, size)``.
+    One indexing op for all crops: ``(K, C, size, size)``, in the channels-last
+    memory format if ``channels_last`` (as gathered: no copy; the faster
+    layout for CPU convolutions), else contiguous.
     """
     ar = torch.arange(size, device=images.device)
     rows = (top.to(images.device)[:, None] + ar)[:, :, None]
     cols = (left.to(images.device)[:, None] + ar)[:, None, :]
     out = images[owner.to(images.device)[:, None, None], :, rows, cols]  # (K, size, size, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    out = out.permute(0, 3, 1, 2)
+    return out if channels_last else out.contiguous()
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,13 +109,16 @@ def idw_interpolate(scores, index, weight, shape):
 
 
 # ------------------------------------------------------------------ modules
-def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0):
+def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0, x_masked=False):
     """Partial convolution (Liu et al. 2018; paper Eq. 5). Stateless.
 
     ``x`` (B, C, H, W), ``mask`` (B, 1, H, W) binary, 1 = valid. Returns the
     output and the next layer's mask. Where the window holds valid pixels,
     ``W^T (X * M) * sum(1) / sum(M) + b``; elsewhere 0. The mask arithmetic runs
-    in float32 outside autocast (1e-8 is 0 in float16).
+    in float32 outside autocast (1e-8 is 0 in float16). ``x_masked`` says that
+    ``x`` is already 0 wherever ``mask`` is (true of a partial convolution's own
+    output, also after an activation that keeps 0 and a max pooling of both),
+    which saves the product ``X * M``.
     """
     kernel = weight.shape[-2:]
     with torch.autocast(x.device.type, enabled=False):
@@ -120,17 +126,19 @@ def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0):
         count = F.conv2d(mask.float(), ones, stride=stride, padding=padding)  # sum(M)
     update = count.clamp(0.0, 1.0)
     ratio = kernel.numel() / (count + 1e-8) * update  # sum(1) / sum(M), 0 where no valid pixel
-    out = F.conv2d(x * mask.to(x.dtype), weight, None, stride, padding) * ratio
+    out = F.conv2d(x if x_masked else x * mask.to(x.dtype), weight, None, stride, padding)
+    out.mul_(ratio.to(out.dtype))  # in place: no second tensor of the output's size
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1) * update
+        out.addcmul_(bias.view(1, -1, 1, 1).to(out.dtype), update.to(out.dtype))  # b * {0, 1}
     return out, update
 
 
 class PartialConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose ``forward(x, mask)`` is :func:`partial_conv2d`; keeps no mask."""
 
-    def forward(self, x, mask):
-        return partial_conv2d(x, mask, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, x, mask, x_masked=False):
+        return partial_conv2d(x, mask, self.weight, self.bias, self.stride, self.padding,
+                              x_masked)
 
 
 class LocalNet(nn.Module):
@@ -187,10 +195,10 @@ class GlobalNet(nn.Module):
                                   nn.Linear(4 * w * 2, embed_dim))
 
     def forward(self, windows, mask):
-        x = (windows - 0.5) / 0.25  # masked pixels are zeroed inside the partial conv
-        for conv, pool in zip(self.convs, self.pool_after):
-            x, mask = conv(x, mask)
-            x = F.leaky_relu(x, 0.1)
+        x = (windows - 0.5) / 0.25  # masked pixels are zeroed inside the first partial conv
+        for i, (conv, pool) in enumerate(zip(self.convs, self.pool_after)):
+            x, mask = conv(x, mask, x_masked=i > 0)  # each output is 0 where its mask is
+            x = F.leaky_relu(x, 0.1, inplace=True)
             if pool:
                 x = F.max_pool2d(x, 2, ceil_mode=True)
                 mask = F.max_pool2d(mask, 2, ceil_mode=True)
@@ -668,12 +676,12 @@ class GlobalLocal(BaseDetector):
         valid = torch.ones_like(images[:, :1])
         return F.pad(images, (m, m, m, m)), F.pad(valid, (m, m, m, m))
 
-    def _crop(self, padded, valid, owner, top, left):
+    def _crop(self, padded, valid, owner, top, left, channels_last=False):
         """Context windows, their masks M0 (0 in the patch and outside the image) and patches."""
         m, p = self._margin(), self.patch_size
         size = p + 2 * m
-        windows = crop_windows(padded, owner, top, left, size)
-        mask = crop_windows(valid, owner, top, left, size)
+        windows = crop_windows(padded, owner, top, left, size, channels_last)
+        mask = crop_windows(valid, owner, top, left, size, channels_last)
         mask[:, :, m:m + p, m:m + p] = 0.0  # M0: the Global-Net never sees the patch
         return windows, mask, windows[:, :, m:m + p, m:m + p]
 
@@ -697,7 +705,7 @@ class GlobalLocal(BaseDetector):
             for s in range(0, len(owner), _CHUNK):
                 part = slice(s, s + _CHUNK)
                 windows, mask, patch = self._crop(padded, valid, owner[part], top[part],
-                                                  left[part])
+                                                  left[part], channels_last=True)
                 z_l, z_g = self.local_net_.embed(patch), self.global_net_(windows, mask)
                 s_iad.append(iad_score(z_l, z_g))
                 s_dad.append(torch.sigmoid(self.dad_head_(z_l, z_g).float()))  # 1 - C (Eq. 12)

@@ -7,6 +7,8 @@ the reference images, so :meth:`PatchCore.set_reference` adapts the detector to
 a new domain without any training.
 """
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,61 @@ __all__ = ["PatchCore"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
+# greedy coreset: farthest points whose order is settled among themselves per pass over the
+# features, principal directions of the distance lower bound, feature rows per update chunk
+_CANDIDATES = 512
+_BASIS = 32
+_ROWS = 4096
+# farthest_patch: rows searched exactly per bank prefix; relative rounding allowed for
+_N_EXACT = 8
+_BOUND_SLACK = 1e-3
 
 
-def greedy_coreset(features, n_select, n_projections=128, generator=None, verbose=0):
+def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_size=None,
+                   verbose=0):
     """Indices of a greedy k-center coreset (paper Alg. 1) on a random projection.
 
     The projection (Johnson-Lindenstrauss) only speeds up the distance
-    computations; the selected rows index ``features`` itself.
+    computations; the selected rows index ``features`` itself. The selection
+    is that of the plain algorithm (each step takes the point farthest from
+    those chosen, the first of equals), computed in passes over the features
+    rather than one pass per step (see :func:`_farthest_first`).
+
+    Parameters
+    ----------
+    features : torch.Tensor of shape (n, dim)
+        Floating point, on any device; not modified.
+    n_select : int
+        Number of rows to select; all rows (in order) when ``n_select >= n``.
+    n_projections : int, default=128
+        Dimension of the random projection; 0 or ``>= dim`` uses the features.
+    generator : torch.Generator, optional
+        Draws the projection, the chunks and the starting rows.
+    chunk_size : int, optional
+        An approximation for large ``n``: the rows are split at random into
+        ``ceil(n / chunk_size)`` chunks of equal size (:func:`_chunks`), each
+        gets its share of ``n_select`` and is thinned on its own. Each chunk's
+        selection is the exact greedy one of that chunk, but the chunks'
+        selections do not see each other: the union covers every row within
+        the largest of the chunks' covering radii, not the exact coreset's
+        radius. Time grows as ``n * chunk_size`` instead of ``n ** 2``. None
+        (or ``n <= chunk_size``): exact.
+    verbose : int, default=0
+        Progress on stderr when > 0.
+
+    Returns
+    -------
+    selected : torch.Tensor of shape (n_select,)
+        Row indices on the CPU, in the order they were chosen (with chunks:
+        every chunk's first, then every chunk's second, ...), so that every
+        prefix covers the rows coarsely (:func:`farthest_patch` relies on it).
+
+    Notes
+    -----
+    Memory: the projection, ``n * (n_projections + _BASIS + 2)`` values of
+    the features' dtype, besides the features. Time: O(n * n_select) pairs
+    (O(chunk_size * n_select) with chunks), most of them rejected by a
+    lower bound in ``_BASIS`` dimensions.
     """
     n, dim = features.shape
     if n_select >= n:
@@ -34,23 +84,152 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, verbos
     if n_projections and dim > n_projections:
         proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
         features = features @ proj.to(features.device, features.dtype)
-    start = int(torch.randint(n, (1,), generator=generator))
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = start
-    min_dist = torch.linalg.vector_norm(features - features[start], dim=1)
-    for k in progress(range(1, n_select), desc="coreset", verbose=verbose):
-        idx = torch.argmax(min_dist)
-        selected[k] = idx
-        dist = torch.linalg.vector_norm(features - features[idx], dim=1)
-        torch.minimum(min_dist, dist, out=min_dist)
-    return selected
+    if chunk_size is None or n <= chunk_size:
+        start = int(torch.randint(n, (1,), generator=generator))
+        return _farthest_first(features, n_select, start, verbose=verbose)
+    chunks = _chunks(n, chunk_size, generator)
+    # shares of n_select in proportion to the chunks' sizes, summing to n_select
+    ends = np.round(n_select * np.cumsum([len(rows) for rows in chunks]) / n).astype(int)
+    picks, ranks = [], []
+    for j, (rows, share) in enumerate(zip(chunks, np.diff(ends, prepend=0))):
+        start = int(torch.randint(len(rows), (1,), generator=generator))
+        local = _farthest_first(features[rows.to(features.device)], max(1, int(share)), start,
+                                desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
+        picks.append(rows[local])
+        ranks.append(torch.arange(len(local)))
+    return torch.cat(picks)[torch.argsort(torch.cat(ranks), stable=True)]
+
+
+def _chunks(n, chunk_size, generator):
+    """A random partition of ``range(n)`` into ``ceil(n / chunk_size)`` sorted parts of equal size."""
+    n_chunks = -(-n // chunk_size)
+    perm = torch.randperm(n, generator=generator)
+    return [torch.sort(perm[j::n_chunks]).values for j in range(n_chunks)]
+
+
+def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
+    """Greedy farthest-first traversal of the rows of ``x`` from row ``start``.
+
+    The plain algorithm updates the distance of every row to the chosen set
+    after every step: ``n_select`` passes over ``x``, each bound by memory
+    bandwidth. Here each pass settles many steps at once:
+
+    1. The ``_CANDIDATES`` rows farthest from the chosen set are the only
+       ones that can be chosen next while their distance stays above that of
+       every other row (which only decreases); their distances to each other
+       settle the next steps exactly (:func:`_next_steps`).
+    2. One pass then updates every row's distance to the new centres. A pair
+       is computed only if its lower bound, the distance of the projections
+       on the ``_BASIS`` leading principal directions (a matrix product),
+       does not already exceed the row's distance (:func:`_update_distances`).
+
+    Distances of the pairs computed are those of the plain algorithm, bit
+    for bit (the same difference and norm), so the selection is the same.
+    """
+    n, dim = x.shape
+    mean, basis = _principal_basis(x, min(_BASIS, dim))
+    # [z, 1] and |z|^2 turn the bound |z_x - z_c|^2 into one product with [-2 z_c, |z_c|^2]
+    z = torch.addmm(-(mean @ basis)[None], x, basis)
+    z_sq = (z * z).sum(dim=1)
+    z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+    # rounding of the product form, far above the dtype's precision: a pair is skipped
+    # only when its bound exceeds the row's distance by more than this (squared)
+    radius_sq = float(((x[:: max(1, n // 65536)] - mean) ** 2).sum(dim=1).max())
+    slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
+    min_dist = _distances(x, x[start])
+    selected = [torch.tensor([start])]
+    bar = progress(range(n_select), desc=desc, verbose=verbose)
+    next(bar, None)
+    n_done = 1
+    while n_done < n_select:
+        picks = _next_steps(x, min_dist, n_select - n_done)
+        _update_distances(x, z, z_sq, min_dist, picks, slack)
+        selected.append(picks.cpu())
+        n_done += len(picks)
+        for _ in zip(range(len(picks)), bar):
+            pass
+    return torch.cat(selected)
+
+
+def _principal_basis(x, n_basis):
+    """Mean and ``n_basis`` leading principal directions ``(dim, n_basis)`` of the rows of ``x``.
+
+    Any orthonormal basis gives a valid lower bound; the principal one gives
+    the tightest. Computed in float64 on at most 65536 evenly spaced rows.
+    """
+    sample = x[:: max(1, len(x) // 65536)].double()
+    mean = sample.mean(dim=0)
+    centred = sample - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    return mean.to(x.dtype), vectors[:, -n_basis:].to(x.dtype).contiguous()
+
+
+def _distances(x, centre):
+    """``|x_i - centre|`` for every row, in chunks (no temporary of the size of ``x``)."""
+    out = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for s in range(0, len(x), 16 * _ROWS):
+        out[s:s + 16 * _ROWS] = torch.linalg.vector_norm(x[s:s + 16 * _ROWS] - centre, dim=1)
+    return out
+
+
+def _next_steps(x, min_dist, n_left):
+    """The next greedy steps that the ``_CANDIDATES`` farthest rows settle on their own.
+
+    The first step is the farthest row. Every later one is the farthest
+    candidate after the steps before it, as long as its distance stays above
+    ``tau``, the largest distance outside the candidates (lower ties could be
+    rows outside). Returns up to ``n_left`` row indices, in order.
+    """
+    n_cand = min(_CANDIDATES, len(x) - 1)
+    top = torch.topk(min_dist, n_cand + 1)
+    tau = float(top.values[-1])
+    first = torch.argmax(min_dist)[None]  # the first of equals, as the plain algorithm
+    cand = torch.cat([first, top.indices[:-1]])
+    xc = x[cand]
+    rows = max(1, 2**20 // xc.numel())  # (rows, n_cand, dim) difference blocks of 4 MiB
+    between = torch.cat([torch.linalg.vector_norm(xc[None] - xc[i:i + rows, None], dim=2)
+                         for i in range(0, len(xc), rows)]).cpu().double().numpy()
+    dist = min_dist[cand].cpu().double().numpy()  # float64 holds every dtype's values exactly
+    index = cand.cpu().numpy()
+    steps = [0]
+    np.minimum(dist, between[0], out=dist)
+    while len(steps) < n_left:
+        far = dist.max()
+        if not far > tau:
+            break
+        ties = np.flatnonzero(dist == far)
+        step = ties[np.argmin(index[ties])]
+        steps.append(step)
+        np.minimum(dist, between[step], out=dist)
+    return cand[torch.as_tensor(steps, device=cand.device)]
+
+
+def _update_distances(x, z, z_sq, min_dist, picks, slack):
+    """``min_dist = min(min_dist, |x - x[picks]|)`` for the pairs the lower bound cannot rule out.
+
+    ``z`` is ``[projection on the basis, 1]`` per row and ``z_sq`` the squared
+    norm of the projection: ``z @ [-2 z_c, |z_c|^2]^T + z_sq`` is the squared
+    distance of the projections, which is at most the squared distance.
+    """
+    zc = z[picks, :-1]
+    weights = torch.cat([-2 * zc, (zc * zc).sum(dim=1, keepdim=True)], dim=1).T.contiguous()
+    xc = x[picks]
+    for s in range(0, len(x), _ROWS):
+        dist = min_dist[s:s + _ROWS]
+        bound = torch.mm(z[s:s + _ROWS], weights)
+        limit = dist * dist + slack - z_sq[s:s + _ROWS]
+        rows, cols = (bound <= limit[:, None]).nonzero(as_tuple=True)
+        if len(rows):
+            d = torch.linalg.vector_norm(x[s + rows] - xc[cols], dim=1)
+            dist.scatter_reduce_(0, rows, d, "amin")
 
 
 def nearest(queries, bank, excluded=None):
     """Distance to, and index of, the nearest bank row for each query row, in blocks.
 
-    ``excluded(rows) -> bool (len(rows), len(bank))`` masks bank rows a query may
-    not match (its own image's patches, for leave-one-out scores).
+    ``excluded(rows) -> bool (len(rows) or 1, len(bank))`` masks bank rows a
+    query may not match (its own image's patches, for leave-one-out scores);
+    ``rows`` is a slice of the query rows, or their indices.
     """
     rows = max(1, _BLOCK // max(len(bank), 1))
     dists, index = [], []
@@ -62,6 +241,53 @@ def nearest(queries, bank, excluded=None):
         dists.append(dmin)
         index.append(imin)
     return torch.cat(dists), torch.cat(index)
+
+
+
+def farthest_patch(queries, bank, excluded=None):
+    """The query row farthest from its nearest bank row, without a full search for every row.
+
+    Returns ``(j, d[j], i[j])`` with ``d, i = nearest(queries, bank, excluded)``
+    and ``j = argmax(d)`` (the first of equals) over the rows with an allowed
+    bank row (``d[j]`` is inf only when no row has one). Branch and bound over the
+    prefixes ``bank[:m]`` of growing size: the nearest distance within a
+    prefix bounds a row's nearest distance from above, the exact distances of
+    the rows with the largest bounds bound the answer from below, and rows
+    whose upper bound falls below it are dropped before the next prefix.
+    Correct for any bank order; fast for a bank in greedy coreset order
+    (:func:`greedy_coreset`), whose prefixes cover the whole bank.
+
+    The bounds and the answer come from different :func:`nearest` calls,
+    which round alike to about 1e-6; a row is dropped only below
+    ``1 - _BOUND_SLACK`` times the lower bound.
+    """
+    rows = torch.arange(len(queries), device=queries.device)
+    lower = 0.0
+    for size in _prefix_sizes(len(bank)):
+        dist, index = nearest(queries[rows], bank[:size], _restrict(excluded, rows, size))
+        if size == len(bank):
+            break
+        top = rows[torch.topk(dist, min(_N_EXACT, len(rows))).indices]
+        exact, _ = nearest(queries[top], bank, _restrict(excluded, top, len(bank)))
+        exact = exact[torch.isfinite(exact)]  # rows with every bank row excluded: no bound
+        if len(exact):
+            lower = max(lower, float(exact.max()))
+        rows = rows[dist >= lower * (1 - _BOUND_SLACK)]
+    j = int(torch.argmax(torch.where(torch.isfinite(dist), dist, -torch.inf)))
+    return int(rows[j]), dist[j], index[j]
+
+
+def _prefix_sizes(n_bank):
+    """Bank prefixes searched by :func:`farthest_patch`: 1/64 and 1/8 of the bank (from 256
+    rows up), then all of it."""
+    return [m for m in (n_bank >> 6, n_bank >> 3) if m >= 256] + [n_bank]
+
+
+def _restrict(excluded, rows, size):
+    """``excluded`` for the query rows ``rows`` and the bank prefix of ``size`` rows."""
+    if excluded is None:
+        return None
+    return lambda part: excluded(rows[part])[:, :size]
 
 
 class PatchCore(BaseDetector):
@@ -86,6 +312,12 @@ class PatchCore(BaseDetector):
     n_reweight : int, default=9
         Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7);
         0 disables the reweighting (score = largest patch distance).
+    coreset_chunk_size : int or None, default=None
+        None: the exact greedy coreset, whose time grows as the square of the
+        number of reference patches. An int: references with more patches
+        than this are split at random into chunks of at most this many, each
+        thinned on its own (an approximation whose time grows linearly; see
+        :func:`greedy_coreset` and docs/benchmarks.md for its accuracy).
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
     threshold_quantile : float, default=0.99
@@ -135,8 +367,8 @@ class PatchCore(BaseDetector):
 
     def __init__(self, backbone="wide_resnet50_2.tv_in1k", weights="pretrained", layers=(2, 3),
                  image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
-                 sigma=4.0, threshold_quantile=0.99, batch_size=16, device="auto",
-                 verbose=0, random_state=None):
+                 coreset_chunk_size=None, sigma=4.0, threshold_quantile=0.99, batch_size=16,
+                 device="auto", verbose=0, random_state=None):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
@@ -144,6 +376,7 @@ class PatchCore(BaseDetector):
         self.coreset_ratio = coreset_ratio
         self.n_projections = n_projections
         self.n_reweight = n_reweight
+        self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
@@ -174,16 +407,23 @@ class PatchCore(BaseDetector):
         return torch.cat(out, dim=1)
 
     def _set_reference(self, images):
-        feats = self._map_images(images, self._embed, desc="reference features")
-        n, dim, h, w = feats.shape
-        patches = feats.permute(0, 2, 3, 1).reshape(-1, dim)
+        if self.coreset_chunk_size is not None and not (
+                isinstance(self.coreset_chunk_size, numbers.Integral)
+                and self.coreset_chunk_size >= 1):
+            raise ValueError(f"coreset_chunk_size must be None or a positive integer; "
+                             f"got {self.coreset_chunk_size!r}")
+        # channels last: the patches are a view of the maps, so the features are held once
+        feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
+                                 desc="reference features")
+        n, h, w, dim = feats.shape
+        patches = feats.view(-1, dim)
         owner = torch.arange(n).repeat_interleave(h * w)
         position = torch.arange(h * w).repeat(n)
         device = self._device()
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
         keep = greedy_coreset(patches.to(device), n_keep, self.n_projections, gen,
-                              verbose=self.verbose).cpu()
+                              self.coreset_chunk_size, verbose=self.verbose)
         self.memory_bank_ = patches[keep].contiguous()
         self.memory_owner_ = owner[keep]
         self.memory_position_ = position[keep]
@@ -203,7 +443,7 @@ class PatchCore(BaseDetector):
         h, w = self.feature_grid_
         scores = []
         for i, f in enumerate(feats):
-            q = f.to(device).flatten(1).T
+            q = f.to(device).flatten(0, 1)
             if len(feats) > 1:
                 def excluded(rows, i=i):
                     return (owner == i)[None, :]  # broadcast over the query rows
@@ -214,10 +454,10 @@ class PatchCore(BaseDetector):
                     qp = qpos[rows]
                     return (((qp[:, None] // w) - (pos[None] // w)).abs() <= 1) & (
                         ((qp[:, None] % w) - (pos[None] % w)).abs() <= 1)
-            dist, idx = nearest(q, bank, excluded)
-            if not torch.isfinite(dist).any():
+            j, s_star, m_star = farthest_patch(q, bank, excluded)
+            if not torch.isfinite(s_star):
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
-            scores.append(self._image_score(q, dist, idx, bank, excluded=excluded))
+            scores.append(self._image_score(q, j, s_star, m_star, bank, excluded=excluded))
         return torch.stack(scores).cpu().numpy()
 
     def _no_leave_one_out(self, i, n_references):
@@ -237,21 +477,19 @@ class PatchCore(BaseDetector):
             f"bank keeps patches of at least 2 of the {n_references} reference images"
         )
 
-    def _image_score(self, q, dist, idx, bank, excluded=None):
+    def _image_score(self, q, j, s_star, m_star, bank, excluded=None):
         """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
 
-        For leave-one-out scores, ``excluded`` leaves the image's own bank patches
-        out of the neighbourhood ``N_b(m*)`` as well as out of the nearest-neighbour
-        search; patches without any bank patch (distance inf) do not count.
+        ``q[j]`` is the query patch farthest from the bank: ``s_star`` from
+        its nearest bank row, ``bank[m_star]``. For leave-one-out scores,
+        ``excluded`` leaves the image's own bank patches out of the
+        neighbourhood ``N_b(m*)`` as well as out of the nearest-neighbour search.
         """
-        j = torch.argmax(torch.where(torch.isfinite(dist), dist, -torch.inf))
-        s_star = dist[j]
         # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
-        m_star = bank[idx[j]][None]
-        d_bank = torch.cdist(m_star, bank)[0]
+        d_bank = torch.cdist(bank[m_star][None], bank)[0]
         if excluded is not None:
-            d_bank = d_bank.masked_fill(excluded(slice(int(j), int(j) + 1))[0], float("inf"))
-            d_bank[idx[j]] = 0.0
+            d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
+            d_bank[m_star] = 0.0
         b = min(self.n_reweight, int(torch.isfinite(d_bank).sum()))
         if b < 2:
             return s_star
@@ -266,9 +504,13 @@ class PatchCore(BaseDetector):
         scores, grids = [], []
         for f in feats:
             q = f.flatten(1).T
-            dist, idx = nearest(q, bank)
-            scores.append(self._image_score(q, dist, idx, bank))
-            grids.append(dist.view(f.shape[1:]))
+            if maps:
+                dist, idx = nearest(q, bank)
+                j = int(torch.argmax(dist))
+                scores.append(self._image_score(q, j, dist[j], idx[j], bank))
+                grids.append(dist.view(f.shape[1:]))
+            else:  # the score needs the farthest patch only
+                scores.append(self._image_score(q, *farthest_patch(q, bank), bank))
         out_maps = None
         if maps:
             out_maps = gaussian_blur(upsample(torch.stack(grids), self.image_size), self.sigma)

@@ -254,18 +254,26 @@ class BaseDetector(BaseEstimator):
         """Run ``fn`` on every batch under inference mode; concatenate its outputs on the CPU.
 
         ``fn(batch)`` gets ``(B, 3, H, W)`` on the compute device and returns a
-        tensor or a tuple/list of tensors with the batch first.
+        tensor or a tuple/list of tensors with the batch first (``B * r`` rows
+        for a fixed ``r`` rows per image). The outputs are written into tensors
+        allocated after the first batch, so that they are held once (a list of
+        batches and their concatenation would hold them twice).
         """
         device = self._device()
         self._to_device(device)
-        outs = []
+        outs = None
         with torch.inference_mode():
-            for _, batch in iter_batches(images, self.batch_size, self.image_size,
-                                         verbose=self.verbose, desc=desc):
+            for idx, batch in iter_batches(images, self.batch_size, self.image_size,
+                                           verbose=self.verbose, desc=desc):
                 out = fn(batch.to(device))
-                outs.append(_to_cpu(out if isinstance(out, (tuple, list)) else (out,)))
-        cat = [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
-        return cat if len(cat) > 1 else cat[0]
+                out = out if isinstance(out, (tuple, list)) else (out,)
+                if outs is None:
+                    outs = [o.new_empty((len(images) * (len(o) // len(idx)), *o.shape[1:]),
+                                        device="cpu") for o in out]
+                for buf, o in zip(outs, out):
+                    r = len(o) // len(idx)
+                    buf[idx[0] * r:(idx[-1] + 1) * r] = o
+        return outs if len(outs) > 1 else outs[0]
 
     def __getstate__(self):
         # fitted modules and tensors travel on the CPU, so a model fitted on a

@@ -9,7 +9,9 @@ Exit status: 0 when all went well; 1 with one line ``skad: error: ...`` on
 stderr for anything that stopped the command; 2 for a wrong command line; 3
 when ``skad score`` finished but some images could not be read (their rows in
 ``scores.csv`` say why); 130 when interrupted. ``--verbose`` shows progress of
-long work, and what folder listings skipped, on stderr.
+long work, and what folder listings skipped, on stderr. torch, timm and the
+detectors are imported by the sub-commands that need them, so that ``--help``
+and argument errors answer at once.
 """
 
 import argparse
@@ -32,8 +34,6 @@ import skad
 
 from ._files import IMAGE_EXTENSIONS, is_debris
 from ._files import list_images as _list_images
-from ._images import ImageSet, check_images, progress
-from .datasets import _find_categories
 
 __all__ = ["main"]
 
@@ -123,6 +123,8 @@ def _training_set(folder):
     folder = Path(folder)
     if (folder / "train" / "good").is_dir():
         return list_images(folder / "train" / "good"), None, None
+    from .datasets import _find_categories
+
     categories = _find_categories(folder) if folder.is_dir() else []
     if categories:
         train = skad.datasets.load_domains(folder, categories, "train")
@@ -325,6 +327,8 @@ def _score_chunk(det, images, paths, indices, results):
 
 
 def cmd_score(args):
+    from ._images import ImageSet, progress
+
     det = _load_model(args.model)
     det.set_params(device=args.device, verbose=args.verbose)
     if args.reference:
@@ -355,6 +359,7 @@ def cmd_score(args):
 
 
 def cmd_demo(args):
+    from ._images import check_images
     from .datasets import make_textures
     from .metrics import evaluate
 
@@ -389,6 +394,8 @@ def cmd_benchmark(args):
     root = Path(args.data)
     if not root.is_dir():
         raise CLIError(f"data folder {root} does not exist")
+    from .datasets import _find_categories
+
     categories = args.categories or _find_categories(root)
     if not categories:
         raise CLIError(f"no MVTec-layout categories (with train/ and test/) in {root}")

@@ -4,6 +4,8 @@ import csv
 import os
 import pickle
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,12 @@ def test_diverging_fit_and_unreadable_folders_are_one_line_errors(mvtec, tmp_pat
     assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m"), *TINY]) == 1
     err = capsys.readouterr().err
     assert err.startswith("skad: error:") and "locked" in err and err.count("\n") == 1
+
+
+def test_help_imports_no_torch():
+    """``skad --help`` and argument errors must not wait for torch, timm or scikit-learn."""
+    code = ("import sys, skad.cli; skad.cli._parser().format_help(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

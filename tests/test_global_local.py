@@ -73,6 +73,27 @@ def test_partial_conv_matches_the_notes_formula():
     torch.testing.assert_close(plain, F.conv2d(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+def test_global_net_masks_only_its_input():
+    """Later layers take their input as masked (x_masked): the same as masking it again."""
+    net = GlobalNet(embed_dim=16, width=8).eval()
+    g = torch.Generator().manual_seed(1)
+    windows = torch.rand(4, 3, 24, 24, generator=g)
+    mask = (torch.rand(4, 1, 24, 24, generator=g) > 0.3).float()
+    mask[:, :, 6:18, 6:18] = 0
+    with torch.no_grad():
+        x, m = (windows - 0.5) / 0.25, mask
+        for conv, pool in zip(net.convs, net.pool_after):
+            x, m = conv(x, m)  # masks its input every time
+            x = F.leaky_relu(x, 0.1)
+            if pool:
+                x, m = F.max_pool2d(x, 2, ceil_mode=True), F.max_pool2d(m, 2, ceil_mode=True)
+            assert torch.all(x[m.expand_as(x) == 0] == 0)
+        expected = net.head(F.adaptive_avg_pool2d(x, net.grid).flatten(1))
+        assert torch.equal(net(windows, mask), expected)
+        # channels-last windows (as scoring crops them) give the same features up to rounding
+        torch.testing.assert_close(
+            net(windows.contiguous(memory_format=torch.channels_last), mask), expected)
+
 def test_partial_conv_keeps_no_state():
     conv = gl_module.PartialConv2d(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 6, 6)
@@ -121,6 +142,9 @@ def test_crop_windows_and_raster_grid():
     images = torch.arange(2 * 3 * 9 * 10, dtype=torch.float32).view(2, 3, 9, 10)
     out = crop_windows(images, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([5, 3]), 4)
     assert torch.equal(out[0], images[1, :, 2:6, 5:9]) and torch.equal(out[1], images[0, :, :4, 3:7])
+    last = crop_windows(images, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([5, 3]), 4,
+                        channels_last=True)
+    assert torch.equal(last, out) and last.is_contiguous(memory_format=torch.channels_last)
     assert patch_starts(256, 32, 16).tolist() == list(range(0, 225, 16))  # 15 per axis
     assert patch_starts(50, 32, 16).tolist() == [0, 16, 18]  # the last one ends at the border
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from skad import PatchCore
-from skad._patchcore import greedy_coreset, nearest
+import skad._patchcore as pc
+from skad._patchcore import farthest_patch, greedy_coreset, nearest
 from skad.datasets import make_textures
 
 
@@ -21,9 +22,81 @@ def test_greedy_coreset_is_k_center():
     assert torch.equal(greedy_coreset(x, 400), torch.arange(300))
 
 
-def test_nearest_in_blocks_matches_brute_force(monkeypatch):
-    import skad._patchcore as pc
 
+def plain_greedy(features, n_select, n_projections, generator):
+    """Alg. 1 as written: one full distance update per step (the reference)."""
+    n, dim = features.shape
+    if n_projections and dim > n_projections:
+        proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
+        features = features @ proj.to(features.dtype)
+    selected = [int(torch.randint(n, (1,), generator=generator))]
+    min_dist = torch.linalg.vector_norm(features - features[selected[0]], dim=1)
+    for _ in range(1, n_select):
+        selected.append(int(torch.argmax(min_dist)))
+        torch.minimum(min_dist, torch.linalg.vector_norm(features - features[selected[-1]], dim=1),
+                      out=min_dist)
+    return torch.tensor(selected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n, dim, n_select, n_projections", [
+    (40, 3, 39, 0), (700, 6, 90, 0), (3000, 16, 900, 0), (2500, 160, 400, 128)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, n_projections, seed,
+                                                monkeypatch):
+    monkeypatch.setattr(pc, "_CANDIDATES", 64)  # many passes, few candidates each
+    monkeypatch.setattr(pc, "_ROWS", 256)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    # exact duplicates and coarse values: ties that only "the first of equals" resolves
+    x = torch.cat([x[: n // 2], x[: n // 4], x[: n - n // 2 - n // 4].round()]).to(dtype)
+    expected = plain_greedy(x, n_select, n_projections, torch.Generator().manual_seed(seed))
+    got = greedy_coreset(x, n_select, n_projections, torch.Generator().manual_seed(seed))
+    assert torch.equal(got, expected)
+
+
+def test_chunked_coreset_is_greedy_within_each_chunk():
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    idx = greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3), chunk_size=300)
+    assert len(idx) == 100 and len(set(idx.tolist())) == 100
+    # the same draws: the partition comes first when there is no projection
+    chunks = pc._chunks(len(x), 300, torch.Generator().manual_seed(3))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(1000))
+    radius, firsts = [], set()
+    for rows in chunks:
+        mine = idx[torch.isin(idx, rows)]  # in the order chosen
+        firsts.add(int(mine[0]))
+        assert len(mine) == 25  # n_select shared in proportion to the chunk sizes
+        for k in range(1, len(mine)):  # each is the farthest of its chunk from those before
+            d = torch.cdist(x[rows], x[mine[:k]]).min(dim=1).values
+            assert d.max() == pytest.approx(torch.cdist(x[mine[k]][None], x[mine[:k]]).min())
+        radius.append(torch.cdist(x[rows], x[mine]).min(dim=1).values.max())
+    # the union covers every row within the largest of the chunks' radii
+    assert torch.cdist(x, x[idx]).min(dim=1).values.max() <= max(radius)
+    # every chunk's first pick comes first, so that bank prefixes cover all chunks
+    assert set(idx[:len(chunks)].tolist()) == firsts
+    exact = greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3))
+    assert torch.equal(greedy_coreset(x, 100, 0, torch.Generator().manual_seed(3),
+                                      chunk_size=1000), exact)
+
+@pytest.mark.parametrize("order", ["greedy", "random"])
+def test_farthest_patch_matches_full_search(order, monkeypatch):
+    monkeypatch.setattr(pc, "_BLOCK", 4096)
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 12, generator=gen)
+    if order == "greedy":
+        bank = bank[greedy_coreset(bank, len(bank) - 1, 0, gen)]
+    owner = torch.arange(len(bank)) % 7
+    for i in range(3):
+        q = torch.randn(500, 12, generator=gen) * (1 + i)
+        for excluded in (None, lambda rows, i=i: (owner == i)[None, :],
+                         lambda rows: (torch.arange(500)[rows, None] % 50) == owner[None, :] * 7):
+            d, idx = nearest(q, bank, excluded)
+            j = int(torch.argmax(d))
+            assert farthest_patch(q, bank, excluded) == (j, d[j], idx[j])
+
+
+def test_nearest_in_blocks_matches_brute_force(monkeypatch):
     monkeypatch.setattr(pc, "_BLOCK", 50)  # force many blocks
     q, bank = torch.randn(37, 4), torch.randn(23, 4)
     d, i = nearest(q, bank)
@@ -85,10 +158,11 @@ def test_detects_synthetic_defects_with_offline_weights(textures):
     assert det.score(textures.images[test], textures.y[test]) > 0.8
 
 
-def test_bad_coreset_ratio(textures):
-    with pytest.raises(ValueError, match="coreset_ratio"):
-        PatchCore(backbone="test_resnet", weights=None, coreset_ratio=0).fit(
-            textures.images[:2])
+@pytest.mark.parametrize("param", [{"coreset_ratio": 0}, {"coreset_chunk_size": 0},
+                                   {"coreset_chunk_size": 1.5}])
+def test_bad_coreset_parameters(textures, param):
+    with pytest.raises(ValueError, match=next(iter(param))):
+        PatchCore(backbone="test_resnet", weights=None, **param).fit(textures.images[:2])
 
 
 # ------------------------------------------------------------ degenerate references
@@ -97,15 +171,17 @@ def test_excluded_patches_stay_out_of_the_reweighting():
     bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # the image's own patch, another image's
     q = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
     own = torch.tensor([[True, False]])
-    dist, idx = nearest(q, bank, lambda rows: own)
+    dist, _ = nearest(q, bank, lambda rows: own)
     # only one bank patch is allowed: no neighbourhood to reweight with (Eq. 7 needs b >= 2);
     # letting the own patch in would weigh the score down to about 0
-    assert det._image_score(q, dist, idx, bank, lambda rows: own) == pytest.approx(dist.max())
+    farthest = farthest_patch(q, bank, lambda rows: own)
+    assert det._image_score(q, *farthest, bank, lambda rows: own) == pytest.approx(dist.max())
     det.set_params(n_reweight=1000)  # larger than the bank: every allowed patch, no more
     bank3 = torch.cat([bank, torch.tensor([[10.0, 1.0]])])
     own3 = torch.tensor([[True, False, False]])
-    dist, idx = nearest(q, bank3, lambda rows: own3)
-    score = det._image_score(q, dist, idx, bank3, lambda rows: own3)
+    dist, _ = nearest(q, bank3, lambda rows: own3)
+    score = det._image_score(q, *farthest_patch(q, bank3, lambda rows: own3), bank3,
+                             lambda rows: own3)
     d = torch.cdist(q[1:2], bank3[1:])[0]
     assert score == pytest.approx(float((1 - torch.softmax(d, 0)[0]) * dist.max()))
 
