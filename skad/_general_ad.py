@@ -302,12 +302,24 @@ class GeneralAD(BaseDetector):
 
     Notes
     -----
-    Defaults follow the paper and the authors' released jobs (NOTES.md), except: ``norm``
-    for CNNs, ``sigma`` scaled from the paper's 16 px at 518 px, shuffles that move every
-    selected patch along a random cycle with ``k`` in 2..N (a one-patch "shuffle" changes
-    nothing, yet the released code labels it anomalous), and a fixed number of epochs
-    (the released code picks its best epoch on the test set). The reference images only
-    calibrate ``threshold_``: the discriminator is not retrained by ``set_reference``.
+    Defaults follow the paper and the authors' released code (LucStrater/GeneralAD and its
+    jobs, NOTES.md): the attention discriminator's xavier initialisation with zero biases,
+    weight decay on every parameter, dropped last partial batches, the map smoothing's
+    Gaussian truncated at ``round(sigma * 18 / 16)`` px. It differs from the released code:
+
+    - images are resized with skad's shared reader (bilinear with antialiasing), the
+      released code with PIL's Lanczos filter: one reader for every detector, so that a
+      file reads the same whichever detector scores it; not measured;
+    - ``norm`` for CNN backbones, which the released code does not run;
+    - ``sigma`` scales with ``image_size`` from the paper's 16 px at 518 px (the released
+      code keeps 16 px at any size, 3 % of a 518 px image but 6 % of a 256 px one);
+    - shuffles move every selected patch along a random cycle with ``k`` in 2..N: a
+      one-patch "shuffle" changes nothing, yet the released code labels it anomalous;
+    - a fixed number of epochs: the released code keeps its best epoch on the test set,
+      which a user without labelled defects cannot do.
+
+    The reference images only calibrate ``threshold_``: the discriminator is not
+    retrained by ``set_reference``.
 
     References
     ----------

@@ -426,9 +426,11 @@ class MetaComparer(BaseDetector):
     -----
     Scores are logits: ``decision_function`` is Eq. 5 before the sigmoid
     (monotone, so rankings and thresholds are the same, without saturation ties).
-    Choices of ours, where the paper is silent: every default of the BiFPN, MLP,
-    co-attention, loss weights, λ, episodes, patch sampling, optimiser (AdamW,
-    cosine decay to 0.1 x, gradient clipping at 1) and ``scales``. Eq. 1-2 are
+    The authors released no code; where the paper is silent, the choices are
+    ours: the backbone (ResNet-18 with torchvision's ImageNet weights) and its
+    levels, every default of the BiFPN, MLP, co-attention, loss weights, λ,
+    episodes, patch sampling, optimiser (AdamW, cosine decay to 0.1 x, gradient
+    clipping at 1) and ``scales``. Eq. 1-2 are
     computed on sampled reference patches during training and on all of them at
     inference. Without metadata routing, ``GridSearchCV``/``cross_validate`` do
     not pass ``groups`` to ``fit``: it warns and treats all images as one domain.

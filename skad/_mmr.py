@@ -275,12 +275,25 @@ class MMR(BaseDetector):
     Paper settings (NOTES.md, the authors' configuration): WideResNet-50-2
     layer1-3, MAE ViT-B/16, masking 0.4, AdamW (0.9, 0.95), lr 1e-3, weight
     decay 0.05, batch 16, 200 epochs with 50 of warm-up and lr / 10 at 120 and
-    160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. Our
-    choices: the schedule scales with ``n_epochs``; images are resized to
-    ``image_size`` (no 256 -> 224 centre crop) and the crop is taken from the
-    resized image; the encoder's position embeddings are frozen (fixed in the
-    original). Training keeps the resized images in memory as uint8. With
-    augmentation on, the teacher runs on every augmented batch; with
+    160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. The
+    network, loss, warm-up and step schedule, map upsampling
+    (``align_corners=True``) and default weights are those of the released code
+    (zhangzilongc/MMR). It differs from the released code:
+
+    - test images are resized whole to ``image_size``; the released code resizes
+      to 256 and keeps the central 224 px, so that 6 % of each border is never
+      scored, and a defect there is never found. Its effect on accuracy was
+      measured for PatchCore (docs/benchmarks.md, "PatchCore's remaining
+      differences"), not for MMR;
+    - the random training crop is taken from the image resized to ``image_size``
+      (bilinear) instead of the original file (bicubic): training keeps the
+      resized images in memory as uint8 instead of decoding every file every
+      epoch; not measured;
+    - the schedule's epochs (50 warm-up, decays at 120 and 160 of 200) scale with
+      ``n_epochs``;
+    - the encoder's position embeddings are frozen (fixed sin-cos in the original).
+
+    With augmentation on, the teacher runs on every augmented batch; with
     ``crop_scale=None, hflip=False`` its features are computed once per fit.
     ``set_reference`` does not retrain: it only calibrates ``threshold_``. After
     ``fit`` the reference is the training set, whose scores run lower than
