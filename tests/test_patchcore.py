@@ -96,6 +96,23 @@ def test_farthest_patch_matches_full_search(order, monkeypatch):
             assert farthest_patch(q, bank, excluded) == (j, d[j], idx[j])
 
 
+def test_farthest_patch_skips_rows_without_an_allowed_bank_row():
+    """Leave-one-out rows whose whole neighbourhood is excluded have no distance (inf)."""
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(4000, 8, generator=gen)
+    q = torch.randn(300, 8, generator=gen) * 3
+    for n_blind in (1, 17, 299):  # rows 0..n_blind-1 may match nothing
+        def excluded(rows, n_blind=n_blind):
+            return (torch.arange(300)[rows] < n_blind)[:, None].expand(-1, len(bank))
+        d, idx = nearest(q, bank, excluded)
+        assert torch.isinf(d[:n_blind]).all()
+        j = n_blind + int(torch.argmax(d[n_blind:]))
+        assert farthest_patch(q, bank, excluded) == (j, d[j], idx[j])
+    d, _ = nearest(q, bank, lambda rows: torch.ones(1, len(bank), dtype=torch.bool))
+    assert torch.isinf(farthest_patch(q, bank, lambda rows: torch.ones(1, len(bank),
+                                                                       dtype=torch.bool))[1])
+
+
 def test_nearest_in_blocks_matches_brute_force(monkeypatch):
     monkeypatch.setattr(pc, "_BLOCK", 50)  # force many blocks
     q, bank = torch.randn(37, 4), torch.randn(23, 4)
