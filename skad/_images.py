@@ -8,6 +8,7 @@ that reads images lazily, one at a time. :func:`iter_batches` turns an
 detector ever needs all images in memory at once.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -109,6 +110,21 @@ def _declared_depth(im):
     return None
 
 
+def _open(path, stack):
+    """``Image.open(path)``, entered on ``stack``, that decodes every TIFF as displayed.
+
+    Pillow memory-maps an uncompressed single-strip TIFF (grey, palette, RGBA,
+    CMYK, 16-bit) at its displayed size, which for orientations 5 to 8 (a quarter
+    turn) is the stored size transposed: the pixels come out scrambled and
+    unturned. Such a file is read from a file object instead, which Pillow never
+    maps.
+    """
+    im = stack.enter_context(Image.open(path))
+    if hasattr(im, "tag_v2") and im.tag_v2.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+        im = stack.enter_context(Image.open(stack.enter_context(open(path, "rb"))))
+    return im
+
+
 def _decode(path):
     """The first frame of an image file as it is displayed, without alpha.
 
@@ -117,7 +133,8 @@ def _decode(path):
     :func:`_declared_depth`.
     """
     try:
-        with Image.open(path) as im:
+        with contextlib.ExitStack() as stack:
+            im = _open(path, stack)
             depth = _declared_depth(im)  # before the transpose, which drops the TIFF tags
             ImageOps.exif_transpose(im, in_place=True)
             mode = _CONVERT.get(im.mode, im.mode)

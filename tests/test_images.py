@@ -249,3 +249,28 @@ def test_images_are_read_as_displayed(tmp_path, orientation, turn, ext):
     out = images.read(0)
     assert out.shape == shown.shape and images.size(0) == shown.shape[:2]
     np.testing.assert_allclose(out, shown, atol=0.05 if ext == "jpg" else 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "RGBA", "CMYK"])
+@pytest.mark.parametrize("orientation, turn", [
+    (5, lambda a: np.swapaxes(a, 0, 1)), (6, lambda a: np.rot90(a, -1)),
+    (7, lambda a: np.rot90(a, 2).swapaxes(0, 1)), (8, lambda a: np.rot90(a, 1)),
+])
+def test_uncompressed_tiffs_turned_a_quarter_are_read_as_displayed(tmp_path, mode, orientation,
+                                                                    turn):
+    # Pillow memory-maps these files at the turned size: unturned, scrambled pixels
+    yy, xx = np.mgrid[0:16, 0:24]
+    grey = (xx * 10 + yy).astype(np.uint8)
+    stored = Image.fromarray(grey.astype(np.uint16) * 257 if mode == "I;16" else grey)
+    if mode != "I;16":
+        stored = stored.convert(mode)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / "x.tif"
+    stored.save(path, exif=exif)  # uncompressed, one strip
+    expected = turn(np.asarray(stored.convert("RGB") if mode != "I;16" else grey)) / 255
+    images = check_images([path])
+    assert images.size(0) == (24, 16)
+    out = images.read(0)
+    assert out.shape[:2] == (24, 16) and images.size(0) == (24, 16)
+    np.testing.assert_allclose(out if expected.ndim == 3 else out[..., 0], expected, atol=1e-6)
