@@ -35,6 +35,9 @@ _ALPHA_MODES = ("LA", "RGBA")
 # Grey modes whose samples Pillow keeps as the file stores them, so that the bit depth
 # the file declares gives their range (Pillow itself scales 1- to 4-bit samples to 8 bits).
 _STORED_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+# Grey modes whose white-is-zero TIFF samples Pillow keeps as stored, and the value of
+# white that they are turned around from (Pillow has no other such mode)
+_WHITE_IS_ZERO_KEPT = {"I;16": 65535, "F": 1.0}
 # what Pillow raises for a file it cannot decode
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -129,18 +132,24 @@ def _decode(path):
     """The first frame of an image file as it is displayed, without alpha.
 
     Returns ``(array, depth)``: the array (H, W[, C]) as Pillow decodes the mode
-    (after :data:`_CONVERT`), EXIF orientation applied; ``depth`` as
-    :func:`_declared_depth`.
+    (after :data:`_CONVERT`), EXIF orientation applied, white-is-zero samples
+    turned around; ``depth`` as :func:`_declared_depth`.
     """
     try:
         with contextlib.ExitStack() as stack:
             im = _open(path, stack)
-            depth = _declared_depth(im)  # before the transpose, which drops the TIFF tags
+            # before the transpose, which drops the TIFF tags
+            depth = _declared_depth(im)
+            white_is_zero = hasattr(im, "tag_v2") and im.tag_v2.get(262) == 0
             ImageOps.exif_transpose(im, in_place=True)
             mode = _CONVERT.get(im.mode, im.mode)
             arr = np.asarray(im.convert(mode) if mode != im.mode else im)
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
+    if white_is_zero and mode in _WHITE_IS_ZERO_KEPT:
+        # TIFF PhotometricInterpretation 0: 0 is white. Pillow turns 1- to 8-bit samples
+        # around itself, but keeps 16-bit and float samples as stored
+        arr = _WHITE_IS_ZERO_KEPT[mode] - arr
     return (arr[..., :-1] if mode in _ALPHA_MODES else arr), depth
 
 

@@ -175,6 +175,21 @@ def test_tiff_sample_formats(tmp_path, dtype, bits, full):
     np.testing.assert_allclose(out[0, :, 0], values[0] / full, rtol=1e-6)
 
 
+@pytest.mark.parametrize("compression", [None, "lzw"])
+def test_white_is_zero_tiffs_read_as_displayed_at_every_depth(tmp_path, compression):
+    # TIFF PhotometricInterpretation 0 (0 is white): Pillow turns 8-bit samples around
+    # but keeps 16-bit and float ones as stored
+    tifffile = pytest.importorskip("tifffile")
+    shown = np.array([[1.0, 0.2, 0.0]])  # white, dark grey, black
+    for name, stored in [("u8.tif", np.round(255 * (1 - shown)).astype(np.uint8)),
+                         ("u16.tif", np.round(65535 * (1 - shown)).astype(np.uint16)),
+                         ("f32.tif", (1 - shown).astype(np.float32))]:
+        tifffile.imwrite(tmp_path / name, stored, photometric="miniswhite",
+                         compression=compression)
+        out = check_images([tmp_path / name]).read(0)
+        np.testing.assert_allclose(out[0, :, 0], shown[0], atol=1e-6, err_msg=name)
+
+
 def test_float_files_must_lie_in_unit_range(tmp_path):
     values = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
     np.testing.assert_array_equal(
