@@ -53,6 +53,12 @@ def _full_scale(dtype):
     return _FULL_SCALE.get(dtype.newbyteorder("="))
 
 
+def _show(value):
+    """``value`` to 3 significant digits, or in full where those would put it in [0, 1]."""
+    text = f"{value:.3g}"
+    return text if (0.0 <= float(text) <= 1.0) == (0.0 <= value <= 1.0) else repr(value)
+
+
 def _check_array(img, where):
     """Validate one image array (2-D, or 3-D channels last) and return it."""
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
@@ -75,7 +81,7 @@ def _check_array(img, where):
     lo, hi = float(img.min()), float(img.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
-            f"{where} is float with values in [{lo:.3g}, {hi:.3g}]; float images must lie "
+            f"{where} is float with values in [{_show(lo)}, {_show(hi)}]; float images must lie "
             "in [0, 1]: divide by the full-scale value of the data (65535 for 16-bit, 255 "
             "for 0-255 values), or rescale from the sensor's known range"
         )

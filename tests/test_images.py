@@ -1,5 +1,6 @@
 """Image input: the forms of X, validation messages, lazy reading, resizing."""
 
+import re
 import warnings
 
 import numpy as np
@@ -200,6 +201,15 @@ def test_float_files_must_lie_in_unit_range(tmp_path):
     Image.fromarray(np.full((2, 2), np.nan, np.float32)).save(tmp_path / "nan.tif")
     with pytest.raises(ValueError, match=r"nan\.tif.*NaN"):
         check_images([tmp_path / "nan.tif"]).read(0)
+
+
+@pytest.mark.parametrize("value, shown", [(1 + 2**-23, "1.0000001192092896"),
+                                          (-2**-30, "-9.31e-10"), (1.5, "1.5")])
+def test_values_out_of_range_are_shown_out_of_range(value, shown):
+    # the overshoot of a resampling filter, say: never reported as "values in [0.5, 1]"
+    X = np.array([[[0.5, value]]], np.float32)
+    with pytest.raises(ValueError, match=rf"values in \[[^]]*{re.escape(shown)}[^]]*\]"):
+        check_images(X)
 
 
 def test_integers_of_unknown_depth_are_refused(tmp_path, monkeypatch):
