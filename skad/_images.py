@@ -130,7 +130,7 @@ def _open(path, stack):
     """
     im = stack.enter_context(Image.open(path))
     if hasattr(im, "tag_v2") and im.tag_v2.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
-        im = stack.enter_context(Image.open(stack.enter_context(open(path, "rb"))))
+        im = stack.enter_context(Image.open(stack.enter_context(open(path, "rb"))))  # noqa: SIM115
     return im
 
 
