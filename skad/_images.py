@@ -8,6 +8,7 @@ that reads images lazily, one at a time. :func:`iter_batches` turns an
 detector ever needs all images in memory at once.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -34,6 +35,9 @@ _ALPHA_MODES = ("LA", "RGBA")
 # Grey modes whose samples Pillow keeps as the file stores them, so that the bit depth
 # the file declares gives their range (Pillow itself scales 1- to 4-bit samples to 8 bits).
 _STORED_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+# Grey modes whose white-is-zero TIFF samples Pillow keeps as stored, and the value of
+# white that they are turned around from (Pillow has no other such mode)
+_WHITE_IS_ZERO_KEPT = {"I;16": 65535, "F": 1.0}
 # what Pillow raises for a file it cannot decode
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -47,6 +51,12 @@ def _describe(item):
 def _full_scale(dtype):
     """The :data:`_FULL_SCALE` value of ``dtype`` in either byte order, or None."""
     return _FULL_SCALE.get(dtype.newbyteorder("="))
+
+
+def _show(value):
+    """``value`` to 3 significant digits, or in full where those would put it in [0, 1]."""
+    text = f"{value:.3g}"
+    return text if (0.0 <= float(text) <= 1.0) == (0.0 <= value <= 1.0) else repr(value)
 
 
 def _check_array(img, where):
@@ -71,7 +81,7 @@ def _check_array(img, where):
     lo, hi = float(img.min()), float(img.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
-            f"{where} is float with values in [{lo:.3g}, {hi:.3g}]; float images must lie "
+            f"{where} is float with values in [{_show(lo)}, {_show(hi)}]; float images must lie "
             "in [0, 1]: divide by the full-scale value of the data (65535 for 16-bit, 255 "
             "for 0-255 values), or rescale from the sensor's known range"
         )
@@ -109,21 +119,43 @@ def _declared_depth(im):
     return None
 
 
+def _open(path, stack):
+    """``Image.open(path)``, entered on ``stack``, that decodes every TIFF as displayed.
+
+    Pillow memory-maps an uncompressed single-strip TIFF (grey, palette, RGBA,
+    CMYK, 16-bit) at its displayed size, which for orientations 5 to 8 (a quarter
+    turn) is the stored size transposed: the pixels come out scrambled and
+    unturned. Such a file is read from a file object instead, which Pillow never
+    maps.
+    """
+    im = stack.enter_context(Image.open(path))
+    if hasattr(im, "tag_v2") and im.tag_v2.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+        im = stack.enter_context(Image.open(stack.enter_context(open(path, "rb"))))  # noqa: SIM115
+    return im
+
+
 def _decode(path):
     """The first frame of an image file as it is displayed, without alpha.
 
     Returns ``(array, depth)``: the array (H, W[, C]) as Pillow decodes the mode
-    (after :data:`_CONVERT`), EXIF orientation applied; ``depth`` as
-    :func:`_declared_depth`.
+    (after :data:`_CONVERT`), EXIF orientation applied, white-is-zero samples
+    turned around; ``depth`` as :func:`_declared_depth`.
     """
     try:
-        with Image.open(path) as im:
-            depth = _declared_depth(im)  # before the transpose, which drops the TIFF tags
+        with contextlib.ExitStack() as stack:
+            im = _open(path, stack)
+            # before the transpose, which drops the TIFF tags
+            depth = _declared_depth(im)
+            white_is_zero = hasattr(im, "tag_v2") and im.tag_v2.get(262) == 0
             ImageOps.exif_transpose(im, in_place=True)
             mode = _CONVERT.get(im.mode, im.mode)
             arr = np.asarray(im.convert(mode) if mode != im.mode else im)
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
+    if white_is_zero and mode in _WHITE_IS_ZERO_KEPT:
+        # TIFF PhotometricInterpretation 0: 0 is white. Pillow turns 1- to 8-bit samples
+        # around itself, but keeps 16-bit and float samples as stored
+        arr = _WHITE_IS_ZERO_KEPT[mode] - arr
     return (arr[..., :-1] if mode in _ALPHA_MODES else arr), depth
 
 

@@ -37,6 +37,9 @@ from ._files import list_images as _list_images
 
 __all__ = ["main"]
 
+# named, not __name__, so that `python -m skad.cli` logs under "skad" too
+logger = logging.getLogger("skad.cli")
+
 METHODS = {
     "patchcore": "PatchCore",
     "metacomparer": "MetaComparer",
@@ -56,6 +59,8 @@ OFFLINE = {
     "generalad": {"backbone": "tf_efficientnet_lite0", "layers": [3], "image_size": 256},
     "globallocal": {"teacher": "tf_efficientnet_lite0", "image_size": 256},
 }
+# the columns of scores.csv
+RESULTS_COLUMNS = ("path", "score", "label", "map", "error")
 # status of a `skad score` run that kept going past unreadable images
 EXIT_UNREADABLE = 3
 # overlay names keep this much of the image's name (UTF-8 bytes), far below the
@@ -103,18 +108,38 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0)
     return det.set_params(**settings)
 
 
+def _recorded_overlays(folder):
+    """The overlay names that a ``skad score`` run recorded in ``folder/scores.csv``, if any."""
+    table = Path(folder) / "scores.csv"
+    try:
+        with open(table, newline="", encoding="utf-8", errors="replace") as fh:
+            if tuple(next(csv.reader(fh), ())) != RESULTS_COLUMNS:
+                return set()  # no table, or a table of the user's own
+        return set(_previous_outputs(table))
+    except OSError:
+        return set()
+
+
 def list_images(folder, exclude=()):
     """Image files below ``folder`` (subfolders too) as str, sorted; at least one.
 
     Hidden entries and system debris are left out (see :mod:`skad._files`), and
-    so are the paths in ``exclude``.
+    so are the paths in ``exclude`` and the overlays of earlier ``skad score``
+    runs (those their ``scores.csv`` lists).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CLIError(f"{folder} is not a folder")
-    paths = [str(p) for p in _list_images(folder, recursive=True, exclude=exclude)]
+    found = _list_images(folder, recursive=True, exclude=exclude)
+    overlays = {parent: _recorded_overlays(parent) for parent in {p.parent for p in found}}
+    paths = [str(p) for p in found if p.name not in overlays[p.parent]]
+    left_out = (f"{len(found) - len(paths)} overlays that earlier skad score runs wrote "
+                "(listed in their scores.csv)")
+    if len(paths) < len(found):
+        logger.info("left out %s in %s", left_out, folder)
     if not paths:
-        raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        but = f" but {left_out}" if found else ""
+        raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}{but}")
     return paths
 
 
@@ -276,7 +301,7 @@ class Results:
         self._fh = open(  # noqa: SIM115
             self.csv_path, "w", newline="", encoding="utf-8", errors="backslashreplace")
         self._writer = csv.writer(self._fh)
-        self._write("path", "score", "label", "map", "error")
+        self._write(*RESULTS_COLUMNS)
 
     def __enter__(self):
         return self

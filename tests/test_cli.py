@@ -135,6 +135,27 @@ def test_outputs_and_model_inside_the_images_are_never_scored(model, tmp_path):
                  str(images)]) == 1
 
 
+def test_overlays_of_earlier_runs_inside_the_images_are_never_scored(model, tmp_path, capsys):
+    images = _images(tmp_path / "images")
+    originals = ["000.png", "001.png", "002.png"]
+    for run in ("run1", "run2", "run3"):  # each run's folder a new one inside the images
+        argv = ["score", "--model", str(model), "--images", str(images), "--out",
+                str(images / run)]
+        assert main(argv) == 0
+        assert [Path(r["path"]).name for r in _rows(images / run)] == originals
+    # nor fitted on; a scores.csv of the user's own hides nothing
+    own = _images(images / "theirs", n=1)
+    (own / "scores.csv").write_text("path,score\n000.png,0.5\n")
+    from skad.cli import list_images
+
+    assert [Path(p).relative_to(images).as_posix() for p in list_images(images)] == [
+        *originals, "theirs/000.png"]
+    capsys.readouterr()
+    assert main(["score", "--model", str(model), "--images", str(images / "run1"), "--out",
+                 str(tmp_path / "out")]) == 1
+    assert "3 overlays that earlier skad score runs wrote" in capsys.readouterr().err
+
+
 def test_unreadable_images_are_rows_and_the_run_goes_on(model, tmp_path, capsys):
     images = _images(tmp_path / "images", n=4)
     good = (images / "001.png").read_bytes()

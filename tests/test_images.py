@@ -1,5 +1,6 @@
 """Image input: the forms of X, validation messages, lazy reading, resizing."""
 
+import re
 import warnings
 
 import numpy as np
@@ -175,6 +176,21 @@ def test_tiff_sample_formats(tmp_path, dtype, bits, full):
     np.testing.assert_allclose(out[0, :, 0], values[0] / full, rtol=1e-6)
 
 
+@pytest.mark.parametrize("compression", [None, "lzw"])
+def test_white_is_zero_tiffs_read_as_displayed_at_every_depth(tmp_path, compression):
+    # TIFF PhotometricInterpretation 0 (0 is white): Pillow turns 8-bit samples around
+    # but keeps 16-bit and float ones as stored
+    tifffile = pytest.importorskip("tifffile")
+    shown = np.array([[1.0, 0.2, 0.0]])  # white, dark grey, black
+    for name, stored in [("u8.tif", np.round(255 * (1 - shown)).astype(np.uint8)),
+                         ("u16.tif", np.round(65535 * (1 - shown)).astype(np.uint16)),
+                         ("f32.tif", (1 - shown).astype(np.float32))]:
+        tifffile.imwrite(tmp_path / name, stored, photometric="miniswhite",
+                         compression=compression)
+        out = check_images([tmp_path / name]).read(0)
+        np.testing.assert_allclose(out[0, :, 0], shown[0], atol=1e-6, err_msg=name)
+
+
 def test_float_files_must_lie_in_unit_range(tmp_path):
     values = np.array([[0.0, 0.25, 1.0]], dtype=np.float32)
     np.testing.assert_array_equal(
@@ -185,6 +201,15 @@ def test_float_files_must_lie_in_unit_range(tmp_path):
     Image.fromarray(np.full((2, 2), np.nan, np.float32)).save(tmp_path / "nan.tif")
     with pytest.raises(ValueError, match=r"nan\.tif.*NaN"):
         check_images([tmp_path / "nan.tif"]).read(0)
+
+
+@pytest.mark.parametrize("value, shown", [(1 + 2**-23, "1.0000001192092896"),
+                                          (-2**-30, "-9.31e-10"), (1.5, "1.5")])
+def test_values_out_of_range_are_shown_out_of_range(value, shown):
+    # the overshoot of a resampling filter, say: never reported as "values in [0.5, 1]"
+    X = np.array([[[0.5, value]]], np.float32)
+    with pytest.raises(ValueError, match=rf"values in \[[^]]*{re.escape(shown)}[^]]*\]"):
+        check_images(X)
 
 
 def test_integers_of_unknown_depth_are_refused(tmp_path, monkeypatch):
@@ -249,3 +274,28 @@ def test_images_are_read_as_displayed(tmp_path, orientation, turn, ext):
     out = images.read(0)
     assert out.shape == shown.shape and images.size(0) == shown.shape[:2]
     np.testing.assert_allclose(out, shown, atol=0.05 if ext == "jpg" else 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "RGBA", "CMYK"])
+@pytest.mark.parametrize("orientation, turn", [
+    (5, lambda a: np.swapaxes(a, 0, 1)), (6, lambda a: np.rot90(a, -1)),
+    (7, lambda a: np.rot90(a, 2).swapaxes(0, 1)), (8, lambda a: np.rot90(a, 1)),
+])
+def test_uncompressed_tiffs_turned_a_quarter_are_read_as_displayed(tmp_path, mode, orientation,
+                                                                    turn):
+    # Pillow memory-maps these files at the turned size: unturned, scrambled pixels
+    yy, xx = np.mgrid[0:16, 0:24]
+    grey = (xx * 10 + yy).astype(np.uint8)
+    stored = Image.fromarray(grey.astype(np.uint16) * 257 if mode == "I;16" else grey)
+    if mode != "I;16":
+        stored = stored.convert(mode)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / "x.tif"
+    stored.save(path, exif=exif)  # uncompressed, one strip
+    expected = turn(np.asarray(stored.convert("RGB") if mode != "I;16" else grey)) / 255
+    images = check_images([path])
+    assert images.size(0) == (24, 16)
+    out = images.read(0)
+    assert out.shape[:2] == (24, 16) and images.size(0) == (24, 16)
+    np.testing.assert_allclose(out if expected.ndim == 3 else out[..., 0], expected, atol=1e-6)
