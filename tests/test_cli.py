@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import skad.datasets
 from skad.cli import COLUMNS, main, make_detector
 from skad.datasets import make_textures
 
@@ -143,7 +142,7 @@ def test_demo_writes_into_a_fresh_folder_not_the_current_one(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(skad.cli, "make_detector", _tiny_detector)
-    monkeypatch.setattr(skad.datasets, "make_textures", _small_textures)
+    monkeypatch.setattr("skad.datasets.make_textures", _small_textures)
     assert main(["demo"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # nothing in the cwd
     (out,) = (tmp_path / "tmp").iterdir()
