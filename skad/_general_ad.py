@@ -246,8 +246,12 @@ class GeneralAD(BaseDetector):
         ViT blocks or CNN feature levels whose tokens are used (concatenated along the
         channels, coarser levels upsampled to the first one's grid). The paper: the last block.
         For ``tf_efficientnet_lite0`` use ``(3,)`` (stride 16, 112 channels) or ``(2, 3)``.
-    image_size : int, default=518
+    image_size : int or (int, int), default=518
         Working size; it fixes the patch grid, hence the discriminator's positions.
+        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
+        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
+        which squashes them). Maps come back at each input's own size.
+        For a ViT, each side must be a multiple of its patch size.
     norm : bool, default=True
         ViTs: tokens through the model's final norm (the paper). CNNs: a layer norm without
         parameters over each cell's channels (our choice), so ``noise_std`` has the scale

@@ -372,8 +372,11 @@ class GlobalLocal(BaseDetector):
         Patch centres (the nearest) each pixel interpolates from.
     idw_power : float, default=2.0
         Inverse-distance weights ``d ** -idw_power``.
-    image_size : int, default=256
+    image_size : int or (int, int), default=256
         Working size images are resized to.
+        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
+        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
+        which squashes them). Maps come back at each input's own size.
     threshold_quantile : float, default=0.99
         ``threshold_`` is this quantile of the references' scores.
     batch_size : int, default=16

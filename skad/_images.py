@@ -411,25 +411,47 @@ def resize_maps(maps, sizes):
     return out
 
 
+# seconds between progress lines: a terminal's line is rewritten in place often, while
+# a log file (stderr redirected) gets a new line rarely enough to stay readable
+_TTY_INTERVAL = 0.5
+_LOG_INTERVAL = 10.0
+
+
+def _is_terminal(stream):
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
+
+
 def progress(iterable, *, total=None, desc="", verbose=0):
     """Iterate, writing ``desc: k/total [elapsed]`` to stderr when ``verbose``.
 
-    The line is rewritten at most twice a second, and once at the end.
+    On a terminal the line is rewritten in place (carriage return) at most
+    twice a second; otherwise (stderr redirected to a file or a pipe) each
+    update is a line of its own, at most one every 10 s, so that a log holds
+    readable lines. The last step is always written, ending the line.
     """
     if not verbose:
         yield from iterable
         return
     total = len(iterable) if total is None else total
+    stream = sys.stderr
+    tty = _is_terminal(stream)
+    interval = _TTY_INTERVAL if tty else _LOG_INTERVAL
     t0 = last = time.perf_counter()
     for k, item in enumerate(iterable, 1):
         yield item
         now = time.perf_counter()
-        if k == total or now - last > 0.5:
+        if k == total or now - last > interval:
             last = now
-            end = "\n" if k == total else ""
-            sys.stderr.write(f"\r{desc}: {k}/{total} [{now - t0:.1f}s]{end}")
-            sys.stderr.flush()
-
+            text = f"{desc}: {k}/{total} [{now - t0:.1f}s]"
+            if tty:
+                stream.write(f"\r{text}" + ("\n" if k == total else ""))
+            else:
+                stream.write(text + "\n")
+            stream.flush()
 
 
 def _blur_axis(maps, sigma, radius, dim):

@@ -343,8 +343,11 @@ class MetaComparer(BaseDetector):
     train_backbone : bool, default=False
         Fine-tune the backbone (at ``learning_rate * backbone_lr_ratio``). A frozen
         backbone's features are computed once and cached for the whole fit.
-    image_size : int, default=256
+    image_size : int or (int, int), default=256
         Working size images are resized to.
+        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
+        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
+        which squashes them). Maps come back at each input's own size.
     fpn_width : int, default=64
         BiFPN channels, the patch dimension (EfficientDet-D0's).
     fpn_cells : int, default=3

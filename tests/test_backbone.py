@@ -121,3 +121,38 @@ def test_extra_weights_found_in_torch_hub_offline(tmp_path, monkeypatch):
     # the architecture and preprocessing are the named timm model's
     assert vit.model.pretrained_cfg["architecture"] == "test_vit"
     assert "vit_base_patch16_224.mae_visualize" in bb.EXTRA_WEIGHTS
+
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("TRUE", True), ("yes", True),
+                                             ("0", False), ("false", False), ("", False)])
+def test_skad_offline_values(value, disabled, monkeypatch):
+    """``SKAD_OFFLINE=0`` must not switch downloads off (it did: any non-empty value did)."""
+    from skad._backbone import _downloads_disabled
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("SKAD_OFFLINE", value)
+    assert _downloads_disabled() is disabled
+
+
+def test_no_network_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """A host that does not resolve (no network, no proxy) is an immediate error, not about
+    50 s of the hub client's retries; timm is never asked to download."""
+    import socket
+
+    import skad._backbone as bb
+
+    for name in ("SKAD_OFFLINE", "HF_HUB_OFFLINE", *bb._PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm was asked to download")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    with pytest.raises(WeightsNotFoundError, match="cannot resolve huggingface.co"):
+        bb._create_model("resnet18.a1_in1k", "pretrained")

@@ -1,18 +1,20 @@
 """The skad command: fit, score, benchmark and clear errors."""
 
+import argparse
 import csv
 import os
 import pickle
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from skad.cli import main
+from skad.cli import COLUMNS, main, make_detector
 from skad.datasets import make_textures
 
 TINY = ["--param", "backbone=\"test_resnet\"", "--param", "weights=null",
@@ -47,11 +49,125 @@ def test_fit_then_score(mvtec, tmp_path, capsys):
     out = tmp_path / "res"
     assert main(["score", "--model", str(model), "--images", str(cat / "test"),
                  "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "scores.csv")))
+    with open(out / "scores.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == list(COLUMNS) == [
+        "path", "score", "predicted_label", "threshold", "map", "error"]
     assert len(rows) == len(list((cat / "test").rglob("*.png")))
-    assert {r["label"] for r in rows} <= {"0", "1"}
-    assert all((out / r["map"]).is_file() for r in rows)
+    # the threshold used is in the results, and predicted_label is its comparison
+    (threshold,) = {float(r["threshold"]) for r in rows}
+    assert all(r["predicted_label"] == str(int(float(r["score"]) > threshold)) for r in rows)
+    assert all(Path(r["path"]).is_file() and (out / r["map"]).is_file() for r in rows)
     assert "scored" in capsys.readouterr().out
+
+
+def _subparsers(parser):
+    return [sub for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) for sub in action.choices.values()]
+
+
+def test_every_option_has_help_and_help_has_no_markup():
+    from skad.cli import _parser
+
+    parser = _parser()
+    commands = [parser, *_subparsers(parser)]
+    assert [c.prog for c in commands] == ["skad", "skad fit", "skad score", "skad demo",
+                                          "skad benchmark"]
+    missing = [f"{c.prog} {'/'.join(a.option_strings)}" for c in commands for a in c._actions
+               if a.option_strings and (not a.help or a.help == argparse.SUPPRESS)]
+    assert not missing, f"options without help text: {missing}"
+    for text in (c.format_help() for c in commands):
+        assert "``" not in text and ":func:" not in text, text
+
+
+def test_score_help_names_every_column():
+    from skad.cli import _parser
+
+    (score,) = [sp for sp in _subparsers(_parser()) if sp.prog == "skad score"]
+    assert all(f"  {column} " in score.format_help() for column in COLUMNS)
+
+
+def test_two_fits_with_the_default_seed_are_identical(mvtec, tmp_path, capsys):
+    """No --seed: the same model twice (random_state 0), and the output says which seed."""
+    import joblib
+
+    cat = min(mvtec.iterdir())
+    # TINY without its random_state: the default --seed must seed the fit
+    tiny = [a for a in TINY if a != "random_state=0"][:-1]
+    images = [str(p) for p in sorted((cat / "test").rglob("*.png"))]
+    scores = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.joblib"
+        assert main(["fit", "--train", str(cat), "--out", str(path), *tiny,
+                     "--param", "coreset_ratio=0.5"]) == 0
+        det = joblib.load(path)
+        assert det.random_state == 0
+        scores.append(det.decision_function(images))
+    assert "random_state=0" in capsys.readouterr().out
+    np.testing.assert_array_equal(scores[0], scores[1])
+    path = tmp_path / "c.joblib"
+    assert main(["fit", "--train", str(cat), "--out", str(path), *tiny, "--seed", "3"]) == 0
+    assert joblib.load(path).random_state == 3
+
+
+def test_offline_forbids_downloads_for_the_command(mvtec, tmp_path, monkeypatch, capsys):
+    """--offline sets SKAD_OFFLINE for the command, and only for it."""
+    import skad._backbone
+
+    seen = []
+    real = skad._backbone._downloads_disabled
+
+    def spy():
+        seen.append(real())
+        return seen[-1]
+
+    monkeypatch.delenv("SKAD_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(skad._backbone, "_downloads_disabled", spy)
+    monkeypatch.setattr(skad._backbone, "_cached_hub_file", lambda name: None)  # no cache
+    cat = min(mvtec.iterdir())
+    assert main(["fit", "--train", str(cat), "--out", str(tmp_path / "m.joblib"), "--offline",
+                 "--param", "backbone=\"resnet18.a1_in1k\"", "--param", "image_size=32"]) == 1
+    assert seen == [True] and "SKAD_OFFLINE" not in os.environ
+    assert "downloads are disabled" in capsys.readouterr().err
+
+
+def test_demo_writes_into_a_fresh_folder_not_the_current_one(tmp_path, monkeypatch, capsys):
+    """By default the demo writes under the system's temporary folder, never into the
+    current folder (a source checkout); its scores.csv paths are real image files."""
+    import skad.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(skad.cli, "make_detector", _tiny_detector)
+    monkeypatch.setattr("skad.datasets.make_textures", _small_textures)
+    assert main(["demo"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # nothing in the cwd
+    (out,) = (tmp_path / "tmp").glob("skad-demo-*")  # other libraries may write there too
+    assert str(out) in capsys.readouterr().out
+    tables = sorted(out.glob("*/scores.csv"))
+    assert len(tables) == 3
+    for table in tables:
+        rows = _rows(table.parent)
+        assert rows and all(Path(r["path"]).is_file() for r in rows)
+        assert all(r["threshold"] and r["predicted_label"] in "01" for r in rows)
+    # a chosen folder: new or empty, unless --overwrite
+    assert main(["demo", "--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 0
+
+
+def _tiny_detector(method, params=(), **kwargs):
+    kwargs["offline"] = False
+    return make_detector(method, ["backbone=\"test_resnet\"", "weights=null",
+                                  "image_size=32"], **kwargs)
+
+
+def _small_textures(**kwargs):
+    kwargs.update(n_normal=24, n_anomalous=3, image_size=32)
+    return make_textures(**kwargs)
 
 
 def test_benchmark_prints_a_table(mvtec, capsys):
@@ -94,6 +210,21 @@ def test_benchmark_rows_are_reproducible(mvtec):
     metrics = [[(r["image_auroc"], r["pixel_auroc"], r["pro"]) for r in rows] for rows in runs]
     assert metrics[0] == metrics[1]
     assert [r["seed"] for r in runs[0]] == [0, 1]
+
+
+def test_oneclass_benchmark_rows_show_their_seed(mvtec):
+    """Every row says the seed its detector was given: oneclass rows too (they were blank)."""
+    from skad import PatchCore
+    from skad._benchmark import markdown_table, run_benchmark
+
+    def make():
+        return PatchCore(backbone="test_resnet", weights=None, image_size=32)
+
+    cat = sorted(p.name for p in mvtec.iterdir())[:1]
+    rows = run_benchmark(make, str(mvtec), cat, protocol="oneclass", seeds=(0, 1),
+                         log=lambda line: None)
+    assert [(r["k"], r["seed"]) for r in rows] == [("all", 0), ("all", 1)]
+    assert markdown_table(rows).splitlines()[2].startswith(f"| {cat[0]} | all | 0 |")
 
 
 # ------------------------------------------------------------ batch runs

@@ -299,3 +299,44 @@ def test_uncompressed_tiffs_turned_a_quarter_are_read_as_displayed(tmp_path, mod
     out = images.read(0)
     assert out.shape[:2] == (24, 16) and images.size(0) == (24, 16)
     np.testing.assert_allclose(out if expected.ndim == 3 else out[..., 0], expected, atol=1e-6)
+
+
+class _Stream:
+    """A stderr stand-in that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_uses_carriage_returns_only_on_a_terminal(tty, monkeypatch):
+    """Redirected to a log, progress is plain lines at a modest rate (no line of
+    carriage-return updates); on a terminal, one line rewritten in place."""
+    import sys
+
+    import skad._images as images
+
+    clock = iter(range(0, 1000, 3))  # each step takes 3 s
+    monkeypatch.setattr(images.time, "perf_counter", lambda: float(next(clock)))
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert list(images.progress(range(20), desc="scoring", verbose=1)) == list(range(20))
+    if tty:
+        assert stream.text.startswith("\rscoring: 1/20") and stream.text.count("\n") == 1
+    else:
+        lines = stream.text.splitlines()
+        assert "\r" not in stream.text and stream.text.endswith("\n")
+        assert lines[-1].startswith("scoring: 20/20")
+        assert 3 <= len(lines) <= 8  # every 10 s of 60, and the last step
+    stream.text = ""
+    list(images.progress(range(3), desc="quiet", verbose=0))
+    assert stream.text == ""

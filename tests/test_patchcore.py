@@ -253,3 +253,28 @@ def test_score_with_one_class_raises_before_scoring(textures):
     for y in ([0, 0, 0], [1, 1, 1]):
         with pytest.raises(ValueError, match=r"both normal \(0\) and anomalous \(1\)"):
             det.score(textures.images[:3], y)
+
+
+def test_set_reference_forgets_the_training_images(textures):
+    """As documented: the bank is replaced, so the training images are no longer in it;
+    passing old and new references together keeps both."""
+    normals = textures.images[textures.y == 0]
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, coreset_ratio=1.0,
+                    random_state=0).fit(normals[:3])
+    assert np.allclose(det.decision_function(normals[:3]), 0, atol=1e-3)
+    det.set_reference(normals[3:6])
+    assert np.all(det.decision_function(normals[:3]) > 0.01)
+    det.set_reference(np.concatenate([normals[:3], normals[3:6]]))
+    assert np.allclose(det.decision_function(normals[:6]), 0, atol=1e-3)
+
+
+def test_image_size_pair_keeps_the_aspect_ratio():
+    """A (height, width) working size: wide images keep their shape (a non-square patch
+    grid) and maps come back at each input's size."""
+    wide = make_textures(n_domains=1, n_normal=4, n_anomalous=0, image_size=64,
+                         random_state=0).images[:, :24, :]  # 24 x 64 images
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=(24, 64),
+                    random_state=0).fit(wide[:3])
+    assert det.feature_grid_ == (3, 8)
+    scores, maps = det.score_and_map(wide[3:])
+    assert maps.shape == (1, 24, 64) and np.isfinite(scores).all()
