@@ -18,6 +18,10 @@ memory banks, where the two should agree to float precision.
 
 anomalib is an optional dependency (``pip install anomalib``); the functions
 ``anomalib_model`` and ``anomalib_scores`` are also used by ``tests/test_parity.py``.
+
+The coresets of the two implementations start from different random patches and project
+differently, so their AUROCs differ by about as much as one implementation's do between
+seeds: ``--coreset-seeds 0 1 2 3 4`` runs both with several seeds and prints mean ± sd.
 """
 
 import argparse
@@ -105,6 +109,11 @@ def _tensors(paths):
     return torch.stack([load_resized(images, i, SIZE) for i in range(len(images))])
 
 
+def _arrays(x):
+    """(B, 3, H, W) tensors in [0, 1] as the (B, H, W, 3) arrays skad reads."""
+    return x.permute(0, 2, 3, 1).numpy()
+
+
 def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", seed=0):
     """One row: both implementations fitted on ``train``, scored on ``test``."""
     model, ours = anomalib_model(backbone, "pretrained", (2, 3))
@@ -114,9 +123,8 @@ def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", see
     their_s = time.perf_counter() - t0
     det = PatchCore(backbone=backbone, image_size=SIZE, coreset_ratio=coreset_ratio,
                     random_state=seed)
-    to_arrays = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
     t0 = time.perf_counter()
-    skad_scores = det.fit(to_arrays(train)).decision_function(to_arrays(test))
+    skad_scores = det.fit(_arrays(train)).decision_function(_arrays(test))
     our_s = time.perf_counter() - t0
     auroc_skad, auroc_anomalib = roc_auc_score(y, skad_scores), roc_auc_score(y, theirs)
     return {"auroc_skad": auroc_skad, "auroc_anomalib": auroc_anomalib,
@@ -125,15 +133,48 @@ def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", see
             "skad_s": our_s, "anomalib_s": their_s}
 
 
+def _summary(rows, categories, protocols):
+    """Per category and protocol: both AUROCs (mean and spread over the seeds), their
+    difference, and the mean Spearman correlation."""
+    lines = [("| category | protocol | seeds | AUROC skad | AUROC anomalib | diff | Spearman "
+              "| skad s | anomalib s | speed-up |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    n_seeds = len({r["seed"] for r in rows})
+
+    def cell(values, spread):
+        return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if spread else "")
+
+    for protocol in protocols:
+        for cat in [*categories, None]:
+            sel = [r for r in rows if r["protocol"] == protocol and cat in (None, r["category"])]
+            if cat is None:  # the mean over categories of the per-category means
+                sel = [{k: np.mean([r[k] for r in rows if r["protocol"] == protocol
+                                    and r["category"] == c]) for k in sel[0] if k not in
+                        ("category", "protocol")} for c in categories]
+            speed = (f"{np.mean([r['skad_s'] for r in sel]):.1f} | "
+                     f"{np.mean([r['anomalib_s'] for r in sel]):.1f} | "
+                     f"{np.mean([r['anomalib_s'] / r['skad_s'] for r in sel]):.1f}x")
+            lines.append(
+                f"| {cat or '**mean**'} | {protocol} | {n_seeds} "
+                f"| {cell([r['auroc_skad'] for r in sel], cat and n_seeds > 1)} "
+                f"| {cell([r['auroc_anomalib'] for r in sel], cat and n_seeds > 1)} "
+                f"| {np.mean([r['auroc_diff'] for r in sel]):+.3f} "
+                f"| {np.mean([r['spearman'] for r in sel]):.3f} | {speed} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--categories", nargs="+")
+    ap.add_argument("--protocols", nargs="+", default=["oneclass", "references"],
+                    choices=["oneclass", "references"])
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--n-references", type=int, default=10)
     ap.add_argument("--coreset-ratio", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="draws the images")
+    ap.add_argument("--coreset-seeds", type=int, nargs="+", default=[0],
+                    help="seeds of both coresets; the summary gives mean ± sd over them")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args()
     root = Path(args.data)
@@ -141,25 +182,18 @@ def main():
         sys.exit(f"no data at {root}: nothing to compare")
     categories = args.categories or sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
     rows = []
-    print("| category | protocol | AUROC skad | AUROC anomalib | diff | Spearman | skad s "
-          "| anomalib s | speed-up |\n|---|---|---|---|---|---|---|---|---|")
     for cat in categories:
         train_paths, test_paths, y = _subset(root, cat, args.n_train, args.n_test, args.seed)
         train, test = _tensors(train_paths), _tensors(test_paths)
-        for protocol, bank in (("oneclass", train), ("references", train[:args.n_references])):
-            row = {"category": cat, "protocol": protocol, "n_bank_images": len(bank),
-                   "n_test": len(test), **compare(bank, test, y, args.coreset_ratio, seed=args.seed)}
-            rows.append(row)
-            print(f"| {cat} | {protocol} | {row['auroc_skad']:.3f} | {row['auroc_anomalib']:.3f} "
-                  f"| {row['auroc_diff']:+.3f} | {row['spearman']:.3f} | {row['skad_s']:.1f} "
-                  f"| {row['anomalib_s']:.1f} | {row['anomalib_s'] / row['skad_s']:.1f}x |",
-                  flush=True)
-    for protocol in ("oneclass", "references"):
-        sel = [r for r in rows if r["protocol"] == protocol]
-        print(f"| **mean** | {protocol} | {np.mean([r['auroc_skad'] for r in sel]):.3f} "
-              f"| {np.mean([r['auroc_anomalib'] for r in sel]):.3f} "
-              f"| {np.mean([r['auroc_diff'] for r in sel]):+.3f} "
-              f"| {np.mean([r['spearman'] for r in sel]):.3f} | | | |")
+        banks = {"oneclass": train, "references": train[:args.n_references]}
+        for protocol in args.protocols:
+            for seed in args.coreset_seeds:
+                row = {"category": cat, "protocol": protocol, "seed": seed,
+                       "n_bank_images": len(banks[protocol]), "n_test": len(test),
+                       **compare(banks[protocol], test, y, args.coreset_ratio, seed=seed)}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print(_summary(rows, categories, args.protocols))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
