@@ -278,6 +278,13 @@ class GeneralAD(BaseDetector):
         patches (semantic anomalies).
     sigma : float or None, default=None
         Gaussian smoothing of the maps at ``image_size``; None: ``16 * image_size / 518``.
+    standardize_positions : bool, default=True
+        Score each map position against the same position in the references' maps: ``(map -
+        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
+        image score as the standardised map's maximum. Not in the paper or the released
+        code: without it the border cells, where the backbone's convolutions see zero
+        padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
+        the paper's maps and image score (Eq. 5).
     threshold_quantile : float, default=0.99
         ``threshold_`` is this quantile of the reference images' scores.
     batch_size : int, default=16
@@ -300,6 +307,9 @@ class GeneralAD(BaseDetector):
         Token dimension.
     loss_history_ : list of float
         Mean training loss of each epoch.
+    position_mean_, position_std_ : ndarray of shape image_size
+        Mean and standard deviation of the references' maps at each position, at
+        ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
         Scores of the reference images; ``threshold_`` is their quantile.
     threshold_ : float
@@ -348,7 +358,8 @@ class GeneralAD(BaseDetector):
                  layers=(-1,), image_size=518, norm=True,
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
                  hidden_dim=2048, dropout=0.1, n_epochs=160, lr=5e-4, weight_decay=1e-5,
-                 lr_final_ratio=0.2, top_k=10, sigma=None, threshold_quantile=0.99,
+                 lr_final_ratio=0.2, top_k=10, sigma=None,
+                 standardize_positions=True, threshold_quantile=0.99,
                  batch_size=16, device="auto", verbose=0, random_state=None):
         self.backbone = backbone
         self.weights = weights
@@ -366,6 +377,7 @@ class GeneralAD(BaseDetector):
         self.lr_final_ratio = lr_final_ratio
         self.top_k = top_k
         self.sigma = sigma
+        self.standardize_positions = standardize_positions
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

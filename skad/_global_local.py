@@ -377,6 +377,13 @@ class GlobalLocal(BaseDetector):
         An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
         of images far from square (250 x 630 images: ``(256, 640)``, not 256,
         which squashes them). Maps come back at each input's own size.
+    standardize_positions : bool, default=True
+        Score each map position against the same position in the references' maps: ``(map -
+        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
+        image score as the standardised map's maximum. Not in the paper: without it the
+        border cells, where the Global-Net's context window reaches past the image and is
+        masked, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
+        the paper's maps and image score (Eq. 13).
     threshold_quantile : float, default=0.99
         ``threshold_`` is this quantile of the references' scores.
     batch_size : int, default=16
@@ -401,6 +408,9 @@ class GlobalLocal(BaseDetector):
         other values raises.
     loss_history_ : dict of list of float
         Mean loss per epoch of the stages ``"distill"``, ``"finetune"``, ``"global"``.
+    position_mean_, position_std_ : ndarray of shape image_size
+        Mean and standard deviation of the references' maps at each position, at
+        ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
     threshold_ : float
 
@@ -449,7 +459,8 @@ class GlobalLocal(BaseDetector):
                  width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
                  distill_images=None, local_net=None, n_patches=16, n_epochs=100,
                  lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint", lambda_s=0.8,
-                 lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256, threshold_quantile=0.99,
+                 lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256,
+                 standardize_positions=True, threshold_quantile=0.99,
                  batch_size=16, device="auto", verbose=0, random_state=None):
         self.teacher = teacher
         self.teacher_weights = teacher_weights
@@ -476,6 +487,7 @@ class GlobalLocal(BaseDetector):
         self.idw_neighbors = idw_neighbors
         self.idw_power = idw_power
         self.image_size = image_size
+        self.standardize_positions = standardize_positions
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

@@ -250,6 +250,13 @@ class MMR(BaseDetector):
         An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
         of images far from square (250 x 630 images: ``(256, 640)``, not 256,
         which squashes them). Maps come back at each input's own size.
+    standardize_positions : bool, default=True
+        Score each map position against the same position in the references' maps: ``(map -
+        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
+        image score as the standardised map's maximum. Not in the paper or the released
+        code: without it the border cells, where the teacher's convolutions see zero
+        padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
+        the paper's maps and image score (Eq. 2).
     threshold_quantile : float, default=0.99
         ``threshold_`` is this quantile of the references' scores.
     batch_size : int, default=16
@@ -270,6 +277,9 @@ class MMR(BaseDetector):
         FPN factor of each level: student patch size / teacher stride.
     loss_history_ : list of float
         Mean training loss (Eq. 1) of each epoch.
+    position_mean_, position_std_ : ndarray of shape image_size
+        Mean and standard deviation of the references' maps at each position, at
+        ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
     threshold_ : float
 
@@ -328,7 +338,8 @@ class MMR(BaseDetector):
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
                  n_epochs=200, lr=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  lr_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True, sigma=4.0,
-                 image_size=224, threshold_quantile=0.99, batch_size=16, device="auto",
+                 standardize_positions=True, image_size=224, threshold_quantile=0.99,
+                 batch_size=16, device="auto",
                  verbose=0, random_state=None):
         self.teacher = teacher
         self.teacher_weights = teacher_weights
@@ -346,6 +357,7 @@ class MMR(BaseDetector):
         self.hflip = hflip
         self.sigma = sigma
         self.image_size = image_size
+        self.standardize_positions = standardize_positions
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

@@ -16,6 +16,10 @@ fitted state on the CPU. A detector implements three hooks:
 ``_score_batch(batch, maps)``
     Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
     return ``(scores (B,), maps (B, h, w) or None)``.
+
+A detector with a ``standardize_positions`` parameter gets the position
+standardisation of :meth:`BaseDetector.set_reference` for free: its maps are
+compared, position by position, with the references' maps.
 """
 
 import contextlib
@@ -55,6 +59,20 @@ def _to_cpu(obj):
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     return obj
+
+
+#: references needed to estimate the spread of the maps at each position
+_MIN_POSITION_REFERENCES = 3
+#: the spread at a position is at least this share of the spread over all positions:
+#: where the references' maps hardly vary (a uniform background), float noise would
+#: otherwise become a large standardised score
+_SPREAD_FLOOR = 0.1
+
+
+def _spread(var):
+    """Standard deviation per position from a variance map, floored (``_SPREAD_FLOOR``)."""
+    std = var.clamp(min=0).sqrt()
+    return std.clamp(min=_SPREAD_FLOOR * float(var.clamp(min=0).mean().sqrt()) + 1e-12)
 
 
 class BaseDetector(BaseEstimator):
@@ -135,12 +153,24 @@ class BaseDetector(BaseEstimator):
         no retraining) and calibrates ``threshold_`` as the
         ``threshold_quantile`` quantile of the references' own scores,
         computed leave-one-image-out where the references are also the
-        comparison set.
+        comparison set. A detector with ``standardize_positions=True`` also
+        keeps the mean and standard deviation of the references' maps at each
+        position (``position_mean_``, ``position_std_``, arrays of shape
+        ``image_size``) and scores an image by its standardised map (see
+        :meth:`predict_map`); the references' own scores are then each computed
+        against the other references' statistics.
 
         Parameters
         ----------
         normals : ndarray, list of ndarray or list of path-like
-            Defect-free images of the target domain (1 to a few hundred).
+            Defect-free images of the target domain (1 to a few hundred; at
+            least 3 with ``standardize_positions=True``).
+
+        Raises
+        ------
+        ValueError
+            If ``standardize_positions=True`` and fewer than 3 images are given.
+            A failed call keeps the previous reference.
 
         Returns
         -------
@@ -150,7 +180,14 @@ class BaseDetector(BaseEstimator):
         images = check_images(normals, name="normals")
         snapshot = dict(self.__dict__)
         try:
-            scores = np.asarray(self._set_reference(images), dtype=np.float64)
+            if self._standardizes_positions():
+                scores = self._set_position_statistics(images)
+            else:
+                scores = self._set_reference(images)
+                # statistics of an earlier reference must not outlive it
+                self.__dict__.pop("position_mean_", None)
+                self.__dict__.pop("position_std_", None)
+            scores = np.asarray(scores, dtype=np.float64)
             self.reference_scores_ = scores
             self.threshold_ = float(np.quantile(scores, self.threshold_quantile))
             self.n_references_ = len(images)
@@ -165,6 +202,43 @@ class BaseDetector(BaseEstimator):
         itself (its reconstruction, its surroundings), where references only calibrate."""
         return self._map_images(images, lambda batch: self._score_batch(batch, False)[0],
                                 desc="reference scores").numpy()
+
+    def _standardizes_positions(self):
+        value = getattr(self, "standardize_positions", False)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"standardize_positions must be True or False; got {value!r}")
+        return bool(value)
+
+    def _set_position_statistics(self, images):
+        """Keep the mean and spread of the references' maps at each position.
+
+        A detector whose maps run systematically higher or noisier at some
+        positions (the border cells, where convolutions see padding and context
+        windows reach past the image) would otherwise score every normal image
+        by those positions. Returns the references' scores, each against the
+        statistics of the other references (leave one image out), so that the
+        threshold is not calibrated on images that set their own statistics.
+        """
+        n = len(images)
+        if n < _MIN_POSITION_REFERENCES:
+            raise ValueError(
+                f"{type(self).__name__}(standardize_positions=True) needs at least "
+                f"{_MIN_POSITION_REFERENCES} reference images to estimate the spread of the "
+                f"maps at each position; got {n}. Pass more defect-free images, or "
+                "standardize_positions=False"
+            )
+        maps = self._map_images(images, lambda batch: self._score_batch(batch, True)[1],
+                                desc="reference maps").double()
+        s1, s2 = maps.sum(dim=0), maps.square().sum(dim=0)
+        mean = s1 / n
+        self.position_mean_ = mean.float().numpy()
+        self.position_std_ = _spread(s2 / n - mean.square()).float().numpy()
+        scores = np.empty(n)
+        for i, amap in enumerate(maps):
+            loo_mean = (s1 - amap) / (n - 1)
+            loo_var = (s2 - amap.square()) / (n - 1) - loo_mean.square()
+            scores[i] = float(((amap - loo_mean) / _spread(loo_var)).max())
+        return scores
 
     # ----------------------------------------------------------- scoring
     def decision_function(self, X):
@@ -183,6 +257,10 @@ class BaseDetector(BaseEstimator):
         -------
         maps : ndarray of shape (n_samples, height, width) or list of ndarray
             An array when all images share one size, else a list of 2-D arrays.
+            In the detector's own units; with ``standardize_positions=True``, in
+            standard deviations above the references' mean at the same position
+            (``(map - position_mean_) / position_std_``, computed at
+            ``image_size`` before resizing to each image's size).
         """
         return self.score_and_map(X)[1]
 
@@ -216,11 +294,17 @@ class BaseDetector(BaseEstimator):
         images = check_images(X)
         device = resolve_device(self.device)
         self._to_device(device)
+        standardize = self._standardizes_positions()
+        if standardize:
+            mean, std = self._position_statistics(device)
         scores, out_maps = [], []
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc="scoring"):
-                s, m = self._score_batch(batch.to(device), maps)
+                s, m = self._score_batch(batch.to(device), maps or standardize)
+                if standardize:
+                    m = (m.float() - mean) / std
+                    s = m.flatten(1).amax(dim=1)
                 scores.append(s.float().cpu())
                 if maps:
                     out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
@@ -233,6 +317,15 @@ class BaseDetector(BaseEstimator):
                 f"{type(self).__name__} has no reference yet: call "
                 "set_reference(normals) with a few defect-free images of the target domain"
             )
+
+    def _position_statistics(self, device):
+        if not hasattr(self, "position_mean_"):
+            raise RuntimeError(
+                f"{type(self).__name__} has standardize_positions=True but its reference was "
+                "set without it: call set_reference(normals) again"
+            )
+        return (torch.from_numpy(self.position_mean_).to(device),
+                torch.from_numpy(self.position_std_).to(device))
 
     # ----------------------------------------------------------- compute
     def _device(self):

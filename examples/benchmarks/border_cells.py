@@ -11,7 +11,9 @@ patch grid). A detector that treats border cells like any other puts its maxima 
 chance, about as often as the ring's share of the pixels (0.23); 1.00 means that every
 normal image's score is set by its border. Backbone ``tf_efficientnet_lite0`` with the
 offline weights; settings per method below (short trainings: this is a CPU benchmark).
-``tests/test_borders.py`` runs PatchCore's row with the same functions.
+GeneralAD, MMR and GlobalLocal standardise each map position by the references' maps
+(``standardize_positions=True``, their default); ``--paper-maps`` measures them without.
+``tests/test_borders.py`` runs every row, with shorter trainings, with the same functions.
 """
 
 import argparse
@@ -94,15 +96,23 @@ def detectors():
     }
 
 
+def _without_standardization(make):
+    return lambda i: make(i).set_params(standardize_positions=False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(detectors()))
+    ap.add_argument("--paper-maps", action="store_true",
+                    help="standardize_positions=False where a detector has it")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     print(f"| method | ring share of maxima, per surface (chance: {RING_SHARE:.2f}) | seconds |")
     print("|---|---|---|")
     for name in args.methods:
         make, fit = detectors()[name]
+        if args.paper_maps and "standardize_positions" in make(0).get_params():
+            make = _without_standardization(make)
         t0 = time.perf_counter()
         fractions = ring_fractions(make, fit=fit)
         print(f"| {name} | {' / '.join(f'{f:.2f}' for f in fractions)} "
