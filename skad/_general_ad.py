@@ -12,14 +12,17 @@ shuffle needs) are computed once per ``fit`` and the discriminator trains on
 that cache.
 """
 
-import numbers
+import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._backbone import create_backbone
 from ._images import _size2, gaussian_blur, upsample
+from ._params import Ints, Reals, Sequences
 from ._training import (cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed,
                         train)
 from .base import BaseDetector
@@ -354,7 +357,28 @@ class GeneralAD(BaseDetector):
     (2, 32, 32)
     """
 
-    def __init__(self, backbone="vit_large_patch14_dinov2.lvd142m", weights="pretrained",
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseDetector._parameter_constraints,
+        "backbone": [str],
+        "weights": [str, os.PathLike, None],
+        "layers": [Sequences(Ints())],
+        "norm": ["boolean"],
+        "distortions": [StrOptions(set(DISTORTIONS)), Sequences(StrOptions(set(DISTORTIONS)))],
+        # > 0 where a noise distortion is asked for (_check_param_relations)
+        "noise_std": [Reals(0)],
+        "n_heads": [Ints(1)],
+        "hidden_dim": [Ints(1)],
+        "dropout": [Reals(0, 1, closed="left")],
+        "n_epochs": [Ints(1)],
+        "lr": [Reals(0, None, closed="neither")],
+        "weight_decay": [Reals(0)],
+        "lr_final_ratio": [Reals(0)],
+        "top_k": [Ints(1), None],
+        "sigma": [Reals(0), None],
+        "standardize_positions": ["boolean"],
+    }
+
+    def __init__(self, *, backbone="vit_large_patch14_dinov2.lvd142m", weights="pretrained",
                  layers=(-1,), image_size=518, norm=True,
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
                  hidden_dim=2048, dropout=0.1, n_epochs=160, lr=5e-4, weight_decay=1e-5,
@@ -385,26 +409,14 @@ class GeneralAD(BaseDetector):
         self.random_state = random_state
 
     # ------------------------------------------------------------ checks
-    def _distortion_list(self):
-        kinds = (self.distortions,) if isinstance(self.distortions, str) else self.distortions
-        kinds = tuple(kinds)
-        bad = [k for k in kinds if k not in DISTORTIONS]
-        if not kinds or bad:
-            raise ValueError(f"distortions must name one or more of {DISTORTIONS}; "
-                             f"got {self.distortions!r}")
-        return kinds
-
-    def _check_params(self):
-        kinds = self._distortion_list()
-        if not (isinstance(self.n_epochs, numbers.Integral) and self.n_epochs >= 1):
-            raise ValueError(f"n_epochs must be a positive integer; got {self.n_epochs!r}")
+    def _check_param_relations(self):
+        """The distortions, as a tuple, after what ``_parameter_constraints`` cannot say."""
+        kinds = self.distortions
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         # with no noise the distorted copies equal the real tokens yet are labelled anomalous
         if not self.noise_std > 0 and any(k.startswith("noise") for k in kinds):
             raise ValueError(f"noise_std must be > 0 for the noise distortions; "
                              f"got {self.noise_std!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not (
-                isinstance(self.top_k, numbers.Integral) and self.top_k >= 1)):
-            raise ValueError(f"top_k must be a positive integer or None; got {self.top_k!r}")
         return kinds
 
     # ------------------------------------------------------------ features (§3.1)
@@ -428,7 +440,7 @@ class GeneralAD(BaseDetector):
 
     # ------------------------------------------------------------ fitting
     def _fit(self, images, y, groups):
-        kinds = self._check_params()
+        kinds = self._check_param_relations()
         seed = seed_from(self.random_state)
         self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
                                          image_size=self.image_size, norm=self.norm,

@@ -14,14 +14,17 @@ place, a swapped colour, a bend.
 import copy
 import functools
 import math
-import numbers
+import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._backbone import create_backbone
 from ._images import _size2, check_images
+from ._params import Ints, Reals
 from ._training import cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed
 from ._training import train as train_loop
 from .base import BaseDetector
@@ -36,10 +39,6 @@ _WEIGHT_DECAY = 1e-5
 
 
 # ------------------------------------------------------------------ geometry
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def patch_starts(size, patch_size, stride):
     """Raster-scan start offsets along one axis (Sec. 3.3); the last patch ends at the border."""
     starts = list(range(0, size - patch_size + 1, stride))
@@ -454,12 +453,42 @@ class GlobalLocal(BaseDetector):
     (2, 32, 32)
     """
 
-    def __init__(self, teacher="resnet18.tv_in1k", teacher_weights="pretrained", teacher_layer=-1,
-                 teacher_size=128, patch_size=32, stride=16, context=3.0, embed_dim=128,
-                 width=32, n_distill_patches=32, n_distill_epochs=40, n_finetune_epochs=10,
-                 distill_images=None, local_net=None, n_patches=16, n_epochs=100,
-                 lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint", lambda_s=0.8,
-                 lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256,
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseDetector._parameter_constraints,
+        "teacher": [str],
+        "teacher_weights": [str, os.PathLike, None],
+        "teacher_layer": [Ints()],
+        "teacher_size": [Ints(1)],
+        # at most the image's side: _check_param_relations
+        "patch_size": [Ints(2)],
+        "stride": [Ints(1)],
+        "context": [Reals(1), StrOptions({"image"})],
+        "embed_dim": [Ints(1)],
+        "width": [Ints(1)],
+        "n_distill_patches": [Ints(1)],
+        "n_distill_epochs": [Ints(0)],
+        "n_finetune_epochs": [Ints(0)],
+        "distill_images": ["array-like", None],
+        "local_net": [LocalNet, None],
+        "n_patches": [Ints(1)],
+        "n_epochs": [Ints(1)],
+        "lambda_k": [Reals(0)],
+        "lambda_c": [Reals(0)],
+        "lambda_t": [Reals(0)],
+        "dad_input": [StrOptions({"joint", "difference"})],
+        "lambda_s": [Reals(0, 1)],
+        "lr": [Reals(0, None, closed="neither")],
+        "idw_neighbors": [Ints(1)],
+        "idw_power": [Reals(0, None, closed="neither")],
+        "standardize_positions": ["boolean"],
+    }
+
+    def __init__(self, *, teacher="resnet18.tv_in1k", teacher_weights="pretrained",
+                 teacher_layer=-1, teacher_size=128, patch_size=32, stride=16, context=3.0,
+                 embed_dim=128, width=32, n_distill_patches=32, n_distill_epochs=40,
+                 n_finetune_epochs=10, distill_images=None, local_net=None, n_patches=16,
+                 n_epochs=100, lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint",
+                 lambda_s=0.8, lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256,
                  standardize_positions=True, threshold_quantile=0.99,
                  batch_size=16, device="auto", verbose=0, random_state=None):
         self.teacher = teacher
@@ -495,38 +524,12 @@ class GlobalLocal(BaseDetector):
         self.random_state = random_state
 
     # ----------------------------------------------------------- parameters
-    def _check_params(self):
+    def _check_param_relations(self):
+        """What ``_parameter_constraints`` cannot say: the patch fits in the image."""
         h, w = _size2(self.image_size)
-        if not _is_int(self.patch_size) or not 2 <= self.patch_size <= min(h, w):
+        if self.patch_size > min(h, w):
             raise ValueError(f"patch_size must be in [2, {min(h, w)}] (the image_size); "
                              f"got {self.patch_size}")
-        if not (self.context == "image" or (isinstance(self.context, numbers.Real)
-                                            and not isinstance(self.context, bool)
-                                            and self.context >= 1)):
-            raise ValueError(f"context must be a number >= 1 (patch sizes) or 'image'; "
-                             f"got {self.context!r}")
-        for name in ("n_distill_epochs", "n_finetune_epochs"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got "
-                                 f"{getattr(self, name)}")
-        for name in ("n_epochs", "n_patches", "n_distill_patches", "embed_dim", "width"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
-        if self.dad_input not in ("joint", "difference"):
-            raise ValueError(f"dad_input must be 'joint' or 'difference'; got {self.dad_input!r}")
-        if self.local_net is not None and not isinstance(self.local_net, LocalNet):
-            raise TypeError(f"local_net must be a LocalNet (e.g. a fitted GlobalLocal's "
-                            f"local_net_); got {type(self.local_net).__name__}")
-        self._check_scoring_params()
-
-    def _check_scoring_params(self):
-        if not 0.0 <= self.lambda_s <= 1.0:
-            raise ValueError(f"lambda_s must be in [0, 1]; got {self.lambda_s}")
-        if not _is_int(self.stride) or self.stride < 1:
-            raise ValueError(f"stride must be a positive integer; got {self.stride!r}")
-        if self.idw_neighbors < 1 or self.idw_power <= 0:
-            raise ValueError("idw_neighbors must be >= 1 and idw_power > 0; got "
-                             f"{self.idw_neighbors}, {self.idw_power}")
 
     def _check_geometry(self):
         """The window scored must be the one the Global-Net was trained on."""
@@ -545,7 +548,7 @@ class GlobalLocal(BaseDetector):
 
     # ----------------------------------------------------------- fitting
     def _fit(self, images, y, groups):
-        self._check_params()
+        self._check_param_relations()
         seed = seed_from(self.random_state)
         needs_teacher = self.local_net is None or self.n_finetune_epochs > 0
         teacher = None
@@ -728,7 +731,6 @@ class GlobalLocal(BaseDetector):
 
     def _score_batch(self, batch, maps):
         """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""
-        self._check_scoring_params()
         self._check_geometry()
         s_iad, s_dad = self._patch_scores(batch)
         scores = self.lambda_s * s_iad + (1.0 - self.lambda_s) * s_dad

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["ImageSet", "check_images", "check_labels", "displayed_size", "iter_batches",
-           "read_mask", "resize_maps", "progress", "gaussian_blur", "upsample"]
+__all__ = ["ImageSet", "check_groups", "check_images", "check_labels", "displayed_size",
+           "iter_batches", "read_mask", "resize_maps", "progress", "gaussian_blur", "upsample"]
 
 _PATH_TYPES = (str, os.PathLike)
 
@@ -367,6 +367,33 @@ def check_labels(y, n_samples, *, name="y"):
         bad = sorted({str(v) for v in np.unique(y) if v not in (0, 1)})[:5]
         raise ValueError(f"{name} must hold 0 (normal) and 1 (anomalous) only; found {bad}")
     return y.astype(np.int64)
+
+
+def check_groups(groups, n_samples):
+    """Validate the domain of each image (one per image, none missing); return an array.
+
+    Domains are compared and sorted (``np.unique``): a missing one (None, NaN)
+    or a mix of kinds (str and int) would fail there with an error that does
+    not say where it came from.
+    """
+    try:
+        groups = np.asarray(groups)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"groups must hold one domain per image; {exc}") from None
+    if groups.shape != (n_samples,):
+        raise ValueError(f"groups has shape {groups.shape}; expected ({n_samples},), one per image")
+    missing = np.flatnonzero([g is None or (isinstance(g, (float, np.floating)) and np.isnan(g))
+                              for g in groups])
+    if len(missing):
+        raise ValueError(f"groups[{missing[0]}] is {groups[missing[0]]}: every image needs a "
+                         "domain (a str or an int)")
+    try:
+        np.unique(groups)
+    except TypeError:
+        kinds = sorted({type(g).__name__ for g in groups})
+        raise ValueError(f"groups must hold domains of one kind (str or int) that can be "
+                         f"sorted; got a mix of {', '.join(kinds)}") from None
+    return groups
 
 
 def _size2(image_size):

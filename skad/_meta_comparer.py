@@ -8,16 +8,20 @@ then adapts to a new domain through :meth:`MetaComparer.set_reference` with a
 handful of its normal images, without retraining.
 """
 
+import os
 import time
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._backbone import create_backbone
 from ._images import check_images, gaussian_blur, load_resized
+from ._params import Ints, Reals, Sequences
 from ._textures import _cut_mask, _ellipse_mask
 from ._training import cosine_schedule, make_optimizer, seed_from, torch_seed, train
 from .base import BaseDetector
@@ -461,7 +465,40 @@ class MetaComparer(BaseDetector):
 
     _one_class = False
 
-    def __init__(self, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseDetector._parameter_constraints,
+        "backbone": [str],
+        "weights": [str, os.PathLike, None],
+        "layers": [Sequences(Ints())],
+        "train_backbone": ["boolean"],
+        "fpn_width": [Ints(1)],
+        "fpn_cells": [Ints(0)],
+        "fpn_levels": [Ints(1)],
+        # indices of pyramid levels; that they exist is checked with fpn_levels and layers
+        "scales": [Sequences(Ints(0))],
+        "hidden_sizes": [Sequences(Ints(1))],
+        "attention_dim": [Ints(1)],
+        "reference_reduction": [StrOptions({"max", "min"})],
+        "attention_weight": [Reals(0)],
+        "rank_weight": [Reals(0)],
+        "rank_lambda": [Reals(0)],
+        "mismatch_ratio": [Reals(0, 1)],
+        "n_epochs": [Ints(1)],
+        "n_episodes": [Ints(1)],
+        # an episode needs a normal and an anomalous query
+        "episode_queries": [Ints(2)],
+        "episode_references": [Ints(1)],
+        "n_reference_patches": [Ints(1), None],
+        "n_rank_pairs": [Ints(1)],
+        "learning_rate": [Reals(0, None, closed="neither")],
+        "weight_decay": [Reals(0)],
+        "backbone_lr_ratio": [Reals(0)],
+        "synthesize_anomalies": [StrOptions({"auto"}), "boolean"],
+        "n_synthetic": [Ints(1)],
+        "sigma": [Reals(0)],
+    }
+
+    def __init__(self, *, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
                  train_backbone=False, image_size=256, fpn_width=64, fpn_cells=3, fpn_levels=5,
                  scales=(0, 1, 2), hidden_sizes=(64,), attention_dim=64,
                  reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
@@ -507,27 +544,15 @@ class MetaComparer(BaseDetector):
         self.random_state = random_state
 
     # ------------------------------------------------------------ fit
-    def _check_params(self):
-        if self.reference_reduction not in ("max", "min"):
-            raise ValueError(f"reference_reduction must be 'max' or 'min'; "
-                             f"got {self.reference_reduction!r}")
-        if self.synthesize_anomalies not in ("auto", True, False):
-            raise ValueError(f"synthesize_anomalies must be 'auto', True or False; "
-                             f"got {self.synthesize_anomalies!r}")
+    def _check_param_relations(self):
+        """What ``_parameter_constraints`` cannot say: ``scales`` within the pyramid."""
         n_levels = max(self.fpn_levels, len(self.layers))
-        if not self.scales or any(not 0 <= s < n_levels for s in self.scales):
-            raise ValueError(f"scales={self.scales} must index the {n_levels} pyramid levels")
-        if not self.hidden_sizes or any(int(h) != h or h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"hidden_sizes must hold one or more positive layer widths; "
-                             f"got {self.hidden_sizes!r}")
-        if not 0.0 <= self.mismatch_ratio <= 1.0:
-            raise ValueError(f"mismatch_ratio must be in [0, 1]; got {self.mismatch_ratio!r}")
-        if self.episode_queries < 2 or self.episode_references < 1:
-            raise ValueError("episode_queries must be >= 2 (normal and anomalous) and "
-                             "episode_references >= 1")
+        if any(s >= n_levels for s in self.scales):
+            raise ValueError(f"scales={self.scales} must index the {n_levels} pyramid levels "
+                             f"(fpn_levels={self.fpn_levels}, {len(self.layers)} layers)")
 
     def _fit(self, images, y, groups):
-        self._check_params()
+        self._check_param_relations()
         if y is None:
             raise ValueError("MetaComparer learns from image-level labels: call "
                              "fit(X, y, groups=domains) with y (0 = normal, 1 = anomalous)")

@@ -14,6 +14,8 @@ background or viewpoint better than a model of the normal features alone.
 """
 
 import math
+import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from torch import nn
 
 from ._backbone import _create_model, create_backbone
 from ._images import gaussian_blur, upsample
+from ._params import Ints, Reals, Sequences
 from ._training import (
     iter_minibatches,
     make_optimizer,
@@ -333,7 +336,29 @@ class MMR(BaseDetector):
     (2, 32, 32)
     """
 
-    def __init__(self, teacher="wide_resnet50_2.tv_in1k", teacher_weights="pretrained",
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseDetector._parameter_constraints,
+        "teacher": [str],
+        "teacher_weights": [str, os.PathLike, None],
+        "teacher_layers": [Sequences(Ints())],
+        "student": [str],
+        "student_weights": [str, os.PathLike, None],
+        # at most the student's blocks: checked when it is built
+        "student_depth": [Ints(1), None],
+        "mask_ratio": [Reals(0, 1, closed="left")],
+        "n_epochs": [Ints(1)],
+        "lr": [Reals(0, None, closed="neither")],
+        "weight_decay": [Reals(0)],
+        "warmup_ratio": [Reals(0, 1)],
+        "lr_milestones": [Sequences(Reals(0, 1), min_length=0)],
+        # lo <= hi: _check_param_relations
+        "crop_scale": [Sequences(Reals(0, 1, closed="right"), length=2), None],
+        "hflip": ["boolean"],
+        "sigma": [Reals(0)],
+        "standardize_positions": ["boolean"],
+    }
+
+    def __init__(self, *, teacher="wide_resnet50_2.tv_in1k", teacher_weights="pretrained",
                  teacher_layers=(1, 2, 3), student="vit_base_patch16_224.mae_visualize",
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
                  n_epochs=200, lr=1e-3, weight_decay=0.05, warmup_ratio=0.25,
@@ -365,18 +390,11 @@ class MMR(BaseDetector):
         self.random_state = random_state
 
     # ----------------------------------------------------------- fitting
-    def _check_params(self):
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1); got {self.mask_ratio}")
-        if int(self.n_epochs) != self.n_epochs or self.n_epochs < 1:
-            raise ValueError(f"n_epochs must be a positive integer; got {self.n_epochs}")
-        if self.crop_scale is not None:
-            lo, hi = self.crop_scale
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1; "
-                                 f"got {self.crop_scale}")
-        if len(self.teacher_layers) < 1:
-            raise ValueError("teacher_layers must name at least one level")
+    def _check_param_relations(self):
+        """What ``_parameter_constraints`` cannot say: ``crop_scale``'s bounds in order."""
+        if self.crop_scale is not None and self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1; "
+                             f"got {self.crop_scale}")
 
     def _build(self, seed):
         """Teacher and student, seeded; the FPN follows the teacher's strides and channels."""
@@ -409,7 +427,7 @@ class MMR(BaseDetector):
         return teacher, student.eval(), factors
 
     def _fit(self, images, y, groups):
-        self._check_params()
+        self._check_param_relations()
         seed = seed_from(self.random_state)
         teacher, student, factors = self._build(seed)
         self.teacher_, self.student_, self.scale_factors_ = teacher, student, factors

@@ -8,7 +8,8 @@ a new domain without any training, replacing the bank (the training patches are
 dropped).
 """
 
-import numbers
+import os
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from ._backbone import create_backbone
 from ._images import gaussian_blur, progress, upsample
+from ._params import Ints, Reals, Sequences
 from ._training import seed_from
 from .base import BaseDetector
 
@@ -416,8 +418,20 @@ class PatchCore(BaseDetector):
     # fit learns nothing beyond the memory bank, which set_reference rebuilds
     _reference_only = True
 
-    def __init__(self, backbone="wide_resnet50_2.tv_in1k", weights="pretrained", layers=(2, 3),
-                 image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
+    _parameter_constraints: ClassVar[dict] = {
+        **BaseDetector._parameter_constraints,
+        "backbone": [str],
+        "weights": [str, os.PathLike, None],
+        "layers": [Sequences(Ints())],
+        "coreset_ratio": [Reals(0, 1, closed="right")],
+        "n_projections": [Ints(0)],
+        "n_reweight": [Ints(0)],
+        "coreset_chunk_size": [Ints(1), None],
+        "sigma": [Reals(0)],
+    }
+
+    def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
+                 layers=(2, 3), image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
                  coreset_chunk_size=None, sigma=4.0, threshold_quantile=0.99, batch_size=16,
                  device="auto", verbose=0, random_state=None):
         self.backbone = backbone
@@ -436,8 +450,6 @@ class PatchCore(BaseDetector):
         self.random_state = random_state
 
     def _fit(self, images, y, groups):
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1]; got {self.coreset_ratio}")
         self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
                                          random_state=self.random_state)
 
@@ -458,11 +470,6 @@ class PatchCore(BaseDetector):
         return torch.cat(out, dim=1)
 
     def _set_reference(self, images):
-        if self.coreset_chunk_size is not None and not (
-                isinstance(self.coreset_chunk_size, numbers.Integral)
-                and self.coreset_chunk_size >= 1):
-            raise ValueError(f"coreset_chunk_size must be None or a positive integer; "
-                             f"got {self.coreset_chunk_size!r}")
         # channels last: the patches are a view of the maps, so the features are held once
         feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
                                  desc="reference features")

@@ -20,18 +20,40 @@ fitted state on the CPU. A detector implements three hooks:
 A detector with a ``standardize_positions`` parameter gets the position
 standardisation of :meth:`BaseDetector.set_reference` for free: its maps are
 compared, position by position, with the references' maps.
+
+Parameters are declared once, with their constraints, in scikit-learn's
+``_parameter_constraints`` style (``sklearn.utils._param_validation``, and
+:mod:`skad._params` for tuples, devices and integers that are not booleans).
+:class:`BaseDetector` declares the six every detector has (``image_size``,
+``batch_size``, ``threshold_quantile``, ``device``, ``verbose``,
+``random_state``); a detector merges its own into them::
+
+    _parameter_constraints = {**BaseDetector._parameter_constraints,
+                              "coreset_ratio": [Reals(0, 1, closed="right")], ...}
+
+and covers every constructor parameter. They are validated at the start of
+``fit`` and ``set_reference``, and again before scoring, because
+``set_params`` may have changed a parameter since; a bad value raises
+scikit-learn's ``InvalidParameterError`` (a ``ValueError`` and ``TypeError``)
+naming the parameter and what it accepts, before any work starts. Checks that
+relate several parameters (or a parameter and the backbone) stay in the
+detector, where it builds what they concern.
 """
 
 import contextlib
 import copy
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import torch
+from sklearn import get_config
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Hidden
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import check_images, check_labels, iter_batches, resize_maps
+from ._images import check_groups, check_images, check_labels, iter_batches, resize_maps
+from ._params import Devices, Ints, Reals, Sequences
 from .metrics import _check_image_labels, image_roc_auc
 
 __all__ = ["BaseDetector", "resolve_device"]
@@ -88,6 +110,27 @@ class BaseDetector(BaseEstimator):
     #: one-class detectors learn from the normal images only
     _one_class = True
 
+    # the parameters every detector has; a detector adds its own (module docstring)
+    _parameter_constraints: ClassVar[dict] = {
+        "image_size": [Ints(1), Sequences(Ints(1), length=2)],
+        "batch_size": [Ints(1)],
+        "threshold_quantile": [Reals(0, 1)],
+        # None is read as "auto" (resolve_device): still taken, not advertised
+        "device": [Devices(), Hidden(None)],
+        "verbose": ["verbose"],
+        # sklearn's "random_state" and numpy's Generator (skad._training.seed_from)
+        "random_state": [Ints(0, 2**32 - 1), np.random.RandomState, np.random.Generator, None],
+    }
+
+    def _check_params(self):
+        """Validate every parameter against ``_parameter_constraints``.
+
+        Skipped, as scikit-learn skips it, under
+        ``sklearn.config_context(skip_parameter_validation=True)``.
+        """
+        if not get_config()["skip_parameter_validation"]:
+            self._validate_params()
+
     # ----------------------------------------------------------- fitting
     def fit(self, X, y=None, groups=None):
         """Fit the detector.
@@ -107,16 +150,19 @@ class BaseDetector(BaseEstimator):
         Returns
         -------
         self : object
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            A ``ValueError`` naming the parameter, if one is out of its
+            constraints; before any image is read.
         """
+        self._check_params()
         images = check_images(X)
         if y is not None:
             y = check_labels(y, len(images))
         if groups is not None:
-            groups = np.asarray(groups)
-            if groups.shape != (len(images),):
-                raise ValueError(
-                    f"groups has shape {groups.shape}; expected ({len(images)},), one per image"
-                )
+            groups = check_groups(groups, len(images))
         # a failed fit leaves a previously fitted detector exactly as it was
         snapshot = dict(self.__dict__)
         try:
@@ -124,7 +170,7 @@ class BaseDetector(BaseEstimator):
                 images = self._normal_subset(images, y)
             self._fit(images, y, groups)
             if self._one_class:
-                self.set_reference(images)
+                self._update_reference(images)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
@@ -169,15 +215,20 @@ class BaseDetector(BaseEstimator):
         Raises
         ------
         ValueError
-            If ``standardize_positions=True`` and fewer than 3 images are given.
+            If ``standardize_positions=True`` and fewer than 3 images are given,
+            or a parameter is out of its constraints (``InvalidParameterError``).
             A failed call keeps the previous reference.
 
         Returns
         -------
         self : object
         """
+        self._check_params()
         check_is_fitted(self)
-        images = check_images(normals, name="normals")
+        return self._update_reference(check_images(normals, name="normals"))
+
+    def _update_reference(self, images):
+        """:meth:`set_reference` on checked images and parameters."""
         snapshot = dict(self.__dict__)
         try:
             if self._standardizes_positions():
@@ -204,10 +255,8 @@ class BaseDetector(BaseEstimator):
                                 desc="reference scores").numpy()
 
     def _standardizes_positions(self):
-        value = getattr(self, "standardize_positions", False)
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"standardize_positions must be True or False; got {value!r}")
-        return bool(value)
+        # a bool: the constraints of the detectors that have the parameter say so
+        return bool(getattr(self, "standardize_positions", False))
 
     def _set_position_statistics(self, images):
         """Keep the mean and spread of the references' maps at each position.
@@ -291,6 +340,9 @@ class BaseDetector(BaseEstimator):
 
     def _predict(self, X, maps):
         self._check_ready()
+        # set_params after fit may have changed what scoring reads (batch_size, device,
+        # lambda_s, ...): a bad value is named here rather than failing inside a batch
+        self._check_params()
         images = check_images(X)
         device = resolve_device(self.device)
         self._to_device(device)

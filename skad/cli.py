@@ -94,7 +94,8 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     """A detector of ``method`` with ``key=value`` parameter overrides.
 
     ``offline`` applies the :data:`OFFLINE` settings; ``seed`` becomes the
-    ``random_state`` (a ``random_state`` in ``params`` wins over both).
+    ``random_state`` (a ``random_state`` in ``params`` wins over both). The
+    parameters are validated here, so that a bad value is named at once.
     """
     key, cls = _detector_class(method)
     det = cls()
@@ -112,7 +113,9 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     if unknown:
         raise CLIError(f"{cls.__name__} has no parameter {', '.join(unknown)}; "
                        f"its parameters: {', '.join(sorted(valid))}")
-    return det.set_params(**settings)
+    det.set_params(**settings)
+    det._check_params()  # a bad value is named before any image is read
+    return det
 
 
 def _recorded_overlays(folder):

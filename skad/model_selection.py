@@ -55,7 +55,7 @@ class ReferenceScorer:
     (2,)
     """
 
-    def __init__(self, n_references=10, metric="roc_auc", random_state=0):
+    def __init__(self, *, n_references=10, metric="roc_auc", random_state=0):
         self.n_references = n_references
         self.metric = metric
         self.random_state = random_state

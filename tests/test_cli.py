@@ -196,6 +196,21 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
     assert "has no parameter colour" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["fit", "benchmark"])
+@pytest.mark.parametrize("param, name", [("batch_size=0", "batch_size"),
+                                         ("coreset_ratio=1.5", "coreset_ratio"),
+                                         ("image_size=[0,32]", "image_size")])
+def test_bad_parameter_value_is_one_line_before_any_work(mvtec, tmp_path, capsys, command,
+                                                         param, name):
+    model = tmp_path / "m.joblib"
+    where = (["--train", str(mvtec), "--out", str(model)] if command == "fit"
+             else ["--data", str(mvtec)])
+    assert main([command, *where, *TINY, "--param", param]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith(f"skad: error: The '{name}' parameter of PatchCore must be")
+    assert err.count("\n") == 1 and not out and not model.exists()
+
+
 def test_benchmark_rows_are_reproducible(mvtec):
     from skad import GeneralAD
     from skad._benchmark import run_benchmark

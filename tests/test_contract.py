@@ -16,7 +16,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
 
-from skad import MMR, GeneralAD, GlobalLocal, MetaComparer, PatchCore
+from skad import MMR, BaseDetector, GeneralAD, GlobalLocal, MetaComparer, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
 
@@ -215,3 +215,131 @@ def test_cross_validate_in_parallel(data):
                          cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3),
                          n_jobs=2)
     assert np.isfinite(res["test_score"]).all()
+
+
+# ------------------------------------------------------------------ parameters
+SHARED = ("image_size", "batch_size", "threshold_quantile", "device", "verbose", "random_state")
+
+BAD_SHARED = [("batch_size", 0), ("batch_size", -1), ("batch_size", 1.5),
+              ("threshold_quantile", 1.5), ("threshold_quantile", -0.1), ("device", 123),
+              ("device", "gpu0"), ("verbose", -1), ("image_size", 0), ("image_size", (0, SIZE)),
+              ("image_size", (SIZE,)), ("random_state", "x")]
+
+# values each detector's own constraints refuse (relations between parameters are
+# checked in each detector's tests)
+BAD_OWN = {
+    "PatchCore": [("coreset_ratio", 0), ("coreset_ratio", 1.5), ("layers", 2),
+                  ("layers", ("2", "3")), ("n_projections", -1), ("coreset_chunk_size", 0),
+                  ("n_reweight", True), ("sigma", -1.0), ("weights", 3)],
+    "MMR": [("mask_ratio", 1.0), ("n_epochs", 0), ("n_epochs", 2.0), ("crop_scale", (0.0, 1.0)),
+            ("crop_scale", (0.5,)), ("hflip", "yes"), ("student_depth", 0),
+            ("lr_milestones", (0.6, 1.5)), ("standardize_positions", 1)],
+    "GeneralAD": [("distortions", "bogus"), ("distortions", ()), ("top_k", 0), ("top_k", True),
+                  ("dropout", 1.0), ("norm", None), ("lr", 0.0), ("sigma", -1.0),
+                  ("standardize_positions", "yes")],
+    "GlobalLocal": [("stride", 0), ("stride", 4.0), ("context", 0.5), ("context", True),
+                    ("dad_input", "sum"), ("lambda_s", 1.5), ("idw_power", 0),
+                    ("local_net", torch.nn.Linear(2, 2)), ("n_distill_epochs", -1),
+                    ("distill_images", "folder"), ("standardize_positions", None)],
+    "MetaComparer": [("n_epochs", 0), ("reference_reduction", "mean"), ("hidden_sizes", ()),
+                     ("hidden_sizes", (16.0,)), ("episode_queries", 1), ("mismatch_ratio", 1.5),
+                     ("synthesize_anomalies", "always"), ("train_backbone", 1),
+                     ("n_reference_patches", 0)],
+}
+
+
+def _no_training(monkeypatch, det):
+    """Make any training fail the test: parameter errors must come before it."""
+    def _fit(*args, **kwargs):
+        raise AssertionError("training started before the parameters were checked")
+    monkeypatch.setattr(type(det), "_fit", _fit)
+
+
+def _fit_all(det, data):
+    return det.fit(data.images, data.y, groups=data.groups)
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_every_parameter_has_a_constraint(factory, fit_kwargs):
+    det = factory()
+    assert set(det._parameter_constraints) == set(det.get_params(deep=False))
+    for name in SHARED:  # declared once, in the base class
+        assert det._parameter_constraints[name] is BaseDetector._parameter_constraints[name]
+    det._check_params()  # the defaults and the tiny configurations are valid
+    type(det)()._check_params()
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_constructors_are_keyword_only(factory, fit_kwargs):
+    cls = type(factory())
+    first = next(iter(cls().get_params()))
+    with pytest.raises(TypeError, match="positional"):
+        cls(getattr(cls(), first))
+
+
+def test_reference_scorer_is_keyword_only():
+    with pytest.raises(TypeError, match="positional"):
+        ReferenceScorer(3)
+
+
+@pytest.mark.parametrize("name,value", BAD_SHARED, ids=[f"{n}={v!r}" for n, v in BAD_SHARED])
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_bad_shared_parameter_is_named_before_training(factory, fit_kwargs, name, value, data,
+                                                      monkeypatch):
+    det = factory().set_params(**{name: value})
+    _no_training(monkeypatch, det)
+    with pytest.raises(ValueError, match=rf"'{name}' parameter of {type(det).__name__} must be"):
+        _fit_all(det, data)
+    assert not [k for k in vars(det) if k.endswith("_") and not k.startswith("_")]
+
+
+@pytest.mark.parametrize("factory,fit_kwargs,name,value", [
+    pytest.param(*p.values, name, value, id=f"{p.id}-{name}={value!r}")
+    for p in DETECTORS for name, value in BAD_OWN[p.id]])
+def test_bad_own_parameter_is_named_before_training(factory, fit_kwargs, name, value, data,
+                                                   monkeypatch):
+    det = factory().set_params(**{name: value})
+    _no_training(monkeypatch, det)
+    with pytest.raises(ValueError, match=rf"'{name}' parameter of {type(det).__name__} must be"):
+        _fit_all(det, data)
+
+
+BAD_GROUPS = {
+    "None": (lambda g: np.array([None, *g[1:]], dtype=object), r"groups\[0\] is None"),
+    "short": (lambda g: g[:-1], r"groups has shape"),
+    "2-D": (lambda g: np.c_[g, g], r"groups has shape"),
+    # an int among str: numpy would not sort them
+    "mixed": (lambda g: np.array([1, *g[1:]], dtype=object), r"groups must hold domains of one"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_GROUPS)
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_bad_groups_are_named(factory, fit_kwargs, kind, data, monkeypatch):
+    det = factory()
+    _no_training(monkeypatch, det)
+    make, match = BAD_GROUPS[kind]
+    with pytest.raises(ValueError, match=match):
+        det.fit(data.images, data.y, groups=make(data.groups))
+
+
+def test_parameters_changed_after_fit_are_named_before_use(fitted, data):
+    _, _, det = fitted
+    threshold = det.threshold_
+    det.set_params(batch_size=0)
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        det.decision_function(data.images[:2])
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        det.set_reference(data.images[data.y == 0][:4])
+    assert det.threshold_ == threshold  # the reference is kept
+    det.set_params(batch_size=4, device="tpu:x")
+    with pytest.raises(ValueError, match="'device' parameter"):
+        det.predict_map(data.images[:2])
+
+
+def test_validation_can_be_skipped_as_in_sklearn():
+    det = _patchcore().set_params(batch_size=0)
+    with sklearn.config_context(skip_parameter_validation=True):
+        det._check_params()
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        det._check_params()

@@ -277,8 +277,8 @@ def test_vit_image_size_must_fill_whole_patches(textures):
 
 @pytest.mark.parametrize("params,match", [
     ({"distortions": "attention_shuffle"}, "needs a ViT"),
-    ({"distortions": ("noise_all", "blur")}, "distortions must name"),
-    ({"distortions": ()}, "distortions must name"),
+    ({"distortions": ("noise_all", "blur")}, "'distortions' parameter of GeneralAD must be a str"),
+    ({"distortions": ()}, "'distortions' parameter of GeneralAD must be a str"),
     ({"top_k": 0}, "top_k"),
     ({"n_epochs": 0}, "n_epochs"),
     ({"noise_std": -1.0}, "noise_std"),

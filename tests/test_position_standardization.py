@@ -109,5 +109,6 @@ def test_switching_the_option_needs_a_new_reference(data):
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_invalid_option_is_named(data, value):
-    with pytest.raises(ValueError, match="standardize_positions must be True or False"):
+    with pytest.raises(ValueError, match="'standardize_positions' parameter of GeneralAD must be "
+                                         "an instance of 'bool'"):
         _general_ad(standardize_positions=value).fit(data.images[data.y == 0][:4])
