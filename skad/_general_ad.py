@@ -335,8 +335,8 @@ class GeneralAD(BaseDetector):
     - a fixed number of epochs: the released code keeps its best epoch on the test set,
       which a user without labelled defects cannot do.
 
-    The reference images only calibrate ``threshold_``: the discriminator is not
-    retrained by ``set_reference``.
+    ``set_reference`` does not retrain the discriminator: it sets the position
+    statistics and ``threshold_``.
 
     References
     ----------

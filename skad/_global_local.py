@@ -428,9 +428,10 @@ class GlobalLocal(BaseDetector):
     The paper distils on ImageNet first, which cannot be done offline here: by
     default the Local-Net is distilled on the training images' patches
     (``distill_images`` and ``local_net`` restore the two-stage scheme).
-    ``set_reference`` does not retrain; it calibrates ``threshold_``. After
-    ``fit`` the reference is the training set, whose scores run lower than
-    unseen normals': set a held-out reference for a calibrated threshold.
+    ``set_reference`` does not retrain; it sets the position statistics and
+    ``threshold_``. After ``fit`` the reference is the training set, whose maps
+    run lower than unseen normals': set a held-out reference for a calibrated
+    threshold.
 
     References
     ----------
