@@ -336,11 +336,15 @@ def is_vit(model):
     Token models have prefix tokens (class, register tokens), also when there are
     none (``num_prefix_tokens == 0``); their levels are token grids. A name is
     answered by building its architecture on the meta device: no weights, no
-    memory, no draw from torch's generators.
+    memory, no draw from torch's generators; a name timm does not know is not a
+    ViT (building it reports the unknown name).
     """
     if isinstance(model, str):
+        arch = model.partition(".")[0]
+        if not timm.is_model(arch):
+            return False
         with torch.device("meta"):
-            model = timm.create_model(model.partition(".")[0])
+            model = timm.create_model(arch)
     return hasattr(model, "num_prefix_tokens")
 
 
