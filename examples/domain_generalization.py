@@ -22,7 +22,7 @@ import numpy as np
 import sklearn
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
-from skad._benchmark import _maps_at
+from skad._maps import maps_at
 from skad import MetaComparer
 from skad.datasets import load_domains, make_textures
 from skad.metrics import evaluate
@@ -75,7 +75,7 @@ def main(argv):
     refs, scored = new[refs], new[scored]
     best.set_reference(take(X, refs))
     scores, maps = best.score_and_map(take(X, scored))
-    maps = _maps_at(maps, size)  # the masks' size (real images may differ in size)
+    maps = maps_at(maps, size)  # the masks' size (real images may differ in size)
     result = evaluate(y[scored], scores, masks[scored], maps)
     print(f"new domain {str(groups[-1])!r} with {search.best_params_}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))

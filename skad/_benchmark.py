@@ -10,40 +10,42 @@ Three protocols, each a loop over target categories:
     Leave one domain out: fit on all images, with labels, of the other
     categories; ``set_reference`` with ``k`` images drawn from the target's
     train/good (per seed); score the target's test/. Detectors whose ``fit``
-    learns nothing beyond the reference (PatchCore) are fitted on the ``k``
-    references directly, which is the same model at a fraction of the cost;
-    the others are trained once per target and given each draw of references
-    with ``set_reference`` (``fit_s`` includes the training on every row).
+    learns nothing beyond the reference (:data:`FIT_IS_REFERENCE`) are fitted
+    on the ``k`` references directly, which is the same model at a fraction of
+    the cost; the others are trained once per target and given each draw of
+    references with ``set_reference`` (``fit_s`` includes the training on
+    every row).
 """
 
 import time
 
 import numpy as np
-import torch
 
-from ._images import resize_maps
-from .datasets import load_domains, load_mvtec
+from ._maps import maps_at
+from .datasets import load_labelled_domains, load_mvtec
 from .metrics import evaluate
 
-__all__ = ["run_benchmark", "markdown_table"]
+__all__ = ["FIT_IS_REFERENCE", "draw_references", "evaluate_detector", "markdown_table",
+           "run_benchmark"]
+
+#: detectors whose ``fit`` is ``set_reference`` on the training images: PatchCore's
+#: memory bank is all it learns, and ``set_reference`` replaces it
+FIT_IS_REFERENCE = frozenset({"PatchCore"})
 
 
-def _maps_at(maps, size):
-    """Maps (list or array) resized bilinearly to ``size`` x ``size``."""
-    tensors = [torch.as_tensor(np.asarray(m, dtype=np.float32))[None] for m in maps]
-    return np.stack([resize_maps(t, [(size, size)])[0] for t in tensors])
-
-
-def _evaluate(det, test, eval_size):
+def evaluate_detector(det, test, eval_size):
+    """Image AUROC, pixel AUROC and PRO of ``det`` on ``test`` (a :func:`load_mvtec` Bunch
+    with masks at ``eval_size``), and the images scored per second (``score_ips``)."""
     t0 = time.perf_counter()
     scores, maps = det.score_and_map(test.paths)
     elapsed = time.perf_counter() - t0
-    row = evaluate(test.y, scores, masks=test.masks, maps=_maps_at(maps, eval_size))
+    row = evaluate(test.y, scores, masks=test.masks, maps=maps_at(maps, eval_size))
     row["score_ips"] = len(test.paths) / elapsed
     return row
 
 
-def _draw(paths, k, seed):
+def draw_references(paths, k, seed):
+    """``k`` of ``paths`` drawn without replacement with ``seed``, in their order."""
     rng = np.random.default_rng(seed)
     if k > len(paths):
         raise ValueError(f"asked for {k} reference images; the category has {len(paths)}")
@@ -82,22 +84,23 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
         if protocol == "oneclass":
             runs = [("all", s, train) for s in seeds]
         else:
-            runs = [(k, s, _draw(train, k, s)) for k in n_references for s in seeds]
+            runs = [(k, s, draw_references(train, k, s)) for k in n_references for s in seeds]
         trained, train_s = None, 0.0  # domains: one fit on the sources serves every draw
         for k, seed, refs in runs:
             det = _seeded(make_detector(), seed)
             t0 = time.perf_counter()
-            if protocol in ("oneclass", "fewshot") or getattr(det, "_reference_only", False):
+            if protocol in ("oneclass", "fewshot") or type(det).__name__ in FIT_IS_REFERENCE:
                 det.fit(refs)
             else:
                 if trained is None:
-                    sources = _sources(root, [c for c in categories if c != cat])
+                    sources = load_labelled_domains(root, [c for c in categories if c != cat])
                     trained = det.fit(sources.paths, sources.y, groups=sources.groups)
                     train_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                 det = trained.set_reference(refs)
             fit_s = train_s + time.perf_counter() - t0
-            row = {"category": cat, "k": k, "seed": seed, **_evaluate(det, test, eval_size),
+            row = {"category": cat, "k": k, "seed": seed,
+                   **evaluate_detector(det, test, eval_size),
                    "fit_s": fit_s}
             rows.append(row)
             log(_format_row(row))
@@ -110,16 +113,6 @@ def _seeded(det, seed):
     if "random_state" in params and params["random_state"] is None:
         det.set_params(random_state=seed)
     return det
-
-
-def _sources(root, categories):
-    """All train and test images of ``categories``, with labels and domains."""
-    train = load_domains(root, categories, "train")
-    test = load_domains(root, categories, "test")
-    train.paths = list(train.paths) + list(test.paths)
-    train.y = np.concatenate([train.y, test.y])
-    train.groups = np.concatenate([train.groups, test.groups])
-    return train
 
 
 _COLUMNS = [("category", "{}"), ("k", "{}"), ("seed", "{}"), ("image_auroc", "{:.3f}"),

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone
-from ._images import _size2, gaussian_blur, upsample
+from ._backbone import create_backbone, join_levels
+from ._images import image_hw
+from ._layers import PatchAttention
+from ._maps import grid_to_map
 from ._params import Ints, Reals, Sequences
-from ._training import (cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed,
-                        train)
+from ._random import seed_from, torch_seed
+from ._training import cosine_schedule, iter_minibatches, make_optimizer, train
 from .base import BaseDetector
 
 __all__ = ["GeneralAD", "Discriminator", "distort", "balanced_bce", "top_k_mean",
@@ -37,32 +39,6 @@ _RADIUS_AT_518 = 18.0
 
 
 # ---------------------------------------------------------------- discriminator
-class PatchAttention(nn.Module):
-    """Multi-head self-attention over the patches of each image (batch first)."""
-
-    def __init__(self, dim, n_heads, dropout=0.0):
-        super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"the token dimension {dim} is not divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        # initialised as torch's MultiheadAttention, which the released discriminator uses:
-        # xavier-uniform input projections, zero biases
-        nn.init.xavier_uniform_(self.qkv.weight)
-        nn.init.zeros_(self.qkv.bias)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # dropout on the attention weights, as torch's MultiheadAttention(dropout=0.1)
-        out = F.scaled_dot_product_attention(q, k, v,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
 class Discriminator(nn.Module):
     """Cross-patch attention discriminator (paper §3.3, Eq. 3-4): one logit per patch.
 
@@ -81,6 +57,7 @@ class Discriminator(nn.Module):
     def __init__(self, dim, n_patches, n_heads=4, hidden_dim=2048, dropout=0.1):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.randn(n_patches, dim))  # E_pos, randn as released
+        # initialised as torch's MultiheadAttention, which the released discriminator uses
         self.attn = PatchAttention(dim, n_heads, dropout)
         self.drop1 = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
@@ -424,10 +401,7 @@ class GeneralAD(BaseDetector):
         """Patch features ``(B, D, h, w)`` of a batch of images (float16 on CUDA)."""
         with self._autocast(batch.device):
             levels = self.backbone_(batch)
-        size = levels[0].shape[-2:]
-        fmap = torch.cat([f.float() if f.shape[-2:] == size else
-                          F.interpolate(f.float(), size=size, mode="bilinear",
-                                        align_corners=False) for f in levels], dim=1)
+        fmap = join_levels([f.float() for f in levels])
         if self.norm and not self.backbone_.is_vit:
             fmap = F.layer_norm(fmap.movedim(1, -1), fmap.shape[1:2]).movedim(-1, 1)
         return fmap.half() if batch.device.type == "cuda" else fmap
@@ -446,7 +420,7 @@ class GeneralAD(BaseDetector):
                                          image_size=self.image_size, norm=self.norm,
                                          random_state=seed)
         patch = self.backbone_.strides[-1]
-        if self.backbone_.is_vit and any(side % patch for side in _size2(self.image_size)):
+        if self.backbone_.is_vit and any(side % patch for side in image_hw(self.image_size)):
             # the ViT would drop the border that does not fill a patch: maps would drift
             raise ValueError(f"image_size={self.image_size} is not a multiple of the "
                              f"{patch}-pixel patches of {self.backbone!r}")
@@ -455,8 +429,8 @@ class GeneralAD(BaseDetector):
             raise ValueError(f"distortion 'attention_shuffle' needs a ViT backbone (class-token "
                              f"attention); {self.backbone!r} is a CNN: use 'random_shuffle'")
         if use_attention:
-            fmaps, attention = self._map_images(images, self._feature_map_and_attention,
-                                                desc="features and attention")
+            fmaps, attention = self._map_images_multi(images, self._feature_map_and_attention,
+                                                      desc="features and attention")
         else:
             fmaps, attention = self._map_images(images, self._feature_map, desc="features"), None
         dim, h, w = fmaps.shape[1:]
@@ -510,7 +484,7 @@ class GeneralAD(BaseDetector):
         The released 16 px at 518 px, scaled with the image, cut at the released
         18 / 16 sigma (scipy's default would be 4 sigma).
         """
-        sigma = (_SIGMA_AT_518 * max(_size2(self.image_size)) / 518.0 if self.sigma is None
+        sigma = (_SIGMA_AT_518 * max(image_hw(self.image_size)) / 518.0 if self.sigma is None
                  else float(self.sigma))
         return sigma, max(1, round(sigma * _RADIUS_AT_518 / _SIGMA_AT_518))
 
@@ -522,5 +496,5 @@ class GeneralAD(BaseDetector):
         if not maps:
             return scores, None
         grid = logits.view(len(batch), *self.feature_grid_)
-        return scores, gaussian_blur(upsample(grid, self.image_size), *self._smoothing())
+        return scores, grid_to_map(grid, self.image_size, *self._smoothing())
 

@@ -23,9 +23,11 @@ from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._backbone import create_backbone
-from ._images import _size2, check_images
+from ._images import check_images, image_hw
+from ._layers import PartialConv2d, partial_conv2d
 from ._params import Ints, Reals
-from ._training import cosine_schedule, iter_minibatches, make_optimizer, seed_from, torch_seed
+from ._random import seed_from, torch_seed
+from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
 from .base import BaseDetector
 
@@ -108,38 +110,6 @@ def idw_interpolate(scores, index, weight, shape):
 
 
 # ------------------------------------------------------------------ modules
-def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0, x_masked=False):
-    """Partial convolution (Liu et al. 2018; paper Eq. 5). Stateless.
-
-    ``x`` (B, C, H, W), ``mask`` (B, 1, H, W) binary, 1 = valid. Returns the
-    output and the next layer's mask. Where the window holds valid pixels,
-    ``W^T (X * M) * sum(1) / sum(M) + b``; elsewhere 0. The mask arithmetic runs
-    in float32 outside autocast (1e-8 is 0 in float16). ``x_masked`` says that
-    ``x`` is already 0 wherever ``mask`` is (true of a partial convolution's own
-    output, also after an activation that keeps 0 and a max pooling of both),
-    which saves the product ``X * M``.
-    """
-    kernel = weight.shape[-2:]
-    with torch.autocast(x.device.type, enabled=False):
-        ones = torch.ones(1, 1, *kernel, device=mask.device)
-        count = F.conv2d(mask.float(), ones, stride=stride, padding=padding)  # sum(M)
-    update = count.clamp(0.0, 1.0)
-    ratio = kernel.numel() / (count + 1e-8) * update  # sum(1) / sum(M), 0 where no valid pixel
-    out = F.conv2d(x if x_masked else x * mask.to(x.dtype), weight, None, stride, padding)
-    out.mul_(ratio.to(out.dtype))  # in place: no second tensor of the output's size
-    if bias is not None:
-        out.addcmul_(bias.view(1, -1, 1, 1).to(out.dtype), update.to(out.dtype))  # b * {0, 1}
-    return out, update
-
-
-class PartialConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose ``forward(x, mask)`` is :func:`partial_conv2d`; keeps no mask."""
-
-    def forward(self, x, mask, x_masked=False):
-        return partial_conv2d(x, mask, self.weight, self.bias, self.stride, self.padding,
-                              x_masked)
-
-
 class LocalNet(nn.Module):
     """Lightweight patch CNN L (Sec. 3.1) with its distillation decoder D (Eq. 1).
 
@@ -354,13 +324,9 @@ class GlobalLocal(BaseDetector):
         What the DAD head sees. ``"joint"``: ``[Z*, Z_g]``, the paper's
         C(Z*, Z_g). ``"difference"`` (beyond the paper): ``[Z* - Z_g,
         |Z* - Z_g|]``. With the joint input the head can tell a stained patch
-        from a clean one by the patch alone; on the AITEX fabrics it learned
-        "contrast and brightness" that way (its scores follow the patch's
-        standard deviation, Spearman 0.70) and ranked the dark real defects
-        below normal texture. The difference leaves it only the disagreement
-        with the context. Over five AITEX fabrics it led on the mean, mostly
-        through one of them, so the default stays the paper's
-        (docs/benchmarks.md, GlobalLocal).
+        from a clean one by the patch alone; the difference leaves it only the
+        disagreement with the context. The default stays the paper's
+        (docs/benchmarks.md, "GlobalLocal", compares the two).
     lambda_s : float, default=0.8
         Weight of s_IAD against s_DAD in the patch score (Eq. 13); read at
         scoring time, so ``set_params(lambda_s=...)`` rescores without refitting
@@ -527,7 +493,7 @@ class GlobalLocal(BaseDetector):
     # ----------------------------------------------------------- parameters
     def _check_param_relations(self):
         """What ``_parameter_constraints`` cannot say: the patch fits in the image."""
-        h, w = _size2(self.image_size)
+        h, w = image_hw(self.image_size)
         if self.patch_size > min(h, w):
             raise ValueError(f"patch_size must be in [2, {min(h, w)}] (the image_size); "
                              f"got {self.patch_size}")
@@ -544,7 +510,7 @@ class GlobalLocal(BaseDetector):
     def _margin(self):
         """Context on each side of the patch, in pixels."""
         if self.context == "image":
-            return max(_size2(self.image_size)) - self.patch_size
+            return max(image_hw(self.image_size)) - self.patch_size
         return int(round((self.context - 1) * self.patch_size / 2))
 
     # ----------------------------------------------------------- fitting
@@ -613,8 +579,7 @@ class GlobalLocal(BaseDetector):
                     out.append(F.adaptive_avg_pool2d(teacher(x)[0].float(), 1).flatten(1))
             return out
 
-        out = self._map_images(images, fn, desc="caching patches")
-        out = out if isinstance(out, list) else [out]
+        out = self._map_images_multi(images, fn, desc="caching patches")
         if not keep_images:
             out = [None, *out]
         return out[0], out[1], (out[2] if teacher is not None else None)

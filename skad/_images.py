@@ -10,16 +10,16 @@ detector ever needs all images in memory at once.
 
 import contextlib
 import os
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
+from ._progress import progress
+
 __all__ = ["ImageSet", "check_groups", "check_images", "check_labels", "displayed_size",
-           "iter_batches", "read_mask", "resize_maps", "progress", "gaussian_blur", "upsample"]
+           "image_hw", "iter_batches", "load_resized", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
 
@@ -396,7 +396,8 @@ def check_groups(groups, n_samples):
     return groups
 
 
-def _size2(image_size):
+def image_hw(image_size):
+    """``(height, width)`` of an ``image_size`` parameter: an int (a square) or a pair."""
     if isinstance(image_size, (int, np.integer)):
         return int(image_size), int(image_size)
     return int(image_size[0]), int(image_size[1])
@@ -405,7 +406,7 @@ def _size2(image_size):
 def load_resized(images, i, image_size):
     """Image ``i`` as a float tensor (3, H, W) resized to ``image_size``."""
     img = torch.from_numpy(np.ascontiguousarray(images.read(i))).permute(2, 0, 1)[None]
-    size = _size2(image_size)
+    size = image_hw(image_size)
     if tuple(img.shape[-2:]) != size:
         img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
     return img[0].clamp_(0, 1)
@@ -422,95 +423,3 @@ def iter_batches(images, batch_size, image_size, *, verbose=0, desc="images"):
     for start in progress(starts, total=len(starts), desc=desc, verbose=verbose):
         idx = np.arange(start, min(start + batch_size, n))
         yield idx, torch.stack([load_resized(images, int(i), image_size) for i in idx])
-
-
-def resize_maps(maps, sizes):
-    """Resize working-size maps ``(B, h, w)`` to each image's own size (bilinear).
-
-    Returns a list of float32 arrays, one per map.
-    """
-    out = []
-    for m, size in zip(maps, sizes):
-        m = m.float()[None, None]
-        if tuple(m.shape[-2:]) != tuple(size):
-            m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
-        out.append(m[0, 0].cpu().numpy())
-    return out
-
-
-# seconds between progress lines: a terminal's line is rewritten in place often, while
-# a log file (stderr redirected) gets a new line rarely enough to stay readable
-_TTY_INTERVAL = 0.5
-_LOG_INTERVAL = 10.0
-
-
-def _is_terminal(stream):
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except (OSError, ValueError):  # a closed or detached stream
-        return False
-
-
-def progress(iterable, *, total=None, desc="", verbose=0):
-    """Iterate, writing ``desc: k/total [elapsed]`` to stderr when ``verbose``.
-
-    On a terminal the line is rewritten in place (carriage return) at most
-    twice a second; otherwise (stderr redirected to a file or a pipe) each
-    update is a line of its own, at most one every 10 s, so that a log holds
-    readable lines. The last step is always written, ending the line.
-    """
-    if not verbose:
-        yield from iterable
-        return
-    total = len(iterable) if total is None else total
-    stream = sys.stderr
-    tty = _is_terminal(stream)
-    interval = _TTY_INTERVAL if tty else _LOG_INTERVAL
-    t0 = last = time.perf_counter()
-    for k, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if k == total or now - last > interval:
-            last = now
-            text = f"{desc}: {k}/{total} [{now - t0:.1f}s]"
-            if tty:
-                stream.write(f"\r{text}" + ("\n" if k == total else ""))
-            else:
-                stream.write(text + "\n")
-            stream.flush()
-
-
-def _blur_axis(maps, sigma, radius, dim):
-    """1-D Gaussian along ``dim``, the map reflected about its edge (scipy's "reflect")."""
-    radius = min(radius, maps.shape[dim])  # one reflection at most: tiny maps only
-    if radius < 1:
-        return maps
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    size = maps.shape[dim]
-    padded = torch.cat([maps.narrow(dim, 0, radius).flip(dim), maps,
-                        maps.narrow(dim, size - radius, radius).flip(dim)], dim=dim)
-    shape = [1, 1, 1, 1]
-    shape[dim + 1] = -1  # dim counts in (B, h, w); the conv sees (B, 1, h, w)
-    return F.conv2d(padded[:, None], kernel.view(shape))[:, 0]
-
-
-def gaussian_blur(maps, sigma, radius=None):
-    """Gaussian smoothing of maps ``(B, h, w)``, as ``scipy.ndimage.gaussian_filter``.
-
-    The same separable kernel (``radius`` cells each side; ``int(4 sigma + 0.5)`` by
-    default, scipy's ``truncate=4``) and borders reflected about the edge (scipy's
-    default ``mode="reflect"``), which the reference implementations smooth with.
-    """
-    if sigma <= 0:
-        return maps
-    radius = int(4.0 * sigma + 0.5) if radius is None else int(radius)
-    return _blur_axis(_blur_axis(maps, sigma, radius, 2), sigma, radius, 1)
-
-
-def upsample(maps, size, align_corners=False):
-    """Bilinear resize of maps ``(B, h, w)`` to ``size`` (int or (H, W))."""
-    return F.interpolate(maps[:, None].float(), size=_size2(size), mode="bilinear",
-                         align_corners=align_corners)[:, 0]

@@ -9,7 +9,6 @@ handful of its normal images, without retraining.
 """
 
 import os
-import time
 import warnings
 from typing import ClassVar
 
@@ -20,10 +19,13 @@ from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._backbone import create_backbone
-from ._images import check_images, gaussian_blur, load_resized
+from ._images import check_images, load_resized
+from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
+from ._maps import adjacent, gaussian_blur, upsample
 from ._params import Ints, Reals, Sequences
-from ._textures import _cut_mask, _ellipse_mask
-from ._training import cosine_schedule, make_optimizer, seed_from, torch_seed, train
+from ._random import seed_from, torch_seed
+from ._textures import cut_mask, ellipse_mask
+from ._training import cosine_schedule, make_optimizer, train
 from .base import BaseDetector
 
 __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_anomaly"]
@@ -34,89 +36,6 @@ _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
 _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_")
-
-
-# ------------------------------------------------------------------ BiFPN (EfficientDet)
-class SeparableConv(nn.Sequential):
-    """Depthwise 3x3 + pointwise 1x1 + BatchNorm (EfficientDet's BiFPN conv)."""
-
-    def __init__(self, channels):
-        super().__init__(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
-                         nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
-
-
-class FastFusion(nn.Module):
-    """A BiFPN node: ``sum_i w_i x_i`` with ``w = relu(w) / (sum relu(w) + 1e-4)``, swish, conv."""
-
-    def __init__(self, n_inputs, channels):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n_inputs))
-        self.conv = SeparableConv(channels)
-
-    def forward(self, inputs):
-        w = F.relu(self.weight)
-        w = w / (w.sum() + 1e-4)
-        return self.conv(F.silu(sum(wi * x for wi, x in zip(w, inputs))))
-
-
-def _up(x, size):
-    return F.interpolate(x, size=size, mode="nearest")
-
-
-def _down(x, size):
-    x = F.max_pool2d(x, 3, stride=2, padding=1)
-    return x if x.shape[-2:] == size else F.adaptive_max_pool2d(x, size)
-
-
-class BiFPNCell(nn.Module):
-    """One top-down then bottom-up pass over ``n_levels`` maps of equal width."""
-
-    def __init__(self, n_levels, channels):
-        super().__init__()
-        self.top_down = nn.ModuleList(FastFusion(2, channels) for _ in range(n_levels - 1))
-        self.bottom_up = nn.ModuleList(FastFusion(3 if i < n_levels - 1 else 2, channels)
-                                       for i in range(1, n_levels))
-
-    def forward(self, feats):
-        n = len(feats)
-        td = list(feats)
-        for i in range(n - 2, -1, -1):
-            td[i] = self.top_down[i]([feats[i], _up(td[i + 1], feats[i].shape[-2:])])
-        out = [td[0]]
-        for i in range(1, n):
-            middle = [td[i]] if i < n - 1 else []
-            out.append(self.bottom_up[i - 1]([feats[i], *middle,
-                                              _down(out[-1], feats[i].shape[-2:])]))
-        return out
-
-
-class BiFPN(nn.Module):
-    """Lateral 1x1 convs to ``width``, extra levels by max-pooling, then ``n_cells`` cells.
-
-    With backbone levels P3-P5 and ``n_levels=5`` this is EfficientDet's BiFPN
-    on P3-P7: P6 = maxpool(BN(conv1x1(C5))), P7 = maxpool(P6). ``n_cells=0``
-    keeps the laterals and extra levels only (no fusion; an ablation).
-    """
-
-    def __init__(self, in_channels, width=64, n_levels=5, n_cells=3):
-        super().__init__()
-        self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width)) for c in in_channels)
-        self.n_extra = max(0, n_levels - len(in_channels))
-        self.extra = (nn.Sequential(nn.Conv2d(in_channels[-1], width, 1), nn.BatchNorm2d(width))
-                      if self.n_extra else None)
-        self.cells = nn.ModuleList(BiFPNCell(max(n_levels, len(in_channels)), width)
-                                   for _ in range(n_cells))
-
-    def forward(self, feats):
-        levels = [lateral(f) for lateral, f in zip(self.lateral, feats)]
-        if self.n_extra:
-            levels.append(F.max_pool2d(self.extra(feats[-1]), 3, stride=2, padding=1))
-        for _ in range(self.n_extra - 1):
-            levels.append(F.max_pool2d(levels[-1], 3, stride=2, padding=1))
-        for cell in self.cells:
-            levels = cell(levels)
-        return levels
 
 
 # ------------------------------------------------------------------ meta-comparer and co-attention
@@ -289,8 +208,8 @@ def synthesize_anomaly(image, donor, rng):
     """
     h, w = image.shape[:2]
     kind = rng.integers(3)
-    mask = (_cut_mask(rng, max(h, w)) if kind == 2
-            else _ellipse_mask(rng, max(h, w), 0.05, 0.15, wobble=0.3))[:h, :w]
+    mask = (cut_mask(rng, max(h, w)) if kind == 2
+            else ellipse_mask(rng, max(h, w), 0.05, 0.15, wobble=0.3))[:h, :w]
     if not mask.any():
         mask[h // 2, w // 2] = True
     out = image.copy()
@@ -421,8 +340,6 @@ class MetaComparer(BaseDetector):
         Synthetic anomalous images added.
     loss_history_ : list of float
         Mean loss of each epoch.
-    training_time_ : float
-        Seconds spent in the training loop (feature caching excluded).
     reference_hidden_ : list of torch.Tensor
         Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_sizes[0])``.
     reference_scores_ : ndarray of shape (n_references,)
@@ -631,8 +548,7 @@ class MetaComparer(BaseDetector):
             def backbone(batch):
                 with self._autocast(batch.device):
                     return [f.half() for f in self.backbone_(batch)]  # half: the cache's size
-            cache = self._map_images(images, backbone, desc="backbone features")
-            cache = cache if isinstance(cache, list) else [cache]
+            cache = self._map_images_multi(images, backbone, desc="backbone features")
             return lambda idx: [f[torch.as_tensor(idx)].to(device).float() for f in cache]
 
         def fetch(idx):
@@ -687,14 +603,11 @@ class MetaComparer(BaseDetector):
                 loss = loss + l_cls + self.attention_weight * l_att + self.rank_weight * l_rank
             return loss
 
-        t0 = time.perf_counter()
-        history = train(module, step, n_epochs=self.n_epochs,
-                        batches=lambda epoch: [self._draw_episode(plan, labels, rng)
-                                               for _ in range(self.n_episodes)],
-                        optimizer=opt, scheduler=sched, device=device, verbose=self.verbose,
-                        desc="MetaComparer", grad_clip=_GRAD_CLIP)
-        self.training_time_ = time.perf_counter() - t0
-        return history
+        return train(module, step, n_epochs=self.n_epochs,
+                     batches=lambda epoch: [self._draw_episode(plan, labels, rng)
+                                            for _ in range(self.n_episodes)],
+                     optimizer=opt, scheduler=sched, device=device, verbose=self.verbose,
+                     desc="MetaComparer", grad_clip=_GRAD_CLIP)
 
     # ------------------------------------------------------------ reference and scoring
     def _embed(self, batch):
@@ -708,7 +621,7 @@ class MetaComparer(BaseDetector):
         return self.head_.comparer.reduce(qh, bank, self.reference_reduction, exclude)[0]
 
     def _set_reference(self, images):
-        parts = self._map_images(images, self._embed, desc="reference features")
+        parts = self._map_images_multi(images, self._embed, desc="reference features")
         self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
         with torch.inference_mode():
             return self._leave_one_out_scores(parts[0::2])
@@ -733,8 +646,7 @@ class MetaComparer(BaseDetector):
                     z = self._patch_values(q, bank[owner != i].to(device))
                 else:
                     def exclude(qs, rs):
-                        dq, dr = pos[qs][:, None], pos[rs][None, :]
-                        return ((dq // w - dr // w).abs() <= 1) & ((dq % w - dr % w).abs() <= 1)
+                        return adjacent(pos[qs], pos[rs], w)
                     z = self._patch_values(q, bank.to(device), exclude)
                 z = z[torch.isfinite(z)]
                 if len(z):
@@ -759,7 +671,7 @@ class MetaComparer(BaseDetector):
             s = z.flatten(1).amax(dim=1)  # Eq. 5: max over patches, then scales
             scores = s if scores is None else torch.maximum(scores, s)
             if maps:  # Eq. 6: a pixel takes the max over the cells containing it
-                m = F.interpolate(z[:, None], size=batch.shape[-2:], mode="nearest")[:, 0]
+                m = upsample(z, batch.shape[-2:], mode="nearest")
                 out = m if out is None else torch.maximum(out, m)
         if maps and self.sigma > 0:
             out = gaussian_blur(out, self.sigma)

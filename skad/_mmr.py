@@ -19,20 +19,14 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 
-from ._backbone import _create_model, create_backbone
-from ._images import gaussian_blur, upsample
+from ._backbone import create_backbone, create_model, is_vit
+from ._layers import SimpleFPNLevel, sincos_2d
+from ._maps import grid_to_map
 from ._params import Ints, Reals, Sequences
-from ._training import (
-    iter_minibatches,
-    make_optimizer,
-    seed_from,
-    torch_seed,
-    train,
-    warmup_step_schedule,
-)
+from ._random import seed_from, torch_seed
+from ._training import iter_minibatches, make_optimizer, train, warmup_step_schedule
 from .base import BaseDetector
 
 __all__ = [
@@ -47,53 +41,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ modules
-def sincos_2d(h, w, dim):
-    """Fixed 2-D sin-cos position embeddings (as in MAE) for an ``h x w`` grid, ``(h*w, dim)``.
-
-    The first half of the channels encodes the row, the second half the column,
-    each as ``[sin(p * omega), cos(p * omega)]`` with ``omega_k = 10000^(-k / (dim/4))``.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embeddings need a width divisible by 4; got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-
-    def encode(pos):
-        angle = pos.reshape(-1, 1).double() * omega[None]
-        return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
-
-
-class SimpleFPNLevel(nn.Sequential):
-    """One level of the simple FPN (Li et al., ViTDet; paper Sec. 4.1, Fig. 7).
-
-    Rescales the ``(B, dim, h, w)`` token grid by ``factor``: x4 = ConvT(2, s2) +
-    LayerNorm2d + GELU + ConvT(2, s2), x2 = ConvT(2, s2), x1 = identity,
-    x1/2 = max-pool 2 (and x8 one more ConvT); each halving the channels per
-    ConvT. Then a 1x1 conv + LayerNorm2d and a 3x3 conv + LayerNorm2d give
-    ``out_channels``, the teacher's channels at that scale.
-    """
-
-    def __init__(self, dim, out_channels, factor):
-        k = math.log2(factor)
-        if k != int(k) or not -1 <= k <= 3:
-            raise ValueError(f"simple FPN scale factor must be 1/2, 1, 2, 4 or 8; got {factor} "
-                             "(patch size / teacher stride)")
-        layers, ch = [], dim
-        if k < 0:
-            layers.append(nn.MaxPool2d(2, stride=2))
-        for i in range(int(max(k, 0))):
-            if i:
-                layers += [LayerNorm2d(ch), nn.GELU()]
-            layers.append(nn.ConvTranspose2d(ch, max(ch // 2, 1), 2, stride=2))
-            ch = max(ch // 2, 1)
-        layers += [nn.Conv2d(ch, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                   nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                   LayerNorm2d(out_channels)]
-        super().__init__(*layers)
-
-
 class MaskedStudent(nn.Module):
     """timm ViT encoder on the visible patches, mask tokens, sin-cos grid, simple FPN.
 
@@ -413,12 +360,12 @@ class MMR(BaseDetector):
         with torch_seed(seed):
             not_vit = ValueError(f"student must be a timm VisionTransformer; got {self.student!r}")
             try:  # the dynamic size options exist for ViTs only
-                vit, source = _create_model(self.student, self.student_weights,
-                                            dynamic_img_size=True, dynamic_img_pad=True,
-                                            num_classes=0)
+                vit, _ = create_model(self.student, self.student_weights,
+                                      dynamic_img_size=True, dynamic_img_pad=True, num_classes=0)
             except TypeError as exc:
                 raise not_vit from exc
-            if not hasattr(vit, "blocks") or not hasattr(vit, "_pos_embed"):
+            # MaskedStudent drives the encoder step by step: VisionTransformer's _pos_embed
+            if not is_vit(vit) or not hasattr(vit, "_pos_embed"):
                 raise not_vit
             if self.student_depth is not None:
                 if not 1 <= self.student_depth <= len(vit.blocks):
@@ -431,7 +378,6 @@ class MMR(BaseDetector):
             cfg = vit.pretrained_cfg
             student = MaskedStudent(vit, teacher.channels, factors, cfg.get("mean"),
                                     cfg.get("std"))
-        student.weights_source = source
         return teacher, student.eval(), factors
 
     def _fit(self, images, y, groups):
@@ -445,11 +391,10 @@ class MMR(BaseDetector):
         def cache(batch):
             u8 = _to_uint8(batch)
             if augment:
-                return u8
+                return (u8,)
             with self._autocast(batch.device):
                 return (u8, *(f.half() for f in self.teacher_(u8.float() / 255)))
-        cached = self._map_images(images, cache, desc="caching images")
-        cached = [cached] if augment else list(cached)
+        cached = self._map_images_multi(images, cache, desc="caching images")
         self.loss_history_ = self._train(cached, augment, seed)
 
     def _train(self, cached, augment, seed):
@@ -486,8 +431,7 @@ class MMR(BaseDetector):
             pred = self.student_(batch, 0.0, None, [t.shape[-2:] for t in target])
         dist = cosine_distance_maps(pred, target)
         # align_corners=True as in the released code's map upsampling
-        amap = sum(upsample(d, self.image_size, align_corners=True) for d in dist)
-        amap = gaussian_blur(amap, self.sigma)
+        amap = grid_to_map(dist, self.image_size, self.sigma, align_corners=True)
         return amap.flatten(1).amax(dim=1), (amap if maps else None)
 
 

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._backbone import create_backbone
-from ._images import gaussian_blur, progress, upsample
+from ._backbone import create_backbone, join_levels
+from ._maps import adjacent, grid_to_map
 from ._params import Ints, Reals, Sequences
-from ._training import seed_from
+from ._progress import progress
+from ._random import seed_from
 from .base import BaseDetector
 
-__all__ = ["PatchCore"]
+__all__ = ["PatchCore", "farthest_patch", "greedy_coreset", "locally_aware_features",
+           "nearest", "reweighted_score"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
@@ -293,6 +295,43 @@ def _restrict(excluded, rows, size):
     return lambda part: excluded(rows[part])[:, :size]
 
 
+def locally_aware_features(levels):
+    """Locally aware patch features (paper Eq. 2-3) from backbone levels ``(B, C_l, h_l, w_l)``.
+
+    Each level's 3 x 3 neighbourhood average, the coarser levels upsampled to
+    the first level's grid, joined along the channels: ``(B, sum C_l, h, w)``.
+    """
+    # zero padding counts in the average, as in the authors' code (unfold with zero
+    # padding) and anomalib; averaging the border cells over fewer neighbours made
+    # them the noisiest patches and set the image score (docs/methods/patchcore.md)
+    return join_levels([F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=True)
+                        for f in levels])
+
+
+def reweighted_score(q, j, s_star, m_star, bank, n_reweight, excluded=None):
+    """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
+
+    ``q[j]`` is the query patch farthest from the bank: ``s_star`` from
+    its nearest bank row, ``bank[m_star]`` (as :func:`farthest_patch` returns
+    them). The weight comes from the ``n_reweight`` nearest bank neighbours
+    ``N_b(m*)`` of ``m*``; for leave-one-out scores, ``excluded`` (as
+    :func:`nearest`) leaves the image's own bank patches out of ``N_b(m*)`` as
+    well as out of the nearest-neighbour search. ``n_reweight < 2``: ``s_star``.
+    """
+    # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
+    d_bank = torch.cdist(bank[m_star][None], bank)[0]
+    if excluded is not None:
+        d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
+        d_bank[m_star] = 0.0
+    b = min(n_reweight, int(torch.isfinite(d_bank).sum()))
+    if b < 2:
+        return s_star
+    support = torch.topk(d_bank, b, largest=False).indices
+    d_support = torch.cdist(q[j][None], bank[support])[0]
+    weight = 1.0 - torch.softmax(d_support, dim=0)[0]
+    return weight * s_star
+
+
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector: nearest-neighbour distance to a coreset of normal patches.
 
@@ -313,9 +352,8 @@ class PatchCore(BaseDetector):
         which squashes them). Maps come back at each input's own size.
     coreset_ratio : float, default=0.1
         Fraction of the reference patches kept in the memory bank (1.0 keeps all). The
-        released code's default; on the six real surfaces of docs/benchmarks.md
-        ("Choosing coreset_ratio") 0.1 ranked images better than 0.01 (mean image AUROC
-        0.833 against 0.822; aitex_04 0.785 against 0.737) at a longer fit.
+        released code's default, kept by measurement against 0.01 (docs/benchmarks.md,
+        "Choosing coreset_ratio").
     n_projections : int, default=128
         Dimension of the random projection used to select the coreset.
     n_reweight : int, default=9
@@ -370,8 +408,7 @@ class PatchCore(BaseDetector):
 
     Time of a fit grows faster than linearly with the number of reference
     images: the coreset and the leave-one-out reference scores compare
-    patches with patches (docs/benchmarks.md, "PatchCore fit"; 480 images
-    take about 7.7 times the backbone's pass). A fit holds the reference
+    patches with patches (docs/benchmarks.md, "PatchCore fit"). A fit holds the reference
     features once, ``h * w * n_features`` float32 values per image on the
     stride-8 patch grid (WideResNet-50-2 levels 2-3 at 224 px: 28 x 28 x 1536,
     4.8 MB; ``tf_efficientnet_lite0`` at 256 px: 32 x 32 x 152, 0.6 MB), plus
@@ -415,9 +452,6 @@ class PatchCore(BaseDetector):
     (2, 64, 64)
     """
 
-    # fit learns nothing beyond the memory bank, which set_reference rebuilds
-    _reference_only = True
-
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
         "backbone": [str],
@@ -454,20 +488,10 @@ class PatchCore(BaseDetector):
                                          random_state=self.random_state)
 
     def _embed(self, batch):
-        """Locally aware patch features (paper Eq. 2-3): 3x3 average, levels upsampled, joined."""
+        """Locally aware patch features (:func:`locally_aware_features`) of a batch."""
         with self._autocast(batch.device):
             levels = self.backbone_(batch)
-        size = levels[0].shape[-2:]
-        out = []
-        for f in levels:
-            # zero padding counts in the average, as in the authors' code (unfold with zero
-            # padding) and anomalib; averaging the border cells over fewer neighbours made
-            # them the noisiest patches and set the image score (docs/methods/patchcore.md)
-            f = F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=True)
-            if f.shape[-2:] != size:
-                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-            out.append(f)
-        return torch.cat(out, dim=1)
+        return locally_aware_features(levels)
 
     def _set_reference(self, images):
         # channels last: the patches are a view of the maps, so the features are held once
@@ -509,9 +533,7 @@ class PatchCore(BaseDetector):
                 qpos = torch.arange(h * w, device=device)
 
                 def excluded(rows, qpos=qpos):
-                    qp = qpos[rows]
-                    return (((qp[:, None] // w) - (pos[None] // w)).abs() <= 1) & (
-                        ((qp[:, None] % w) - (pos[None] % w)).abs() <= 1)
+                    return adjacent(qpos[rows], pos, w)
             j, s_star, m_star = farthest_patch(q, bank, excluded)
             if not torch.isfinite(s_star):
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
@@ -536,25 +558,8 @@ class PatchCore(BaseDetector):
         )
 
     def _image_score(self, q, j, s_star, m_star, bank, excluded=None):
-        """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
-
-        ``q[j]`` is the query patch farthest from the bank: ``s_star`` from
-        its nearest bank row, ``bank[m_star]``. For leave-one-out scores,
-        ``excluded`` leaves the image's own bank patches out of the
-        neighbourhood ``N_b(m*)`` as well as out of the nearest-neighbour search.
-        """
-        # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
-        d_bank = torch.cdist(bank[m_star][None], bank)[0]
-        if excluded is not None:
-            d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
-            d_bank[m_star] = 0.0
-        b = min(self.n_reweight, int(torch.isfinite(d_bank).sum()))
-        if b < 2:
-            return s_star
-        support = torch.topk(d_bank, b, largest=False).indices
-        d_support = torch.cdist(q[j][None], bank[support])[0]
-        weight = 1.0 - torch.softmax(d_support, dim=0)[0]
-        return weight * s_star
+        """:func:`reweighted_score` with ``n_reweight``."""
+        return reweighted_score(q, j, s_star, m_star, bank, self.n_reweight, excluded)
 
     def _score_batch(self, batch, maps):
         feats = self._embed(batch)
@@ -569,9 +574,7 @@ class PatchCore(BaseDetector):
                 grids.append(dist.view(f.shape[1:]))
             else:  # the score needs the farthest patch only
                 scores.append(self._image_score(q, *farthest_patch(q, bank), bank))
-        out_maps = None
-        if maps:
-            out_maps = gaussian_blur(upsample(torch.stack(grids), self.image_size), self.sigma)
+        out_maps = grid_to_map(torch.stack(grids), self.image_size, self.sigma) if maps else None
         return torch.stack(scores), out_maps
 
     def _to_device(self, device):

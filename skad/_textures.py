@@ -145,7 +145,7 @@ def _scratch_mask(rng, size):
     return dist <= rng.uniform(0.5, 1.0)  # 1-2 pixels wide
 
 
-def _cut_mask(rng, size):
+def cut_mask(rng, size):
     yy, xx = _grid(size)
     p0, p1 = _random_segment(rng, size, 0.2, 0.45)
     dist, t = _segment_distance(yy, xx, p0, p1)
@@ -154,7 +154,7 @@ def _cut_mask(rng, size):
     return dist <= np.maximum(half_width, 0.5)
 
 
-def _ellipse_mask(rng, size, min_frac, max_frac, wobble=0.0):
+def ellipse_mask(rng, size, min_frac, max_frac, wobble=0.0):
     yy, xx = _grid(size)
     ry, rx = np.maximum(rng.uniform(min_frac, max_frac, size=2) * size, 1.5)
     cy, cx = rng.uniform(0.2, 0.8, size=2) * size
@@ -172,10 +172,10 @@ def _defect_mask(kind, rng, size):
     if kind == "scratch":
         return _scratch_mask(rng, size)
     if kind == "cut":
-        return _cut_mask(rng, size)
+        return cut_mask(rng, size)
     if kind == "spot":
-        return _ellipse_mask(rng, size, 0.04, 0.12)
-    return _ellipse_mask(rng, size, 0.08, 0.18, wobble=0.2)
+        return ellipse_mask(rng, size, 0.04, 0.12)
+    return ellipse_mask(rng, size, 0.08, 0.18, wobble=0.2)
 
 
 def _apply_defect(image, kind, rng):

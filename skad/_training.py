@@ -3,47 +3,19 @@
 :func:`train` runs epochs of optimiser steps over batches that a detector
 supplies, with mixed precision on CUDA, a learning-rate schedule stepped per
 epoch, progress when verbose, and a clear error when the loss diverges.
-Randomness comes only from the detector's ``random_state``: :func:`torch_seed`
-seeds a forked copy of torch's generators, so the global ones are untouched.
+Seeding is :mod:`skad._random`'s: the detectors seed the modules and
+generators they pass in.
 """
 
 import contextlib
 import math
-import sys
-import time
 
-import numpy as np
 import torch
 
-__all__ = ["torch_seed", "seed_from", "make_optimizer", "cosine_schedule",
-           "warmup_step_schedule", "iter_minibatches", "train"]
+from ._progress import progress
 
-
-def seed_from(random_state):
-    """An int seed drawn from ``random_state`` (None, int or numpy Generator/RandomState)."""
-    if isinstance(random_state, np.random.Generator):
-        return int(random_state.integers(2**31 - 1))
-    if isinstance(random_state, np.random.RandomState):
-        return int(random_state.randint(2**31 - 1))
-    if random_state is None:
-        return int(np.random.default_rng().integers(2**31 - 1))
-    return int(random_state)
-
-
-@contextlib.contextmanager
-def torch_seed(seed):
-    """Seed torch inside the block only: global generators are restored after.
-
-    Module initialisation and dropout use torch's global generator; forking it
-    keeps ``random_state`` local, as scikit-learn estimators do.
-    """
-    # every CUDA device is forked where there is one: torch.manual_seed also seeds CUDA
-    # (lazily, when it starts), and only a fork restores that; dropout on the GPU then
-    # draws from the seeded, forked generator too
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield torch.Generator().manual_seed(seed)
+__all__ = ["make_optimizer", "cosine_schedule", "warmup_step_schedule", "iter_minibatches",
+           "train"]
 
 
 def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999), *,
@@ -111,7 +83,7 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
     device : torch.device
         Mixed precision (bfloat16 autocast) is used on CUDA.
     verbose : int
-        Print the loss of each epoch to stderr.
+        Write the loss of each epoch to stderr (:func:`skad._progress.progress`).
     grad_clip : float, optional
         Clip the gradient norm to this value.
 
@@ -125,8 +97,10 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
     history = []
     module.train()
     try:
-        for epoch in range(n_epochs):
-            t0, total, count = time.perf_counter(), 0.0, 0
+        epochs = progress(range(n_epochs), desc=desc, verbose=verbose, unit="epoch ",
+                          status=lambda: f"loss {history[-1]:.4f}", interval=0)
+        for epoch in epochs:
+            total, count = 0.0, 0
             for batch in batches(epoch):
                 with autocast:
                     loss = step(batch)
@@ -144,9 +118,6 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
             if scheduler is not None:
                 scheduler.step()
             history.append(total / max(count, 1))
-            if verbose:
-                sys.stderr.write(f"{desc}: epoch {epoch + 1}/{n_epochs} loss "
-                                 f"{history[-1]:.4f} [{time.perf_counter() - t0:.1f}s]\n")
     finally:
         module.eval()
     return history

@@ -52,9 +52,10 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Hidden
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import check_groups, check_images, check_labels, iter_batches, resize_maps
+from ._images import check_groups, check_images, check_labels, iter_batches
+from ._maps import resize_maps
 from ._params import Devices, Ints, Reals, Sequences
-from .metrics import _check_image_labels, image_roc_auc
+from .metrics import check_image_labels, image_roc_auc
 
 __all__ = ["BaseDetector", "resolve_device"]
 
@@ -118,7 +119,7 @@ class BaseDetector(BaseEstimator):
         # None is read as "auto" (resolve_device): still taken, not advertised
         "device": [Devices(), Hidden(None)],
         "verbose": ["verbose"],
-        # sklearn's "random_state" and numpy's Generator (skad._training.seed_from)
+        # sklearn's "random_state" and numpy's Generator (skad._random.seed_from)
         "random_state": [Ints(0, 2**32 - 1), np.random.RandomState, np.random.Generator, None],
     }
 
@@ -335,7 +336,7 @@ class BaseDetector(BaseEstimator):
         """
         images = check_images(X)
         y = check_labels(y, len(images))
-        _check_image_labels(y)
+        check_image_labels(y)
         return image_roc_auc(y, self.decision_function(images))
 
     def _predict(self, X, maps):
@@ -399,10 +400,19 @@ class BaseDetector(BaseEstimator):
         """Run ``fn`` on every batch under inference mode; concatenate its outputs on the CPU.
 
         ``fn(batch)`` gets ``(B, 3, H, W)`` on the compute device and returns a
-        tensor or a tuple/list of tensors with the batch first (``B * r`` rows
-        for a fixed ``r`` rows per image). The outputs are written into tensors
-        allocated after the first batch, so that they are held once (a list of
-        batches and their concatenation would hold them twice).
+        tensor with the batch first (``B * r`` rows for a fixed ``r`` rows per
+        image); the result is their concatenation, one tensor. For several
+        outputs per batch use :meth:`_map_images_multi`.
+        """
+        return self._map_images_multi(images, lambda batch: (fn(batch),), desc=desc)[0]
+
+    def _map_images_multi(self, images, fn, *, desc="features"):
+        """:meth:`_map_images` for an ``fn`` that returns a tuple or list of tensors.
+
+        Returns a list of tensors, one per output of ``fn``, each concatenated
+        over the batches. The outputs are written into tensors allocated after
+        the first batch, so that they are held once (a list of batches and
+        their concatenation would hold them twice).
         """
         device = self._device()
         self._to_device(device)
@@ -411,14 +421,13 @@ class BaseDetector(BaseEstimator):
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc=desc):
                 out = fn(batch.to(device))
-                out = out if isinstance(out, (tuple, list)) else (out,)
                 if outs is None:
                     outs = [o.new_empty((len(images) * (len(o) // len(idx)), *o.shape[1:]),
                                         device="cpu") for o in out]
                 for buf, o in zip(outs, out):
                     r = len(o) // len(idx)
                     buf[idx[0] * r:(idx[-1] + 1) * r] = o
-        return outs if len(outs) > 1 else outs[0]
+        return outs
 
     def __getstate__(self):
         # fitted modules and tensors travel on the CPU, so a model fitted on a

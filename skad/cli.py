@@ -158,14 +158,12 @@ def _training_set(folder):
     folder = Path(folder)
     if (folder / "train" / "good").is_dir():
         return list_images(folder / "train" / "good"), None, None
-    from .datasets import _find_categories
+    from .datasets import find_categories, load_labelled_domains
 
-    categories = _find_categories(folder) if folder.is_dir() else []
+    categories = find_categories(folder) if folder.is_dir() else []
     if categories:
-        train = skad.datasets.load_domains(folder, categories, "train")
-        test = skad.datasets.load_domains(folder, categories, "test")
-        return (list(train.paths) + list(test.paths), np.r_[train.y, test.y],
-                np.r_[train.groups, test.groups])
+        data = load_labelled_domains(folder, categories)
+        return data.paths, data.y, data.groups
     return list_images(folder), None, None
 
 
@@ -377,7 +375,8 @@ def _score_chunk(det, images, paths, indices, results):
 
 
 def cmd_score(args):
-    from ._images import ImageSet, progress
+    from ._images import ImageSet
+    from ._progress import progress
 
     det = _load_model(args.model)
     det.set_params(device=args.device, verbose=args.verbose)
@@ -475,9 +474,9 @@ def cmd_benchmark(args):
     root = Path(args.data)
     if not root.is_dir():
         raise CLIError(f"data folder {root} does not exist")
-    from .datasets import _find_categories
+    from .datasets import find_categories
 
-    categories = args.categories or _find_categories(root)
+    categories = args.categories or find_categories(root)
     if not categories:
         raise CLIError(f"no MVTec-layout categories (with train/ and test/) in {root}")
 

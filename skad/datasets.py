@@ -9,7 +9,10 @@
   Images are returned as paths (decoding is left to the estimators, which
   resize anyway); masks can be loaded on request.
 * :func:`load_domains` concatenates several such categories and labels every
-  image with its category in ``groups``, for leave-one-domain-out studies.
+  image with its category in ``groups``, for leave-one-domain-out studies;
+  :func:`load_labelled_domains` takes both splits, the training set of a
+  detector that learns from labels across domains; :func:`find_categories`
+  lists the categories of a root.
 * :func:`make_textures` draws small procedural textured surfaces with
   synthetic defects and exact masks, for tests and examples that need no
   download (see :mod:`skad._textures` for the generators).
@@ -25,7 +28,8 @@ from skad._files import list_images, list_subfolders
 from skad._images import displayed_size, read_mask
 from skad._textures import DEFECT_KINDS, make_texture_set
 
-__all__ = ["load_domains", "load_mvtec", "make_textures"]
+__all__ = ["find_categories", "load_domains", "load_labelled_domains", "load_mvtec",
+           "make_textures"]
 
 _SPLITS = ("train", "test")
 
@@ -184,8 +188,24 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
     return data
 
 
-def _find_categories(root):
-    """Subfolders of ``root`` that have both ``train/`` and ``test/``, sorted; maybe none."""
+def find_categories(root):
+    """The categories of an MVTec-layout root: its subfolders with both ``train/`` and ``test/``.
+
+    Parameters
+    ----------
+    root : str or Path
+
+    Returns
+    -------
+    list of str
+        Sorted by name; empty when there are none. Hidden folders and system
+        debris are never categories.
+
+    Raises
+    ------
+    OSError
+        If ``root`` cannot be listed.
+    """
     return [p.name for p in list_subfolders(root)
             if (p / "train").is_dir() and (p / "test").is_dir()]
 
@@ -233,7 +253,7 @@ def load_domains(root, categories=None, split="test", *, return_masks=False, mas
     """
     if categories is None:
         _require_dir(Path(root), "dataset root")
-        categories = _find_categories(root)
+        categories = find_categories(root)
         if not categories:
             raise FileNotFoundError(
                 f"no category folder with train/ and test/ found in {root}")
@@ -257,6 +277,36 @@ def load_domains(root, categories=None, split="test", *, return_masks=False, mas
     if return_masks:
         data.masks = [m for part in parts for m in part.masks]
     return data
+
+
+def load_labelled_domains(root, categories=None):
+    """Every image of several categories, both splits, with labels and domains.
+
+    The training set of a detector that learns from labelled images across
+    domains (:class:`skad.MetaComparer`): the train splits of ``categories``
+    (:func:`load_domains`), followed by their test splits.
+
+    Parameters
+    ----------
+    root : str or Path
+    categories : str or list of str, default=None
+        As in :func:`load_domains`: by default every category of ``root``.
+
+    Returns
+    -------
+    Bunch
+        ``paths``, ``y``, ``groups``, ``defect_types`` and ``mask_paths`` of
+        the train splits, then of the test splits.
+    """
+    train = load_domains(root, categories, "train")
+    test = load_domains(root, categories, "test")
+    return Bunch(
+        paths=list(train.paths) + list(test.paths),
+        y=np.concatenate([train.y, test.y]),
+        groups=np.concatenate([train.groups, test.groups]),
+        defect_types=list(train.defect_types) + list(test.defect_types),
+        mask_paths=list(train.mask_paths) + list(test.mask_paths),
+    )
 
 
 def make_textures(

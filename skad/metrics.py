@@ -120,11 +120,11 @@ def image_roc_auc(y, scores):
     bad = np.flatnonzero(~np.isfinite(scores.astype(np.float64)))
     if bad.size:
         raise ValueError(f"scores[{bad[0]}] is NaN or infinite.")
-    _check_image_labels(y)
+    check_image_labels(y)
     return float(roc_auc_score(y.astype(int), scores))
 
 
-def _check_image_labels(y):
+def check_image_labels(y):
     """Image labels of 0 and 1 with both present: the ROC AUC is undefined otherwise."""
     labels = set(np.unique(y).tolist())
     if not labels <= {0, 1}:

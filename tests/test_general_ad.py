@@ -74,7 +74,7 @@ def test_positional_embedding_breaks_permutation_equivariance():
 def test_initialised_and_trained_as_released():
     """Attention projections as torch's MultiheadAttention initialises them; AdamW decays
     every parameter; the last partial batch is dropped."""
-    from skad._general_ad import PatchAttention
+    from skad._layers import PatchAttention
 
     attn = PatchAttention(dim=32, n_heads=4)
     bound = math.sqrt(6 / (32 + 96))  # xavier-uniform of the (96, 32) in-projection

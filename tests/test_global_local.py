@@ -20,9 +20,9 @@ from skad._global_local import (
     idw_interpolate,
     idw_weights,
     jittered_starts,
-    partial_conv2d,
     patch_starts,
 )
+from skad._layers import PartialConv2d, partial_conv2d
 from skad.datasets import make_textures
 from skad.metrics import evaluate
 
@@ -95,7 +95,7 @@ def test_global_net_masks_only_its_input():
             net(windows.contiguous(memory_format=torch.channels_last), mask), expected)
 
 def test_partial_conv_keeps_no_state():
-    conv = gl_module.PartialConv2d(3, 4, 3, padding=1)
+    conv = PartialConv2d(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 6, 6)
     full, half = torch.ones(1, 1, 6, 6), torch.ones(1, 1, 6, 6)
     half[..., :3] = 0

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from skad._images import (check_images, check_labels, gaussian_blur, iter_batches,
-                          resize_maps)
+from skad._images import check_images, check_labels, iter_batches
+from skad._maps import gaussian_blur, resize_maps
 
 
 def test_forms_read_the_same_pixels(tmp_path):
@@ -323,13 +323,13 @@ def test_progress_uses_carriage_returns_only_on_a_terminal(tty, monkeypatch):
     carriage-return updates); on a terminal, one line rewritten in place."""
     import sys
 
-    import skad._images as images
+    import skad._progress as progress_module
 
     clock = iter(range(0, 1000, 3))  # each step takes 3 s
-    monkeypatch.setattr(images.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: float(next(clock)))
     stream = _Stream(tty)
     monkeypatch.setattr(sys, "stderr", stream)
-    assert list(images.progress(range(20), desc="scoring", verbose=1)) == list(range(20))
+    assert list(progress_module.progress(range(20), desc="scoring", verbose=1)) == list(range(20))
     if tty:
         assert stream.text.startswith("\rscoring: 1/20") and stream.text.count("\n") == 1
     else:
@@ -338,5 +338,5 @@ def test_progress_uses_carriage_returns_only_on_a_terminal(tty, monkeypatch):
         assert lines[-1].startswith("scoring: 20/20")
         assert 3 <= len(lines) <= 8  # every 10 s of 60, and the last step
     stream.text = ""
-    list(images.progress(range(3), desc="quiet", verbose=0))
+    list(progress_module.progress(range(3), desc="quiet", verbose=0))
     assert stream.text == ""

@@ -7,15 +7,14 @@ from timm.layers import LayerNorm2d
 
 import skad._mmr as mmr_module
 from skad import WeightsNotFoundError
-from skad._backbone import _cached_hub_file, _create_model
+from skad._backbone import _cached_hub_file, create_model
+from skad._layers import SimpleFPNLevel, sincos_2d
 from skad._mmr import (
     MMR,
     MaskedStudent,
-    SimpleFPNLevel,
     cosine_distance_maps,
     random_resized_crop_flip,
     reconstruction_loss,
-    sincos_2d,
 )
 from skad.datasets import make_textures
 
@@ -32,7 +31,7 @@ def textures():
 
 def _student(mask_channels=(8, 12, 16), factors=(4, 2, 1), seed=0):
     torch.manual_seed(seed)  # test-only module init; the estimator seeds locally
-    vit, _ = _create_model("test_vit", None, dynamic_img_size=True, num_classes=0)
+    vit, _ = create_model("test_vit", None, dynamic_img_size=True, num_classes=0)
     vit.blocks = vit.blocks[:2]
     return MaskedStudent(vit, mask_channels, factors, (0.5,) * 3, (0.5,) * 3).eval()
 

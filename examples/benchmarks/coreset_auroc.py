@@ -27,9 +27,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from skad import PatchCore
-from skad._images import check_images, progress
-from skad._patchcore import farthest_patch, greedy_coreset
-from skad._training import seed_from
+from skad._backbone import create_backbone
+from skad._images import check_images, iter_batches
+from skad._patchcore import farthest_patch, greedy_coreset, locally_aware_features, reweighted_score
+from skad._progress import progress
+from skad._random import seed_from
 from skad.datasets import load_mvtec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,13 +57,16 @@ def plain_greedy_coreset(features, n_select, n_projections=128, generator=None):
     return selected
 
 
-def _features(det, paths):
-    """Channels-last patch features ``(n, h, w, dim)``, as ``PatchCore`` computes them."""
-    return det._map_images(check_images(paths), lambda b: det._embed(b).permute(0, 2, 3, 1))
+def _features(det, backbone, paths):
+    """Channels-last patch features ``(n, h, w, dim)``, as ``PatchCore`` computes them (CPU)."""
+    with torch.inference_mode():
+        return torch.cat([locally_aware_features(backbone(batch)).permute(0, 2, 3, 1)
+                          for _, batch in iter_batches(check_images(paths), det.batch_size,
+                                                       det.image_size)])
 
 
 def _auroc(det, bank, test_feats, y):
-    scores = [float(det._image_score(q, *farthest_patch(q, bank), bank))
+    scores = [float(reweighted_score(q, *farthest_patch(q, bank), bank, det.n_reweight))
               for q in test_feats.flatten(1, 2)]
     return roc_auc_score(y, scores)
 
@@ -69,11 +74,11 @@ def _auroc(det, bank, test_feats, y):
 def run_category(data, category, chunk_sizes, plain_max):
     det = PatchCore(backbone="tf_efficientnet_lite0", image_size=256, device="cpu",
                     random_state=0)
-    det._fit(None, None, None)
+    backbone = create_backbone(det.backbone, det.weights, det.layers, random_state=0)
     train = load_mvtec(data, category, "train").paths
     test = load_mvtec(data, category, "test")
-    patches = _features(det, train).flatten(0, 2)
-    test_feats = _features(det, test.paths)
+    patches = _features(det, backbone, train).flatten(0, 2)
+    test_feats = _features(det, backbone, test.paths)
     n_keep = int(np.ceil(0.1 * len(patches)))
     variants = {"exact": lambda g: greedy_coreset(patches, n_keep, 128, g)}
     if len(patches) <= plain_max:

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from skad import GlobalLocal, PatchCore
-from skad._benchmark import _maps_at
 from skad._global_local import patch_starts
+from skad._maps import maps_at
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
@@ -82,7 +82,7 @@ def _score(det, paths, y, masks, eval_size):
     t0 = time.perf_counter()
     scores, maps = det.score_and_map(paths)
     ips = len(paths) / (time.perf_counter() - t0)
-    maps = _maps_at(maps, eval_size)
+    maps = maps_at(maps, eval_size)
     return {**evaluate(y, scores, masks, maps), "score_ips": ips}, maps
 
 

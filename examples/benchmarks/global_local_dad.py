@@ -22,14 +22,23 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from skad import GlobalLocal
-from skad._benchmark import _maps_at
-from skad._global_local import DADHead, add_stains, dad_loss, patch_starts
+from skad._global_local import (
+    DADHead,
+    add_stains,
+    crop_windows,
+    dad_loss,
+    iad_score,
+    jittered_starts,
+    patch_starts,
+)
 from skad._images import check_images, load_resized
-from skad._training import torch_seed
+from skad._maps import maps_at
+from skad._random import torch_seed
 from skad._training import train as train_loop
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
@@ -47,6 +56,39 @@ def fit_or_load(args, train):
     return det
 
 
+def windows_at(det, images, owner, top, left):
+    """Context windows, their masks M0 and the patches at ``(top, left)`` of ``images[owner]``,
+    cut as the fitted ``det`` cuts them (a margin of context on every side of the patch)."""
+    p, size = det.patch_size, det.window_size_
+    m = (size - p) // 2
+    padded = F.pad(images, (m, m, m, m))
+    valid = F.pad(torch.ones_like(images[:, :1]), (m, m, m, m))
+    windows = crop_windows(padded, owner, top, left, size)
+    mask = crop_windows(valid, owner, top, left, size)
+    mask[:, :, m:m + p, m:m + p] = 0.0  # M0: the Global-Net never sees the patch
+    return windows, mask, windows[:, :, m:m + p, m:m + p]
+
+
+def patch_scores(det, image):
+    """s_IAD and s_DAD (Eq. 11-12) of the raster-scanned patches of one image ``(3, H, W)``."""
+    _, h, w = image.shape
+    ys, xs = (patch_starts(n, det.patch_size, det.stride) for n in (h, w))
+    top, left = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
+    windows, mask, patch = windows_at(det, image[None], torch.zeros_like(top), top, left)
+    z_l, z_g = det.local_net_.embed(patch), det.global_net_(windows, mask)
+    return iad_score(z_l, z_g), torch.sigmoid(det.dad_head_(z_l, z_g).float())
+
+
+def training_windows(det, images, gen):
+    """Windows, masks and patches at ``n_patches`` positions per image around the raster."""
+    _, _, h, w = images.shape
+    p, stride = det.patch_size, int(det.stride)
+    owner = torch.arange(len(images)).repeat_interleave(det.n_patches)
+    top = jittered_starts(h, p, stride, len(owner), gen)
+    left = jittered_starts(w, p, stride, len(owner), gen)
+    return windows_at(det, images, owner, top, left)
+
+
 def patch_table(det, test):
     """Per raster patch: defect fraction, s_IAD, s_DAD, grey std and mean, normal image.
 
@@ -59,15 +101,15 @@ def patch_table(det, test):
     for i in range(len(images)):
         image = load_resized(images, i, size)
         with torch.no_grad():
-            s_iad, s_dad = det._patch_scores(image[None])
+            s_iad, s_dad = patch_scores(det, image)
         grey = image.mean(0).numpy()
         mask = test.masks[i] > 0
         k = 0
         for t in starts.tolist():
             for left in starts.tolist():
                 patch = grey[t:t + p, left:left + p]
-                rows.append((mask[t:t + p, left:left + p].mean(), float(s_iad[0, k]),
-                             float(s_dad[0, k]), patch.std(), patch.mean(), test.y[i] == 0))
+                rows.append((mask[t:t + p, left:left + p].mean(), float(s_iad[k]),
+                             float(s_dad[k]), patch.std(), patch.mean(), test.y[i] == 0))
                 k += 1
     return np.array(rows, dtype=float)
 
@@ -85,7 +127,7 @@ def retrain_dad(det, train, inputs, steps, seed=0):
         head = DADHead(det.local_net_.project.out_features, inputs=inputs)
 
     def step(idx):
-        windows, mask, patch = det._training_windows(imgs[idx], gen)
+        windows, mask, patch = training_windows(det, imgs[idx], gen)
         with torch.no_grad():
             z_l = det.local_net_.embed(patch)
             z_neg = det.local_net_.embed(add_stains(patch, gen))
@@ -131,7 +173,7 @@ def main(argv=None):
                          else retrain_dad(det, train, inputs, args.steps))
         for lam in (0.0, 0.8):
             s, m = det.set_params(lambda_s=lam).score_and_map(test.paths)
-            res = evaluate(test.y, s, test.masks, _maps_at(m, det.image_size))
+            res = evaluate(test.y, s, test.masks, maps_at(m, det.image_size))
             print(f"DAD head {inputs}, lambda_s {lam}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
     return 0

@@ -24,15 +24,17 @@ beyond the paper), ``--sigma`` (map smoothing).
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import skad._meta_comparer as meta_comparer
 from skad import MetaComparer, PatchCore
-from skad._benchmark import _draw, _evaluate, _sources, markdown_table
-from skad.datasets import load_mvtec
+from skad._benchmark import draw_references, evaluate_detector, markdown_table
+from skad.datasets import load_labelled_domains, load_mvtec
 
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = ["mt", "aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04"]
@@ -84,13 +86,33 @@ def make_meta_comparer(args):
         sigma=args.sigma, device=args.device, verbose=args.verbose, random_state=0)
 
 
+@contextlib.contextmanager
+def timed_training():
+    """Seconds MetaComparer spends in its training loop (feature caching excluded), in a
+    one-item list filled as the loop ends."""
+    seconds, train = [0.0], meta_comparer.train
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return train(*args, **kwargs)
+        finally:
+            seconds[0] += time.perf_counter() - t0
+
+    meta_comparer.train = timed
+    try:
+        yield seconds
+    finally:
+        meta_comparer.train = train
+
+
 def make_patchcore(args):
     return PatchCore(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                      device=args.device, verbose=args.verbose, random_state=0)
 
 
 def source_data(args, target, present):
-    src = _sources(args.data, [c for c in present if c != target])
+    src = load_labelled_domains(args.data, [c for c in present if c != target])
     paths, y, groups = np.asarray(src.paths), src.y, src.groups
     keep = np.ones(len(y), bool)
     if args.quick:  # at most 60 images per source domain, both classes kept
@@ -114,27 +136,28 @@ def run(args, present, log=print):
         paths, y, groups = source_data(args, target, present)
         det = make_meta_comparer(args)
         t0 = time.perf_counter()
-        det.fit(paths, y, groups=groups)
+        with timed_training() as training_s:
+            det.fit(paths, y, groups=groups)
         fit_s = time.perf_counter() - t0
-        epoch_s = det.training_time_ / args.epochs
+        epoch_s = training_s[0] / args.epochs
         extra.append((target, len(paths), int(y.sum()), det.n_synthetic_, fit_s, epoch_s))
         log(f"{target}: fitted on {len(paths)} images of {list(det.domains_)} in {fit_s:.1f}s "
             f"({epoch_s:.1f}s/epoch, {det.n_synthetic_} synthetic), losses "
             f"{np.round(det.loss_history_, 3).tolist()}")
         for k in args.ks:
             for seed in args.seeds:
-                refs = _draw(train, k, seed)
+                refs = draw_references(train, k, seed)
                 t0 = time.perf_counter()
                 det.set_reference(refs)
                 row = {"category": target, "k": k, "seed": seed,
-                       **_evaluate(det, test, 256), "fit_s": fit_s}
+                       **evaluate_detector(det, test, 256), "fit_s": fit_s}
                 rows["MetaComparer"].append(row)
                 log(f"  MetaComparer k={k} seed={seed}: {_short(row)}")
                 if not args.skip_patchcore:
                     t0 = time.perf_counter()
                     pc = make_patchcore(args).fit(refs)
                     row = {"category": target, "k": k, "seed": seed,
-                           **_evaluate(pc, test, 256), "fit_s": time.perf_counter() - t0}
+                           **evaluate_detector(pc, test, 256), "fit_s": time.perf_counter() - t0}
                     rows["PatchCore"].append(row)
                     log(f"  PatchCore    k={k} seed={seed}: {_short(row)}")
     return rows, extra

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from skad import MMR, PatchCore
-from skad._benchmark import _maps_at, markdown_table, run_benchmark
+from skad._benchmark import markdown_table, run_benchmark
+from skad._maps import maps_at
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
@@ -99,7 +100,7 @@ def domain_shift(root, make, name, args, n_train=None, n_test=None):
         t0 = time.perf_counter()
         scores, maps = det.score_and_map(part["paths"])
         ips = len(scores) / (time.perf_counter() - t0)
-        row = evaluate(part["y"], scores, part["masks"], _maps_at(maps, args.eval_size))
+        row = evaluate(part["y"], scores, part["masks"], maps_at(maps, args.eval_size))
         normal_scores[label] = scores[part["y"] == 0]
         rows.append({"method": name, "test": label, "n": len(scores), **row,
                      "fit_s": fit_s, "score_ips": ips})

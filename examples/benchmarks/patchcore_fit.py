@@ -40,7 +40,8 @@ def worker(mode, data, category, size):
 
     import skad._patchcore as pc
     from skad import PatchCore
-    from skad._images import check_images
+    from skad._backbone import create_backbone
+    from skad._images import check_images, iter_batches
 
     paths = _paths(data, category, size)
     det = PatchCore(backbone="tf_efficientnet_lite0", image_size=256, coreset_ratio=0.1,
@@ -56,9 +57,11 @@ def worker(mode, data, category, size):
 
     pc.greedy_coreset = timed
     if mode == "backbone":
-        det._fit(None, None, None)
+        backbone = create_backbone(det.backbone, det.weights, det.layers, random_state=0)
         t0 = time.perf_counter()
-        det._map_images(check_images(paths), lambda b: det.backbone_(b)[0][:, 0, 0, 0])
+        with torch.inference_mode():
+            for _, batch in iter_batches(check_images(paths), det.batch_size, det.image_size):
+                backbone(batch)
     else:
         t0 = time.perf_counter()
         det.fit(paths)

@@ -36,9 +36,9 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from skad import PatchCore
-from skad._backbone import _create_model, create_backbone
+from skad._backbone import create_backbone, create_model
 from skad._images import check_images, load_resized
-from skad.datasets import load_mvtec
+from skad.datasets import find_categories, load_mvtec
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SIZE = 256
@@ -55,7 +55,7 @@ def anomalib_model(backbone, weights, layers, n_reweight=9):
     ours = create_backbone(backbone, weights, layers, random_state=0)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same random weights for weights=None
-        full, _ = _create_model(backbone, weights)  # skad's backbone is pruned past `layers`
+        full, _ = create_model(backbone, weights)  # skad's backbone is pruned past `layers`
     model = PatchcoreModel(layers=list(layers), backbone=backbone.split(".")[0],
                            pre_trained=False, num_neighbors=n_reweight)
     extractor = model.feature_extractor.feature_extractor
@@ -180,7 +180,7 @@ def main():
     root = Path(args.data)
     if not root.is_dir():
         sys.exit(f"no data at {root}: nothing to compare")
-    categories = args.categories or sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    categories = args.categories or find_categories(root)
     rows = []
     for cat in categories:
         train_paths, test_paths, y = _subset(root, cat, args.n_train, args.n_test, args.seed)

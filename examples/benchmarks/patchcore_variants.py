@@ -23,6 +23,7 @@ the authors' code (amazon-science/patchcore-inspection, run as in its README):
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,33 +32,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import skad._patchcore as patchcore
 from skad import PatchCore
-from skad._benchmark import _evaluate
+from skad._benchmark import evaluate_detector
 from skad._images import check_images, load_resized
-from skad.datasets import load_mvtec
+from skad.datasets import find_categories, load_mvtec
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SIZE = 256
 
 
-class AuthorsEmbedding(PatchCore):
-    """PatchCore with the released code's 1024-dimensional patch embedding."""
+def authors_embedding(levels):
+    """The released code's 1024-dimensional patch embedding of the backbone levels."""
+    levels = [f.float() for f in levels]
+    h, w = levels[0].shape[-2:]
+    per_level = []
+    for f in levels:
+        b, c = f.shape[:2]
+        patches = F.unfold(f, 3, padding=1).view(b, c * 9, *f.shape[-2:])
+        if patches.shape[-2:] != (h, w):
+            patches = F.interpolate(patches, size=(h, w), mode="bilinear",
+                                    align_corners=False)
+        rows = patches.permute(0, 2, 3, 1).reshape(b * h * w, 1, c * 9)
+        per_level.append(F.adaptive_avg_pool1d(rows, 1024))
+    joined = F.adaptive_avg_pool1d(torch.cat(per_level, dim=2), 1024)
+    return joined.view(len(levels[0]), h, w, 1024).permute(0, 3, 1, 2)
 
-    def _embed(self, batch):
-        with self._autocast(batch.device):
-            levels = [f.float() for f in self.backbone_(batch)]
-        h, w = levels[0].shape[-2:]
-        per_level = []
-        for f in levels:
-            b, c = f.shape[:2]
-            patches = F.unfold(f, 3, padding=1).view(b, c * 9, *f.shape[-2:])
-            if patches.shape[-2:] != (h, w):
-                patches = F.interpolate(patches, size=(h, w), mode="bilinear",
-                                        align_corners=False)
-            rows = patches.permute(0, 2, 3, 1).reshape(b * h * w, 1, c * 9)
-            per_level.append(F.adaptive_avg_pool1d(rows, 1024))
-        joined = F.adaptive_avg_pool1d(torch.cat(per_level, dim=2), 1024)
-        return joined.view(len(batch), h, w, 1024).permute(0, 3, 1, 2)
+
+@contextlib.contextmanager
+def patch_features(embed):
+    """PatchCore computes its patch features with ``embed(levels)`` inside the block."""
+    original = patchcore.locally_aware_features
+    patchcore.locally_aware_features = embed
+    try:
+        yield
+    finally:
+        patchcore.locally_aware_features = original
 
 
 def _centre_cropped(paths):
@@ -72,14 +82,15 @@ def _centre_cropped(paths):
 def run(category, root, variant):
     train = load_mvtec(root, category, "train")
     test = load_mvtec(root, category, "test", return_masks=True, mask_size=SIZE)
-    cls = AuthorsEmbedding if variant == "reduced-1024" else PatchCore
-    det = cls(backbone="tf_efficientnet_lite0", image_size=SIZE, random_state=0,
+    det = PatchCore(backbone="tf_efficientnet_lite0", image_size=SIZE, random_state=0,
               n_reweight=0 if variant == "max-score" else 9)
     if variant == "centre-crop":
         det.fit(_centre_cropped(train.paths))
         return {"image_auroc": det.score(_centre_cropped(test.paths), test.y)}
-    det.fit(train.paths)
-    row = _evaluate(det, test, SIZE)
+    embed = authors_embedding if variant == "reduced-1024" else patchcore.locally_aware_features
+    with patch_features(embed):
+        det.fit(train.paths)
+        row = evaluate_detector(det, test, SIZE)
     return {k: row[k] for k in ("image_auroc", "pixel_auroc", "pro")}
 
 
@@ -94,7 +105,7 @@ def main():
     root = Path(args.data)
     if not root.is_dir():
         sys.exit(f"no data at {root}")
-    categories = args.categories or sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    categories = args.categories or find_categories(root)
     rows = []
     for cat in categories:
         for variant in args.variants:

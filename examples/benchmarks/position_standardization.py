@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skad._benchmark import _maps_at
+from skad._maps import maps_at
 from skad.cli import make_detector
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
@@ -41,7 +41,7 @@ def ring_share(maps, y):
 
 def measure(det, test):
     scores, maps = det.score_and_map(test.paths)
-    maps = _maps_at(maps, EVAL_SIZE)
+    maps = maps_at(maps, EVAL_SIZE)
     row = evaluate(test.y, scores, masks=test.masks, maps=maps)
     row["ring"] = ring_share(maps, test.y)
     return row
