@@ -57,6 +57,9 @@ EXTRA_WEIGHTS = {
 }
 
 
+_CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 class WeightsNotFoundError(RuntimeError):
     """Raised when pretrained weights were asked for and none could be found."""
 
@@ -236,7 +239,8 @@ def resolve_weights(model_name, weights):
     """
     if weights is None:
         return None, "random"
-    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.isfile(weights)):
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
+            os.path.isfile(weights) or _looks_like_path(weights))):
         path = os.fspath(weights)
         if not os.path.isfile(path):
             raise WeightsNotFoundError(f"weights file {path!r} does not exist")
@@ -284,6 +288,12 @@ def _fit_pos_embed(state, model):
     state["pos_embed"] = resample_abs_pos_embed(
         pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
     return state
+
+
+def _looks_like_path(text):
+    """A weights string meant as a file (a folder in it, or a checkpoint's extension),
+    so that a missing file is reported as one, not as an unknown pretrained tag."""
+    return os.sep in text or "/" in text or text.endswith(_CHECKPOINT_EXTENSIONS)
 
 
 def _tagged_name(model_name, weights):

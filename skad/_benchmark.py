@@ -21,11 +21,10 @@ import time
 
 import numpy as np
 
-from ._maps import maps_at
-from .datasets import load_labelled_domains, load_mvtec
-from .metrics import evaluate
+# torch and scikit-learn (through ._maps, .datasets and .metrics) are imported where the
+# protocols run, so that `skad benchmark --help` prints COLUMNS without them
 
-__all__ = ["FIT_IS_REFERENCE", "draw_references", "evaluate_detector", "markdown_table",
+__all__ = ["COLUMNS", "FIT_IS_REFERENCE", "draw_references", "evaluate_detector", "markdown_table",
            "run_benchmark"]
 
 #: detectors whose ``fit`` is ``set_reference`` on the training images: PatchCore's
@@ -36,6 +35,9 @@ FIT_IS_REFERENCE = frozenset({"PatchCore"})
 def evaluate_detector(det, test, eval_size):
     """Image AUROC, pixel AUROC and PRO of ``det`` on ``test`` (a :func:`load_mvtec` Bunch
     with masks at ``eval_size``), and the images scored per second (``score_ips``)."""
+    from ._maps import maps_at
+    from .metrics import evaluate
+
     t0 = time.perf_counter()
     scores, maps = det.score_and_map(test.paths)
     elapsed = time.perf_counter() - t0
@@ -75,6 +77,8 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
     log : callable
         Receives one line per finished row.
     """
+    from .datasets import load_labelled_domains, load_mvtec
+
     if protocol not in ("oneclass", "fewshot", "domains"):
         raise ValueError(f"unknown protocol {protocol!r}")
     rows = []
@@ -115,9 +119,22 @@ def _seeded(det, seed):
     return det
 
 
-_COLUMNS = [("category", "{}"), ("k", "{}"), ("seed", "{}"), ("image_auroc", "{:.3f}"),
-            ("pixel_auroc", "{:.3f}"), ("pro", "{:.3f}"), ("fit_s", "{:.1f}"),
-            ("score_ips", "{:.1f}")]
+# the table's columns, in order: (format, what the column holds); `skad benchmark --help`
+# prints the descriptions
+COLUMNS = {
+    "category": ("{}", "the target category (a folder under --data)"),
+    "k": ("{}", ("normal images of the target the detector saw: drawn from train/good "
+                 "(fewshot, domains), or 'all' of them (oneclass)")),
+    "seed": ("{}", "drew the k images and is the detector's random_state"),
+    "image_auroc": ("{:.3f}", "image ROC AUC of the scores on test/ (0.5 = chance, 1 = perfect)"),
+    "pixel_auroc": ("{:.3f}", "pixel ROC AUC of the maps against ground_truth/"),
+    "pro": ("{:.3f}", ("per-region overlap (PRO), area under the curve up to a "
+                       "false-positive rate of 0.3, normalised to [0, 1]")),
+    "fit_s": ("{:.1f}", ("seconds to fit (domains: the training on the other categories "
+                         "included, on every row) and set the reference")),
+    "score_ips": ("{:.1f}", "test images scored per second, maps included"),
+}
+_COLUMNS = [(name, fmt) for name, (fmt, _) in COLUMNS.items()]
 
 
 def _format_row(row):

@@ -323,7 +323,8 @@ class Results:
         # Unicode is written with backslash escapes, keeping the table valid UTF-8
         self._fh = open(  # noqa: SIM115
             self.csv_path, "w", newline="", encoding="utf-8", errors="backslashreplace")
-        self._writer = csv.writer(self._fh)
+        # "\n" rows: csv's default "\r\n" shows as ^M in Unix tools
+        self._writer = csv.writer(self._fh, lineterminator="\n")
         self._write(*COLUMNS)
 
     def __enter__(self):
@@ -423,49 +424,61 @@ def _demo_folder(out, overwrite):
     return out
 
 
-def _save_demo_images(folder, images, indices):
-    """The demo's test images as PNG files, so that scores.csv's paths are real files."""
+def _write_demo_data(root, data, n_train):
+    """The demo's textures as an MVTec AD tree: ``root/<texture>/train/good``,
+    ``test/good``, ``test/defect`` and ``ground_truth/defect/*_mask.png``.
+
+    The first ``n_train`` normal images of each texture are its training images.
+    The README's examples and :func:`skad.datasets.load_mvtec` read this tree as
+    they read real data.
+    """
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in indices:
-        path = folder / f"{i:03d}.png"
-        Image.fromarray(images[i]).save(path)
-        paths.append(str(path))
-    return paths
+    for texture in np.unique(data.groups):
+        sel = np.flatnonzero(data.groups == texture)
+        normals, defects = sel[data.y[sel] == 0], sel[data.y[sel] == 1]
+        folders = {"train/good": normals[:n_train], "test/good": normals[n_train:],
+                   "test/defect": defects}
+        for sub, indices in folders.items():
+            (root / texture / sub).mkdir(parents=True, exist_ok=True)
+            for i in indices:
+                Image.fromarray(data.images[i]).save(root / texture / sub / f"{i:03d}.png")
+        masks = root / texture / "ground_truth" / "defect"
+        masks.mkdir(parents=True, exist_ok=True)
+        for i in defects:
+            Image.fromarray(data.masks[i] * 255).save(masks / f"{i:03d}_mask.png")
 
 
 def cmd_demo(args):
     from ._images import check_images
-    from .datasets import make_textures
+    from .datasets import load_mvtec, make_textures
     from .metrics import evaluate
 
     out = _demo_folder(args.out, args.overwrite)
     data = make_textures(n_domains=3, n_normal=30, n_anomalous=15, image_size=128,
                          random_state=args.seed)
+    _write_demo_data(out / "data", data, n_train=20)
     print(f"skad demo: PatchCore (tf_efficientnet_lite0, offline ImageNet weights) on "
-          f"{len(np.unique(data.groups))} synthetic textures, 128 px, seed {args.seed}")
-    print("| domain | image AUROC | pixel AUROC | PRO |\n|---|---|---|---|")
-    for domain in np.unique(data.groups):
-        sel = np.flatnonzero(data.groups == domain)
-        normals = sel[data.y[sel] == 0]
-        train, test = normals[:20], np.r_[normals[20:], sel[data.y[sel] == 1]]
+          f"{len(np.unique(data.groups))} synthetic textures, 128 px, seed {args.seed}; "
+          f"images in {out / 'data'}{os.sep} (MVTec AD layout)")
+    print("| texture | image AUROC | pixel AUROC | PRO |\n|---|---|---|---|")
+    for texture in np.unique(data.groups):
+        train = load_mvtec(out / "data", texture, "train")
+        test = load_mvtec(out / "data", texture, "test", return_masks=True)
         det = make_detector("patchcore", ["image_size=128"], offline=True,
                             device=args.device, verbose=args.verbose, seed=args.seed)
-        det.fit(data.images[train])
-        scores, maps = det.score_and_map(data.images[test])
-        res = evaluate(data.y[test], scores, data.masks[test], maps)
-        print(f"| {domain} | {res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} | "
+        det.fit(train.paths)
+        scores, maps = det.score_and_map(test.paths)
+        res = evaluate(test.y, scores, test.masks, maps)
+        print(f"| {texture} | {res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} | "
               f"{res['pro']:.3f} |")
-        results_dir = prepare_output(out / domain, overwrite=True)
-        paths = _save_demo_images(out / domain / "images", data.images, test)
-        images = check_images(data.images[test])
-        with Results(results_dir, det.threshold_) as results:
-            for k, (path, score, amap) in enumerate(zip(paths, scores, maps)):
+        images = check_images(test.paths)
+        with Results(prepare_output(out / texture, overwrite=True), det.threshold_) as results:
+            for k, (path, score, amap) in enumerate(zip(test.paths, scores, maps)):
                 results.add(path, score, amap, images.read(k))
-    print(f"results in {out}{os.sep}: per domain, scores.csv, one overlay PNG per test image, "
-          "and the test images in images/")
+    print(f"results in {out}{os.sep}: per texture, scores.csv and one overlay PNG per test "
+          f"image; the images in {out / 'data'}{os.sep} (test/good: defect-free, "
+          "test/defect: with a defect, ground_truth/: its mask)")
 
 
 def cmd_benchmark(args):
@@ -597,10 +610,24 @@ def _add_demo(sub):
     sp.set_defaults(func=cmd_demo)
 
 
+_BENCHMARK_NOTES = """\
+PatchCore's domains rows equal its fewshot rows: all PatchCore learns is its memory
+bank, and set_reference replaces it, so training on the other categories changes
+nothing; it is fitted on the k references directly. The other methods learn from
+the other categories (MetaComparer from their labels) and keep that training when
+given the k references."""
+
+
 def _add_benchmark(sub):
-    sp = sub.add_parser("benchmark", help="benchmark a method on MVTec-layout data",
-                        description="One row per category, k and seed: image AUROC, pixel "
-                                    "AUROC, PRO, fit time and scoring speed; a mean row per k.")
+    from ._benchmark import COLUMNS as TABLE
+
+    columns = "\n".join(f"  {name:<12} {text}" for name, (_, text) in TABLE.items())
+    sp = sub.add_parser(
+        "benchmark", help="benchmark a method on MVTec-layout data",
+        description="One row per category, k and seed: image AUROC, pixel AUROC, PRO, fit "
+                    "time and scoring speed; a mean row per k.",
+        epilog=f"columns of the table:\n{columns}\n\n" + _BENCHMARK_NOTES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--data", required=True, metavar="ROOT",
                     help="MVTec-layout data root: ROOT/CATEGORY/{train/good, test, "
                          "ground_truth}")
@@ -673,6 +700,13 @@ def main(argv=None):
     with _log_to_stderr(args.verbose), _downloads_off(getattr(args, "offline", False)):
         try:
             return args.func(args) or 0
+        except skad.WeightsNotFoundError as exc:
+            # the library's message lists Python remedies; the command line has its own
+            reason = str(exc).splitlines()[0].rstrip(".")
+            print(f"skad: error: {reason}. Add --offline (the packaged ImageNet weights of "
+                  "tf_efficientnet_lite0), or --param weights=/path/to/state_dict.pth",
+                  file=sys.stderr)
+            return 1
         except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
                 FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
             print(f"skad: error: {exc}", file=sys.stderr)

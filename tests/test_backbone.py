@@ -48,6 +48,10 @@ def test_weights_from_file_and_errors(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError, match="weights='/path/to/checkpoint.pth'"):
         resolve_weights("resnet18", "pretrained")
     assert resolve_weights("resnet18", None) == (None, "random")
+    # a missing file is named as a file, not taken for an unknown pretrained tag
+    for missing in ["w2.pth", "ckpt/w.safetensors", str(tmp_path / "w.bin"), tmp_path / "x"]:
+        with pytest.raises(WeightsNotFoundError, match="does not exist"):
+            resolve_weights("resnet18", missing)
 
 
 def test_lukemelas_rename_is_complete():

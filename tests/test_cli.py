@@ -88,6 +88,21 @@ def test_score_help_names_every_column():
     assert all(f"  {column} " in score.format_help() for column in COLUMNS)
 
 
+def test_benchmark_help_names_every_column_of_its_table(mvtec, capsys):
+    from skad._benchmark import COLUMNS as TABLE
+    from skad.cli import _parser
+
+    (bench,) = [sp for sp in _subparsers(_parser()) if sp.prog == "skad benchmark"]
+    text = bench.format_help()
+    assert all(f"  {column} " in text for column in TABLE)
+    assert "domains rows equal its fewshot rows" in text
+    # and the table has exactly those columns
+    assert main(["benchmark", "--data", str(mvtec), *TINY, "--categories",
+                 min(p.name for p in mvtec.iterdir())]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert [c.strip() for c in head.strip("|").split("|")] == list(TABLE)
+
+
 def test_two_fits_with_the_default_seed_are_identical(mvtec, tmp_path, capsys):
     """No --seed: the same model twice (random_state 0), and the output says which seed."""
     import joblib
@@ -153,6 +168,19 @@ def test_demo_writes_into_a_fresh_folder_not_the_current_one(tmp_path, monkeypat
         rows = _rows(table.parent)
         assert rows and all(Path(r["path"]).is_file() for r in rows)
         assert all(r["threshold"] and r["predicted_label"] in "01" for r in rows)
+        # the images sit in an MVTec AD tree that says which are defective
+        texture = table.parent.name
+        kinds = {Path(r["path"]).parent.relative_to(out / "data" / texture) for r in rows}
+        assert kinds == {Path("test/good"), Path("test/defect")}
+        assert b"\r" not in table.read_bytes()  # plain "\n" rows
+    # the README's examples read the demo's tree as they read real data
+    from skad.datasets import load_mvtec
+
+    for texture in ("checker", "stone", "stripes"):
+        train = load_mvtec(out / "data", texture, "train")
+        test = load_mvtec(out / "data", texture, "test", return_masks=True)
+        assert len(train.paths) == 20 and set(test.y) == {0, 1}
+        assert all(m.any() == bool(label) for m, label in zip(test.masks, test.y))
     # a chosen folder: new or empty, unless --overwrite
     assert main(["demo", "--out", str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
@@ -188,6 +216,38 @@ def test_errors_are_one_line_with_status_1(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("skad: error:") and message in err
+
+
+@pytest.mark.parametrize("case", ["downloads disabled", "host unreachable", "missing file",
+                                  "missing relative file"])
+def test_missing_weights_are_one_line_with_command_line_remedies(mvtec, tmp_path, monkeypatch,
+                                                                 capsys, case):
+    """Every way weights can be missing ends in one line naming the cause and the
+    command line's remedies (not the library's Python ones)."""
+    import skad._backbone
+
+    monkeypatch.setattr(skad._backbone, "_cached_hub_file", lambda name: None)  # no cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    params = ["--param", "backbone=\"resnet18.a1_in1k\"", "--param", "image_size=32"]
+    if case == "downloads disabled":
+        monkeypatch.setenv("SKAD_OFFLINE", "1")
+        cause = "downloads are disabled"
+    elif case == "host unreachable":
+        monkeypatch.delenv("SKAD_OFFLINE", raising=False)
+        monkeypatch.setattr(skad._backbone, "_unreachable", lambda url: "no network here")
+        cause = "no network here"
+    else:
+        path = "/no/such/weights.pth" if case == "missing file" else "weights.pth"
+        monkeypatch.chdir(tmp_path)
+        params += ["--param", f"weights=\"{path}\""]
+        cause = f"weights file '{path}' does not exist"
+    model = tmp_path / "m.joblib"
+    assert main(["fit", "--train", str(min(mvtec.iterdir())), "--out", str(model),
+                 *params]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("skad: error:") and err.count("\n") == 1, err
+    assert cause in err and "--offline" in err and "--param weights=" in err
+    assert "weights=None" not in err and not model.exists()
 
 
 def test_unknown_parameter(mvtec, tmp_path, capsys):
