@@ -71,7 +71,7 @@ def main(argv):
               + f" | {res['mean_test_score'][i]:.3f} |")
 
     best = search.best_estimator_  # refitted on every source domain
-    refs, scored = ReferenceScorer(n_references=N_REFERENCES).split(y[new])
+    refs, scored = ReferenceScorer(n_references=N_REFERENCES).split_references(y[new])
     refs, scored = new[refs], new[scored]
     best.set_reference(take(X, refs))
     scores, maps = best.score_and_map(take(X, scored))

@@ -30,10 +30,11 @@ def main():
                       n_distill_epochs=20, n_finetune_epochs=5, n_epochs=40, random_state=0)
     det.fit(data.images[normal[:30]])
     for lam in (0.8, 1.0, 0.0):  # Eq. 13: the default, the IAD head alone, the DAD head alone
-        s, m = det.set_params(lambda_s=lam).score_and_map(X)  # read at scoring: no refit
+        s, m = det.set_params(iad_score_weight=lam).score_and_map(X)  # read at scoring: no refit
         if lam == 0.8:
             scores, maps = s, m
-        print(f"lambda_s {lam}:", {k: round(v, 3) for k, v in evaluate(y, s, masks, m).items()})
+        metrics = evaluate(y, s, masks, m)
+        print(f"iad_score_weight {lam}:", {k: round(v, 3) for k, v in metrics.items()})
     print("last loss per stage: " + ", ".join(
         f"{k} {v[-1]:.3f}" for k, v in det.loss_history_.items() if v))
     print(f"window {det.window_size_} px; threshold {det.threshold_:.3f}; flagged "

@@ -24,7 +24,7 @@ from ._backbone import create_backbone, join_levels
 from ._images import image_hw
 from ._layers import PatchAttention
 from ._maps import grid_to_map
-from ._params import Ints, Reals, Sequences
+from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer, train
 from .base import BaseDetector
@@ -249,10 +249,11 @@ class GeneralAD(BaseDetector):
     dropout : float, default=0.1
         Discriminator sizes (paper §4.2).
     n_epochs : int, default=160
-    lr : float, default=5e-4
+    learning_rate : float, default=5e-4
     weight_decay : float, default=1e-5
-    lr_final_ratio : float, default=0.2
-        AdamW; the learning rate follows a cosine from ``lr`` to ``lr_final_ratio * lr``.
+    final_learning_rate_ratio : float, default=0.2
+        AdamW; the learning rate follows a cosine from ``learning_rate`` to
+        ``final_learning_rate_ratio * learning_rate``.
     top_k : int or None, default=10
         Image score = mean of the ``top_k`` highest patch logits (paper Eq. 5); None: all
         patches (semantic anomalies).
@@ -274,6 +275,9 @@ class GeneralAD(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the discriminator's initialisation, the distortions, dropout and the order of
         the training images (and random backbone weights, for tests).
+    lr, lr_final_ratio : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``learning_rate`` and
+        ``final_learning_rate_ratio``.
 
     Attributes
     ----------
@@ -353,21 +357,27 @@ class GeneralAD(BaseDetector):
         "hidden_dim": [Ints(1)],
         "dropout": [Reals(0, 1, closed="left")],
         "n_epochs": [Ints(1)],
-        "lr": [Reals(0, None, closed="neither")],
+        "learning_rate": [Reals(0, None, closed="neither")],
         "weight_decay": [Reals(0)],
-        "lr_final_ratio": [Reals(0)],
+        "final_learning_rate_ratio": [Reals(0)],
         "top_k": [Ints(1), None],
         "sigma": [Reals(0), None],
         "standardize_positions": ["boolean"],
+        "lr": deprecated(Reals(0, None, closed="neither")),
+        "lr_final_ratio": deprecated(Reals(0)),
     }
+    # scikit-learn's learning_rate, as every detector spells it
+    _deprecated_parameters: ClassVar[dict] = {"lr": "learning_rate",
+                                              "lr_final_ratio": "final_learning_rate_ratio"}
 
     def __init__(self, *, backbone="vit_large_patch14_dinov2.lvd142m", weights="pretrained",
                  layers=(-1,), image_size=518, norm=True,
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
-                 hidden_dim=2048, dropout=0.1, n_epochs=160, lr=5e-4, weight_decay=1e-5,
-                 lr_final_ratio=0.2, top_k=10, sigma=None,
+                 hidden_dim=2048, dropout=0.1, n_epochs=160, learning_rate=5e-4,
+                 weight_decay=1e-5, final_learning_rate_ratio=0.2, top_k=10, sigma=None,
                  standardize_positions=True, threshold_quantile=0.99,
-                 batch_size=16, device="auto", verbose=0, random_state=None):
+                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 lr=DEPRECATED, lr_final_ratio=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
@@ -379,9 +389,9 @@ class GeneralAD(BaseDetector):
         self.hidden_dim = hidden_dim
         self.dropout = dropout
         self.n_epochs = n_epochs
-        self.lr = lr
+        self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.lr_final_ratio = lr_final_ratio
+        self.final_learning_rate_ratio = final_learning_rate_ratio
         self.top_k = top_k
         self.sigma = sigma
         self.standardize_positions = standardize_positions
@@ -390,6 +400,8 @@ class GeneralAD(BaseDetector):
         self.device = device
         self.verbose = verbose
         self.random_state = random_state
+        self.lr = lr
+        self.lr_final_ratio = lr_final_ratio
 
     # ------------------------------------------------------------ checks
     def _check_param_relations(self):
@@ -459,9 +471,9 @@ class GeneralAD(BaseDetector):
         # the distortions draw on the compute device, from their own seeded generator
         dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
         # weight decay on every parameter, norms and biases too, as the released AdamW
-        opt = make_optimizer(self.discriminator_, self.lr, self.weight_decay,
-                             decay_norm_and_bias=True)
-        sched = cosine_schedule(opt, self.n_epochs, self.lr_final_ratio)
+        opt = make_optimizer(self.discriminator_, self._param("learning_rate"),
+                             self.weight_decay, decay_norm_and_bias=True)
+        sched = cosine_schedule(opt, self.n_epochs, self._param("final_learning_rate_ratio"))
 
         def step(idx):
             idx = idx.to(device)
@@ -494,12 +506,12 @@ class GeneralAD(BaseDetector):
                  else float(self.sigma))
         return sigma, max(1, round(sigma * _RADIUS_AT_518 / _SIGMA_AT_518))
 
-    def _score_batch(self, batch, maps):
+    def _score_batch(self, batch, return_maps):
         tokens = self._feature_map(batch).flatten(2).transpose(1, 2)
         with self._autocast(batch.device):
             logits = self.discriminator_(tokens).float()
         scores = top_k_mean(logits, self.top_k)
-        if not maps:
+        if not return_maps:
             return scores, None
         grid = logits.view(len(batch), *self.feature_grid_)
         return scores, grid_to_map(grid, self.image_size, *self._smoothing())

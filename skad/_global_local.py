@@ -25,7 +25,7 @@ from torch import nn
 from ._backbone import create_backbone
 from ._images import check_images, image_hw
 from ._layers import PartialConv2d, partial_conv2d
-from ._params import Ints, Reals
+from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
@@ -265,6 +265,11 @@ def add_stains(patches, generator, radius=(0.08, 0.3), alpha=(0.3, 1.0)):
 
 
 # ------------------------------------------------------------------ the detector
+def _one_level(layer):
+    """``teacher_layer=k`` (deprecated) is ``teacher_layers=(k,)``."""
+    return (layer,)
+
+
 class GlobalLocal(BaseDetector):
     """Global-local feature comparison: a patch's feature predicted from its surroundings.
 
@@ -278,9 +283,10 @@ class GlobalLocal(BaseDetector):
         ``fit`` only; it is not kept.
     teacher_weights : "pretrained", str, path-like or None, default="pretrained"
         The teacher's weights (see :func:`skad._backbone.resolve_weights`).
-    teacher_layer : int, default=-1
-        Teacher level (``features_only`` index; -1 = the deepest) whose
-        globally average-pooled map is R(p).
+    teacher_layers : tuple of int, default=(-1,)
+        Teacher levels (``features_only`` indices; -1 = the deepest) whose
+        globally average-pooled maps, joined along the channels, are R(p). The
+        paper: the deepest level alone.
     teacher_size : int, default=128
         Patches are resized to this size for the teacher.
     patch_size : int, default=32
@@ -316,10 +322,11 @@ class GlobalLocal(BaseDetector):
         Random patches per image per epoch in training the Global-Net and DAD head.
     n_epochs : int, default=100
         Epochs of training the Global-Net and the DAD head (Eq. 10).
-    lambda_k, lambda_c : float, default=1.0
-        Weights of Eq. 1 and Eq. 2 in the Local-Net loss (Eq. 3).
-    lambda_t : float, default=1.0
-        Weight of the DAD loss in Eq. 10.
+    distillation_weight, compactness_weight : float, default=1.0
+        Weights of the distillation loss (Eq. 1) and the compactness loss (Eq. 2)
+        in the Local-Net loss (Eq. 3): the paper's lambda_k and lambda_c.
+    dad_weight : float, default=1.0
+        Weight of the DAD loss in Eq. 10: the paper's lambda_t.
     dad_input : {"joint", "difference"}, default="joint"
         What the DAD head sees. ``"joint"``: ``[Z*, Z_g]``, the paper's
         C(Z*, Z_g). ``"difference"`` (beyond the paper): ``[Z* - Z_g,
@@ -327,13 +334,14 @@ class GlobalLocal(BaseDetector):
         from a clean one by the patch alone; the difference leaves it only the
         disagreement with the context. The default stays the paper's
         (docs/benchmarks.md, "GlobalLocal", compares the two).
-    lambda_s : float, default=0.8
-        Weight of s_IAD against s_DAD in the patch score (Eq. 13); read at
-        scoring time, so ``set_params(lambda_s=...)`` rescores without refitting
+    iad_score_weight : float, default=0.8
+        Weight of s_IAD against s_DAD (which gets ``1 - iad_score_weight``) in the
+        patch score (Eq. 13): the paper's lambda_s. Read at scoring time, so
+        ``set_params(iad_score_weight=...)`` rescores without refitting
         (call ``set_reference`` again to recalibrate ``threshold_``).
-    lr : float, default=1e-3
+    learning_rate : float, default=1e-3
         AdamW learning rate of every stage (cosine decay to 5%).
-    idw_neighbors : int, default=4
+    n_idw_neighbors : int, default=4
         Patch centres (the nearest) each pixel interpolates from.
     idw_power : float, default=2.0
         Inverse-distance weights ``d ** -idw_power``.
@@ -359,6 +367,11 @@ class GlobalLocal(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the networks' initialisation, the patch positions, the stains
         and the minibatch order.
+    teacher_layer, lambda_k, lambda_c, lambda_t, lambda_s, lr, idw_neighbors : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``teacher_layers``
+        (``teacher_layer=k`` is ``teacher_layers=(k,)``), ``distillation_weight``,
+        ``compactness_weight``, ``dad_weight``, ``iad_score_weight``,
+        ``learning_rate`` and ``n_idw_neighbors``.
 
     Attributes
     ----------
@@ -384,10 +397,10 @@ class GlobalLocal(BaseDetector):
     The paper fixes: the Local-Net distilled from ResNet-18 with Eq. 1-3 then
     frozen, a partial-convolution Global-Net that never sees the patch, the
     IAD and DAD heads (Eq. 7-12), Eq. 10, raster scan with overlap, Eq. 13
-    with lambda_s = 0.8, IDW interpolation of the patch scores. No public code
-    exists; our choices: the network layouts, p = 32, stride 16, a context
-    window of 3p, R(p) = the pooled deepest teacher map of the patch resized
-    to ``teacher_size``, standardised teacher targets and Z_l, the stain
+    with lambda_s = 0.8 (``iad_score_weight``), IDW interpolation of the patch
+    scores. No public code exists; our choices: the network layouts, p = 32,
+    stride 16, a context window of 3p, R(p) = the pooled deepest teacher map
+    of the patch resized to ``teacher_size``, standardised teacher targets and Z_l, the stain
     generator (:func:`add_stains`), feeding each patch both clean and stained
     to the DAD head, all loss weights, the optimiser and epochs, and IDW over
     the 4 nearest centres with power 2; the image score is the map's maximum. Not in
@@ -428,7 +441,7 @@ class GlobalLocal(BaseDetector):
         **BaseDetector._parameter_constraints,
         "teacher": [str],
         "teacher_weights": [str, os.PathLike, None],
-        "teacher_layer": [Ints()],
+        "teacher_layers": [Sequences(Ints())],
         "teacher_size": [Ints(1)],
         # at most the image's side: _check_param_relations
         "patch_size": [Ints(2)],
@@ -443,28 +456,46 @@ class GlobalLocal(BaseDetector):
         "local_net": [LocalNet, None],
         "n_patches": [Ints(1)],
         "n_epochs": [Ints(1)],
-        "lambda_k": [Reals(0)],
-        "lambda_c": [Reals(0)],
-        "lambda_t": [Reals(0)],
+        "distillation_weight": [Reals(0)],
+        "compactness_weight": [Reals(0)],
+        "dad_weight": [Reals(0)],
         "dad_input": [StrOptions({"joint", "difference"})],
-        "lambda_s": [Reals(0, 1)],
-        "lr": [Reals(0, None, closed="neither")],
-        "idw_neighbors": [Ints(1)],
+        "iad_score_weight": [Reals(0, 1)],
+        "learning_rate": [Reals(0, None, closed="neither")],
+        "n_idw_neighbors": [Ints(1)],
         "idw_power": [Reals(0, None, closed="neither")],
         "standardize_positions": ["boolean"],
+        "teacher_layer": deprecated(Ints()),
+        "lambda_k": deprecated(Reals(0)),
+        "lambda_c": deprecated(Reals(0)),
+        "lambda_t": deprecated(Reals(0)),
+        "lambda_s": deprecated(Reals(0, 1)),
+        "lr": deprecated(Reals(0, None, closed="neither")),
+        "idw_neighbors": deprecated(Ints(1)),
     }
+    # weights named *_weight after what they weigh, as MetaComparer's; counts n_*;
+    # teacher levels a tuple, as MMR's; scikit-learn's learning_rate
+    _deprecated_parameters: ClassVar[dict] = {
+        "teacher_layer": ("teacher_layers", _one_level), "lambda_k": "distillation_weight",
+        "lambda_c": "compactness_weight", "lambda_t": "dad_weight",
+        "lambda_s": "iad_score_weight", "lr": "learning_rate",
+        "idw_neighbors": "n_idw_neighbors"}
 
     def __init__(self, *, teacher="resnet18.tv_in1k", teacher_weights="pretrained",
-                 teacher_layer=-1, teacher_size=128, patch_size=32, stride=16, context=3.0,
+                 teacher_layers=(-1,), teacher_size=128, patch_size=32, stride=16, context=3.0,
                  embed_dim=128, width=32, n_distill_patches=32, n_distill_epochs=40,
                  n_finetune_epochs=10, distill_images=None, local_net=None, n_patches=16,
-                 n_epochs=100, lambda_k=1.0, lambda_c=1.0, lambda_t=1.0, dad_input="joint",
-                 lambda_s=0.8, lr=1e-3, idw_neighbors=4, idw_power=2.0, image_size=256,
+                 n_epochs=100, distillation_weight=1.0, compactness_weight=1.0, dad_weight=1.0,
+                 dad_input="joint", iad_score_weight=0.8, learning_rate=1e-3,
+                 n_idw_neighbors=4, idw_power=2.0, image_size=256,
                  standardize_positions=True, threshold_quantile=0.99,
-                 batch_size=16, device="auto", verbose=0, random_state=None):
+                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
+                 lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
+                 idw_neighbors=DEPRECATED):
         self.teacher = teacher
         self.teacher_weights = teacher_weights
-        self.teacher_layer = teacher_layer
+        self.teacher_layers = teacher_layers
         self.teacher_size = teacher_size
         self.patch_size = patch_size
         self.stride = stride
@@ -478,13 +509,13 @@ class GlobalLocal(BaseDetector):
         self.local_net = local_net
         self.n_patches = n_patches
         self.n_epochs = n_epochs
-        self.lambda_k = lambda_k
-        self.lambda_c = lambda_c
-        self.lambda_t = lambda_t
+        self.distillation_weight = distillation_weight
+        self.compactness_weight = compactness_weight
+        self.dad_weight = dad_weight
         self.dad_input = dad_input
-        self.lambda_s = lambda_s
-        self.lr = lr
-        self.idw_neighbors = idw_neighbors
+        self.iad_score_weight = iad_score_weight
+        self.learning_rate = learning_rate
+        self.n_idw_neighbors = n_idw_neighbors
         self.idw_power = idw_power
         self.image_size = image_size
         self.standardize_positions = standardize_positions
@@ -493,6 +524,13 @@ class GlobalLocal(BaseDetector):
         self.device = device
         self.verbose = verbose
         self.random_state = random_state
+        self.teacher_layer = teacher_layer
+        self.lambda_k = lambda_k
+        self.lambda_c = lambda_c
+        self.lambda_t = lambda_t
+        self.lambda_s = lambda_s
+        self.lr = lr
+        self.idw_neighbors = idw_neighbors
 
     # ----------------------------------------------------------- parameters
     def _check_param_relations(self):
@@ -524,19 +562,19 @@ class GlobalLocal(BaseDetector):
         needs_teacher = self.local_net is None or self.n_finetune_epochs > 0
         teacher = None
         if needs_teacher:
-            teacher = create_backbone(self.teacher, self.teacher_weights, (self.teacher_layer,),
-                                      random_state=seed)
+            teacher = create_backbone(self.teacher, self.teacher_weights,
+                                      tuple(self._param("teacher_layers")), random_state=seed)
             if teacher.is_vit:
                 raise ValueError(f"teacher must be a CNN; {self.teacher!r} is a ViT")
         with torch_seed(seed):
             if self.local_net is None:
-                local = LocalNet(self.embed_dim, teacher.channels[0], self.width)
+                local = LocalNet(self.embed_dim, sum(teacher.channels), self.width)
             else:
                 local = copy.deepcopy(self.local_net).cpu().requires_grad_(True)
-                if teacher is not None and local.decoder.out_features != teacher.channels[0]:
+                if teacher is not None and local.decoder.out_features != sum(teacher.channels):
                     raise ValueError(
                         f"local_net decodes to {local.decoder.out_features} dimensions but "
-                        f"the teacher {self.teacher!r} gives {teacher.channels[0]}")
+                        f"the teacher {self.teacher!r} gives {sum(teacher.channels)}")
             global_net = GlobalNet(local.project.out_features, self.width)
             dad_head = DADHead(local.project.out_features, inputs=self.dad_input)
         gen = torch.Generator().manual_seed(seed + 1)
@@ -580,7 +618,8 @@ class GlobalLocal(BaseDetector):
                 x = F.interpolate(patch.float() / 255, size=self.teacher_size, mode="bilinear",
                                   align_corners=False)
                 with self._autocast(device):
-                    out.append(F.adaptive_avg_pool2d(teacher(x)[0].float(), 1).flatten(1))
+                    out.append(torch.cat([F.adaptive_avg_pool2d(f.float(), 1).flatten(1)
+                                          for f in teacher(x)], dim=1))
             return out
 
         out = self._map_images_multi(images, fn, desc="caching patches")
@@ -590,19 +629,20 @@ class GlobalLocal(BaseDetector):
 
     def _train_local(self, local, patches, targets, n_epochs, gen, desc):
         """Eq. 3: lambda_k * l_k (Eq. 1) + lambda_c * l_c (Eq. 2) on cached patches."""
+        lambda_k, lambda_c = self._param("distillation_weight"), self._param("compactness_weight")
         if n_epochs == 0:
             return []
         device = self._device()
         local.to(device)
-        opt = make_optimizer(local, self.lr, _WEIGHT_DECAY)
+        opt = make_optimizer(local, self._param("learning_rate"), _WEIGHT_DECAY)
         sched = cosine_schedule(opt, n_epochs, 0.05)
 
         def step(idx):
             x = patches[idx].to(device).float() / 255
             t = (targets[idx].to(device) - local.target_mean) / local.target_std
             z = local(x)
-            return (self.lambda_k * distillation_loss(local.decoder(z), t)
-                    + self.lambda_c * compactness_loss(z))
+            return (lambda_k * distillation_loss(local.decoder(z), t)
+                    + lambda_c * compactness_loss(z))
 
         n = len(patches)
         return train_loop(
@@ -622,10 +662,11 @@ class GlobalLocal(BaseDetector):
 
     def _train_global(self, local, global_net, dad_head, train_u8, gen):
         """Eq. 10: l_IAD (Eq. 7) + lambda_t * l_DAD (Eq. 9) on random patches of each image."""
+        lambda_t = self._param("dad_weight")
         device = self._device()
         heads = nn.ModuleList([global_net, dad_head]).to(device)
         local.to(device)
-        opt = make_optimizer(heads, self.lr, _WEIGHT_DECAY)
+        opt = make_optimizer(heads, self._param("learning_rate"), _WEIGHT_DECAY)
         sched = cosine_schedule(opt, self.n_epochs, 0.05)
 
         def step(idx):
@@ -636,7 +677,7 @@ class GlobalLocal(BaseDetector):
                 z_neg = local.embed(add_stains(patch, gen))
             z_g = global_net(windows, mask)
             l_iad = iad_score(z_l, z_g).mean()
-            return l_iad + self.lambda_t * dad_loss(dad_head, z_l, z_neg, z_g)
+            return l_iad + lambda_t * dad_loss(dad_head, z_l, z_neg, z_g)
 
         n = len(train_u8)
         return train_loop(heads, step, n_epochs=int(self.n_epochs), optimizer=opt,
@@ -699,16 +740,17 @@ class GlobalLocal(BaseDetector):
                 s_dad.append(torch.sigmoid(self.dad_head_(z_l, z_g).float()))  # 1 - C (Eq. 12)
         return torch.cat(s_iad).view(b, n), torch.cat(s_dad).view(b, n)
 
-    def _score_batch(self, batch, maps):
+    def _score_batch(self, batch, return_maps):
         """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""
         self._check_geometry()
         s_iad, s_dad = self._patch_scores(batch)
-        scores = self.lambda_s * s_iad + (1.0 - self.lambda_s) * s_dad
+        lambda_s = self._param("iad_score_weight")
+        scores = lambda_s * s_iad + (1.0 - lambda_s) * s_dad
         h, w = batch.shape[-2:]
         index, weight = idw_weights(h, w, self.patch_size, int(self.stride),
-                                    int(self.idw_neighbors), float(self.idw_power))
+                                    int(self._param("n_idw_neighbors")), float(self.idw_power))
         amap = idw_interpolate(scores, index, weight, (h, w))
-        return amap.flatten(1).amax(dim=1), (amap if maps else None)
+        return amap.flatten(1).amax(dim=1), (amap if return_maps else None)
 
     def _to_device(self, device):
         # the fitted networks only: a LocalNet passed as `local_net` is the user's, left alone

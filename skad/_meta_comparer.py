@@ -22,7 +22,7 @@ from ._backbone import create_backbone
 from ._images import check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
-from ._params import Ints, Reals, Sequences
+from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._random import seed_from, torch_seed
 from ._textures import cut_mask, ellipse_mask
 from ._training import cosine_schedule, make_optimizer, train
@@ -48,12 +48,12 @@ class PairComparer(nn.Module):
     it is monotone, so maxima and rankings are those of the logits).
     """
 
-    def __init__(self, dim, hidden_sizes=(64,)):
+    def __init__(self, dim, hidden_layer_sizes=(64,)):
         super().__init__()
-        self.query = nn.Linear(dim, hidden_sizes[0])
-        self.reference = nn.Linear(dim, hidden_sizes[0], bias=False)
+        self.query = nn.Linear(dim, hidden_layer_sizes[0])
+        self.reference = nn.Linear(dim, hidden_layer_sizes[0], bias=False)
         layers = []
-        for a, b in zip(hidden_sizes, [*hidden_sizes[1:], 1]):
+        for a, b in zip(hidden_layer_sizes, [*hidden_layer_sizes[1:], 1]):
             layers += [nn.ReLU(), nn.Linear(a, b)]
         self.rest = nn.Sequential(*layers)
 
@@ -125,11 +125,11 @@ class CoAttention(nn.Module):
 class MetaComparerHead(nn.Module):
     """BiFPN, meta-comparer and co-attention: everything trained on top of the backbone."""
 
-    def __init__(self, in_channels, width, n_levels, n_cells, scales, hidden_sizes,
+    def __init__(self, in_channels, width, n_levels, n_cells, scales, hidden_layer_sizes,
                  attention_dim):
         super().__init__()
         self.bifpn = BiFPN(in_channels, width, n_levels, n_cells)
-        self.comparer = PairComparer(width, hidden_sizes)
+        self.comparer = PairComparer(width, hidden_layer_sizes)
         self.coattention = CoAttention(width, attention_dim)
         self.scales = list(scales)
 
@@ -264,7 +264,7 @@ class MetaComparer(BaseDetector):
     layers : tuple of int, default=(2, 3, 4)
         Backbone levels fed to the BiFPN (strides 8, 16, 32: P3-P5).
     train_backbone : bool, default=False
-        Fine-tune the backbone (at ``learning_rate * backbone_lr_ratio``). A frozen
+        Fine-tune the backbone (at ``learning_rate * backbone_learning_rate_ratio``). A frozen
         backbone's features are computed once and cached for the whole fit.
     image_size : int or (int, int), default=256
         Working size images are resized to.
@@ -273,14 +273,14 @@ class MetaComparer(BaseDetector):
         which squashes them). Maps come back at each input's own size.
     fpn_width : int, default=64
         BiFPN channels, the patch dimension (EfficientDet-D0's).
-    fpn_cells : int, default=3
+    n_fpn_cells : int, default=3
         BiFPN cells (EfficientDet-D0's); 0 keeps lateral 1x1 convs only.
-    fpn_levels : int, default=5
+    n_fpn_levels : int, default=5
         Pyramid levels (P3-P7 with three backbone levels).
     scales : tuple of int, default=(0, 1, 2)
         Pyramid levels compared (the paper's L scales; 0 = P3).
-    hidden_sizes : tuple of int, default=(64,)
-        Hidden layers of the meta-comparer MLP.
+    hidden_layer_sizes : tuple of int, default=(64,)
+        Hidden layer sizes of the meta-comparer MLP (as scikit-learn's MLPs).
     attention_dim : int, default=64
         Dimension of the co-attention space.
     reference_reduction : {"max", "min"}, default="max"
@@ -302,9 +302,9 @@ class MetaComparer(BaseDetector):
     n_epochs : int, default=10
     n_episodes : int, default=50
         Episodes (optimiser steps) per epoch.
-    episode_queries : int, default=8
+    n_episode_queries : int, default=8
         Query images per episode, half normal, half anomalous.
-    episode_references : int, default=4
+    n_episode_references : int, default=4
         Normal reference images per episode, from the queries' domain.
     n_reference_patches : int or None, default=256
         Reference patches sampled per scale and episode for training (None: all).
@@ -312,7 +312,9 @@ class MetaComparer(BaseDetector):
         Query patch pairs (u, v) sampled per query and scale for L_rank.
     learning_rate : float, default=1e-3
     weight_decay : float, default=1e-4
-    backbone_lr_ratio : float, default=0.1
+    backbone_learning_rate_ratio : float, default=0.1
+        The backbone's learning rate, as a fraction of ``learning_rate``
+        (``train_backbone=True`` only).
     synthesize_anomalies : {"auto", True, False}, default="auto"
         Add synthetic anomalous images (pasted regions of other images, noise
         blobs, scratches; beyond the paper): "auto" for domains without any
@@ -328,6 +330,12 @@ class MetaComparer(BaseDetector):
     verbose : int, default=0
     random_state : int, Generator or None, default=None
         Seeds initialisation, episodes, patch sampling and synthetic anomalies.
+    hidden_sizes, fpn_cells, fpn_levels : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``hidden_layer_sizes``,
+        ``n_fpn_cells`` and ``n_fpn_levels``.
+    episode_queries, episode_references, backbone_lr_ratio : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``n_episode_queries``,
+        ``n_episode_references`` and ``backbone_learning_rate_ratio``.
 
     Attributes
     ----------
@@ -341,7 +349,7 @@ class MetaComparer(BaseDetector):
     loss_history_ : list of float
         Mean loss of each epoch.
     reference_hidden_ : list of torch.Tensor
-        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_sizes[0])``.
+        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_layer_sizes[0])``.
     reference_scores_ : ndarray of shape (n_references,)
         Leave-one-image-out scores of the references.
     threshold_ : float
@@ -389,11 +397,11 @@ class MetaComparer(BaseDetector):
         "layers": [Sequences(Ints())],
         "train_backbone": ["boolean"],
         "fpn_width": [Ints(1)],
-        "fpn_cells": [Ints(0)],
-        "fpn_levels": [Ints(1)],
-        # indices of pyramid levels; that they exist is checked with fpn_levels and layers
+        "n_fpn_cells": [Ints(0)],
+        "n_fpn_levels": [Ints(1)],
+        # indices of pyramid levels; that they exist is checked with n_fpn_levels and layers
         "scales": [Sequences(Ints(0))],
-        "hidden_sizes": [Sequences(Ints(1))],
+        "hidden_layer_sizes": [Sequences(Ints(1))],
         "attention_dim": [Ints(1)],
         "reference_reduction": [StrOptions({"max", "min"})],
         "attention_weight": [Reals(0)],
@@ -403,39 +411,53 @@ class MetaComparer(BaseDetector):
         "n_epochs": [Ints(1)],
         "n_episodes": [Ints(1)],
         # an episode needs a normal and an anomalous query
-        "episode_queries": [Ints(2)],
-        "episode_references": [Ints(1)],
+        "n_episode_queries": [Ints(2)],
+        "n_episode_references": [Ints(1)],
         "n_reference_patches": [Ints(1), None],
         "n_rank_pairs": [Ints(1)],
         "learning_rate": [Reals(0, None, closed="neither")],
         "weight_decay": [Reals(0)],
-        "backbone_lr_ratio": [Reals(0)],
+        "backbone_learning_rate_ratio": [Reals(0)],
         "synthesize_anomalies": [StrOptions({"auto"}), "boolean"],
         "n_synthetic": [Ints(1)],
         "sigma": [Reals(0)],
+        "hidden_sizes": deprecated(Sequences(Ints(1))),
+        "fpn_cells": deprecated(Ints(0)),
+        "fpn_levels": deprecated(Ints(1)),
+        "episode_queries": deprecated(Ints(2)),
+        "episode_references": deprecated(Ints(1)),
+        "backbone_lr_ratio": deprecated(Reals(0)),
     }
+    # counts are n_*, the MLP's sizes are scikit-learn's, the learning rate is spelled out
+    _deprecated_parameters: ClassVar[dict] = {
+        "hidden_sizes": "hidden_layer_sizes", "fpn_cells": "n_fpn_cells",
+        "fpn_levels": "n_fpn_levels", "episode_queries": "n_episode_queries",
+        "episode_references": "n_episode_references",
+        "backbone_lr_ratio": "backbone_learning_rate_ratio"}
 
     def __init__(self, *, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
-                 train_backbone=False, image_size=256, fpn_width=64, fpn_cells=3, fpn_levels=5,
-                 scales=(0, 1, 2), hidden_sizes=(64,), attention_dim=64,
+                 train_backbone=False, image_size=256, fpn_width=64, n_fpn_cells=3,
+                 n_fpn_levels=5, scales=(0, 1, 2), hidden_layer_sizes=(64,), attention_dim=64,
                  reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
                  rank_lambda=1.0, mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
-                 episode_queries=8, episode_references=4, n_reference_patches=256,
+                 n_episode_queries=8, n_episode_references=4, n_reference_patches=256,
                  n_rank_pairs=128,
-                 learning_rate=1e-3, weight_decay=1e-4, backbone_lr_ratio=0.1,
+                 learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
                  threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
-                 random_state=None):
+                 random_state=None, hidden_sizes=DEPRECATED, fpn_cells=DEPRECATED,
+                 fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
+                 episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
         self.train_backbone = train_backbone
         self.image_size = image_size
         self.fpn_width = fpn_width
-        self.fpn_cells = fpn_cells
-        self.fpn_levels = fpn_levels
+        self.n_fpn_cells = n_fpn_cells
+        self.n_fpn_levels = n_fpn_levels
         self.scales = scales
-        self.hidden_sizes = hidden_sizes
+        self.hidden_layer_sizes = hidden_layer_sizes
         self.attention_dim = attention_dim
         self.reference_reduction = reference_reduction
         self.attention_weight = attention_weight
@@ -444,13 +466,13 @@ class MetaComparer(BaseDetector):
         self.mismatch_ratio = mismatch_ratio
         self.n_epochs = n_epochs
         self.n_episodes = n_episodes
-        self.episode_queries = episode_queries
-        self.episode_references = episode_references
+        self.n_episode_queries = n_episode_queries
+        self.n_episode_references = n_episode_references
         self.n_reference_patches = n_reference_patches
         self.n_rank_pairs = n_rank_pairs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.backbone_lr_ratio = backbone_lr_ratio
+        self.backbone_learning_rate_ratio = backbone_learning_rate_ratio
         self.synthesize_anomalies = synthesize_anomalies
         self.n_synthetic = n_synthetic
         self.sigma = sigma
@@ -459,14 +481,21 @@ class MetaComparer(BaseDetector):
         self.device = device
         self.verbose = verbose
         self.random_state = random_state
+        self.hidden_sizes = hidden_sizes
+        self.fpn_cells = fpn_cells
+        self.fpn_levels = fpn_levels
+        self.episode_queries = episode_queries
+        self.episode_references = episode_references
+        self.backbone_lr_ratio = backbone_lr_ratio
 
     # ------------------------------------------------------------ fit
     def _check_param_relations(self):
         """What ``_parameter_constraints`` cannot say: ``scales`` within the pyramid."""
-        n_levels = max(self.fpn_levels, len(self.layers))
+        fpn_levels = self._param("n_fpn_levels")
+        n_levels = max(fpn_levels, len(self.layers))
         if any(s >= n_levels for s in self.scales):
             raise ValueError(f"scales={self.scales} must index the {n_levels} pyramid levels "
-                             f"(fpn_levels={self.fpn_levels}, {len(self.layers)} layers)")
+                             f"(n_fpn_levels={fpn_levels}, {len(self.layers)} layers)")
 
     def _fit(self, images, y, groups):
         self._check_param_relations()
@@ -490,8 +519,10 @@ class MetaComparer(BaseDetector):
             self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
                                              trainable=self.train_backbone, random_state=seed)
             self.head_ = MetaComparerHead(self.backbone_.channels, self.fpn_width,
-                                          self.fpn_levels, self.fpn_cells, self.scales,
-                                          tuple(self.hidden_sizes), self.attention_dim)
+                                          self._param("n_fpn_levels"),
+                                          self._param("n_fpn_cells"), self.scales,
+                                          tuple(self._param("hidden_layer_sizes")),
+                                          self.attention_dim)
             fetch = self._feature_source(_Concat(images, synthetic))
             self.loss_history_ = self._train(fetch, plan, labels, rng, gen)
         self.domains_ = np.asarray(names)
@@ -566,16 +597,18 @@ class MetaComparer(BaseDetector):
         d = rng.integers(len(plan))
         normal, anomalous = plan[d]
         perm = rng.permutation(normal)
-        n_ref = min(self.episode_references, len(normal) - 1)
+        n_queries, n_references = (self._param("n_episode_queries"),
+                                   self._param("n_episode_references"))
+        n_ref = min(n_references, len(normal) - 1)
         refs, rest = perm[:n_ref], perm[n_ref:]
-        n_anom = self.episode_queries // 2
-        n_norm = self.episode_queries - n_anom
+        n_anom = n_queries // 2
+        n_norm = n_queries - n_anom
         queries = np.r_[rng.choice(rest, n_norm, replace=len(rest) < n_norm),
                         rng.choice(anomalous, n_anom, replace=len(anomalous) < n_anom)]
         y = labels[queries]
         if self.mismatch_ratio > 0 and len(plan) > 1 and rng.random() < self.mismatch_ratio:
             other = plan[(d + rng.integers(1, len(plan))) % len(plan)][0]
-            refs = rng.choice(other, min(self.episode_references, len(other)), replace=False)
+            refs = rng.choice(other, min(n_references, len(other)), replace=False)
             y = np.ones_like(y)
         return queries, refs, y
 
@@ -587,7 +620,7 @@ class MetaComparer(BaseDetector):
         if self.train_backbone:
             for p in self.backbone_.parameters():
                 opt.add_param_group({"params": [p], "lr": self.learning_rate *
-                                     self.backbone_lr_ratio,
+                                     self._param("backbone_learning_rate_ratio"),
                                      "weight_decay": self.weight_decay if p.ndim > 1 else 0.0})
         sched = cosine_schedule(opt, self.n_epochs, final_ratio=0.1)
 
@@ -662,7 +695,7 @@ class MetaComparer(BaseDetector):
             )
         return scores.numpy()
 
-    def _score_batch(self, batch, maps):
+    def _score_batch(self, batch, return_maps):
         parts = self._embed(batch)
         scores, out = None, None
         for qh, bank in zip(parts[0::2], self.reference_hidden_):
@@ -670,9 +703,9 @@ class MetaComparer(BaseDetector):
             z = self._patch_values(qh.flatten(0, 2), bank.to(batch.device)).view(n, h, w)
             s = z.flatten(1).amax(dim=1)  # Eq. 5: max over patches, then scales
             scores = s if scores is None else torch.maximum(scores, s)
-            if maps:  # Eq. 6: a pixel takes the max over the cells containing it
+            if return_maps:  # Eq. 6: a pixel takes the max over the cells containing it
                 m = upsample(z, batch.shape[-2:], mode="nearest")
                 out = m if out is None else torch.maximum(out, m)
-        if maps and self.sigma > 0:
+        if return_maps and self.sigma > 0:
             out = gaussian_blur(out, self.sigma)
         return scores, out

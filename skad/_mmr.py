@@ -24,7 +24,7 @@ from torch import nn
 from ._backbone import create_backbone, create_model, is_vit
 from ._layers import SimpleFPNLevel, sincos_2d
 from ._maps import grid_to_map
-from ._params import Ints, Reals, Sequences
+from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._random import seed_from, torch_seed
 from ._training import iter_minibatches, make_optimizer, train, warmup_step_schedule
 from .base import BaseDetector
@@ -181,12 +181,12 @@ class MMR(BaseDetector):
     mask_ratio : float, default=0.4
         Fraction of the patches removed from the student's input in training.
     n_epochs : int, default=200
-    lr : float, default=1e-3
+    learning_rate : float, default=1e-3
     weight_decay : float, default=0.05
         AdamW weight decay, on weight matrices and kernels only.
     warmup_ratio : float, default=0.25
         Linear warm-up over this fraction of ``n_epochs`` (50 of 200 in the paper).
-    lr_milestones : tuple of float, default=(0.6, 0.8)
+    learning_rate_milestones : tuple of float, default=(0.6, 0.8)
         Fractions of ``n_epochs`` after which the learning rate is divided by
         10 (epochs 120 and 160 of 200 in the paper).
     crop_scale : tuple of float or None, default=(0.7, 1.0)
@@ -216,6 +216,9 @@ class MMR(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the student's initialisation, the minibatch order, the masks and
         the augmentation.
+    lr, lr_milestones : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``learning_rate`` and
+        ``learning_rate_milestones``.
 
     Attributes
     ----------
@@ -236,9 +239,9 @@ class MMR(BaseDetector):
     Notes
     -----
     Paper settings (NOTES.md, the authors' configuration): WideResNet-50-2
-    layer1-3, MAE ViT-B/16, masking 0.4, AdamW (0.9, 0.95), lr 1e-3, weight
-    decay 0.05, batch 16, 200 epochs with 50 of warm-up and lr / 10 at 120 and
-    160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. The
+    layer1-3, MAE ViT-B/16, masking 0.4, AdamW (0.9, 0.95), learning rate 1e-3,
+    weight decay 0.05, batch 16, 200 epochs with 50 of warm-up and the learning rate
+    / 10 at 120 and 160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. The
     network, loss, warm-up and step schedule, map upsampling
     (``align_corners=True``) and default weights are those of the released code
     (zhangzilongc/MMR). It differs from the released code:
@@ -302,25 +305,30 @@ class MMR(BaseDetector):
         "student_depth": [Ints(1), None],
         "mask_ratio": [Reals(0, 1, closed="left")],
         "n_epochs": [Ints(1)],
-        "lr": [Reals(0, None, closed="neither")],
+        "learning_rate": [Reals(0, None, closed="neither")],
         "weight_decay": [Reals(0)],
         "warmup_ratio": [Reals(0, 1)],
-        "lr_milestones": [Sequences(Reals(0, 1), min_length=0)],
+        "learning_rate_milestones": [Sequences(Reals(0, 1), min_length=0)],
         # lo <= hi: _check_param_relations
         "crop_scale": [Sequences(Reals(0, 1, closed="right"), length=2), None],
         "hflip": ["boolean"],
         "sigma": [Reals(0)],
         "standardize_positions": ["boolean"],
+        "lr": deprecated(Reals(0, None, closed="neither")),
+        "lr_milestones": deprecated(Sequences(Reals(0, 1), min_length=0)),
     }
+    # scikit-learn's learning_rate, as every detector spells it
+    _deprecated_parameters: ClassVar[dict] = {"lr": "learning_rate",
+                                              "lr_milestones": "learning_rate_milestones"}
 
     def __init__(self, *, teacher="wide_resnet50_2.tv_in1k", teacher_weights="pretrained",
                  teacher_layers=(1, 2, 3), student="vit_base_patch16_224.mae_visualize",
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
-                 n_epochs=200, lr=1e-3, weight_decay=0.05, warmup_ratio=0.25,
-                 lr_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True, sigma=4.0,
-                 standardize_positions=True, image_size=224, threshold_quantile=0.99,
-                 batch_size=16, device="auto",
-                 verbose=0, random_state=None):
+                 n_epochs=200, learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.25,
+                 learning_rate_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True,
+                 sigma=4.0, standardize_positions=True, image_size=224, threshold_quantile=0.99,
+                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 lr=DEPRECATED, lr_milestones=DEPRECATED):
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers
@@ -329,10 +337,10 @@ class MMR(BaseDetector):
         self.student_depth = student_depth
         self.mask_ratio = mask_ratio
         self.n_epochs = n_epochs
-        self.lr = lr
+        self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
-        self.lr_milestones = lr_milestones
+        self.learning_rate_milestones = learning_rate_milestones
         self.crop_scale = crop_scale
         self.hflip = hflip
         self.sigma = sigma
@@ -343,6 +351,8 @@ class MMR(BaseDetector):
         self.device = device
         self.verbose = verbose
         self.random_state = random_state
+        self.lr = lr
+        self.lr_milestones = lr_milestones
 
     # ----------------------------------------------------------- fitting
     def _check_param_relations(self):
@@ -402,10 +412,11 @@ class MMR(BaseDetector):
         images_u8, targets = cached[0], cached[1:]
         n, bs = len(images_u8), min(self.batch_size, len(images_u8))
         with torch_seed(seed + 1) as gen:
-            opt = make_optimizer(self.student_, self.lr, self.weight_decay, betas=(0.9, 0.95))
+            opt = make_optimizer(self.student_, self._param("learning_rate"), self.weight_decay,
+                                 betas=(0.9, 0.95))
             n_warm = round(self.warmup_ratio * self.n_epochs)
-            sched = warmup_step_schedule(
-                opt, n_warm, [round(m * self.n_epochs) for m in self.lr_milestones], 0.1)
+            milestones = [round(m * self.n_epochs) for m in self._param("learning_rate_milestones")]
+            sched = warmup_step_schedule(opt, n_warm, milestones, 0.1)
 
             def step(idx):
                 x = images_u8[idx].to(device).float() / 255
@@ -424,7 +435,7 @@ class MMR(BaseDetector):
                          desc="MMR training")
 
     # ----------------------------------------------------------- scoring
-    def _score_batch(self, batch, maps):
+    def _score_batch(self, batch, return_maps):
         """Eq. 2: per level 1 - cos, upsampled and summed, smoothed; score = maximum."""
         with self._autocast(batch.device):
             target = self.teacher_(batch)
@@ -432,7 +443,7 @@ class MMR(BaseDetector):
         dist = cosine_distance_maps(pred, target)
         # align_corners=True as in the released code's map upsampling
         amap = grid_to_map(dist, self.image_size, self.sigma, align_corners=True)
-        return amap.flatten(1).amax(dim=1), (amap if maps else None)
+        return amap.flatten(1).amax(dim=1), (amap if return_maps else None)
 
 
 def _freeze_position_embeddings(vit, from_scratch):

@@ -11,14 +11,33 @@ accepts::
 
     The 'batch_size' parameter of PatchCore must be an int in the range [1, inf).
     Got 0 instead.
+
+Renamed parameters keep their old names for one release, as scikit-learn
+deprecates them: the old name stays a constructor keyword whose default,
+``"deprecated"``, means "not set"; a detector lists its renames in
+``_deprecated_parameters`` (old name -> new name, or -> ``(new name, convert)``
+where the value changes form) and declares the old name's constraints with
+:func:`deprecated`. :func:`warn_renamed` (at validation) warns with a
+``FutureWarning`` for each old name set, :func:`renamed_value` (where the
+detector reads the parameter) gives the old name's value when it is set, and
+:func:`upgrade_state` (on unpickling) moves attributes pickled under an old
+name to the new one.
 """
 
+import inspect
+import warnings
 from numbers import Integral, Real
 
 import torch
-from sklearn.utils._param_validation import Interval, Options, make_constraint
+from sklearn.utils._param_validation import Hidden, Interval, Options, StrOptions, make_constraint
 
-__all__ = ["Devices", "Ints", "Reals", "Sequences"]
+__all__ = ["DEPRECATED", "Devices", "Ints", "Reals", "Sequences", "deprecated", "renamed_value",
+           "upgrade_state", "warn_renamed"]
+
+#: the default of a renamed parameter's old name: not set
+DEPRECATED = "deprecated"
+#: the release that renamed the parameters, and the one that drops their old names
+RENAMED_IN, REMOVED_IN = "0.2", "0.3"
 
 
 def _closed(left, right):
@@ -110,3 +129,75 @@ class Devices(Options):
 
     def __str__(self):
         return "'auto', a torch device string ('cpu', 'cuda', 'cuda:1', ...) or a torch.device"
+
+
+# ---------------------------------------------------------------- renamed parameters
+def deprecated(*constraints):
+    """The constraints of a renamed parameter's old name: unset, or a value it took."""
+    return [*constraints, Hidden(StrOptions({DEPRECATED}))]
+
+
+def _is_set(value):
+    return not (isinstance(value, str) and value == DEPRECATED)
+
+
+def _target(spec):
+    """``(new name, convert or None)`` of an entry of ``_deprecated_parameters``."""
+    return (spec, None) if isinstance(spec, str) else spec
+
+
+def _converted(spec, value):
+    convert = _target(spec)[1]
+    return convert(value) if convert is not None else value
+
+
+def _same(a, b):
+    # the command line's JSON values are lists where the defaults are tuples
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return list(a) == list(b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # arrays and other values without one truth value
+        return False
+
+
+def renamed_value(estimator, name):
+    """Parameter ``name`` of ``estimator``: its deprecated old name's value where that is set."""
+    for old, spec in estimator._deprecated_parameters.items():
+        if _target(spec)[0] == name and _is_set(getattr(estimator, old, DEPRECATED)):
+            return _converted(spec, getattr(estimator, old))
+    return getattr(estimator, name)
+
+
+def warn_renamed(estimator):
+    """A ``FutureWarning`` for each deprecated old name that is set.
+
+    Raises ``ValueError`` when the new name is set too (to other than its
+    default): which of the two was meant cannot be told.
+    """
+    cls = type(estimator).__name__
+    defaults = inspect.signature(type(estimator).__init__).parameters
+    for old, spec in estimator._deprecated_parameters.items():
+        value = getattr(estimator, old, DEPRECATED)
+        if not _is_set(value):
+            continue
+        new = _target(spec)[0]
+        if not _same(getattr(estimator, new), defaults[new].default):
+            raise ValueError(
+                f"{cls} got both {old}={value!r} and {new}={getattr(estimator, new)!r}; "
+                f"{old} is the old name of {new}: set {new} only")
+        warnings.warn(
+            f"{cls}'s parameter {old!r} was renamed {new!r} in {RENAMED_IN} and will be "
+            f"removed in {REMOVED_IN}: use {new}={_converted(spec, value)!r}",
+            FutureWarning, stacklevel=4)
+
+
+def upgrade_state(state, renames):
+    """``state`` of a pickle, with attributes pickled under an old name moved to the new one."""
+    state = dict(state)
+    for old, spec in renames.items():
+        new = _target(spec)[0]
+        if new not in state and old in state:
+            state[new] = _converted(spec, state.pop(old))
+            state[old] = DEPRECATED
+    return state

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ._backbone import create_backbone, join_levels
 from ._maps import adjacent, grid_to_map
-from ._params import Ints, Reals, Sequences
+from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._progress import progress
 from ._random import seed_from
 from .base import BaseDetector
@@ -37,7 +37,7 @@ _N_EXACT = 8
 _BOUND_SLACK = 1e-3
 
 
-def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_size=None,
+def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk_size=None,
                    verbose=0):
     """Indices of a greedy k-center coreset (paper Alg. 1) on a random projection.
 
@@ -53,7 +53,7 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_
         Floating point, on any device; not modified.
     n_select : int
         Number of rows to select; all rows (in order) when ``n_select >= n``.
-    n_projections : int, default=128
+    projection_dim : int, default=128
         Dimension of the random projection; 0 or ``>= dim`` uses the features.
     generator : torch.Generator, optional
         Draws the projection, the chunks and the starting rows.
@@ -78,7 +78,7 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_
 
     Notes
     -----
-    Memory: the projection, ``n * (n_projections + _BASIS + 2)`` values of
+    Memory: the projection, ``n * (projection_dim + _BASIS + 2)`` values of
     the features' dtype, besides the features. Time: O(n * n_select) pairs
     (O(chunk_size * n_select) with chunks), most of them rejected by a
     lower bound in ``_BASIS`` dimensions.
@@ -86,8 +86,8 @@ def greedy_coreset(features, n_select, n_projections=128, generator=None, chunk_
     n, dim = features.shape
     if n_select >= n:
         return torch.arange(n)
-    if n_projections and dim > n_projections:
-        proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
+    if projection_dim and dim > projection_dim:
+        proj = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
         features = features @ proj.to(features.device, features.dtype)
     if chunk_size is None or n <= chunk_size:
         start = int(torch.randint(n, (1,), generator=generator))
@@ -308,22 +308,22 @@ def locally_aware_features(levels):
                         for f in levels])
 
 
-def reweighted_score(q, j, s_star, m_star, bank, n_reweight, excluded=None):
+def reweighted_score(q, j, s_star, m_star, bank, n_neighbors, excluded=None):
     """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
 
     ``q[j]`` is the query patch farthest from the bank: ``s_star`` from
     its nearest bank row, ``bank[m_star]`` (as :func:`farthest_patch` returns
-    them). The weight comes from the ``n_reweight`` nearest bank neighbours
+    them). The weight comes from the ``n_neighbors`` nearest bank neighbours
     ``N_b(m*)`` of ``m*``; for leave-one-out scores, ``excluded`` (as
     :func:`nearest`) leaves the image's own bank patches out of ``N_b(m*)`` as
-    well as out of the nearest-neighbour search. ``n_reweight < 2``: ``s_star``.
+    well as out of the nearest-neighbour search. ``n_neighbors < 2``: ``s_star``.
     """
     # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
     d_bank = torch.cdist(bank[m_star][None], bank)[0]
     if excluded is not None:
         d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
         d_bank[m_star] = 0.0
-    b = min(n_reweight, int(torch.isfinite(d_bank).sum()))
+    b = min(n_neighbors, int(torch.isfinite(d_bank).sum()))
     if b < 2:
         return s_star
     support = torch.topk(d_bank, b, largest=False).indices
@@ -354,10 +354,11 @@ class PatchCore(BaseDetector):
         Fraction of the reference patches kept in the memory bank (1.0 keeps all). The
         released code's default, kept by measurement against 0.01 (docs/benchmarks.md,
         "Choosing coreset_ratio").
-    n_projections : int, default=128
+    projection_dim : int, default=128
         Dimension of the random projection used to select the coreset.
-    n_reweight : int, default=9
-        Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7);
+    n_reweight_neighbors : int, default=9
+        Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7):
+        the nearest bank neighbours of the farthest patch's nearest bank patch;
         0 disables the reweighting (score = largest patch distance).
     coreset_chunk_size : int or None, default=None
         None: the exact greedy coreset, whose time grows as the square of the
@@ -377,6 +378,9 @@ class PatchCore(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the coreset's projection and starting point (and random backbone
         weights, for tests).
+    n_projections, n_reweight : deprecated
+        Deprecated in 0.2, removed in 0.3: the old names of ``projection_dim``
+        and ``n_reweight_neighbors``.
 
     Attributes
     ----------
@@ -423,8 +427,8 @@ class PatchCore(BaseDetector):
 
     - joins the levels' full channels instead of averaging each patch down to
       1024 values per level and 1024 in all;
-    - scores an image with the paper's Eq. 7 re-weighting (``n_reweight=9``);
-      the released code takes the largest patch distance (``n_reweight=0``);
+    - scores an image with the paper's Eq. 7 re-weighting (``n_reweight_neighbors=9``);
+      the released code takes the largest patch distance (``n_reweight_neighbors=0``);
     - selects the coreset from one random starting patch on a Gaussian random
       projection (the released code: 10 starting patches, a linear
       projection layer);
@@ -458,23 +462,29 @@ class PatchCore(BaseDetector):
         "weights": [str, os.PathLike, None],
         "layers": [Sequences(Ints())],
         "coreset_ratio": [Reals(0, 1, closed="right")],
-        "n_projections": [Ints(0)],
-        "n_reweight": [Ints(0)],
+        "projection_dim": [Ints(0)],
+        "n_reweight_neighbors": [Ints(0)],
         "coreset_chunk_size": [Ints(1), None],
         "sigma": [Reals(0)],
+        "n_projections": deprecated(Ints(0)),
+        "n_reweight": deprecated(Ints(0)),
     }
+    # n_projections was a dimension, not a count; n_reweight the neighbours of Eq. 7
+    _deprecated_parameters: ClassVar[dict] = {"n_projections": "projection_dim",
+                                              "n_reweight": "n_reweight_neighbors"}
 
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
-                 layers=(2, 3), image_size=224, coreset_ratio=0.1, n_projections=128, n_reweight=9,
-                 coreset_chunk_size=None, sigma=4.0, threshold_quantile=0.99, batch_size=16,
-                 device="auto", verbose=0, random_state=None):
+                 layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
+                 n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
+                 threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
+                 random_state=None, n_projections=DEPRECATED, n_reweight=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
         self.image_size = image_size
         self.coreset_ratio = coreset_ratio
-        self.n_projections = n_projections
-        self.n_reweight = n_reweight
+        self.projection_dim = projection_dim
+        self.n_reweight_neighbors = n_reweight_neighbors
         self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
         self.threshold_quantile = threshold_quantile
@@ -482,6 +492,8 @@ class PatchCore(BaseDetector):
         self.device = device
         self.verbose = verbose
         self.random_state = random_state
+        self.n_projections = n_projections
+        self.n_reweight = n_reweight
 
     def _fit(self, images, y, groups):
         self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
@@ -504,7 +516,7 @@ class PatchCore(BaseDetector):
         device = self._device()
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
-        keep = greedy_coreset(patches.to(device), n_keep, self.n_projections, gen,
+        keep = greedy_coreset(patches.to(device), n_keep, self._param("projection_dim"), gen,
                               self.coreset_chunk_size, verbose=self.verbose)
         self.memory_bank_ = patches[keep].contiguous()
         self.memory_owner_ = owner[keep]
@@ -558,24 +570,26 @@ class PatchCore(BaseDetector):
         )
 
     def _image_score(self, q, j, s_star, m_star, bank, excluded=None):
-        """:func:`reweighted_score` with ``n_reweight``."""
-        return reweighted_score(q, j, s_star, m_star, bank, self.n_reweight, excluded)
+        """:func:`reweighted_score` with ``n_reweight_neighbors``."""
+        return reweighted_score(q, j, s_star, m_star, bank, self._param("n_reweight_neighbors"),
+                                excluded)
 
-    def _score_batch(self, batch, maps):
+    def _score_batch(self, batch, return_maps):
         feats = self._embed(batch)
         bank = self.memory_bank_.to(batch.device)
         scores, grids = [], []
         for f in feats:
             q = f.flatten(1).T
-            if maps:
+            if return_maps:
                 dist, idx = nearest(q, bank)
                 j = int(torch.argmax(dist))
                 scores.append(self._image_score(q, j, dist[j], idx[j], bank))
                 grids.append(dist.view(f.shape[1:]))
             else:  # the score needs the farthest patch only
                 scores.append(self._image_score(q, *farthest_patch(q, bank), bank))
-        out_maps = grid_to_map(torch.stack(grids), self.image_size, self.sigma) if maps else None
-        return torch.stack(scores), out_maps
+        if not return_maps:
+            return torch.stack(scores), None
+        return torch.stack(scores), grid_to_map(torch.stack(grids), self.image_size, self.sigma)
 
     def _to_device(self, device):
         self.backbone_.to(device)

@@ -18,7 +18,7 @@ __all__ = ["make_optimizer", "cosine_schedule", "warmup_step_schedule", "iter_mi
            "train"]
 
 
-def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999), *,
+def make_optimizer(module, learning_rate, weight_decay=0.0, betas=(0.9, 0.999), *,
                    decay_norm_and_bias=False):
     """AdamW; weight decay on weight matrices and kernels only, unless ``decay_norm_and_bias``.
 
@@ -31,11 +31,11 @@ def make_optimizer(module, lr, weight_decay=0.0, betas=(0.9, 0.999), *,
             (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
 
 def cosine_schedule(optimizer, n_epochs, final_ratio=0.0):
-    """Cosine decay per epoch from the base lr to ``final_ratio`` x base lr."""
+    """Cosine decay per epoch from the base learning rate to ``final_ratio`` times it."""
     def factor(epoch):
         t = min(epoch / max(n_epochs, 1), 1.0)
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))

@@ -13,9 +13,10 @@ fitted state on the CPU. A detector implements three hooks:
     scores, leave-one-image-out where the references are the comparison set.
     The default scores them with ``_score_batch`` and keeps nothing: right
     for detectors whose references only calibrate the threshold.
-``_score_batch(batch, maps)``
+``_score_batch(batch, return_maps)``
     Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
-    return ``(scores (B,), maps (B, h, w) or None)``.
+    return ``(scores (B,), maps (B, h, w) or None)``, the maps only when
+    ``return_maps`` is true.
 
 A detector with a ``standardize_positions`` parameter gets the position
 standardisation of :meth:`BaseDetector.set_reference` for free: its maps are
@@ -37,7 +38,9 @@ and covers every constructor parameter. They are validated at the start of
 scikit-learn's ``InvalidParameterError`` (a ``ValueError`` and ``TypeError``)
 naming the parameter and what it accepts, before any work starts. Checks that
 relate several parameters (or a parameter and the backbone) stay in the
-detector, where it builds what they concern.
+detector, where it builds what they concern. A renamed parameter keeps its old
+name for one release (``_deprecated_parameters``, :mod:`skad._params`): the
+detector reads it with ``self._param(new_name)``.
 """
 
 import contextlib
@@ -54,7 +57,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._images import check_groups, check_images, check_labels, iter_batches
 from ._maps import resize_maps
-from ._params import Devices, Ints, Reals, Sequences
+from ._params import Devices, Ints, Reals, Sequences, renamed_value, upgrade_state, warn_renamed
 from .metrics import check_image_labels, image_roc_auc
 
 __all__ = ["BaseDetector", "resolve_device"]
@@ -123,14 +126,24 @@ class BaseDetector(BaseEstimator):
         "random_state": [Ints(0, 2**32 - 1), np.random.RandomState, np.random.Generator, None],
     }
 
+    #: renamed parameters, old name -> new name (or ``(new name, convert)``): the old
+    #: names work for one release, with a FutureWarning (skad._params)
+    _deprecated_parameters: ClassVar[dict] = {}
+
     def _check_params(self):
         """Validate every parameter against ``_parameter_constraints``.
 
         Skipped, as scikit-learn skips it, under
-        ``sklearn.config_context(skip_parameter_validation=True)``.
+        ``sklearn.config_context(skip_parameter_validation=True)``. Warns
+        (``FutureWarning``) for each deprecated old name that is set.
         """
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
+        warn_renamed(self)
+
+    def _param(self, name):
+        """Parameter ``name``, or its deprecated old name's value where that is set."""
+        return renamed_value(self, name)
 
     # ----------------------------------------------------------- fitting
     def fit(self, X, y=None, groups=None):
@@ -298,7 +311,7 @@ class BaseDetector(BaseEstimator):
         -------
         scores : ndarray of shape (n_samples,)
         """
-        return self._predict(X, maps=False)[0]
+        return self._predict(X, return_maps=False)[0]
 
     def predict_map(self, X):
         """Anomaly maps aligned pixel for pixel with the input images.
@@ -316,7 +329,7 @@ class BaseDetector(BaseEstimator):
 
     def score_and_map(self, X):
         """``decision_function(X)`` and ``predict_map(X)`` in one pass over the images."""
-        scores, maps = self._predict(X, maps=True)
+        scores, maps = self._predict(X, return_maps=True)
         if len({m.shape for m in maps}) == 1:
             maps = np.stack(maps)
         return scores, maps
@@ -339,10 +352,10 @@ class BaseDetector(BaseEstimator):
         check_image_labels(y)
         return image_roc_auc(y, self.decision_function(images))
 
-    def _predict(self, X, maps):
+    def _predict(self, X, return_maps):
         self._check_ready()
         # set_params after fit may have changed what scoring reads (batch_size, device,
-        # lambda_s, ...): a bad value is named here rather than failing inside a batch
+        # iad_score_weight, ...): a bad value is named here rather than failing inside a batch
         self._check_params()
         images = check_images(X)
         device = resolve_device(self.device)
@@ -354,12 +367,12 @@ class BaseDetector(BaseEstimator):
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc="scoring"):
-                s, m = self._score_batch(batch.to(device), maps or standardize)
+                s, m = self._score_batch(batch.to(device), return_maps or standardize)
                 if standardize:
                     m = (m.float() - mean) / std
                     s = m.flatten(1).amax(dim=1)
                 scores.append(s.float().cpu())
-                if maps:
+                if return_maps:
                     out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
         return torch.cat(scores).numpy().astype(np.float64), out_maps
 
@@ -433,6 +446,10 @@ class BaseDetector(BaseEstimator):
         # fitted modules and tensors travel on the CPU, so a model fitted on a
         # GPU machine loads on a CPU-only one
         return {k: _to_cpu(v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        # pickles of earlier versions hold renamed parameters under their old names
+        super().__setstate__(upgrade_state(state, self._deprecated_parameters))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -111,10 +111,13 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     valid = det.get_params()
     unknown = sorted(set(settings) - set(valid))
     if unknown:
+        # the old names of renamed parameters still work, but are not offered
+        offered = sorted(set(valid) - set(cls._deprecated_parameters))
         raise CLIError(f"{cls.__name__} has no parameter {', '.join(unknown)}; "
-                       f"its parameters: {', '.join(sorted(valid))}")
+                       f"its parameters: {', '.join(offered)}")
     det.set_params(**settings)
-    det._check_params()  # a bad value is named before any image is read
+    # a bad value is named before any image is read; an old name warns (FutureWarning)
+    det._check_params()
     return det
 
 

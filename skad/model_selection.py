@@ -6,10 +6,13 @@ rest. :class:`ReferenceScorer` does exactly that inside ``cross_validate`` or
 ``GridSearchCV``, so no reference image is ever scored.
 """
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ._images import check_images, check_labels
+from ._params import REMOVED_IN, RENAMED_IN
 
 __all__ = ["ReferenceScorer"]
 
@@ -60,8 +63,12 @@ class ReferenceScorer:
         self.metric = metric
         self.random_state = random_state
 
-    def split(self, y):
-        """Indices ``(references, scored)`` of a fold with labels ``y``."""
+    def split_references(self, y):
+        """Indices ``(references, scored)`` of a fold with labels ``y``.
+
+        Not a cross-validation splitter's ``split``: it divides one test fold
+        into the references given to ``set_reference`` and the images scored.
+        """
         y = np.asarray(y)
         normals = np.flatnonzero(y == 0)
         if self.n_references < 1:
@@ -84,10 +91,20 @@ class ReferenceScorer:
             raise ValueError(f"metric must be one of {sorted(_METRICS)}; got {self.metric!r}")
         images = check_images(X)
         y = check_labels(y, len(images))
-        refs, scored = self.split(y)
+        refs, scored = self.split_references(y)
         estimator.set_reference(images.subset(refs))
         scores = estimator.decision_function(images.subset(scored))
         return float(_METRICS[self.metric](y[scored], scores))
+
+    def split(self, y):
+        """Deprecated in 0.2, removed in 0.3: :meth:`split_references`.
+
+        Renamed because a scikit-learn ``split`` is a cross-validation
+        splitter's, which yields train and test indices.
+        """
+        warnings.warn(f"ReferenceScorer.split was renamed split_references in {RENAMED_IN} and "
+                      f"will be removed in {REMOVED_IN}", FutureWarning, stacklevel=2)
+        return self.split_references(y)
 
     def __repr__(self):
         return (f"ReferenceScorer(n_references={self.n_references}, metric={self.metric!r}, "

@@ -47,7 +47,7 @@ def _global_local():
 
 def _meta_comparer():
     return MetaComparer(backbone="test_resnet", weights=None, image_size=SIZE, fpn_width=16,
-                        fpn_cells=1, hidden_sizes=(16,), attention_dim=8, n_epochs=1,
+                        n_fpn_cells=1, hidden_layer_sizes=(16,), attention_dim=8, n_epochs=1,
                         n_episodes=2, random_state=0)
 
 
@@ -229,20 +229,21 @@ BAD_SHARED = [("batch_size", 0), ("batch_size", -1), ("batch_size", 1.5),
 # checked in each detector's tests)
 BAD_OWN = {
     "PatchCore": [("coreset_ratio", 0), ("coreset_ratio", 1.5), ("layers", 2),
-                  ("layers", ("2", "3")), ("n_projections", -1), ("coreset_chunk_size", 0),
-                  ("n_reweight", True), ("sigma", -1.0), ("weights", 3)],
+                  ("layers", ("2", "3")), ("projection_dim", -1), ("coreset_chunk_size", 0),
+                  ("n_reweight_neighbors", True), ("sigma", -1.0), ("weights", 3)],
     "MMR": [("mask_ratio", 1.0), ("n_epochs", 0), ("n_epochs", 2.0), ("crop_scale", (0.0, 1.0)),
             ("crop_scale", (0.5,)), ("hflip", "yes"), ("student_depth", 0),
-            ("lr_milestones", (0.6, 1.5)), ("standardize_positions", 1)],
+            ("learning_rate_milestones", (0.6, 1.5)), ("standardize_positions", 1)],
     "GeneralAD": [("distortions", "bogus"), ("distortions", ()), ("top_k", 0), ("top_k", True),
-                  ("dropout", 1.0), ("norm", None), ("lr", 0.0), ("sigma", -1.0),
+                  ("dropout", 1.0), ("norm", None), ("learning_rate", 0.0), ("sigma", -1.0),
                   ("standardize_positions", "yes")],
     "GlobalLocal": [("stride", 0), ("stride", 4.0), ("context", 0.5), ("context", True),
-                    ("dad_input", "sum"), ("lambda_s", 1.5), ("idw_power", 0),
+                    ("dad_input", "sum"), ("iad_score_weight", 1.5), ("idw_power", 0),
                     ("local_net", torch.nn.Linear(2, 2)), ("n_distill_epochs", -1),
                     ("distill_images", "folder"), ("standardize_positions", None)],
-    "MetaComparer": [("n_epochs", 0), ("reference_reduction", "mean"), ("hidden_sizes", ()),
-                     ("hidden_sizes", (16.0,)), ("episode_queries", 1), ("mismatch_ratio", 1.5),
+    "MetaComparer": [("n_epochs", 0), ("reference_reduction", "mean"),
+                     ("hidden_layer_sizes", ()), ("hidden_layer_sizes", (16.0,)),
+                     ("n_episode_queries", 1), ("mismatch_ratio", 1.5),
                      ("synthesize_anomalies", "always"), ("train_backbone", 1),
                      ("n_reference_patches", 0)],
 }

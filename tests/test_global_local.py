@@ -239,7 +239,7 @@ def test_idw_weights_and_interpolation():
     assert maps.min() >= scores.min() - 1e-6 and maps.max() <= scores.max() + 1e-6
     const = idw_interpolate(torch.full((1, n_patches), 3.0), index, weight, (40, 36))
     torch.testing.assert_close(const, torch.full_like(const, 3.0))
-    # linear in the scores: what lets lambda_s change without refitting
+    # linear in the scores: what lets iad_score_weight change without refitting
     mix = idw_interpolate(0.3 * scores[:1] + 0.7 * scores[1:], index, weight, (40, 36))
     torch.testing.assert_close(mix, 0.3 * maps[:1] + 0.7 * maps[1:])
     # next to a patch centre that centre dominates: patch (0, 0) is centred at 3.5
@@ -265,17 +265,17 @@ def test_fit_trains_every_stage_and_scores(fitted, textures):
     assert torch.all(s_dad >= 0) and torch.all(s_dad <= 1) and torch.all(s_iad >= 0)
 
 
-def test_lambda_s_rescores_without_refit(fitted, textures):
+def test_iad_score_weight_rescores_without_refit(fitted, textures):
     det = fitted
     X = textures.images[-5:]
     maps = {}
     for lam in (0.0, 0.5, 1.0):
-        maps[lam] = det.set_params(lambda_s=lam).predict_map(X)
+        maps[lam] = det.set_params(iad_score_weight=lam).predict_map(X)
     np.testing.assert_allclose(maps[0.5], 0.5 * (maps[0.0] + maps[1.0]), rtol=1e-4, atol=1e-5)
     assert not np.allclose(maps[0.0], maps[1.0])
-    with pytest.raises(ValueError, match="lambda_s"):
-        det.set_params(lambda_s=1.5).decision_function(X)
-    det.set_params(lambda_s=0.8)
+    with pytest.raises(ValueError, match="iad_score_weight"):
+        det.set_params(iad_score_weight=1.5).decision_function(X)
+    det.set_params(iad_score_weight=0.8)
 
 
 def test_scoring_in_chunks_and_other_strides(fitted, textures, monkeypatch):
@@ -336,6 +336,16 @@ def test_whole_image_context_and_rectangular_images(textures):
     assert det.predict_map(textures.images[:2]).shape == (2, 32, 32)
 
 
+def test_several_teacher_levels_join_their_pooled_maps(textures):
+    det = GlobalLocal(**{**TINY, "teacher_layers": (-2, -1)}).fit(textures.images[:4])
+    deepest = GlobalLocal(**TINY).fit(textures.images[:4])
+    # R(p): both levels' pooled maps side by side, so the decoder predicts more values
+    assert det.local_net_.decoder.out_features > deepest.local_net_.decoder.out_features
+    assert det.decision_function(textures.images[:2]).shape == (2,)
+    with pytest.raises(ValueError, match="teacher_layers"):
+        GlobalLocal(**{**TINY, "teacher_layers": ()}).fit(textures.images[:2])
+
+
 def test_random_state_reproducible(textures):
     X = textures.images[:6]
     a = GlobalLocal(**TINY).fit(X).decision_function(X)
@@ -355,7 +365,7 @@ def test_random_state_reproducible(textures):
     ({"stride": 4.0}, "stride"),
     ({"patch_size": 8.0}, "patch_size"),
     ({"context": True}, "context"),
-    ({"lambda_s": -0.1}, "lambda_s"),
+    ({"iad_score_weight": -0.1}, "iad_score_weight"),
     ({"idw_power": 0}, "idw_power"),
     ({"dad_input": "sum"}, "dad_input"),
 ])

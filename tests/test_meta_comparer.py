@@ -17,8 +17,8 @@ from skad._meta_comparer import (CoAttention, MetaComparer, MetaComparerHead, Pa
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
 
-TINY = dict(backbone="test_resnet", weights=None, image_size=32, fpn_width=16, fpn_cells=1,
-            hidden_sizes=(16,), attention_dim=8, n_epochs=1, n_episodes=2, random_state=0)
+TINY = dict(backbone="test_resnet", weights=None, image_size=32, fpn_width=16, n_fpn_cells=1,
+            hidden_layer_sizes=(16,), attention_dim=8, n_epochs=1, n_episodes=2, random_state=0)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_detects_defects_on_a_held_out_domain():
     data = make_textures(n_domains=4, n_normal=16, n_anomalous=8, image_size=48, random_state=3)
     tgt = data.groups == data.groups[-1]
     det = MetaComparer(**{**TINY, "image_size": 48, "n_epochs": 4, "n_episodes": 12,
-                          "fpn_width": 32, "hidden_sizes": (32,)})
+                          "fpn_width": 32, "hidden_layer_sizes": (32,)})
     det.fit(data.images[~tgt], data.y[~tgt], groups=data.groups[~tgt])
     assert det.loss_history_[-1] < det.loss_history_[0]
     X, y = data.images[tgt], data.y[tgt]
@@ -240,7 +240,7 @@ def test_synthetic_anomalies_for_domains_without_defects(data, split):
 
 
 def test_mismatched_episodes_take_other_domain_references():
-    det = MetaComparer(mismatch_ratio=1.0, episode_queries=4, episode_references=3)
+    det = MetaComparer(mismatch_ratio=1.0, n_episode_queries=4, n_episode_references=3)
     plan = [[np.arange(0, 6), np.arange(6, 9)], [np.arange(10, 16), np.arange(16, 19)]]
     labels = np.r_[np.zeros(6), np.ones(4), np.zeros(6), np.ones(3)].astype(np.int64)
     rng = np.random.default_rng(0)
@@ -280,8 +280,8 @@ def test_input_errors(data, split):
         MetaComparer(**{**TINY, "reference_reduction": "mean"}).fit(X, y, groups=g)
     with pytest.raises(ValueError, match="scales"):
         MetaComparer(**{**TINY, "scales": (0, 7)}).fit(X, y, groups=g)
-    with pytest.raises(ValueError, match="hidden_sizes"):
-        MetaComparer(**{**TINY, "hidden_sizes": ()}).fit(X, y, groups=g)
+    with pytest.raises(ValueError, match="hidden_layer_sizes"):
+        MetaComparer(**{**TINY, "hidden_layer_sizes": ()}).fit(X, y, groups=g)
     with pytest.raises(ValueError, match="mismatch_ratio"):
         MetaComparer(**{**TINY, "mismatch_ratio": 1.5}).fit(X, y, groups=g)
     with pytest.warns(UserWarning, match="left out"):

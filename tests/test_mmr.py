@@ -172,7 +172,7 @@ def test_detects_synthetic_defects(textures):
     """A few epochs with the offline ImageNet teacher: defects score higher than normals."""
     normals = textures.images[textures.y == 0]
     det = MMR(teacher="tf_efficientnet_lite0", student="test_vit", student_weights=None,
-              student_depth=2, image_size=64, n_epochs=15, lr=2e-3, random_state=0)
+              student_depth=2, image_size=64, n_epochs=15, learning_rate=2e-3, random_state=0)
     det.fit(normals[:12])
     test = np.r_[np.flatnonzero(textures.y == 0)[12:], np.flatnonzero(textures.y == 1)]
     auc = det.score(textures.images[test], textures.y[test])

@@ -6,6 +6,7 @@ records the comparison on real images in docs/benchmarks.md.
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,12 @@ pytest.importorskip("anomalib")
 _SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "patchcore_parity.py"
 _spec = importlib.util.spec_from_file_location("patchcore_parity", _SCRIPT)
 parity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(parity)
+# the script imports its sibling `common`, as when it is run from its folder
+sys.path.insert(0, str(_SCRIPT.parent))
+try:
+    _spec.loader.exec_module(parity)
+finally:
+    sys.path.remove(str(_SCRIPT.parent))
 
 SIZE = 64
 
@@ -36,22 +42,23 @@ def textures():
     return images[normal[:12]], images[test], data.y[test]
 
 
-def _both(textures, coreset_ratio, n_reweight=9, backbone="test_resnet"):
+def _both(textures, coreset_ratio, n_neighbors=9, backbone="test_resnet"):
     train, test, _ = textures
-    model, ours = parity.anomalib_model(backbone, None, (2, 3), n_reweight)
+    model, ours = parity.anomalib_model(backbone, None, (2, 3), n_neighbors)
     theirs = parity.anomalib_scores(model, lambda x: (x - ours.mean) / ours.std, train, test,
                                     coreset_ratio)
     det = PatchCore(backbone=backbone, weights=None, image_size=SIZE,
-                    coreset_ratio=coreset_ratio, n_reweight=n_reweight, random_state=0)
+                    coreset_ratio=coreset_ratio, n_reweight_neighbors=n_neighbors,
+                    random_state=0)
     arrays = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
     return det.fit(arrays(train)).decision_function(arrays(test)), theirs
 
 
-@pytest.mark.parametrize("n_reweight", [9, 1])
-def test_full_memory_bank_scores_equal_anomalib(textures, n_reweight):
+@pytest.mark.parametrize("n_neighbors", [9, 1])
+def test_full_memory_bank_scores_equal_anomalib(textures, n_neighbors):
     """Same features (zero-padded 3x3 aggregation, bilinear level join), same nearest
     neighbours, same Eq. 7 re-weighting: the scores agree to float precision."""
-    ours, theirs = _both(textures, 1.0, n_reweight)
+    ours, theirs = _both(textures, 1.0, n_neighbors)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

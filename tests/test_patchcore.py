@@ -13,7 +13,7 @@ from skad.datasets import make_textures
 def test_greedy_coreset_is_k_center():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 5, generator=gen)
-    idx = greedy_coreset(x, 20, n_projections=0, generator=torch.Generator().manual_seed(1))
+    idx = greedy_coreset(x, 20, projection_dim=0, generator=torch.Generator().manual_seed(1))
     assert len(set(idx.tolist())) == 20
     # each new centre is the point farthest from those chosen before it
     for k in range(1, 20):
@@ -23,11 +23,11 @@ def test_greedy_coreset_is_k_center():
 
 
 
-def plain_greedy(features, n_select, n_projections, generator):
+def plain_greedy(features, n_select, projection_dim, generator):
     """Alg. 1 as written: one full distance update per step (the reference)."""
     n, dim = features.shape
-    if n_projections and dim > n_projections:
-        proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
+    if projection_dim and dim > projection_dim:
+        proj = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
         features = features @ proj.to(features.dtype)
     selected = [int(torch.randint(n, (1,), generator=generator))]
     min_dist = torch.linalg.vector_norm(features - features[selected[0]], dim=1)
@@ -39,10 +39,10 @@ def plain_greedy(features, n_select, n_projections, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("n, dim, n_select, n_projections", [
+@pytest.mark.parametrize("n, dim, n_select, projection_dim", [
     (40, 3, 39, 0), (700, 6, 90, 0), (3000, 16, 900, 0), (2500, 160, 400, 128)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, n_projections, seed,
+def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, projection_dim, seed,
                                                 monkeypatch):
     monkeypatch.setattr(pc, "_CANDIDATES", 64)  # many passes, few candidates each
     monkeypatch.setattr(pc, "_ROWS", 256)
@@ -50,8 +50,8 @@ def test_greedy_coreset_selects_as_plain_greedy(dtype, n, dim, n_select, n_proje
     x = torch.randn(n, dim, generator=gen)
     # exact duplicates and coarse values: ties that only "the first of equals" resolves
     x = torch.cat([x[: n // 2], x[: n // 4], x[: n - n // 2 - n // 4].round()]).to(dtype)
-    expected = plain_greedy(x, n_select, n_projections, torch.Generator().manual_seed(seed))
-    got = greedy_coreset(x, n_select, n_projections, torch.Generator().manual_seed(seed))
+    expected = plain_greedy(x, n_select, projection_dim, torch.Generator().manual_seed(seed))
+    got = greedy_coreset(x, n_select, projection_dim, torch.Generator().manual_seed(seed))
     assert torch.equal(got, expected)
 
 
@@ -133,13 +133,13 @@ def textures():
 
 def test_image_score_reweighting(textures):
     normals = textures.images[textures.y == 0]
-    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, n_reweight=0,
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64, n_reweight_neighbors=0,
                     random_state=0).fit(normals[:6])
     raw = det.decision_function(textures.images[-3:])
     maps = det.predict_map(textures.images[-3:])
     # without reweighting the score is the largest patch distance (before smoothing)
     assert np.all(raw >= maps.reshape(3, -1).max(axis=1) - 1e-4)
-    weighted = det.set_params(n_reweight=9).decision_function(textures.images[-3:])
+    weighted = det.set_params(n_reweight_neighbors=9).decision_function(textures.images[-3:])
     assert np.all(weighted <= raw + 1e-6) and np.all(weighted > 0)
 
 
@@ -184,7 +184,7 @@ def test_bad_coreset_parameters(textures, param):
 
 # ------------------------------------------------------------ degenerate references
 def test_excluded_patches_stay_out_of_the_reweighting():
-    det = PatchCore(n_reweight=9)
+    det = PatchCore(n_reweight_neighbors=9)
     bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # the image's own patch, another image's
     q = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
     own = torch.tensor([[True, False]])
@@ -193,7 +193,7 @@ def test_excluded_patches_stay_out_of_the_reweighting():
     # letting the own patch in would weigh the score down to about 0
     farthest = farthest_patch(q, bank, lambda rows: own)
     assert det._image_score(q, *farthest, bank, lambda rows: own) == pytest.approx(dist.max())
-    det.set_params(n_reweight=1000)  # larger than the bank: every allowed patch, no more
+    det.set_params(n_reweight_neighbors=1000)  # more than the bank: every allowed patch, no more
     bank3 = torch.cat([bank, torch.tensor([[10.0, 1.0]])])
     own3 = torch.tensor([[True, False, False]])
     dist, _ = nearest(q, bank3, lambda rows: own3)
@@ -213,8 +213,8 @@ TINY = {"backbone": "test_resnet", "weights": None, "image_size": 64}
     (3, {"image_size": 16}),                           # 2 x 2 grids
     (3, {"image_size": 8}),                            # 1 x 1 grids
     (1, {"image_size": 24}),                           # 3 x 3 grid, one reference
-    (3, {"coreset_ratio": 0.01, "n_reweight": 1000}),  # b larger than the bank
-    (4, {"n_reweight": 1}),
+    (3, {"coreset_ratio": 0.01, "n_reweight_neighbors": 1000}),  # b larger than the bank
+    (4, {"n_reweight_neighbors": 1}),
 ])
 @pytest.mark.parametrize("random_state", [0, 1])
 def test_degenerate_references_give_a_finite_threshold_or_say_what_is_needed(

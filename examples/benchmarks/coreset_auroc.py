@@ -37,13 +37,13 @@ from skad.datasets import load_mvtec
 REPO = Path(__file__).resolve().parents[2]
 
 
-def plain_greedy_coreset(features, n_select, n_projections=128, generator=None):
+def plain_greedy_coreset(features, n_select, projection_dim=128, generator=None):
     """skad's greedy_coreset before issue 12 (commit 92b09da), verbatim but for ``verbose``."""
     n, dim = features.shape
     if n_select >= n:
         return torch.arange(n)
-    if n_projections and dim > n_projections:
-        proj = torch.randn(dim, n_projections, generator=generator) / n_projections**0.5
+    if projection_dim and dim > projection_dim:
+        proj = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
         features = features @ proj.to(features.device, features.dtype)
     start = int(torch.randint(n, (1,), generator=generator))
     selected = torch.empty(n_select, dtype=torch.long)
@@ -66,7 +66,8 @@ def _features(det, backbone, paths):
 
 
 def _auroc(det, bank, test_feats, y):
-    scores = [float(reweighted_score(q, *farthest_patch(q, bank), bank, det.n_reweight))
+    b = det.n_reweight_neighbors
+    scores = [float(reweighted_score(q, *farthest_patch(q, bank), bank, b))
               for q in test_feats.flatten(1, 2)]
     return roc_auc_score(y, scores)
 

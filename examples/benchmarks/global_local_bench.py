@@ -13,8 +13,8 @@ fit seconds and scoring images per second (files read and decoded included).
 
 The ablation fits GlobalLocal once per category and rescores the test set
 with lambda_s = 1 (the IAD head alone) and 0 (the DAD head alone)
-(``set_params(lambda_s=...)``; no refit). Eq. 13 is linear in the patch
-scores and so are the IDW interpolation and the map resizing, so the map at
+(``set_params(iad_score_weight=...)``: the paper's lambda_s; no refit). Eq. 13
+is linear in the patch scores and so are the IDW interpolation and the map resizing, so the map at
 any other lambda_s is ``lambda_s * map(1) + (1 - lambda_s) * map(0)``; its
 image score is taken as the maximum of that map at --eval-size (the
 detector takes it at --image-size, before resizing: the two agree when the
@@ -26,7 +26,6 @@ paper's ImageNet distillation cannot be done offline (see
 docs/methods/global_local.md). Split a long run with --categories.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ from skad._maps import maps_at
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
-REPO = Path(__file__).resolve().parents[2]
+from common import comparison_parser
+
 CATEGORIES = ["mt", "aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04"]
 LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -94,10 +94,11 @@ def _mixed(lam, maps_iad, maps_dad, y, masks):
 
 def _ablation(det, direct, paths, y, masks, eval_size):
     """Metrics for every lambda_s of LAMBDAS from two rescorings (lambda_s = 1 and 0)."""
-    lam0 = det.lambda_s
+    lam0 = det.iad_score_weight
     (iad, maps_iad), (dad, maps_dad) = (
-        _score(det.set_params(lambda_s=lam), paths, y, masks, eval_size) for lam in (1.0, 0.0))
-    det.set_params(lambda_s=lam0)
+        _score(det.set_params(iad_score_weight=lam), paths, y, masks, eval_size)
+        for lam in (1.0, 0.0))
+    det.set_params(iad_score_weight=lam0)
     by_lam = {1.0: iad, 0.0: dad}
     for lam in LAMBDAS:
         if lam not in by_lam:
@@ -165,18 +166,10 @@ def ablation_table(ablations, key):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", default="pretrained",
-                        help="tf_efficientnet_lite0 weights of both methods: 'pretrained' "
-                             "(offline package) or a checkpoint file")
-    parser.add_argument("--out", default=None, help="write the markdown tables here")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: aitex_00, 24 train / 16 test images, 128 px, patch 16, "
-                             "stride 8, a few epochs, PatchCore coreset 0.01")
-    parser.add_argument("--categories", nargs="+", default=CATEGORIES)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser = comparison_parser(
+        __doc__, categories=CATEGORIES,
+        quick_help="smoke run: aitex_00, 24 train / 16 test images, 128 px, patch 16, stride 8, "
+                   "a few epochs, PatchCore coreset 0.01")
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--context", type=float, default=3.0)
@@ -187,12 +180,7 @@ def main(argv=None):
     parser.add_argument("--n-patches", type=int, default=16, help="per image per epoch")
     parser.add_argument("--dad-input", choices=["joint", "difference"], default="joint",
                         help="the DAD head's input: [Z*, Z_g] (paper) or their difference")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's")
     parser.add_argument("--skip-patchcore", action="store_true")
-    parser.add_argument("--verbose", type=int, default=0)
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"global_local_bench: data folder {args.data} not found; nothing to do "

@@ -12,7 +12,7 @@ Usage (from the repository root)::
    normal test images (AUROC) by each of them.
 3. Retrains only the DAD head, ``--steps`` steps on the frozen Local-Net and
    Global-Net, with the paper's input ``[Z*, Z_g]`` and with ``[Z* - Z_g,
-   |Z* - Z_g|]``, and evaluates each at lambda_s = 0 and 0.8.
+   |Z* - Z_g|]``, and evaluates each at iad_score_weight (lambda_s) = 0 and 0.8.
 """
 
 import argparse
@@ -118,7 +118,7 @@ def retrain_dad(det, train, inputs, steps, seed=0):
     """A new DAD head trained ``steps`` steps on the fitted, frozen Local-Net and Global-Net.
 
     One epoch of ``steps`` batches of 16 images drawn with replacement, plain AdamW
-    (lr 1e-3), through skad's shared training loop.
+    (learning rate 1e-3), through skad's shared training loop.
     """
     gen = torch.Generator().manual_seed(seed)
     images = check_images(train)
@@ -172,7 +172,7 @@ def main(argv=None):
         det.dad_head_ = (fitted_head if inputs == "fitted"
                          else retrain_dad(det, train, inputs, args.steps))
         for lam in (0.0, 0.8):
-            s, m = det.set_params(lambda_s=lam).score_and_map(test.paths)
+            s, m = det.set_params(iad_score_weight=lam).score_and_map(test.paths)
             res = evaluate(test.y, s, test.masks, maps_at(m, det.image_size))
             print(f"DAD head {inputs}, lambda_s {lam}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--references", type=int, default=4)
     ap.add_argument("--ref-patches", type=int, default=1024, help="0 = all")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--reduction", choices=["max", "min"], default="max")
     ap.add_argument("--mismatch", type=float, default=0.0,
                     help="MetaComparer's mismatch_ratio: episodes with other-domain references")
@@ -76,14 +76,15 @@ def parse_args(argv=None):
 def make_meta_comparer(args):
     return MetaComparer(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-        train_backbone=args.train_backbone, fpn_cells=0 if args.no_bifpn else 3,
+        train_backbone=args.train_backbone, n_fpn_cells=0 if args.no_bifpn else 3,
         reference_reduction=args.reduction, attention_weight=0.0 if args.no_att else 1.0,
         rank_weight=0.0 if args.no_rank else 1.0, mismatch_ratio=args.mismatch,
         n_epochs=args.epochs,
-        n_episodes=args.episodes, episode_queries=args.queries,
-        episode_references=args.references, n_reference_patches=args.ref_patches or None,
-        learning_rate=args.lr, synthesize_anomalies=True if args.anomalies == "both" else "auto",
-        sigma=args.sigma, device=args.device, verbose=args.verbose, random_state=0)
+        n_episodes=args.episodes, n_episode_queries=args.queries,
+        n_episode_references=args.references, n_reference_patches=args.ref_patches or None,
+        learning_rate=args.learning_rate,
+        synthesize_anomalies=True if args.anomalies == "both" else "auto", sigma=args.sigma,
+        device=args.device, verbose=args.verbose, random_state=0)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ Table 7 puts from-scratch training about 10 image-AUROC points below MAE
 initialisation on AeBAD-S, so these numbers understate MMR.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,8 @@ from skad._maps import maps_at
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
-REPO = Path(__file__).resolve().parents[2]
+from common import comparison_parser
+
 CATEGORIES = ["mt", "aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04"]
 SAME, SHIFTED = ("exp1", "exp2", "exp3"), ("exp4", "exp5", "exp6")
 
@@ -50,9 +50,9 @@ SAME, SHIFTED = ("exp1", "exp2", "exp3"), ("exp4", "exp5", "exp6")
 def make_mmr(args):
     return MMR(teacher="tf_efficientnet_lite0", teacher_weights=args.weights,
                student=args.student, student_weights=None, student_depth=args.student_depth,
-               n_epochs=args.epochs, lr=args.lr, image_size=args.image_size,
-               batch_size=args.batch_size, device=args.device, verbose=args.verbose,
-               random_state=args.seed)
+               n_epochs=args.epochs, learning_rate=args.learning_rate,
+               image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+               verbose=args.verbose, random_state=args.seed)
 
 
 def make_patchcore(args):
@@ -130,31 +130,18 @@ def shift_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", default="pretrained",
-                        help="tf_efficientnet_lite0 weights of both methods: 'pretrained' "
-                             "(offline package) or a checkpoint file")
-    parser.add_argument("--out", default=None, help="write the markdown tables here")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: aitex_00 only, 2 epochs, a tiny student, a small MT "
-                             "subset, PatchCore coreset 0.01")
-    parser.add_argument("--categories", nargs="+", default=CATEGORIES)
+    parser = comparison_parser(
+        __doc__, categories=CATEGORIES,
+        quick_help="smoke run: aitex_00 only, 2 epochs, a tiny student, a small MT subset, "
+                   "PatchCore coreset 0.01")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--student", default="vit_small_patch16_224")
     parser.add_argument("--student-depth", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--skip-oneclass", action="store_true")
     parser.add_argument("--skip-shift", action="store_true")
     parser.add_argument("--skip-patchcore", action="store_true",
                         help="MMR only (PatchCore's numbers are in docs/benchmarks.md)")
-    parser.add_argument("--verbose", type=int, default=0)
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"mmr_bench: data folder {args.data} not found; nothing to do (pass --data ROOT)")
@@ -165,8 +152,9 @@ def main(argv=None):
         args.student, args.student_depth, n_train, n_test = "vit_tiny_patch16_224", 2, 24, 24
     settings = (f"MMR: teacher tf_efficientnet_lite0 (ImageNet, offline) layers 1-3; student "
                 f"{args.student} depth {args.student_depth or 'full'} trained from scratch "
-                f"(no MAE weights offline); {args.epochs} epochs, lr {args.lr}, batch "
-                f"{args.batch_size}, image {args.image_size}, mask 0.4, seed {args.seed}. "
+                f"(no MAE weights offline); {args.epochs} epochs, learning rate "
+                f"{args.learning_rate}, batch {args.batch_size}, image {args.image_size}, "
+                f"mask 0.4, seed {args.seed}. "
                 "PatchCore: tf_efficientnet_lite0 layers 2-3, image 256, coreset "
                 f"{args.coreset_ratio}.")
     out = ["# MMR benchmark", "", settings, ""]

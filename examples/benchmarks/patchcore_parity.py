@@ -24,11 +24,9 @@ differently, so their AUROCs differ by about as much as one implementation's do 
 seeds: ``--coreset-seeds 0 1 2 3 4`` runs both with several seeds and prints mean ± sd.
 """
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,13 +36,14 @@ from sklearn.metrics import roc_auc_score
 from skad import PatchCore
 from skad._backbone import create_backbone, create_model
 from skad._images import check_images, load_resized
-from skad.datasets import find_categories, load_mvtec
+from skad.datasets import load_mvtec
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from common import data_categories, data_parser, write_rows
+
 SIZE = 256
 
 
-def anomalib_model(backbone, weights, layers, n_reweight=9):
+def anomalib_model(backbone, weights, layers, n_neighbors=9):
     """anomalib's ``PatchcoreModel`` carrying the weights skad resolves for ``backbone``.
 
     Returns the model and skad's :class:`~skad._backbone.Backbone` (its ``mean``/``std``
@@ -57,7 +56,7 @@ def anomalib_model(backbone, weights, layers, n_reweight=9):
         torch.manual_seed(0)  # the same random weights for weights=None
         full, _ = create_model(backbone, weights)  # skad's backbone is pruned past `layers`
     model = PatchcoreModel(layers=list(layers), backbone=backbone.split(".")[0],
-                           pre_trained=False, num_neighbors=n_reweight)
+                           pre_trained=False, num_neighbors=n_neighbors)
     extractor = model.feature_extractor.feature_extractor
     missing, _ = extractor.load_state_dict(full.state_dict(), strict=False)
     if missing:
@@ -163,9 +162,7 @@ def _summary(rows, categories, protocols):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--categories", nargs="+")
+    ap = data_parser(__doc__)
     ap.add_argument("--protocols", nargs="+", default=["oneclass", "references"],
                     choices=["oneclass", "references"])
     ap.add_argument("--n-train", type=int, default=60)
@@ -175,12 +172,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="draws the images")
     ap.add_argument("--coreset-seeds", type=int, nargs="+", default=[0],
                     help="seeds of both coresets; the summary gives mean ± sd over them")
-    ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args()
-    root = Path(args.data)
-    if not root.is_dir():
-        sys.exit(f"no data at {root}: nothing to compare")
-    categories = args.categories or find_categories(root)
+    root, categories = data_categories(args)
     rows = []
     for cat in categories:
         train_paths, test_paths, y = _subset(root, cat, args.n_train, args.n_test, args.seed)
@@ -194,8 +187,7 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(_summary(rows, categories, args.protocols))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

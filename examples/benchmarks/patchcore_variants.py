@@ -10,8 +10,8 @@ the authors' code (amazon-science/patchcore-inspection, run as in its README):
     skad's defaults: both levels' full channels joined; Eq. 7 re-weighting (b = 9), as the
     paper and anomalib; the whole image resized to 256 px.
 ``max-score``
-    ``n_reweight=0``: the image score is the largest patch distance, as the authors' code
-    computes it (``anomaly_scorer_num_nn=1``, no re-weighting).
+    ``n_reweight_neighbors=0``: the image score is the largest patch distance, as the
+    authors' code computes it (``anomaly_scorer_num_nn=1``, no re-weighting).
 ``reduced-1024``
     The authors' embedding: each level's zero-padded 3 x 3 neighbourhoods unfolded, the
     coarser level's upsampled bilinearly to the finer grid, each patch's values averaged down
@@ -22,11 +22,8 @@ the authors' code (amazon-science/patchcore-inspection, run as in its README):
     leaves the border unscored, so pixel metrics are not comparable.
 """
 
-import argparse
 import contextlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,9 +33,10 @@ import skad._patchcore as patchcore
 from skad import PatchCore
 from skad._benchmark import evaluate_detector
 from skad._images import check_images, load_resized
-from skad.datasets import find_categories, load_mvtec
+from skad.datasets import load_mvtec
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from common import data_categories, data_parser, write_rows
+
 SIZE = 256
 
 
@@ -83,7 +81,7 @@ def run(category, root, variant):
     train = load_mvtec(root, category, "train")
     test = load_mvtec(root, category, "test", return_masks=True, mask_size=SIZE)
     det = PatchCore(backbone="tf_efficientnet_lite0", image_size=SIZE, random_state=0,
-              n_reweight=0 if variant == "max-score" else 9)
+                    n_reweight_neighbors=0 if variant == "max-score" else 9)
     if variant == "centre-crop":
         det.fit(_centre_cropped(train.paths))
         return {"image_auroc": det.score(_centre_cropped(test.paths), test.y)}
@@ -95,17 +93,11 @@ def run(category, root, variant):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--categories", nargs="+")
+    ap = data_parser(__doc__)
     ap.add_argument("--variants", nargs="+",
                     default=["skad", "max-score", "reduced-1024", "centre-crop"])
-    ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args()
-    root = Path(args.data)
-    if not root.is_dir():
-        sys.exit(f"no data at {root}")
-    categories = args.categories or find_categories(root)
+    root, categories = data_categories(args)
     rows = []
     for cat in categories:
         for variant in args.variants:
@@ -120,8 +112,7 @@ def main():
         means = " / ".join(f"{np.mean([r[k] for r in sel]):.3f}"
                            for k in ("image_auroc", "pixel_auroc", "pro") if k in sel[0])
         print(f"| {variant} | " + " | ".join(cells) + f" | {means} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":
