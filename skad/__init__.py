@@ -9,7 +9,7 @@ and the command line's ``--help`` do not wait for torch and timm.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # public name -> module defining it (the submodules are their own entries)
 _MODULES = {
