@@ -25,16 +25,27 @@ import numpy as np
 # protocols run, so that `skad benchmark --help` prints COLUMNS without them
 
 __all__ = ["COLUMNS", "FIT_IS_REFERENCE", "draw_references", "evaluate_detector", "markdown_table",
-           "run_benchmark"]
+           "run_benchmark", "write_table"]
 
 #: detectors whose ``fit`` is ``set_reference`` on the training images: PatchCore's
 #: memory bank is all it learns, and ``set_reference`` replaces it
 FIT_IS_REFERENCE = frozenset({"PatchCore"})
 
 
-def evaluate_detector(det, test, eval_size):
-    """Image AUROC, pixel AUROC and PRO of ``det`` on ``test`` (a :func:`load_mvtec` Bunch
-    with masks at ``eval_size``), and the images scored per second (``score_ips``)."""
+def evaluate_detector(det, test, eval_size, n_latency=10):
+    """Ranking metrics and the sign-off metrics of ``det`` on ``test``.
+
+    ``test`` is a :func:`load_mvtec` Bunch with masks at ``eval_size``. Returns
+    image AUROC, pixel AUROC and PRO; at the detector's ``threshold_``, the
+    false-reject rate on the good images (``frr``), the escape rate on the
+    defective ones (``escape``) and the F1 score of the defective class; the
+    test images scored per second in batches (``score_ips``); and the median and
+    95th percentile of the time to score one image alone, map included
+    (``p50_ms``, ``p95_ms``, over the first ``n_latency`` test images, after one
+    warm-up call): what a line that inspects one part at a time waits.
+    """
+    from sklearn.metrics import f1_score
+
     from ._maps import maps_at
     from .metrics import evaluate
 
@@ -42,8 +53,26 @@ def evaluate_detector(det, test, eval_size):
     scores, maps = det.score_and_map(test.paths)
     elapsed = time.perf_counter() - t0
     row = evaluate(test.y, scores, masks=test.masks, maps=maps_at(maps, eval_size))
+    y, rejected = np.asarray(test.y), scores > det.threshold_
+    row["frr"] = float(rejected[y == 0].mean()) if (y == 0).any() else None
+    row["escape"] = float((~rejected[y == 1]).mean()) if (y == 1).any() else None
+    row["f1"] = float(f1_score(y, rejected, zero_division=0.0))
     row["score_ips"] = len(test.paths) / elapsed
+    row.update(_latency(det, test.paths[:n_latency]))
     return row
+
+
+def _latency(det, paths):
+    """Median and 95th percentile (ms) of scoring one image alone, after a warm-up."""
+    if not paths:
+        return {"p50_ms": None, "p95_ms": None}
+    det.score_and_map(paths[:1])  # first-call costs (allocations, thread pools) are not latency
+    times = []
+    for path in paths:
+        t0 = time.perf_counter()
+        det.score_and_map([path])
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
 
 
 def draw_references(paths, k, seed):
@@ -130,15 +159,24 @@ COLUMNS = {
     "pixel_auroc": ("{:.3f}", "pixel ROC AUC of the maps against ground_truth/"),
     "pro": ("{:.3f}", ("per-region overlap (PRO), area under the curve up to a "
                        "false-positive rate of 0.3, normalised to [0, 1]")),
+    "frr": ("{:.3f}", ("false-reject rate: share of the good test images scored above the "
+                       "detector's threshold_")),
+    "escape": ("{:.3f}", ("escape rate: share of the defective test images scored at or "
+                          "below the threshold_ (missed defects)")),
+    "f1": ("{:.3f}", "F1 score of the defective class at the threshold_"),
     "fit_s": ("{:.1f}", ("seconds to fit (domains: the training on the other categories "
                          "included, on every row) and set the reference")),
-    "score_ips": ("{:.1f}", "test images scored per second, maps included"),
+    "score_ips": ("{:.1f}", "test images scored per second in batches, maps included"),
+    "p50_ms": ("{:.0f}", ("median milliseconds to score one image alone, map included "
+                          "(10 test images, after a warm-up)")),
+    "p95_ms": ("{:.0f}", "95th percentile of the same"),
 }
 _COLUMNS = [(name, fmt) for name, (fmt, _) in COLUMNS.items()]
 
 
 def _format_row(row):
-    return " | ".join(f"{k}={fmt.format(row[k])}" for k, fmt in _COLUMNS if k in row)
+    return " | ".join(f"{k}={fmt.format(row[k])}" for k, fmt in _COLUMNS
+                      if row.get(k) is not None)
 
 
 def markdown_table(rows):
@@ -156,3 +194,30 @@ def markdown_table(rows):
             cells.append(fmt.format(np.mean(vals)) if vals else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_table(rows, path):
+    """Write the rows to ``path``: CSV (``.csv``, the rows only, :data:`COLUMNS` in
+    order, empty where a value does not apply), JSON (``.json``, a list of objects
+    with the full-precision values), else the markdown table with its mean rows."""
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1, default=_json_value) + "\n")
+    elif suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore",
+                                    lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(markdown_table(rows) + "\n")
+
+
+def _json_value(value):
+    # numpy scalars (a seed, a count) as plain numbers
+    return value.item() if isinstance(value, np.generic) else str(value)

@@ -485,7 +485,7 @@ def cmd_demo(args):
 
 
 def cmd_benchmark(args):
-    from ._benchmark import markdown_table, run_benchmark
+    from ._benchmark import markdown_table, run_benchmark, write_table
 
     root = Path(args.data)
     if not root.is_dir():
@@ -504,10 +504,9 @@ def cmd_benchmark(args):
     rows = run_benchmark(factory, str(root), categories, protocol=args.protocol,
                          n_references=args.n_references, seeds=args.seeds,
                          log=lambda line: print(line, file=sys.stderr))
-    table = markdown_table(rows)
-    print(table)
+    print(markdown_table(rows))
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        write_table(rows, args.out)
 
 
 _DESCRIPTION = """\
@@ -647,7 +646,9 @@ def _add_benchmark(sub):
     sp.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], metavar="SEED",
                     help="one row per seed: it draws the k images and is the detector's "
                          "random_state unless --param sets one (default: %(default)s)")
-    sp.add_argument("--out", metavar="FILE", help="also write the markdown table to this file")
+    sp.add_argument("--out", metavar="FILE",
+                    help="also write the table to this file: CSV for FILE.csv, JSON for "
+                         "FILE.json, else markdown")
     _method_options(sp)
     _run_options(sp)
     sp.set_defaults(func=cmd_benchmark)

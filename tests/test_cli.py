@@ -205,6 +205,46 @@ def test_benchmark_prints_a_table(mvtec, capsys):
     assert "| category |" in out and "**mean**" in out
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".md"])
+def test_benchmark_table_files_hold_the_sign_off_metrics(mvtec, tmp_path, capsys, suffix):
+    """The rates at the operating threshold agree with the detector's own predictions,
+    in every format the table is written in."""
+    import json
+
+    from skad._benchmark import COLUMNS as TABLE
+
+    cat = min(p.name for p in mvtec.iterdir())
+    out = tmp_path / f"table{suffix}"
+    assert main(["benchmark", "--data", str(mvtec), "--categories", cat, *TINY,
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    if suffix == ".csv":
+        with open(out, newline="") as fh:
+            reader = csv.DictReader(fh)
+            (row,) = list(reader)
+        assert reader.fieldnames == list(TABLE) and b"\r" not in out.read_bytes()
+    elif suffix == ".json":
+        (row,) = json.loads(out.read_text())
+        assert set(row) == set(TABLE)
+    else:
+        head, _, line, *_ = out.read_text().splitlines()
+        row = dict(zip([c.strip() for c in head.strip("|").split("|")],
+                       [c.strip() for c in line.strip("|").split("|")]))
+    # the same detector, fitted as the benchmark fits it, predicts those rates
+    from skad.datasets import load_mvtec
+
+    det = make_detector("patchcore", [a for a in TINY if a != "--param"], seed=0)
+    det.fit(load_mvtec(mvtec, cat, "train").paths)
+    test = load_mvtec(mvtec, cat, "test")
+    predicted = det.predict(test.paths)
+    frr = predicted[test.y == 0].mean()
+    escape = 1 - predicted[test.y == 1].mean()
+    assert float(row["frr"]) == pytest.approx(frr, abs=1e-3)
+    assert float(row["escape"]) == pytest.approx(escape, abs=1e-3)
+    assert 0 <= float(row["f1"]) <= 1
+    assert 0 < float(row["p50_ms"]) <= float(row["p95_ms"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["fit", "--train", "/nonexistent", "--out", "x.joblib"], "not a folder"),
     (["fit", "--method", "nope", "--train", ".", "--out", "x"], "unknown method"),
