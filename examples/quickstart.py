@@ -16,6 +16,7 @@ import numpy as np
 from skad import PatchCore
 from skad.datasets import load_mvtec, make_textures
 from skad.metrics import evaluate
+from skad.thresholds import conformal_pvalues, find_regions
 from skad.viz import plot_maps
 
 
@@ -39,7 +40,15 @@ def main(argv):
                     verbose=1).fit(train)
     scores, maps = det.score_and_map(test)
     print({k: round(v, 3) for k, v in evaluate(y, scores, masks, maps).items()})
-    print(f"threshold_ = {det.threshold_:.3f}; flagged {det.predict(test).sum()} of {len(y)}")
+    # decisions from the scores and maps already computed (det.predict, det.predict_pvalue
+    # and det.predict_regions would run the network again)
+    flagged = scores > det.threshold_
+    p_values = conformal_pvalues(det.reference_scores_, scores)
+    regions = [find_regions(m, det.pixel_threshold_, min_area=20) for m in maps]
+    print(f"threshold_ = {det.threshold_:.3f}, rejecting at most {det.false_reject_rate_:.3g} "
+          f"of good parts; flagged {flagged.sum()} of {len(y)} (p <= "
+          f"{det.false_reject_rate_:.3g}: {(p_values <= det.false_reject_rate_).sum()}); "
+          f"{sum(map(bool, regions))} with a defect region of 20 pixels or more")
     top = np.argsort(-scores)[:6]  # the six most anomalous test images, with their maps
     try:
         plot_maps([test[i] for i in top], [maps[i] for i in top], [masks[i] for i in top],

@@ -23,6 +23,7 @@ _MODULES = {
     "datasets": ".datasets",
     "metrics": ".metrics",
     "model_selection": ".model_selection",
+    "thresholds": ".thresholds",
 }
 
 __all__ = [*_MODULES, "__version__"]

@@ -122,6 +122,8 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
         for k, seed, refs in runs:
             det = _seeded(make_detector(), seed)
             t0 = time.perf_counter()
+            # too few references for the false_reject_rate warn (CalibrationWarning):
+            # the frr column then shows what the threshold does
             if protocol in ("oneclass", "fewshot") or type(det).__name__ in FIT_IS_REFERENCE:
                 det.fit(refs)
             else:

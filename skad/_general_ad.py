@@ -266,8 +266,13 @@ class GeneralAD(BaseDetector):
         code: without it the border cells, where the backbone's convolutions see zero
         padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
         the paper's maps and image score (Eq. 5).
-    threshold_quantile : float, default=0.99
-        ``threshold_`` is this quantile of the reference images' scores.
+    false_reject_rate : float in (0, 1), default=0.05
+        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
+        are the conformal thresholds that reject a good part with at most this
+        probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    threshold_quantile : float, default="deprecated"
+        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
+        scores, without a guarantee. Use ``false_reject_rate``.
     batch_size : int, default=16
         Images per feature batch and per training step.
     device : str, default="auto"
@@ -295,8 +300,15 @@ class GeneralAD(BaseDetector):
         Mean and standard deviation of the references' maps at each position, at
         ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
-        Scores of the reference images; ``threshold_`` is their quantile.
+        Scores of the reference images.
     threshold_ : float
+    false_reject_rate_ : float
+        The rate ``threshold_`` guarantees (``false_reject_rate``, or
+        ``1 / (n_references + 1)`` when the references are too few).
+    reference_map_maxima_ : ndarray of shape (n_references,)
+        Maxima of the references' maps, as ``reference_scores_``.
+    pixel_threshold_ : float
+        ``predict_mask`` flags the pixels above it.
 
     Notes
     -----
@@ -375,7 +387,7 @@ class GeneralAD(BaseDetector):
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
                  hidden_dim=2048, dropout=0.1, n_epochs=160, learning_rate=5e-4,
                  weight_decay=1e-5, final_learning_rate_ratio=0.2, top_k=10, sigma=None,
-                 standardize_positions=True, threshold_quantile=0.99,
+                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
                  batch_size=16, device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
         self.backbone = backbone
@@ -395,6 +407,7 @@ class GeneralAD(BaseDetector):
         self.top_k = top_k
         self.sigma = sigma
         self.standardize_positions = standardize_positions
+        self.false_reject_rate = false_reject_rate
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

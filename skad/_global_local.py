@@ -357,8 +357,13 @@ class GlobalLocal(BaseDetector):
         border cells, where the Global-Net's context window reaches past the image and is
         masked, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
         the paper's maps and image score (Eq. 13).
-    threshold_quantile : float, default=0.99
-        ``threshold_`` is this quantile of the references' scores.
+    false_reject_rate : float in (0, 1), default=0.05
+        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
+        are the conformal thresholds that reject a good part with at most this
+        probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    threshold_quantile : float, default="deprecated"
+        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
+        scores, without a guarantee. Use ``false_reject_rate``.
     batch_size : int, default=16
         Images per training step (each gives ``n_patches`` windows) and per
         scoring batch.
@@ -391,6 +396,13 @@ class GlobalLocal(BaseDetector):
         ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
     threshold_ : float
+    false_reject_rate_ : float
+        The rate ``threshold_`` guarantees (``false_reject_rate``, or
+        ``1 / (n_references + 1)`` when the references are too few).
+    reference_map_maxima_ : ndarray of shape (n_references,)
+        Maxima of the references' maps, as ``reference_scores_``.
+    pixel_threshold_ : float
+        ``predict_mask`` flags the pixels above it.
 
     Notes
     -----
@@ -488,7 +500,7 @@ class GlobalLocal(BaseDetector):
                  n_epochs=100, distillation_weight=1.0, compactness_weight=1.0, dad_weight=1.0,
                  dad_input="joint", iad_score_weight=0.8, learning_rate=1e-3,
                  n_idw_neighbors=4, idw_power=2.0, image_size=256,
-                 standardize_positions=True, threshold_quantile=0.99,
+                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
                  batch_size=16, device="auto", verbose=0, random_state=None,
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
@@ -519,6 +531,7 @@ class GlobalLocal(BaseDetector):
         self.idw_power = idw_power
         self.image_size = image_size
         self.standardize_positions = standardize_positions
+        self.false_reject_rate = false_reject_rate
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

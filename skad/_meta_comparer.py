@@ -35,7 +35,8 @@ __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_a
 _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
 _GRAD_CLIP = 1.0
-_REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_")
+_REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
+                    "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_")
 
 
 # ------------------------------------------------------------------ meta-comparer and co-attention
@@ -323,8 +324,13 @@ class MetaComparer(BaseDetector):
         Synthetic anomalous images per domain that gets them.
     sigma : float, default=0.0
         Gaussian smoothing of the maps; 0 gives Eq. 6 exactly.
-    threshold_quantile : float, default=0.99
-        ``threshold_`` is this quantile of the references' leave-one-image-out scores.
+    false_reject_rate : float in (0, 1), default=0.05
+        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
+        are the conformal thresholds that reject a good part with at most this
+        probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    threshold_quantile : float, default="deprecated"
+        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
+        scores, without a guarantee. Use ``false_reject_rate``.
     batch_size : int, default=16
     device : str, default="auto"
     verbose : int, default=0
@@ -353,6 +359,13 @@ class MetaComparer(BaseDetector):
     reference_scores_ : ndarray of shape (n_references,)
         Leave-one-image-out scores of the references.
     threshold_ : float
+    false_reject_rate_ : float
+        The rate ``threshold_`` guarantees (``false_reject_rate``, or
+        ``1 / (n_references + 1)`` when the references are too few).
+    reference_map_maxima_ : ndarray of shape (n_references,)
+        Maxima of the references' maps, as ``reference_scores_``.
+    pixel_threshold_ : float
+        ``predict_mask`` flags the pixels above it.
 
     Notes
     -----
@@ -444,7 +457,7 @@ class MetaComparer(BaseDetector):
                  n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
-                 threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
+                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, hidden_sizes=DEPRECATED, fpn_cells=DEPRECATED,
                  fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
                  episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED):
@@ -476,6 +489,7 @@ class MetaComparer(BaseDetector):
         self.synthesize_anomalies = synthesize_anomalies
         self.n_synthetic = n_synthetic
         self.sigma = sigma
+        self.false_reject_rate = false_reject_rate
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device
@@ -660,7 +674,8 @@ class MetaComparer(BaseDetector):
             return self._leave_one_out_scores(parts[0::2])
 
     def _leave_one_out_scores(self, queries):
-        """Each reference scored against the other references' patches (Eq. 5).
+        """Each reference scored against the other references' patches (Eq. 5), and the
+        maximum of its map so scored (Eq. 6; it calibrates ``pixel_threshold_``).
 
         With a single reference, a patch is scored without the reference
         patches of its own 3 x 3 neighbourhood instead; patches with none left
@@ -669,10 +684,12 @@ class MetaComparer(BaseDetector):
         device = self._device()
         n = len(queries[0])
         scores = torch.full((n,), -torch.inf)
+        grids = []  # per scale, the patch values of every reference (n, h, w)
         for qh, bank in zip(queries, self.reference_hidden_):
             _, h, w, _ = qh.shape
             owner = torch.arange(n).repeat_interleave(h * w)
             pos = torch.arange(h * w, device=device)
+            values = torch.empty(n, h * w)
             for i in range(n):
                 q = qh[i].flatten(0, 1).to(device)
                 if n > 1:
@@ -681,19 +698,37 @@ class MetaComparer(BaseDetector):
                     def exclude(qs, rs):
                         return adjacent(pos[qs], pos[rs], w)
                     z = self._patch_values(q, bank.to(device), exclude)
+                values[i] = z.cpu()
                 z = z[torch.isfinite(z)]
                 if len(z):
                     scores[i] = torch.maximum(scores[i], z.max().cpu())
+            grids.append(values.view(n, h, w))
         if not torch.isfinite(scores).all():
             # scoring the reference against its own patches would calibrate on self-matches
-            grids = ", ".join(f"{qh.shape[1]} x {qh.shape[2]}" for qh in queries)
+            sizes = ", ".join(f"{qh.shape[1]} x {qh.shape[2]}" for qh in queries)
             raise ValueError(
                 "MetaComparer cannot calibrate threshold_ on one reference image with patch "
-                f"grids of {grids}: every reference patch lies in the 3 x 3 neighbourhood of "
+                f"grids of {sizes}: every reference patch lies in the 3 x 3 neighbourhood of "
                 "every patch, so the image would be scored against itself. Pass at least 2 "
                 "reference images (or raise image_size)"
             )
-        return scores.numpy()
+        return scores.numpy(), self._map_maxima(grids, scores)
+
+    def _map_maxima(self, grids, scores):
+        """The maximum of each reference's map (Eq. 6, as ``_score_batch``) from its patch
+        values per scale; patches that do not count take the image's largest value, so
+        that the maximum errs high rather than low."""
+        maxima = []
+        for i, top in enumerate(scores):
+            amap = None
+            for g in grids:
+                z = torch.where(torch.isfinite(g[i]), g[i], top)[None]
+                m = upsample(z, self.image_size, mode="nearest")
+                amap = m if amap is None else torch.maximum(amap, m)
+            if self.sigma > 0:
+                amap = gaussian_blur(amap, self.sigma)
+            maxima.append(float(amap.max()))
+        return np.array(maxima)
 
     def _score_batch(self, batch, return_maps):
         parts = self._embed(batch)

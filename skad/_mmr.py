@@ -207,8 +207,13 @@ class MMR(BaseDetector):
         code: without it the border cells, where the teacher's convolutions see zero
         padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
         the paper's maps and image score (Eq. 2).
-    threshold_quantile : float, default=0.99
-        ``threshold_`` is this quantile of the references' scores.
+    false_reject_rate : float in (0, 1), default=0.05
+        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
+        are the conformal thresholds that reject a good part with at most this
+        probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    threshold_quantile : float, default="deprecated"
+        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
+        scores, without a guarantee. Use ``false_reject_rate``.
     batch_size : int, default=16
         Training minibatch (the paper's 16) and scoring batch.
     device : str, default="auto"
@@ -235,6 +240,13 @@ class MMR(BaseDetector):
         ``image_size`` (``standardize_positions=True`` only).
     reference_scores_ : ndarray of shape (n_references,)
     threshold_ : float
+    false_reject_rate_ : float
+        The rate ``threshold_`` guarantees (``false_reject_rate``, or
+        ``1 / (n_references + 1)`` when the references are too few).
+    reference_map_maxima_ : ndarray of shape (n_references,)
+        Maxima of the references' maps, as ``reference_scores_``.
+    pixel_threshold_ : float
+        ``predict_mask`` flags the pixels above it.
 
     Notes
     -----
@@ -326,7 +338,7 @@ class MMR(BaseDetector):
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
                  n_epochs=200, learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  learning_rate_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True,
-                 sigma=4.0, standardize_positions=True, image_size=224, threshold_quantile=0.99,
+                 sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
                  batch_size=16, device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_milestones=DEPRECATED):
         self.teacher = teacher
@@ -346,6 +358,7 @@ class MMR(BaseDetector):
         self.sigma = sigma
         self.image_size = image_size
         self.standardize_positions = standardize_positions
+        self.false_reject_rate = false_reject_rate
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

@@ -368,8 +368,13 @@ class PatchCore(BaseDetector):
         :func:`greedy_coreset` and docs/benchmarks.md for its accuracy).
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
-    threshold_quantile : float, default=0.99
-        ``threshold_`` is this quantile of the references' leave-one-image-out scores.
+    false_reject_rate : float in (0, 1), default=0.05
+        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
+        are the conformal thresholds that reject a good part with at most this
+        probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    threshold_quantile : float, default="deprecated"
+        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
+        scores, without a guarantee. Use ``false_reject_rate``.
     batch_size : int, default=16
     device : str, default="auto"
         "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
@@ -398,6 +403,13 @@ class PatchCore(BaseDetector):
         Leave-one-image-out scores of the reference images.
     threshold_ : float
         ``predict`` flags images scoring above it.
+    false_reject_rate_ : float
+        The rate ``threshold_`` guarantees (``false_reject_rate``, or
+        ``1 / (n_references + 1)`` when the references are too few).
+    reference_map_maxima_ : ndarray of shape (n_references,)
+        Maxima of the references' maps, as ``reference_scores_``.
+    pixel_threshold_ : float
+        ``predict_mask`` flags the pixels above it.
 
     Notes
     -----
@@ -476,7 +488,7 @@ class PatchCore(BaseDetector):
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
                  layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
                  n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
-                 threshold_quantile=0.99, batch_size=16, device="auto", verbose=0,
+                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, n_projections=DEPRECATED, n_reweight=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
@@ -487,6 +499,7 @@ class PatchCore(BaseDetector):
         self.n_reweight_neighbors = n_reweight_neighbors
         self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
+        self.false_reject_rate = false_reject_rate
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device
@@ -525,7 +538,8 @@ class PatchCore(BaseDetector):
         return self._leave_one_out_scores(feats)
 
     def _leave_one_out_scores(self, feats):
-        """Each reference scored against the bank without its own patches (Eq. 7 included).
+        """Each reference scored against the bank without its own patches (Eq. 7 included),
+        and the maximum of its map so scored (which calibrates ``pixel_threshold_``).
 
         With a single reference there is no other image: a patch is scored
         without the bank patches of its own 3 x 3 neighbourhood (which share its
@@ -535,7 +549,7 @@ class PatchCore(BaseDetector):
         bank = self.memory_bank_.to(device)
         owner, pos = self.memory_owner_.to(device), self.memory_position_.to(device)
         h, w = self.feature_grid_
-        scores = []
+        scores, maxima = [], []
         for i, f in enumerate(feats):
             q = f.to(device).flatten(0, 1)
             if len(feats) > 1:
@@ -546,11 +560,18 @@ class PatchCore(BaseDetector):
 
                 def excluded(rows, qpos=qpos):
                     return adjacent(qpos[rows], pos, w)
-            j, s_star, m_star = farthest_patch(q, bank, excluded)
-            if not torch.isfinite(s_star):
+            # every patch, as _score_batch scores a new image's map
+            dist, index = nearest(q, bank, excluded)
+            counts = torch.isfinite(dist)
+            if not counts.any():
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
-            scores.append(self._image_score(q, j, s_star, m_star, bank, excluded=excluded))
-        return torch.stack(scores).cpu().numpy()
+            j = int(torch.argmax(torch.where(counts, dist, -torch.inf)))
+            scores.append(self._image_score(q, j, dist[j], index[j], bank, excluded=excluded))
+            # patches that do not count take the largest distance: the map's maximum, and
+            # with it pixel_threshold_, errs high rather than low
+            grid = torch.where(counts, dist, dist[j]).view(1, h, w)
+            maxima.append(grid_to_map(grid, self.image_size, self.sigma).amax())
+        return torch.stack(scores).cpu().numpy(), torch.stack(maxima).cpu().numpy()
 
     def _no_leave_one_out(self, i, n_references):
         """Why reference ``i`` cannot be scored without its own patches, and what to change."""

@@ -1,18 +1,23 @@
 """BaseDetector: the estimator contract every skad detector keeps.
 
 The base class owns what is the same for every method: input checks, lazy
-batched reading, device resolution, the reference and its threshold,
-``predict``, ``score``, metadata routing of ``groups`` and pickling with
-fitted state on the CPU. A detector implements three hooks:
+batched reading, device resolution, the reference and its conformal
+thresholds (:mod:`skad.thresholds`), the decisions (``predict``,
+``predict_pvalue``, ``predict_mask``, ``predict_regions``), ``score``,
+metadata routing of ``groups`` and pickling with fitted state on the CPU. A
+detector implements three hooks:
 
 ``_fit(images, y, groups)``
     Learn from the training images (an :class:`~skad._images.ImageSet`;
     one-class detectors get the normal images only).
 ``_set_reference(images)``
     Keep what scoring needs from the reference images and return their
-    scores, leave-one-image-out where the references are the comparison set.
-    The default scores them with ``_score_batch`` and keeps nothing: right
-    for detectors whose references only calibrate the threshold.
+    scores and the maxima of their maps (two arrays of shape
+    ``(n_references,)``, the maps as ``_score_batch`` makes them at
+    ``image_size``), leave-one-image-out where the references are the
+    comparison set. The default scores and maps them with ``_score_batch``
+    and keeps nothing: right for detectors whose references only calibrate
+    the thresholds.
 ``_score_batch(batch, return_maps)``
     Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
     return ``(scores (B,), maps (B, h, w) or None)``, the maps only when
@@ -25,9 +30,10 @@ compared, position by position, with the references' maps.
 Parameters are declared once, with their constraints, in scikit-learn's
 ``_parameter_constraints`` style (``sklearn.utils._param_validation``, and
 :mod:`skad._params` for tuples, devices and integers that are not booleans).
-:class:`BaseDetector` declares the six every detector has (``image_size``,
-``batch_size``, ``threshold_quantile``, ``device``, ``verbose``,
-``random_state``); a detector merges its own into them::
+:class:`BaseDetector` declares the seven every detector has (``image_size``,
+``batch_size``, ``false_reject_rate``, ``threshold_quantile`` (deprecated),
+``device``, ``verbose``, ``random_state``); a detector merges its own into
+them::
 
     _parameter_constraints = {**BaseDetector._parameter_constraints,
                               "coreset_ratio": [Reals(0, 1, closed="right")], ...}
@@ -52,13 +58,23 @@ import numpy as np
 import torch
 from sklearn import get_config
 from sklearn.base import BaseEstimator
-from sklearn.utils._param_validation import Hidden
+from sklearn.utils._param_validation import Hidden, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import check_groups, check_images, check_labels, iter_batches
 from ._maps import resize_maps
 from ._params import Devices, Ints, Reals, Sequences, renamed_value, upgrade_state, warn_renamed
 from .metrics import check_image_labels, image_roc_auc
+from .thresholds import (
+    CalibrationWarning,
+    check_min_area,
+    conformal_pvalues,
+    conformal_threshold,
+    false_reject_bound,
+    find_regions,
+    threshold_map,
+    too_few_references_message,
+)
 
 __all__ = ["BaseDetector", "resolve_device"]
 
@@ -87,6 +103,9 @@ def _to_cpu(obj):
     return obj
 
 
+#: the default false_reject_rate of every detector: the smallest rate that 19 references
+#: support (skad.thresholds.min_references)
+_DEFAULT_FALSE_REJECT_RATE = 0.05
 #: references needed to estimate the spread of the maps at each position
 _MIN_POSITION_REFERENCES = 3
 #: the spread at a position is at least this share of the spread over all positions:
@@ -118,7 +137,9 @@ class BaseDetector(BaseEstimator):
     _parameter_constraints: ClassVar[dict] = {
         "image_size": [Ints(1), Sequences(Ints(1), length=2)],
         "batch_size": [Ints(1)],
-        "threshold_quantile": [Reals(0, 1)],
+        "false_reject_rate": [Reals(0, 1, closed="neither")],
+        # deprecated in 0.2 for false_reject_rate: taken with a FutureWarning, not advertised
+        "threshold_quantile": [Reals(0, 1), Hidden(StrOptions({"deprecated"}))],
         # None is read as "auto" (resolve_device): still taken, not advertised
         "device": [Devices(), Hidden(None)],
         "verbose": ["verbose"],
@@ -210,10 +231,16 @@ class BaseDetector(BaseEstimator):
         """Declare the normal appearance of the domain to be scored next.
 
         Keeps what scoring needs from the reference images (one forward pass,
-        no retraining) and calibrates ``threshold_`` as the
-        ``threshold_quantile`` quantile of the references' own scores,
-        computed leave-one-image-out where the references are also the
-        comparison set. A detector with ``standardize_positions=True`` also
+        no retraining), scores them (``reference_scores_``, and the maxima of
+        their maps, ``reference_map_maxima_``), leave-one-image-out where the
+        references are also the comparison set, and calibrates the thresholds
+        on them (:meth:`recalibrate`): ``threshold_``, rejecting a good part
+        with probability at most ``false_reject_rate``, and
+        ``pixel_threshold_``. The guarantee holds for references the detector
+        was not trained on: after ``fit``, a detector that learned from its
+        training images (GeneralAD, MMR, GlobalLocal) scores them lower than
+        new good parts, so call ``set_reference`` with held-out normals before
+        relying on the rate. A detector with ``standardize_positions=True`` also
         keeps the mean and standard deviation of the references' maps at each
         position (``position_mean_``, ``position_std_``, arrays of shape
         ``image_size``) and scores an image by its standardised map (see
@@ -224,7 +251,17 @@ class BaseDetector(BaseEstimator):
         ----------
         normals : ndarray, list of ndarray or list of path-like
             Defect-free images of the target domain (1 to a few hundred; at
-            least 3 with ``standardize_positions=True``).
+            least 3 with ``standardize_positions=True``; at least
+            ``skad.thresholds.min_references(false_reject_rate)`` for the
+            guarantee, 19 for the default 0.05).
+
+        Warns
+        -----
+        skad.thresholds.CalibrationWarning
+            When the references are too few for ``false_reject_rate``
+            (``false_reject_rate < 1 / (n + 1)``): the thresholds are then the
+            largest reference score and map maximum, ``false_reject_rate_`` is
+            ``1 / (n + 1)``.
 
         Raises
         ------
@@ -246,16 +283,17 @@ class BaseDetector(BaseEstimator):
         snapshot = dict(self.__dict__)
         try:
             if self._standardizes_positions():
-                scores = self._set_position_statistics(images)
+                # an image's score is the maximum of its standardised map
+                scores = maxima = self._set_position_statistics(images)
             else:
-                scores = self._set_reference(images)
+                scores, maxima = self._set_reference(images)
                 # statistics of an earlier reference must not outlive it
                 self.__dict__.pop("position_mean_", None)
                 self.__dict__.pop("position_std_", None)
-            scores = np.asarray(scores, dtype=np.float64)
-            self.reference_scores_ = scores
-            self.threshold_ = float(np.quantile(scores, self.threshold_quantile))
+            self.reference_scores_ = np.asarray(scores, dtype=np.float64)
+            self.reference_map_maxima_ = np.asarray(maxima, dtype=np.float64)
             self.n_references_ = len(images)
+            self._calibrate(stacklevel=4)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
@@ -263,10 +301,75 @@ class BaseDetector(BaseEstimator):
         return self
 
     def _set_reference(self, images):
-        """Default: the references' own scores, for detectors that compare an image with
-        itself (its reconstruction, its surroundings), where references only calibrate."""
-        return self._map_images(images, lambda batch: self._score_batch(batch, False)[0],
-                                desc="reference scores").numpy()
+        """Default: the references' own scores and map maxima, for detectors that compare an
+        image with itself (its reconstruction, its surroundings), where references only
+        calibrate."""
+        def outputs(batch):
+            scores, maps = self._score_batch(batch, True)
+            return scores.float(), maps.flatten(1).amax(dim=1).float()
+
+        scores, maxima = self._map_images_multi(images, outputs, desc="reference scores")
+        return scores.numpy(), maxima.numpy()
+
+    # ----------------------------------------------------------- calibration
+    def recalibrate(self):
+        """Recompute the thresholds from the stored reference scores, for the current
+        ``false_reject_rate``.
+
+        :meth:`set_reference` and ``fit`` calibrate; after
+        ``set_params(false_reject_rate=...)`` this applies the new rate at
+        once, without reading any image: ``threshold_`` and
+        ``pixel_threshold_`` become the conformal order statistics of
+        ``reference_scores_`` and ``reference_map_maxima_``
+        (:func:`skad.thresholds.conformal_threshold`), ``false_reject_rate_``
+        the rate ``threshold_`` guarantees. It also undoes
+        :func:`skad.thresholds.tune_threshold`.
+
+        Returns
+        -------
+        self : object
+
+        Warns
+        -----
+        skad.thresholds.CalibrationWarning
+            When the references are too few for ``false_reject_rate``.
+        """
+        self._check_ready()
+        self._check_params()
+        if not hasattr(self, "reference_map_maxima_"):
+            raise RuntimeError(self._needs_new_reference("its reference maps' maxima"))
+        self._calibrate(stacklevel=3)
+        return self
+
+    def _calibrate(self, stacklevel):
+        """``threshold_``, ``false_reject_rate_`` and ``pixel_threshold_`` from the stored
+        reference scores and map maxima (module :mod:`skad.thresholds`)."""
+        scores, maxima = self.reference_scores_, self.reference_map_maxima_
+        if self.threshold_quantile != "deprecated":
+            warnings.warn(
+                "threshold_quantile is deprecated since skad 0.2 and will be removed in 0.3: "
+                "set false_reject_rate (the accepted rate of good parts rejected; about "
+                f"1 - threshold_quantile) instead. threshold_ is still the "
+                f"threshold_quantile={self.threshold_quantile:g} quantile of the reference "
+                "scores, without the conformal guarantee.", FutureWarning, stacklevel=stacklevel)
+            threshold = float(np.quantile(scores, self.threshold_quantile))
+            pixel_threshold = float(np.quantile(maxima, self.threshold_quantile))
+        else:
+            rate = self.false_reject_rate
+            if 1 / (len(scores) + 1) > rate:
+                what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
+                        "largest maximum of their maps)")
+                warnings.warn(f"{type(self).__name__}: " + too_few_references_message(
+                    len(scores), rate, what), CalibrationWarning, stacklevel=stacklevel)
+            threshold = conformal_threshold(scores, rate, warn=False)
+            pixel_threshold = conformal_threshold(maxima, rate, warn=False)
+        self.threshold_ = threshold
+        self.false_reject_rate_ = false_reject_bound(scores, threshold)
+        self.pixel_threshold_ = pixel_threshold
+
+    def _needs_new_reference(self, what):
+        return (f"{type(self).__name__} was calibrated by an earlier skad without {what}: "
+                "call set_reference(normals) again")
 
     def _standardizes_positions(self):
         # a bool: the constraints of the detectors that have the parameter say so
@@ -335,8 +438,115 @@ class BaseDetector(BaseEstimator):
         return scores, maps
 
     def predict(self, X):
-        """0 (normal) / 1 (anomalous): ``decision_function(X) > threshold_``."""
+        """0 (normal) / 1 (anomalous): ``decision_function(X) > threshold_``.
+
+        With the conformal ``threshold_`` (the default), a good part
+        exchangeable with the references is rejected with probability at most
+        ``false_reject_rate_``, and ``predict(X) == (predict_pvalue(X) <=
+        false_reject_rate_)`` exactly.
+        """
         return (self.decision_function(X) > self.threshold_).astype(np.int64)
+
+    def predict_pvalue(self, X):
+        """Conformal p-value of each image against the references; small = anomalous.
+
+        ``(1 + #{reference_scores_ >= s}) / (n_references_ + 1)`` for each
+        score ``s`` of :meth:`decision_function`
+        (:func:`skad.thresholds.conformal_pvalues`): the share of good parts
+        (plus one) that score at least as high, so that a good part gets
+        ``p <= u`` with probability at most ``u``, whatever the detector and
+        its units. Named as scikit-learn's ``predict_proba``, but not a
+        probability of being anomalous: good parts get p-values spread evenly
+        over ``(0, 1]``, and an image scoring above every reference gets the
+        smallest, ``1 / (n_references_ + 1)`` (:mod:`skad.thresholds` says
+        why this name).
+
+        Returns
+        -------
+        p_values : ndarray of shape (n_samples,)
+            In ``[1 / (n_references_ + 1), 1]``, non-increasing in the score.
+        """
+        self._check_ready()
+        return conformal_pvalues(self.reference_scores_, self.decision_function(X))
+
+    def predict_mask(self, X, *, min_area=1):
+        """Predicted defect pixels: ``predict_map(X) > pixel_threshold_``, aligned with each
+        image.
+
+        ``pixel_threshold_`` is calibrated like ``threshold_``, on the maxima
+        of the references' maps (leave-one-image-out where the references are
+        the comparison set), so that a good part gets an empty mask except
+        with probability at most ``false_reject_rate`` (at most
+        ``1 / (n_references_ + 1)`` when the references are too few). This is
+        an image-level guarantee on the whole mask, not a rate per pixel.
+
+        Parameters
+        ----------
+        X : ndarray, list of ndarray or list of path-like
+        min_area : int, default=1
+            Regions (8-connected) of fewer pixels are left out of the mask,
+            counted at each image's own size. Dropping pixels keeps the
+            guarantee.
+
+        Returns
+        -------
+        masks : ndarray of bool, shape (n_samples, height, width), or list of ndarray
+            As :meth:`predict_map`: an array when all images share one size,
+            else a list of 2-D arrays.
+        """
+        check_min_area(min_area)
+        self._check_pixel_ready()
+        maps = self.predict_map(X)
+        masks = [threshold_map(m, self.pixel_threshold_, min_area=min_area) for m in maps]
+        return np.stack(masks) if isinstance(maps, np.ndarray) else masks
+
+    def predict_regions(self, X, *, min_area=1):
+        """Defect regions of each image: the connected regions of :meth:`predict_mask`.
+
+        Parameters
+        ----------
+        X : ndarray, list of ndarray or list of path-like
+        min_area : int, default=1
+            Regions of fewer pixels (at each image's own size) are left out.
+
+        Returns
+        -------
+        regions : list of list of skad.thresholds.Region
+            Per image, its regions, highest peak first, each with ``bbox``
+            ``(row0, col0, row1, col1)`` (half-open, in the image's pixels),
+            ``area`` (pixels), ``peak_score`` and ``mean_score`` (map values).
+            An empty list for an image without predicted defect pixels.
+
+        Examples
+        --------
+        >>> from skad import PatchCore
+        >>> from skad.datasets import make_textures
+        >>> data = make_textures(n_domains=1, n_normal=24, n_anomalous=4, image_size=32,
+        ...                      random_state=0)
+        >>> normal = data.images[data.y == 0]
+        >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=32,
+        ...                 false_reject_rate=0.1, random_state=0).fit(normal[:20])
+        >>> det.false_reject_rate_ <= 0.1
+        True
+        >>> test = data.images[data.y == 1]
+        >>> p = det.predict_pvalue(test)
+        >>> bool(((p <= det.false_reject_rate_) == det.predict(test)).all())
+        True
+        >>> det.predict_mask(test).shape
+        (4, 32, 32)
+        >>> regions = det.predict_regions(test, min_area=4)
+        >>> all(r.area >= 4 for image in regions for r in image)
+        True
+        """
+        min_area = check_min_area(min_area)
+        self._check_pixel_ready()
+        maps = self.predict_map(X)
+        return [find_regions(m, self.pixel_threshold_, min_area=min_area) for m in maps]
+
+    def _check_pixel_ready(self):
+        self._check_ready()
+        if not hasattr(self, "pixel_threshold_"):
+            raise RuntimeError(self._needs_new_reference("a pixel threshold"))
 
     def score(self, X, y):
         """Image-level ROC AUC of ``decision_function(X)`` against ``y`` (1 = anomalous).
@@ -448,8 +658,12 @@ class BaseDetector(BaseEstimator):
         return {k: _to_cpu(v) for k, v in self.__dict__.items()}
 
     def __setstate__(self, state):
-        # pickles of earlier versions hold renamed parameters under their old names
-        super().__setstate__(upgrade_state(state, self._deprecated_parameters))
+        # pickles of earlier versions hold renamed parameters under their old names; one
+        # pickled before false_reject_rate existed (skad 0.1) keeps its threshold_quantile,
+        # and its rule, with the FutureWarning at the next calibration
+        state = upgrade_state(state, self._deprecated_parameters)
+        state.setdefault("false_reject_rate", _DEFAULT_FALSE_REJECT_RATE)
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

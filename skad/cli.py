@@ -213,7 +213,8 @@ def cmd_fit(args):
     _save_atomic(det, args.out)
     print(f"fitted {type(det).__name__} on {len(paths)} images in "
           f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, threshold "
-          f"{det.threshold_:.4g}); saved to {args.out}")
+          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}); "
+          f"saved to {args.out}")
 
 
 def colorize(values):
@@ -296,15 +297,21 @@ def prepare_output(out, *, overwrite=False):
 COLUMNS = {
     "path": "the image file",
     "score": "anomaly score, higher = more anomalous",
+    "p_value": "conformal p-value against the reference images: small = anomalous",
     "predicted_label": "1 when score > threshold (predicted anomalous), else 0",
     "threshold": "the model's threshold_ that predicted_label compares with",
+    "n_regions": "defect regions: connected pixels of the map above pixel_threshold_",
+    "largest_region_area": "pixels of the largest defect region (0 when none)",
     "map": "the overlay PNG's file name, in the results folder",
     "error": "why the image could not be scored (the other columns are then empty)",
 }
 
 
-# headers of the scores.csv that skad score writes, and wrote before the threshold column
-_RESULTS_HEADERS = (tuple(COLUMNS), ("path", "score", "label", "map", "error"))
+# headers of the scores.csv that skad score writes, and wrote before (without the p-value
+# and region columns; without the threshold column)
+_RESULTS_HEADERS = (tuple(COLUMNS),
+                    ("path", "score", "predicted_label", "threshold", "map", "error"),
+                    ("path", "score", "label", "map", "error"))
 
 
 class Results:
@@ -316,10 +323,13 @@ class Results:
     not be scored has its ``path`` and ``error`` only.
     """
 
-    def __init__(self, out, threshold):
+    def __init__(self, out, det):
         self.out = Path(out)
-        self.threshold = threshold
-        self.lo, self.hi = colour_range(threshold)
+        self.threshold = det.threshold_
+        self.reference_scores = det.reference_scores_
+        # models saved before pixel thresholds existed leave the region columns empty
+        self.pixel_threshold = getattr(det, "pixel_threshold_", None)
+        self.lo, self.hi = colour_range(self.threshold)
         self.n_scored = self.n_above = self.n_failed = 0
         self.csv_path = self.out / "scores.csv"
         # open for the whole run (closed by __exit__); a file name that is not valid
@@ -344,14 +354,22 @@ class Results:
         """One scored image: its overlay, then its row."""
         name = _map_name(self.n_scored + self.n_failed, path)
         overlay(image, amap, self.lo, self.hi).save(self.out / name)
+        from .thresholds import conformal_pvalues, find_regions
+
         label = int(score > self.threshold)
-        self._write(path, f"{score:.6g}", label, f"{self.threshold:.6g}", name, "")
+        (p_value,) = conformal_pvalues(self.reference_scores, [score])
+        n_regions = largest = ""
+        if self.pixel_threshold is not None:
+            areas = [r.area for r in find_regions(amap, self.pixel_threshold)]
+            n_regions, largest = len(areas), max(areas, default=0)
+        self._write(path, f"{score:.6g}", f"{p_value:.6g}", label, f"{self.threshold:.6g}",
+                    n_regions, largest, name, "")
         self.n_scored += 1
         self.n_above += label
 
     def add_error(self, path, message):
         """One image that could not be scored."""
-        self._write(path, "", "", "", "", message)
+        self._write(path, *[""] * (len(COLUMNS) - 2), message)
         self.n_failed += 1
 
 
@@ -401,7 +419,7 @@ def cmd_score(args):
     size = det.batch_size
     chunks = [range(k, min(k + size, len(paths))) for k in range(0, len(paths), size)]
     det.set_params(verbose=0)  # one progress line for the run, not one per chunk
-    with Results(out, det.threshold_) as results:
+    with Results(out, det) as results:
         for chunk in progress(chunks, desc="scoring", verbose=args.verbose):
             _score_chunk(det, images, paths, chunk, results)
     failed = (f"; {results.n_failed} could not be read (see the error column)"
@@ -476,7 +494,7 @@ def cmd_demo(args):
         print(f"| {texture} | {res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} | "
               f"{res['pro']:.3f} |")
         images = check_images(test.paths)
-        with Results(prepare_output(out / texture, overwrite=True), det.threshold_) as results:
+        with Results(prepare_output(out / texture, overwrite=True), det) as results:
             for k, (path, score, amap) in enumerate(zip(test.paths, scores, maps)):
                 results.add(path, score, amap, images.read(k))
     print(f"results in {out}{os.sep}: per texture, scores.csv and one overlay PNG per test "

@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ._images import check_images, check_labels
 from ._params import REMOVED_IN, RENAMED_IN
+from .thresholds import CalibrationWarning
 
 __all__ = ["ReferenceScorer"]
 
@@ -41,7 +42,10 @@ class ReferenceScorer:
     The scorer calls ``set_reference`` on the estimator it is given (the
     fold's fitted copy in ``cross_validate`` and ``GridSearchCV``). It needs
     at least ``n_references + 1`` normal images and one anomalous image in
-    each test fold.
+    each test fold. Its metrics rank the scores and do not use the
+    threshold, so it silences the
+    :class:`~skad.thresholds.CalibrationWarning` of references too few for
+    the detector's ``false_reject_rate``.
 
     Examples
     --------
@@ -92,7 +96,10 @@ class ReferenceScorer:
         images = check_images(X)
         y = check_labels(y, len(images))
         refs, scored = self.split_references(y)
-        estimator.set_reference(images.subset(refs))
+        with warnings.catch_warnings():
+            # the metrics rank the scores: the threshold's rate does not matter here
+            warnings.simplefilter("ignore", CalibrationWarning)
+            estimator.set_reference(images.subset(refs))
         scores = estimator.decision_function(images.subset(scored))
         return float(_METRICS[self.metric](y[scored], scores))
 

@@ -53,11 +53,23 @@ def test_fit_then_score(mvtec, tmp_path, capsys):
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert reader.fieldnames == list(COLUMNS) == [
-        "path", "score", "predicted_label", "threshold", "map", "error"]
+        "path", "score", "p_value", "predicted_label", "threshold", "n_regions",
+        "largest_region_area", "map", "error"]
     assert len(rows) == len(list((cat / "test").rglob("*.png")))
     # the threshold used is in the results, and predicted_label is its comparison
     (threshold,) = {float(r["threshold"]) for r in rows}
     assert all(r["predicted_label"] == str(int(float(r["score"]) > threshold)) for r in rows)
+    # the p-values and regions are the detector's own
+    import joblib
+
+    det = joblib.load(model)
+    paths = [r["path"] for r in rows]
+    np.testing.assert_allclose([float(r["p_value"]) for r in rows], det.predict_pvalue(paths),
+                               rtol=1e-5)
+    regions = det.predict_regions(paths)
+    assert [int(r["n_regions"]) for r in rows] == [len(rs) for rs in regions]
+    assert [int(r["largest_region_area"]) for r in rows] == [
+        max((x.area for x in rs), default=0) for rs in regions]
     assert all(Path(r["path"]).is_file() and (out / r["map"]).is_file() for r in rows)
     assert "scored" in capsys.readouterr().out
 

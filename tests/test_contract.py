@@ -5,6 +5,7 @@ Each entry of ``DETECTORS`` builds a tiny, fast configuration (random weights,
 """
 
 import pickle
+import warnings
 
 import joblib
 import numpy as np
@@ -19,6 +20,7 @@ from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_valida
 from skad import MMR, BaseDetector, GeneralAD, GlobalLocal, MetaComparer, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
+from skad.thresholds import CalibrationWarning, conformal_threshold
 
 SIZE = 32
 
@@ -177,8 +179,11 @@ def test_set_reference_recalibrates(fitted, data):
     det.set_reference(other)
     assert det.n_references_ == 5
     assert det.reference_scores_.shape == (5,)
-    assert det.threshold_ == pytest.approx(np.quantile(det.reference_scores_,
-                                                       det.threshold_quantile))
+    assert det.reference_map_maxima_.shape == (5,)
+    assert det.threshold_ == conformal_threshold(det.reference_scores_, det.false_reject_rate,
+                                                 warn=False)
+    assert det.pixel_threshold_ == conformal_threshold(det.reference_map_maxima_,
+                                                       det.false_reject_rate, warn=False)
     with pytest.raises(ValueError, match="normals"):
         det.set_reference([])
 
@@ -198,7 +203,7 @@ def test_random_state_and_global_rng(factory, fit_kwargs, data):
 def test_domain_cross_validation_with_routing(factory, fit_kwargs, data):
     scorer = ReferenceScorer(n_references=3, random_state=0)
     with sklearn.config_context(enable_metadata_routing=True):
-        search = GridSearchCV(factory(), {"threshold_quantile": [0.9, 0.99]},
+        search = GridSearchCV(factory(), {"false_reject_rate": [0.1, 0.3]},
                               cv=LeaveOneGroupOut(), scoring=scorer, refit=False)
         search.fit(data.images, data.y, groups=data.groups, **fit_kwargs)
     scores = search.cv_results_["mean_test_score"]
@@ -218,10 +223,13 @@ def test_cross_validate_in_parallel(data):
 
 
 # ------------------------------------------------------------------ parameters
-SHARED = ("image_size", "batch_size", "threshold_quantile", "device", "verbose", "random_state")
+SHARED = ("image_size", "batch_size", "false_reject_rate", "threshold_quantile", "device",
+          "verbose", "random_state")
 
 BAD_SHARED = [("batch_size", 0), ("batch_size", -1), ("batch_size", 1.5),
-              ("threshold_quantile", 1.5), ("threshold_quantile", -0.1), ("device", 123),
+              ("threshold_quantile", 1.5), ("threshold_quantile", -0.1),
+              ("threshold_quantile", "auto"), ("false_reject_rate", 0.0),
+              ("false_reject_rate", 1.0), ("false_reject_rate", "5%"), ("device", 123),
               ("device", "gpu0"), ("verbose", -1), ("image_size", 0), ("image_size", (0, SIZE)),
               ("image_size", (SIZE,)), ("random_state", "x")]
 
@@ -344,3 +352,99 @@ def test_validation_can_be_skipped_as_in_sklearn():
         det._check_params()
     with pytest.raises(ValueError, match="'batch_size' parameter"):
         det._check_params()
+
+
+# ------------------------------------------------------------------ decisions (issue 15)
+def test_decisions_agree_with_the_thresholds(fitted, data):
+    """Conformal threshold_ and pixel_threshold_, p-values, masks and regions, per detector."""
+    _, _, det = fitted
+    refs = data.images[data.y == 0][-5:]
+    # 5 references support 1/6 at best: a warning, the largest score, and the rate recorded
+    det.set_params(false_reject_rate=0.05)
+    with pytest.warns(CalibrationWarning, match="5 reference images cannot support"):
+        det.set_reference(refs)
+    assert det.threshold_ == det.reference_scores_.max()
+    assert det.pixel_threshold_ == det.reference_map_maxima_.max()
+    assert det.false_reject_rate_ == pytest.approx(1 / 6)
+    # 0.4: (1 + 1) / 6 <= 0.4, the second largest score; applied without reading an image
+    det.set_params(false_reject_rate=0.4)
+    score_batch = det._score_batch
+    det._score_batch = lambda *a: pytest.fail("recalibrate scored images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        det.recalibrate()
+    det._score_batch = score_batch
+    assert det.threshold_ == np.sort(det.reference_scores_)[-2]
+    assert det.pixel_threshold_ == np.sort(det.reference_map_maxima_)[-2]
+    assert det.false_reject_rate_ <= 0.4
+
+    X = data.images[np.r_[0:3, -8:-5, 8:12]]  # normal and anomalous, none a reference
+    scores, maps = det.score_and_map(X)
+    p = det.predict_pvalue(X)
+    assert p.min() >= 1 / 6 and p.max() <= 1
+    order = np.argsort(scores)
+    assert np.all(np.diff(p[order]) <= 0)
+    pred = det.predict(X)
+    assert np.array_equal(pred, (scores > det.threshold_).astype(int))
+    assert np.array_equal(pred, (p <= det.false_reject_rate_).astype(int))
+
+    masks = det.predict_mask(X)
+    assert masks.dtype == bool and masks.shape == maps.shape
+    assert np.array_equal(masks, maps > det.pixel_threshold_)
+    regions = det.predict_regions(X)
+    assert [sum(r.area for r in rs) for rs in regions] == list(masks.sum(axis=(1, 2)))
+    for rs, amap in zip(regions, maps):
+        for r in rs:
+            r0, c0, r1, c1 = r.bbox
+            assert 0 <= r0 < r1 <= amap.shape[0] and 0 <= c0 < c1 <= amap.shape[1]
+            assert r.peak_score == pytest.approx(amap[r0:r1, c0:c1].max())
+            assert r.peak_score > det.pixel_threshold_
+    big = det.predict_regions(X, min_area=20)
+    assert all(r.area >= 20 for rs in big for r in rs)
+    assert np.array_equal(det.predict_mask(X, min_area=20).sum(axis=(1, 2)),
+                          [sum(r.area for r in rs) for rs in big])
+
+    # masks aligned with each input, as predict_map: mixed sizes give a list
+    mixed = [data.images[0], data.images[9][: SIZE - 8, : SIZE - 4], data.images[10][:20]]
+    mixed_masks = det.predict_mask(mixed)
+    assert isinstance(mixed_masks, list)
+    assert [m.shape for m in mixed_masks] == [(SIZE, SIZE), (SIZE - 8, SIZE - 4), (20, SIZE)]
+    mixed_regions = det.predict_regions(mixed)
+    assert [sum(r.area for r in rs) for rs in mixed_regions] == [m.sum() for m in mixed_masks]
+    with pytest.raises(ValueError, match="min_area"):
+        det.predict_mask(X, min_area=0)
+
+
+def test_threshold_quantile_still_works_with_a_future_warning(data):
+    det = _patchcore().set_params(threshold_quantile=0.9)
+    with pytest.warns(FutureWarning, match="threshold_quantile is deprecated"):
+        det.fit(data.images[data.y == 0][:8])
+    assert det.threshold_ == pytest.approx(np.quantile(det.reference_scores_, 0.9))
+    assert det.pixel_threshold_ == pytest.approx(np.quantile(det.reference_map_maxima_, 0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        det.set_params(threshold_quantile="deprecated", false_reject_rate=0.25).recalibrate()
+    assert det.threshold_ == conformal_threshold(det.reference_scores_, 0.25)
+
+
+def test_a_detector_pickled_before_false_reject_rate_loads(data):
+    det = _patchcore().fit(data.images[data.y == 0][:8])
+    X = data.images[-3:]
+    expected = det.predict(X), det.predict_pvalue(X)
+    state = det.__getstate__()
+    for name in ("false_reject_rate", "false_reject_rate_", "pixel_threshold_",
+                 "reference_map_maxima_"):
+        del state[name]
+    state["threshold_quantile"] = 0.99  # the default then
+    old = type(det).__new__(type(det))
+    old.__setstate__(state)
+    assert old.get_params()["false_reject_rate"] == 0.05
+    np.testing.assert_array_equal(old.predict(X), expected[0])
+    np.testing.assert_allclose(old.predict_pvalue(X), expected[1])
+    with pytest.raises(RuntimeError, match="set_reference"):
+        old.predict_mask(X)
+    with pytest.raises(RuntimeError, match="set_reference"):
+        old.recalibrate()
+    with pytest.warns(FutureWarning, match="threshold_quantile"):
+        old.set_reference(data.images[data.y == 0][:8])
+    assert old.predict_mask(X).shape == (3, SIZE, SIZE)

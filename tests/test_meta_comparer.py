@@ -186,10 +186,13 @@ def test_leave_one_out_reference_scores(fitted, data, split):
     refs = data.images[split[1]][:4]
     det = fitted.set_reference(refs)
     loo = det.reference_scores_.copy()
+    loo_maxima = det.reference_map_maxima_.copy()
     for i in range(4):
         others = np.delete(refs, i, axis=0)
-        alone = det.set_reference(others).decision_function(refs[i:i + 1])[0]
-        assert alone == pytest.approx(loo[i], rel=1e-4, abs=1e-4)
+        alone, amap = det.set_reference(others).score_and_map(refs[i:i + 1])
+        assert alone[0] == pytest.approx(loo[i], rel=1e-4, abs=1e-4)
+        # the map maxima that calibrate pixel_threshold_ are left out alike
+        assert amap.max() == pytest.approx(loo_maxima[i], rel=1e-4, abs=1e-4)
     single = det.set_reference(refs[:1])
     assert single.reference_scores_.shape == (1,) and np.isfinite(single.reference_scores_).all()
 

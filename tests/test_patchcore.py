@@ -151,6 +151,14 @@ def test_leave_one_out_reference_scores(textures):
     self_scores = det.decision_function(normals[:5])
     assert np.allclose(self_scores, 0, atol=1e-3)
     assert np.all(det.reference_scores_ > 0.01)
+    # with the whole bank kept, leaving image i out is a reference of the others: the
+    # scores and map maxima that calibrate threshold_ and pixel_threshold_ are theirs
+    for i in (0, 3):
+        others = PatchCore(backbone="test_resnet", weights=None, image_size=64,
+                           coreset_ratio=1.0, random_state=0).fit(np.delete(normals[:5], i, 0))
+        score, amap = others.score_and_map(normals[i:i + 1])
+        assert score[0] == pytest.approx(det.reference_scores_[i], rel=1e-4)
+        assert amap.max() == pytest.approx(det.reference_map_maxima_[i], rel=1e-4)
     one = PatchCore(backbone="test_resnet", weights=None, image_size=64,
                     random_state=0).fit(normals[:1])
     assert one.reference_scores_.shape == (1,) and one.reference_scores_[0] > 0

@@ -11,6 +11,7 @@ import pytest
 
 from skad import MMR, GeneralAD, GlobalLocal
 from skad.datasets import make_textures
+from skad.thresholds import conformal_threshold
 
 SIZE = 32
 
@@ -75,8 +76,11 @@ def test_statistics_and_leave_one_out_reference_scores(data):
         std = np.maximum(others.std(axis=0), 0.1 * np.sqrt(others.var(axis=0).mean()))
         z = (raw[i] - others.mean(axis=0)) / std
         assert det.reference_scores_[i] == pytest.approx(z.max(), rel=1e-3, abs=1e-3)
-    assert det.threshold_ == pytest.approx(np.quantile(det.reference_scores_,
-                                                       det.threshold_quantile))
+    # the scores are the maxima of the standardised maps: they calibrate both thresholds
+    np.testing.assert_array_equal(det.reference_map_maxima_, det.reference_scores_)
+    assert det.threshold_ == conformal_threshold(det.reference_scores_, det.false_reject_rate,
+                                                 warn=False)
+    assert det.pixel_threshold_ == det.threshold_
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -105,6 +109,12 @@ def test_switching_the_option_needs_a_new_reference(data):
     # a reference set without the option drops the statistics of the earlier one
     det.set_params(standardize_positions=False).set_reference(normals[6:])
     assert not hasattr(det, "position_mean_")
+    # the references only calibrate: their own scores and map maxima, as a new image's
+    scores, maps = det.score_and_map(normals[6:])
+    np.testing.assert_allclose(det.reference_scores_, scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(det.reference_map_maxima_, maps.reshape(len(maps), -1).max(1),
+                               rtol=1e-5, atol=1e-6)
+    assert det.pixel_threshold_ in det.reference_map_maxima_
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

@@ -9,7 +9,11 @@ are then scored twice, with the standardisation (each map position against the r
 maps at that position) and without it (the paper's maps and image score). Columns: image
 AUROC, pixel AUROC and PRO of each, and the share of the normal test images whose map
 maximum lies on the outer ring (one-sixteenth of the side; chance: its share of the pixels).
-Skips cleanly when the data folder is absent.
+``--method patchcore`` gives PatchCore's ring share for comparison (it has no
+standardisation: its row fills the paper's columns). ``--held-out N`` fits on all but the
+last N training images and sets those N as the reference, so that the position statistics
+come from images the detector was not fitted on. Skips cleanly when the data folder is
+absent.
 """
 
 import argparse
@@ -49,7 +53,10 @@ def measure(det, test):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", required=True, choices=["generalad", "mmr", "globallocal"])
+    ap.add_argument("--method", required=True,
+                    choices=["generalad", "mmr", "globallocal", "patchcore"])
+    ap.add_argument("--held-out", type=int, default=0, metavar="N",
+                    help="fit on all but the last N training images; they are the reference")
     ap.add_argument("--categories", nargs="+", required=True)
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
@@ -59,7 +66,8 @@ def main():
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
     ring_chance = 1 - (1 - 2 / 16) ** 2
-    print(f"method {args.method}, params {args.param}; ring chance {ring_chance:.2f}")
+    print(f"method {args.method}, params {args.param}, held out {args.held_out}; "
+          f"ring chance {ring_chance:.2f}")
     print("| category | standardised: image / pixel AUROC / PRO / ring "
           "| paper's: image / pixel AUROC / PRO / ring | fit s |")
     print("|---|---|---|---|")
@@ -67,17 +75,26 @@ def main():
     for cat in args.categories:
         test = load_mvtec(args.data, cat, "test", return_masks=True, mask_size=EVAL_SIZE)
         train = load_mvtec(args.data, cat, "train").paths
-        det = make_detector(args.method, [*args.param, "standardize_positions=true"],
-                            offline=True, seed=0)
+        standardizes = args.method != "patchcore"
+        extra = ["standardize_positions=true"] if standardizes else []
+        det = make_detector(args.method, [*args.param, *extra], offline=True, seed=0)
+        fitted, held_out = (train[:-args.held_out], train[-args.held_out:]) if args.held_out \
+            else (train, None)
         t0 = time.perf_counter()
-        det.fit(train)
+        det.fit(fitted)
+        if held_out is not None:
+            det.set_reference(held_out)
         fit_s = time.perf_counter() - t0
-        on = measure(det, test)
-        off = measure(det.set_params(standardize_positions=False), test)
-        rows.append((on, off))
+        on = measure(det, test) if standardizes else None
+        if standardizes:
+            det.set_params(standardize_positions=False)
+            if held_out is not None:  # the paper's maps with the same reference
+                det.set_reference(held_out)
+        off = measure(det, test)
+        rows.append((on or off, off))
         cells = [" / ".join(f"{r[k]:.3f}" if k != "ring" else f"{r[k]:.2f}"
                             for k in ("image_auroc", "pixel_auroc", "pro", "ring"))
-                 for r in (on, off)]
+                 if r is not None else "n/a" for r in (on, off)]
         print(f"| {cat} | {cells[0]} | {cells[1]} | {fit_s:.0f} |", flush=True)
     if len(rows) > 1:
         means = [" / ".join(f"{np.mean([r[i][k] for r in rows]):.3f}"
