@@ -91,7 +91,7 @@ def main():
             if held_out is not None:  # the paper's maps with the same reference
                 det.set_reference(held_out)
         off = measure(det, test)
-        rows.append((on or off, off))
+        rows.append((on, off))
         cells = [" / ".join(f"{r[k]:.3f}" if k != "ring" else f"{r[k]:.2f}"
                             for k in ("image_auroc", "pixel_auroc", "pro", "ring"))
                  if r is not None else "n/a" for r in (on, off)]
@@ -99,7 +99,7 @@ def main():
     if len(rows) > 1:
         means = [" / ".join(f"{np.mean([r[i][k] for r in rows]):.3f}"
                             for k in ("image_auroc", "pixel_auroc", "pro", "ring"))
-                 for i in (0, 1)]
+                 if rows[0][i] is not None else "n/a" for i in (0, 1)]
         print(f"| **mean** | {means[0]} | {means[1]} | |")
     return 0
 
