@@ -217,36 +217,6 @@ def cmd_fit(args):
           f"saved to {args.out}")
 
 
-def colorize(values):
-    """Values in [0, 1] -> uint8 RGB with a blue-green-yellow-red ramp."""
-    v = np.clip(values, 0, 1)[..., None]
-    stops = np.array([[0, 0, 128], [0, 160, 255], [60, 220, 60], [255, 220, 0], [220, 0, 0]],
-                     dtype=np.float32)
-    pos = v * (len(stops) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
-    frac = pos - lo
-    return (stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac).astype(np.uint8)
-
-
-def overlay(image, amap, lo, hi, alpha=0.5):
-    """An RGB uint8 picture of ``amap`` (scaled from [lo, hi]) over ``image``."""
-    from PIL import Image
-
-    heat = colorize((amap - lo) / max(hi - lo, 1e-12))
-    base = (image * 255).astype(np.uint8)
-    return Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
-
-
-def colour_range(threshold):
-    """The map values an overlay draws from blue to red: ``threshold`` is mid-ramp.
-
-    The range is fixed by the model, not by the images of a run, so that every
-    overlay of every run can be compared and a quiet map looks quiet.
-    """
-    half = abs(threshold) or 1.0
-    return threshold - half, threshold + half
-
-
 def _map_name(index, path):
     """``{index:06d}_{stem}.png``: unique in its run and valid on any file system.
 
@@ -264,9 +234,9 @@ def _map_name(index, path):
 
 
 def _previous_outputs(csv_path):
-    """The overlay files a run recorded in its ``scores.csv`` (plain names only)."""
+    """The overlays and raw maps a run recorded in its ``scores.csv`` (plain names only)."""
     with open(csv_path, newline="", encoding="utf-8", errors="replace") as fh:
-        names = [row.get("map") for row in csv.DictReader(fh)]
+        names = [row.get(column) for row in csv.DictReader(fh) for column in ("map", "raw_map")]
     return [n for n in names if n and n == Path(n).name and n not in (".", "..")]
 
 
@@ -302,14 +272,20 @@ COLUMNS = {
     "threshold": "the model's threshold_ that predicted_label compares with",
     "n_regions": "defect regions: connected pixels of the map above pixel_threshold_",
     "largest_region_area": "pixels of the largest defect region (0 when none)",
-    "map": "the overlay PNG's file name, in the results folder",
+    "map": ("the overlay PNG's file name, in the results folder: the map on the model's "
+            "fixed colour scale (pixel threshold mid-scale), the regions outlined in white, "
+            "score, p-value and verdict written on it"),
+    "raw_map": "with --save-maps: the float32 map's file name (.npy or .tiff), else empty",
     "error": "why the image could not be scored (the other columns are then empty)",
 }
+# what --save-maps writes: the suffix of each format
+MAP_FORMATS = {"npy": ".npy", "tiff": ".tiff"}
 
 
-# headers of the scores.csv that skad score writes, and wrote before (without the p-value
-# and region columns; without the threshold column)
+# headers of the scores.csv that skad score writes, and wrote before (without the raw maps;
+# without the p-value and region columns; without the threshold column)
 _RESULTS_HEADERS = (tuple(COLUMNS),
+                    tuple(c for c in COLUMNS if c != "raw_map"),
                     ("path", "score", "predicted_label", "threshold", "map", "error"),
                     ("path", "score", "label", "map", "error"))
 
@@ -320,16 +296,20 @@ class Results:
     Each row is flushed when written, so an interrupted run keeps what it has
     scored, and ``scores.csv`` lists every file the run wrote (see
     :func:`prepare_output`). Columns: :data:`COLUMNS`; an image that could
-    not be scored has its ``path`` and ``error`` only.
+    not be scored has its ``path`` and ``error`` only. ``min_area`` drops
+    smaller regions; ``save_maps`` (a key of :data:`MAP_FORMATS`) also writes
+    each raw map.
     """
 
-    def __init__(self, out, det):
+    def __init__(self, out, det, *, min_area=1, save_maps=None):
         self.out = Path(out)
         self.threshold = det.threshold_
         self.reference_scores = det.reference_scores_
         # models saved before pixel thresholds existed leave the region columns empty
+        # and colour their maps around the image threshold
         self.pixel_threshold = getattr(det, "pixel_threshold_", None)
-        self.lo, self.hi = colour_range(self.threshold)
+        self.min_area = min_area
+        self.save_maps = save_maps
         self.n_scored = self.n_above = self.n_failed = 0
         self.csv_path = self.out / "scores.csv"
         # open for the whole run (closed by __exit__); a file name that is not valid
@@ -351,21 +331,40 @@ class Results:
         self._fh.flush()
 
     def add(self, path, score, amap, image):
-        """One scored image: its overlay, then its row."""
-        name = _map_name(self.n_scored + self.n_failed, path)
-        overlay(image, amap, self.lo, self.hi).save(self.out / name)
-        from .thresholds import conformal_pvalues, find_regions
+        """One scored image: its overlay (and raw map), then its row."""
+        from .thresholds import conformal_pvalues, find_regions, threshold_map
+        from .viz import overlay
 
+        name = _map_name(self.n_scored + self.n_failed, path)
         label = int(score > self.threshold)
         (p_value,) = conformal_pvalues(self.reference_scores, [score])
         n_regions = largest = ""
+        mask = None
         if self.pixel_threshold is not None:
-            areas = [r.area for r in find_regions(amap, self.pixel_threshold)]
+            areas = [r.area for r in find_regions(amap, self.pixel_threshold,
+                                                  min_area=self.min_area)]
             n_regions, largest = len(areas), max(areas, default=0)
+            mask = threshold_map(amap, self.pixel_threshold, min_area=self.min_area)
+        text = f"{score:.4g}  p={p_value:.3g}  {'REJECT' if label else 'pass'}"
+        mid = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
+        overlay(image, amap, mid, mask=mask, text=text).save(self.out / name)
+        raw = self._save_map(name, amap) if self.save_maps else ""
         self._write(path, f"{score:.6g}", f"{p_value:.6g}", label, f"{self.threshold:.6g}",
-                    n_regions, largest, name, "")
+                    n_regions, largest, name, raw, "")
         self.n_scored += 1
         self.n_above += label
+
+    def _save_map(self, overlay_name, amap):
+        """The raw map as float32 beside its overlay; returns its file name."""
+        name = Path(overlay_name).stem + MAP_FORMATS[self.save_maps]
+        amap = np.asarray(amap, dtype=np.float32)
+        if self.save_maps == "npy":
+            np.save(self.out / name, amap)
+        else:
+            from PIL import Image
+
+            Image.fromarray(amap, mode="F").save(self.out / name)  # 32-bit float TIFF
+        return name
 
     def add_error(self, path, message):
         """One image that could not be scored."""
@@ -419,7 +418,7 @@ def cmd_score(args):
     size = det.batch_size
     chunks = [range(k, min(k + size, len(paths))) for k in range(0, len(paths), size)]
     det.set_params(verbose=0)  # one progress line for the run, not one per chunk
-    with Results(out, det) as results:
+    with Results(out, det, min_area=args.min_area, save_maps=args.save_maps) as results:
         for chunk in progress(chunks, desc="scoring", verbose=args.verbose):
             _score_chunk(det, images, paths, chunk, results)
     failed = (f"; {results.n_failed} could not be read (see the error column)"
@@ -589,6 +588,16 @@ def _add_fit(sub):
     sp.set_defaults(func=cmd_fit)
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
 def _add_score(sub):
     columns = "\n".join(f"  {k:<16} {v}" for k, v in COLUMNS.items())
     sp = sub.add_parser("score", help="score images with a saved detector",
@@ -609,6 +618,12 @@ def _add_score(sub):
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the files a previous run wrote to --out (listed in its "
                          "scores.csv); other files are kept")
+    sp.add_argument("--min-area", type=_positive_int, default=1, metavar="PIXELS",
+                    help="defect regions smaller than this are dropped from n_regions, "
+                         "largest_region_area and the outlines (default: %(default)s)")
+    sp.add_argument("--save-maps", choices=list(MAP_FORMATS),
+                    help="also write each raw anomaly map as float32: npy (numpy.load) or "
+                         "tiff (32-bit float TIFF, for image tools); named in raw_map")
     _run_options(sp)
     sp.set_defaults(func=cmd_score)
 

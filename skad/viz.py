@@ -1,10 +1,101 @@
-"""Figures of anomaly maps (needs matplotlib: ``pip install "skad[viz]"``)."""
+"""Pictures of anomaly maps: overlays that ``skad score`` writes, and figures.
+
+One palette for the library, :data:`CMAP` (matplotlib's), on a colour scale
+that the model fixes (:func:`colour_range`), never the images of a run: the
+same image gets the same colours whether it is scored alone or with others.
+"""
 
 import numpy as np
+from scipy import ndimage
 
 from ._images import check_images
 
-__all__ = ["plot_maps"]
+__all__ = ["CMAP", "colour_range", "overlay", "plot_maps"]
+
+#: matplotlib colormap of every map skad draws: low blue, the threshold green-yellow,
+#: high red
+CMAP = "turbo"
+
+
+def colour_range(threshold):
+    """``(low, high)``: the map values drawn from the first to the last colour of
+    :data:`CMAP`, with ``threshold`` in the middle (``threshold -/+ |threshold|``, or
+    ``-/+ 1`` for a threshold of 0).
+
+    The range depends on the model only, so that every overlay of every run can be
+    compared and a quiet map looks quiet.
+
+    Examples
+    --------
+    >>> from skad.viz import colour_range
+    >>> colour_range(2.5)
+    (0.0, 5.0)
+    """
+    half = abs(threshold) or 1.0
+    return threshold - half, threshold + half
+
+
+def _colormap():
+    try:
+        import matplotlib
+    except ImportError as err:  # a dependency of skad: only a broken install lacks it
+        raise ImportError("skad's pictures need matplotlib: pip install matplotlib") from err
+    return matplotlib.colormaps[CMAP]
+
+
+def overlay(image, amap, threshold, *, mask=None, text=None, alpha=0.5):
+    """An RGB picture of ``amap`` over ``image``, on the model's fixed colour scale.
+
+    Parameters
+    ----------
+    image : ndarray of shape (height, width, 3)
+        Float RGB in [0, 1] (as detectors read images).
+    amap : ndarray of shape (height, width)
+        The image's anomaly map (``predict_map``).
+    threshold : float
+        The map value drawn mid-scale (:func:`colour_range`): the detector's
+        ``pixel_threshold_`` where it has one, else its ``threshold_``.
+    mask : ndarray of bool, shape (height, width), optional
+        Predicted defect pixels (``predict_mask``): their regions' outlines are
+        drawn in white.
+    text : str, optional
+        Written on a dark band at the top (the score, p-value and verdict).
+    alpha : float, default=0.5
+        Weight of the colours over the image.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB, the image's size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skad.viz import overlay
+    >>> amap = np.zeros((32, 32)); amap[8:16, 8:16] = 4.0
+    >>> picture = overlay(np.full((32, 32, 3), 0.5), amap, 2.0, mask=amap > 2.0,
+    ...                   text="reject")
+    >>> picture.size, picture.mode
+    ((32, 32), 'RGB')
+    """
+    from PIL import Image, ImageDraw
+
+    image, amap = np.asarray(image, dtype=np.float32), np.asarray(amap, dtype=np.float32)
+    if image.shape[:2] != amap.shape:
+        raise ValueError(f"image {image.shape[:2]} and map {amap.shape} differ in size")
+    lo, hi = colour_range(threshold)
+    heat = _colormap()(np.clip((amap - lo) / (hi - lo), 0, 1))[..., :3]
+    rgb = image * (1 - alpha) + heat * alpha
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        rgb[mask & ~ndimage.binary_erosion(mask, border_value=1)] = 1.0  # outlines
+    picture = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    if text:
+        draw = ImageDraw.Draw(picture)
+        _, _, right, bottom = draw.textbbox((2, 1), text)
+        draw.rectangle((0, 0, right + 2, bottom + 1), fill=(0, 0, 0))
+        draw.text((2, 1), text, fill=(255, 255, 255))
+    return picture
 
 
 def plot_maps(images, maps, masks=None, *, path=None, scores=None):
@@ -39,7 +130,7 @@ def plot_maps(images, maps, masks=None, *, path=None, scores=None):
         # a Figure without pyplot: no backend is switched and nothing is kept open
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError('plot_maps needs matplotlib: pip install "skad[viz]"') from err
+        raise ImportError("skad's pictures need matplotlib: pip install matplotlib") from err
     images = check_images(images, name="images")
     if len(maps) != len(images) or (masks is not None and len(masks) != len(images)):
         raise ValueError(f"got {len(images)} images, {len(maps)} maps"
@@ -50,7 +141,7 @@ def plot_maps(images, maps, masks=None, *, path=None, scores=None):
     axes = fig.subplots(rows, n, squeeze=False)
     for j in range(n):
         axes[0, j].imshow(images.read(j))
-        axes[1, j].imshow(np.asarray(maps[j]), cmap="inferno")
+        axes[1, j].imshow(np.asarray(maps[j]), cmap=CMAP)
         if masks is not None:
             axes[2, j].imshow(np.asarray(masks[j]), cmap="gray")
         if scores is not None:

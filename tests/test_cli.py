@@ -54,7 +54,7 @@ def test_fit_then_score(mvtec, tmp_path, capsys):
         rows = list(reader)
     assert reader.fieldnames == list(COLUMNS) == [
         "path", "score", "p_value", "predicted_label", "threshold", "n_regions",
-        "largest_region_area", "map", "error"]
+        "largest_region_area", "map", "raw_map", "error"]
     assert len(rows) == len(list((cat / "test").rglob("*.png")))
     # the threshold used is in the results, and predicted_label is its comparison
     (threshold,) = {float(r["threshold"]) for r in rows}
@@ -577,3 +577,89 @@ def test_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_the_same_image_gets_the_same_picture_alone_or_with_others(model, mvtec, tmp_path):
+    """Overlays are on the model's colour scale, not the run's: a good image scored with
+    others and scored alone gives the same PNG, pixel for pixel."""
+    cat = min(mvtec.iterdir())
+    first = min((cat / "test" / "good").glob("*.png"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / first.name).write_bytes(first.read_bytes())
+    pictures = []
+    for images, out in ((cat / "test", tmp_path / "all"), (alone, tmp_path / "one")):
+        assert main(["score", "--model", str(model), "--images", str(images),
+                     "--out", str(out)]) == 0
+        (row,) = [r for r in _rows(out) if Path(r["path"]).name == first.name]
+        pictures.append(np.asarray(Image.open(out / row["map"])))
+    np.testing.assert_array_equal(pictures[0], pictures[1])
+
+
+def _band_height(text):
+    from PIL import ImageDraw
+
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((2, 1), text)[3] + 2
+
+
+def test_overlays_carry_the_verdict_and_outline_the_regions(model, tmp_path):
+    import joblib
+    from scipy import ndimage
+
+    det = joblib.load(model)
+    images = _images(tmp_path / "images", n=3, size=(64, 96))
+    # a pixel threshold at the maps' median, so that there are regions to outline
+    det.pixel_threshold_ = float(np.median(det.predict_map([str(p) for p in
+                                                            sorted(images.iterdir())])))
+    model = tmp_path / "low.joblib"
+    joblib.dump(det, model)
+    out = tmp_path / "res"
+    assert main(["score", "--model", str(model), "--images", str(images), "--out", str(out)]) == 0
+    assert all(int(r["n_regions"]) > 0 for r in _rows(out))
+    for row in _rows(out):
+        picture = np.asarray(Image.open(out / row["map"]).convert("RGB"))
+        assert picture.shape == (64, 96, 3)
+        verdict = "REJECT" if row["predicted_label"] == "1" else "pass"
+        text = f"{float(row['score']):.4g}  p={float(row['p_value']):.3g}  {verdict}"
+        band = _band_height(text)
+        assert (picture[:band, 0] == 0).all()  # the text band, top left
+        # below it, the white pixels are exactly the outlines of the predicted regions
+        mask = det.predict_mask([row["path"]])[0]
+        outline = mask & ~ndimage.binary_erosion(mask, border_value=1)
+        white = (picture == 255).all(axis=-1)
+        np.testing.assert_array_equal(white[band:], outline[band:])
+        assert (int(row["n_regions"]) > 0) == bool(mask.any())
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tiff"])
+def test_raw_maps_on_request_equal_predict_map(model, tmp_path, fmt):
+    import joblib
+
+    det = joblib.load(model)
+    images = _images(tmp_path / "images", n=3, size=(24, 40))
+    out = tmp_path / "res"
+    argv = ["score", "--model", str(model), "--images", str(images), "--out", str(out)]
+    assert main([*argv, "--save-maps", fmt]) == 0
+    for row in _rows(out):
+        path = out / row["raw_map"]
+        saved = np.load(path) if fmt == "npy" else np.asarray(Image.open(path))
+        assert saved.dtype == np.float32 and saved.shape == (24, 40)
+        np.testing.assert_allclose(saved, det.predict_map([row["path"]])[0], rtol=1e-5,
+                                   atol=1e-6)
+    # --overwrite removes them with the rest of the previous run; no maps unless asked
+    assert main([*argv, "--overwrite"]) == 0
+    assert not list(out.glob(f"*.{fmt}")) and all(r["raw_map"] == "" for r in _rows(out))
+
+
+def test_min_area_drops_small_regions(model, tmp_path):
+    images = _images(tmp_path / "images", n=3)
+    counts = {}
+    for min_area in (1, 10_000):
+        out = tmp_path / f"res{min_area}"
+        assert main(["score", "--model", str(model), "--images", str(images), "--out", str(out),
+                     "--min-area", str(min_area)]) == 0
+        counts[min_area] = [int(r["n_regions"]) for r in _rows(out)]
+    assert counts[10_000] == [0, 0, 0] and len(counts[1]) == 3
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(model), "--images", str(images),
+              "--out", str(tmp_path / "bad"), "--min-area", "0"])
