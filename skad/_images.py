@@ -420,6 +420,7 @@ def iter_batches(images, batch_size, image_size, *, verbose=0, desc="images"):
     """
     n = len(images)
     starts = range(0, n, batch_size)
-    for start in progress(starts, total=len(starts), desc=desc, verbose=verbose):
+    for start in progress(starts, total=len(starts), desc=desc, verbose=verbose,
+                          unit="batch "):  # batches of batch_size images, not images
         idx = np.arange(start, min(start + batch_size, n))
         yield idx, torch.stack([load_resized(images, int(i), image_size) for i in idx])

@@ -17,6 +17,7 @@ and argument errors answer at once.
 import argparse
 import contextlib
 import csv
+import difflib
 import hashlib
 import json
 import logging
@@ -156,17 +157,25 @@ def list_images(folder, exclude=()):
     return paths
 
 
-def _training_set(folder):
-    """``(paths, y, groups)`` from an MVTec category, an MVTec root or a plain folder."""
+def _training_set(folder, labelled):
+    """``(paths, y, groups)`` from an MVTec category, an MVTec root or a plain folder.
+
+    From a root, a detector that learns from labels (``labelled``: MetaComparer) gets
+    every image of every category, with labels and domains; a one-class detector gets
+    the train/good images of every category, never test images.
+    """
     folder = Path(folder)
     if (folder / "train" / "good").is_dir():
         return list_images(folder / "train" / "good"), None, None
     from .datasets import find_categories, load_labelled_domains
 
     categories = find_categories(folder) if folder.is_dir() else []
-    if categories:
+    if categories and labelled:
         data = load_labelled_domains(folder, categories)
         return data.paths, data.y, data.groups
+    if categories:
+        return [p for c in categories for p in list_images(folder / c / "train" / "good")], \
+            None, None
     return list_images(folder), None, None
 
 
@@ -205,16 +214,20 @@ def _load_model(path):
 def cmd_fit(args):
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
                         verbose=args.verbose, seed=args.seed)
-    paths, y, groups = _training_set(args.train)
+    paths, y, groups = _training_set(args.train, labelled=not det._one_class)
     t0 = time.perf_counter()
     det.fit(paths, y, groups=groups)
     if args.reference:
         det.set_reference(list_images(args.reference))
     _save_atomic(det, args.out)
+    # the pretrained network a detector builds on (MMR's student may start from scratch)
+    params = det.get_params()
+    random = (", RANDOM backbone weights: for tests only"
+              if any(params.get(n, "") is None for n in ("weights", "teacher_weights")) else "")
     print(f"fitted {type(det).__name__} on {len(paths)} images in "
           f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, threshold "
-          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}); "
-          f"saved to {args.out}")
+          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
+          f"{random}); saved to {args.out}")
 
 
 def _map_name(index, path):
@@ -240,6 +253,15 @@ def _previous_outputs(csv_path):
     return [n for n in names if n and n == Path(n).name and n not in (".", "..")]
 
 
+def _output_folder(out):
+    """``out`` as a folder, made if new; a file there is a one-line error, not an OSError."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out must be a folder; {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def prepare_output(out, *, overwrite=False):
     """Make ``out`` ready for one run's results, never mixed with another run's.
 
@@ -247,8 +269,7 @@ def prepare_output(out, *, overwrite=False):
     With ``overwrite``, the files a previous run recorded in its
     ``scores.csv`` are removed first; other files are left alone.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out)
     if not any(not is_debris(p.name) for p in out.iterdir()):
         return out
     previous = out / "scores.csv"
@@ -399,6 +420,8 @@ def cmd_score(args):
     from ._images import ImageSet
     from ._progress import progress
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before the model loads
+        raise CLIError(f"--out must be a folder; {args.out} is a file")
     det = _load_model(args.model)
     det.set_params(device=args.device, verbose=args.verbose)
     if args.reference:
@@ -436,8 +459,7 @@ def _demo_folder(out, overwrite):
     """
     if out is None:
         return Path(tempfile.mkdtemp(prefix="skad-demo-"))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out)
     if not overwrite and any(not is_debris(p.name) for p in out.iterdir()):
         raise CLIError(f"{out} is not empty: choose a new or empty folder, or pass "
                        "--overwrite to replace a previous demo's results")
@@ -544,11 +566,30 @@ downloads. Without it, each method's paper backbone is looked for in local cache
 then downloaded; SKAD_OFFLINE=1 forbids the download. See docs/usage.md."""
 
 
+def _method_name(text):
+    """--method, checked when the command line is read (exit status 2, before torch loads)."""
+    key = text.lower().replace("-", "").replace("_", "")
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, METHODS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown method {text!r}{hint} (choose from {', '.join(METHODS)})")
+    return text
+
+
+def _param_item(text):
+    """--param, checked for its NAME=VALUE form when the command line is read."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE; got {text!r}")
+    return text
+
+
 def _method_options(sp):
     """--method, --param, --offline and --seed: the options that build a detector."""
-    sp.add_argument("--method", default="patchcore", metavar="METHOD",
+    sp.add_argument("--method", default="patchcore", metavar="METHOD", type=_method_name,
                     help=f"detector: {', '.join(METHODS)} (default: %(default)s)")
     sp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    type=_param_item,
                     help="a detector parameter, VALUE read as JSON where it parses "
                          "(image_size=[256,640], weights=null), else as text; repeatable")
     sp.add_argument("--offline", action="store_true",
@@ -573,8 +614,9 @@ def _add_fit(sub):
                         description="Fit a detector on images of good parts (or, for "
                                     "metacomparer, a labelled MVTec root) and save it.")
     sp.add_argument("--train", required=True, metavar="DIR",
-                    help="folder of normal images (subfolders too), an MVTec category, or "
-                         "an MVTec root (all categories, with labels)")
+                    help="folder of normal images (subfolders too), an MVTec category (its "
+                         "train/good), or an MVTec root: train/good of every category for "
+                         "one-class methods, every image with its label for metacomparer")
     sp.add_argument("--reference", metavar="DIR",
                     help="folder of normal images to set as the reference after fitting "
                          "(default: the training images)")

@@ -259,7 +259,6 @@ def test_benchmark_table_files_hold_the_sign_off_metrics(mvtec, tmp_path, capsys
 
 @pytest.mark.parametrize("argv, message", [
     (["fit", "--train", "/nonexistent", "--out", "x.joblib"], "not a folder"),
-    (["fit", "--method", "nope", "--train", ".", "--out", "x"], "unknown method"),
     (["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"], "does not exist"),
     (["score", "--model", "/", "--images", ".", "--out", "r"], "/ is not a file"),
     (["benchmark", "--data", "/nonexistent"], "does not exist"),
@@ -663,3 +662,38 @@ def test_min_area_drops_small_regions(model, tmp_path):
     with pytest.raises(SystemExit):
         main(["score", "--model", str(model), "--images", str(images),
               "--out", str(tmp_path / "bad"), "--min-area", "0"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--method", "patchcor", "--train", ".", "--out", "x"],
+     "unknown method 'patchcor'; did you mean patchcore?"),
+    (["benchmark", "--method", "nope", "--data", "."], "unknown method 'nope'"),
+    (["fit", "--train", ".", "--out", "x", "--param", "coreset_ratio"],
+     "expected NAME=VALUE; got 'coreset_ratio'"),
+    (["benchmark", "--data", ".", "--param", "k"], "expected NAME=VALUE"),
+])
+def test_command_line_mistakes_exit_2_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_mvtec_root_gives_one_class_methods_train_good_only(mvtec, tmp_path, capsys):
+    """From a root, PatchCore fits on every category's train/good, never on test images."""
+    n_train = sum(len(list((c / "train" / "good").glob("*.png"))) for c in mvtec.iterdir())
+    assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m.joblib"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert f"fitted PatchCore on {n_train} images" in out
+    assert "RANDOM backbone weights: for tests only" in out  # TINY has weights=null
+
+
+@pytest.mark.parametrize("command", ["score", "demo"])
+def test_an_output_that_is_a_file_is_a_one_line_error(model, tmp_path, capsys, command):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    argv = (["score", "--model", str(model), "--images", str(tmp_path), "--out", str(target)]
+            if command == "score" else ["demo", "--out", str(target)])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"skad: error: --out must be a folder; {target} is a file\n"
+    assert target.read_text() == "mine"
