@@ -7,6 +7,7 @@ Runs offline: the tf_efficientnet_lite0 ImageNet weights come from the
     python examples/quickstart.py ../shared/data aitex_00   # an MVTec-layout category
 """
 
+import os
 import sys
 import tempfile
 
@@ -50,16 +51,16 @@ def main(argv):
           f"{det.false_reject_rate_:.3g}: {(p_values <= det.false_reject_rate_).sum()}); "
           f"{sum(map(bool, regions))} with a defect region of 20 pixels or more")
     top = np.argsort(-scores)[:6]  # the six most anomalous test images, with their maps
-    try:
-        plot_maps([test[i] for i in top], [maps[i] for i in top], [masks[i] for i in top],
-                  path="quickstart_maps.png", scores=scores[top])
-        print("saved the maps of the 6 highest-scored images to quickstart_maps.png")
-    except ImportError as err:  # matplotlib is optional
-        print(err)
+    figure = os.path.join(tempfile.gettempdir(), "skad_quickstart_maps.png")
+    plot_maps([test[i] for i in top], [maps[i] for i in top], [masks[i] for i in top],
+              path=figure, scores=scores[top])
+    print(f"saved the maps of the 6 highest-scored images to {figure}")
     with tempfile.TemporaryDirectory() as tmp:
         joblib.dump(det, f"{tmp}/patchcore.joblib")
         again = joblib.load(f"{tmp}/patchcore.joblib")
-        assert np.allclose(again.decision_function(test[:4]), scores[:4])
+        # the same images in the same batches: the CPU's convolutions round differently
+        # for another batch size (about 1e-5 of the score), not for a reloaded model
+        assert np.array_equal(again.decision_function(test[:4]), det.decision_function(test[:4]))
     print("saved and reloaded with identical scores")
 
 

@@ -212,6 +212,8 @@ def _load_model(path):
 
 
 def cmd_fit(args):
+    if not Path(args.train).is_dir():  # before the detector (and torch) loads
+        raise CLIError(f"{args.train} is not a folder")
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
                         verbose=args.verbose, seed=args.seed)
     paths, y, groups = _training_set(args.train, labelled=not det._one_class)
@@ -417,12 +419,12 @@ def _score_chunk(det, images, paths, indices, results):
 
 
 def cmd_score(args):
-    from ._images import ImageSet
-    from ._progress import progress
-
     if Path(args.out).exists() and not Path(args.out).is_dir():  # before the model loads
         raise CLIError(f"--out must be a folder; {args.out} is a file")
     det = _load_model(args.model)
+    from ._images import ImageSet  # torch: after the checks that need none
+    from ._progress import progress
+
     det.set_params(device=args.device, verbose=args.verbose)
     if args.reference:
         det.set_reference(list_images(args.reference))
@@ -774,21 +776,27 @@ def _downloads_off(offline):
             os.environ["SKAD_OFFLINE"] = before
 
 
+def _one_line(exc):
+    """The message of an error that stopped a command, as one line."""
+    # looked up, not imported: naming skad.WeightsNotFoundError would load torch and timm
+    # before every error message, and only skad._backbone raises it
+    backbone = sys.modules.get("skad._backbone")
+    if backbone is not None and isinstance(exc, backbone.WeightsNotFoundError):
+        # the library's message lists Python remedies; the command line has its own
+        reason = str(exc).splitlines()[0].rstrip(".")
+        return (f"{reason}. Add --offline (the packaged ImageNet weights of "
+                "tf_efficientnet_lite0), or --param weights=/path/to/state_dict.pth")
+    return str(exc)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     with _log_to_stderr(args.verbose), _downloads_off(getattr(args, "offline", False)):
         try:
             return args.func(args) or 0
-        except skad.WeightsNotFoundError as exc:
-            # the library's message lists Python remedies; the command line has its own
-            reason = str(exc).splitlines()[0].rstrip(".")
-            print(f"skad: error: {reason}. Add --offline (the packaged ImageNet weights of "
-                  "tf_efficientnet_lite0), or --param weights=/path/to/state_dict.pth",
-                  file=sys.stderr)
-            return 1
         except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
                 FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
-            print(f"skad: error: {exc}", file=sys.stderr)
+            print(f"skad: error: {_one_line(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("skad: interrupted", file=sys.stderr)

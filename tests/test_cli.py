@@ -578,6 +578,21 @@ def test_help_imports_no_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("argv", [
+    ["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"],
+    ["fit", "--train", "/no/folder", "--out", "m.joblib"],
+    ["benchmark", "--data", "/no/folder"],
+])
+def test_usage_errors_do_not_wait_for_torch(argv, tmp_path):
+    """A mistyped path is reported before torch and timm load (seconds on a busy machine)."""
+    code = ("import sys, skad.cli; rc = skad.cli.main(sys.argv[1:]); "
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm'}))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         check=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "1 []" and out.stderr.startswith("skad: error:")
+
+
 def test_the_same_image_gets_the_same_picture_alone_or_with_others(model, mvtec, tmp_path):
     """Overlays are on the model's colour scale, not the run's: a good image scored with
     others and scored alone gives the same PNG, pixel for pixel."""
