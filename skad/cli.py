@@ -386,7 +386,7 @@ class Results:
         else:
             from PIL import Image
 
-            Image.fromarray(amap, mode="F").save(self.out / name)  # 32-bit float TIFF
+            Image.fromarray(amap).save(self.out / name)  # float32 -> mode F: 32-bit float TIFF
         return name
 
     def add_error(self, path, message):
