@@ -368,7 +368,10 @@ class Results:
                                                   min_area=self.min_area)]
             n_regions, largest = len(areas), max(areas, default=0)
             mask = threshold_map(amap, self.pixel_threshold, min_area=self.min_area)
-        text = f"{score:.4g}  p={p_value:.3g}  {'REJECT' if label else 'pass'}"
+        # the image threshold decides; a reject whose map has no pixel above the pixel
+        # threshold (the two are calibrated apart) says so rather than show nothing
+        verdict = ("REJECT, no region" if n_regions == 0 else "REJECT") if label else "pass"
+        text = f"{score:.4g}  p={p_value:.3g}  {verdict}"
         mid = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
         overlay(image, amap, mid, mask=mask, text=text).save(self.out / name)
         raw = self._save_map(name, amap) if self.save_maps else ""

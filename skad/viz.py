@@ -59,14 +59,16 @@ def overlay(image, amap, threshold, *, mask=None, text=None, alpha=0.5):
         Predicted defect pixels (``predict_mask``): their regions' outlines are
         drawn in white.
     text : str, optional
-        Written on a dark band at the top (the score, p-value and verdict).
+        Written on a black band added above the image (the score, p-value and
+        verdict), which hides none of it.
     alpha : float, default=0.5
         Weight of the colours over the image.
 
     Returns
     -------
     PIL.Image.Image
-        RGB, the image's size.
+        RGB, the image's size; with ``text``, taller by the band (and wider if the
+        text is wider than the image), the image at the bottom left.
 
     Examples
     --------
@@ -75,8 +77,10 @@ def overlay(image, amap, threshold, *, mask=None, text=None, alpha=0.5):
     >>> amap = np.zeros((32, 32)); amap[8:16, 8:16] = 4.0
     >>> picture = overlay(np.full((32, 32, 3), 0.5), amap, 2.0, mask=amap > 2.0,
     ...                   text="reject")
-    >>> picture.size, picture.mode
-    ((32, 32), 'RGB')
+    >>> picture.mode, picture.height > 32
+    ('RGB', True)
+    >>> overlay(np.full((32, 32, 3), 0.5), amap, 2.0).size
+    (32, 32)
     """
     from PIL import Image, ImageDraw
 
@@ -90,12 +94,14 @@ def overlay(image, amap, threshold, *, mask=None, text=None, alpha=0.5):
         mask = np.asarray(mask, dtype=bool)
         rgb[mask & ~ndimage.binary_erosion(mask, border_value=1)] = 1.0  # outlines
     picture = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-    if text:
-        draw = ImageDraw.Draw(picture)
-        _, _, right, bottom = draw.textbbox((2, 1), text)
-        draw.rectangle((0, 0, right + 2, bottom + 1), fill=(0, 0, 0))
-        draw.text((2, 1), text, fill=(255, 255, 255))
-    return picture
+    if not text:
+        return picture
+    # the text goes on a band above the image, so that it hides no pixel of it
+    _, _, right, bottom = ImageDraw.Draw(picture).textbbox((2, 1), text)
+    framed = Image.new("RGB", (max(picture.width, right + 2), picture.height + bottom + 2))
+    framed.paste(picture, (0, bottom + 2))
+    ImageDraw.Draw(framed).text((2, 1), text, fill=(255, 255, 255))
+    return framed
 
 
 def plot_maps(images, maps, masks=None, *, path=None, scores=None):
