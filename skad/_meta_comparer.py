@@ -289,9 +289,8 @@ class MetaComparer(BaseDetector):
         "max" is Eq. 1; "min" (ours, beyond the paper) scores a patch by its
         best-matching reference patch, nearest-neighbour style.
     attention_weight, rank_weight : float, default=1.0
-        Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2).
-    rank_lambda : float, default=1.0
-        The scale λ of the ranking weights in Eq. 4.
+        Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2);
+        ``rank_weight`` is also Eq. 4's λ, which scales L_rank the same way.
     mismatch_ratio : float, default=0.0
         Fraction of episodes (beyond the paper) whose references come from another
         source domain than their queries, with every query labelled anomalous. The
@@ -342,6 +341,9 @@ class MetaComparer(BaseDetector):
     episode_queries, episode_references, backbone_lr_ratio : deprecated
         Deprecated in 0.2, removed in 0.3: the old names of ``n_episode_queries``,
         ``n_episode_references`` and ``backbone_learning_rate_ratio``.
+    rank_lambda : deprecated
+        Deprecated in 0.2, removed in 0.3: the scale λ of Eq. 4's ranking weights,
+        which multiplied L_rank exactly as ``rank_weight`` does; set ``rank_weight``.
 
     Attributes
     ----------
@@ -419,7 +421,6 @@ class MetaComparer(BaseDetector):
         "reference_reduction": [StrOptions({"max", "min"})],
         "attention_weight": [Reals(0)],
         "rank_weight": [Reals(0)],
-        "rank_lambda": [Reals(0)],
         "mismatch_ratio": [Reals(0, 1)],
         "n_epochs": [Ints(1)],
         "n_episodes": [Ints(1)],
@@ -440,27 +441,31 @@ class MetaComparer(BaseDetector):
         "episode_queries": deprecated(Ints(2)),
         "episode_references": deprecated(Ints(1)),
         "backbone_lr_ratio": deprecated(Reals(0)),
+        "rank_lambda": deprecated(Reals(0)),
     }
     # counts are n_*, the MLP's sizes are scikit-learn's, the learning rate is spelled out
     _deprecated_parameters: ClassVar[dict] = {
         "hidden_sizes": "hidden_layer_sizes", "fpn_cells": "n_fpn_cells",
         "fpn_levels": "n_fpn_levels", "episode_queries": "n_episode_queries",
         "episode_references": "n_episode_references",
-        "backbone_lr_ratio": "backbone_learning_rate_ratio"}
+        "backbone_lr_ratio": "backbone_learning_rate_ratio",
+        # Eq. 4's lambda multiplied L_rank exactly as rank_weight does: one of the two stays
+        "rank_lambda": "rank_weight"}
 
     def __init__(self, *, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
                  train_backbone=False, image_size=256, fpn_width=64, n_fpn_cells=3,
                  n_fpn_levels=5, scales=(0, 1, 2), hidden_layer_sizes=(64,), attention_dim=64,
                  reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
-                 rank_lambda=1.0, mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
+                 mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
                  n_episode_queries=8, n_episode_references=4, n_reference_patches=256,
                  n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
-                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
-                 random_state=None, hidden_sizes=DEPRECATED, fpn_cells=DEPRECATED,
-                 fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
-                 episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED):
+                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None, hidden_sizes=DEPRECATED,
+                 fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
+                 episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED,
+                 rank_lambda=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
@@ -646,8 +651,10 @@ class MetaComparer(BaseDetector):
                 l_cls, l_att, l_rank = episode_losses(
                     head, patches, len(queries), y, reduction=self.reference_reduction,
                     n_reference_patches=self.n_reference_patches,
-                    n_rank_pairs=self.n_rank_pairs, lam=self.rank_lambda, generator=gen)
-                loss = loss + l_cls + self.attention_weight * l_att + self.rank_weight * l_rank
+                    n_rank_pairs=self.n_rank_pairs, lam=1.0, generator=gen)
+                # Eq. 4's lambda scales L_rank as rank_weight does: one parameter for both
+                loss = (loss + l_cls + self.attention_weight * l_att
+                        + self._param("rank_weight") * l_rank)
             return loss
 
         return train(module, step, n_epochs=self.n_epochs,

@@ -338,9 +338,9 @@ class MMR(BaseDetector):
                  student_weights="pretrained", student_depth=None, mask_ratio=0.4,
                  n_epochs=200, learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  learning_rate_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True,
-                 sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
-                 batch_size=16, device="auto", verbose=0, random_state=None,
-                 lr=DEPRECATED, lr_milestones=DEPRECATED):
+                 sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05,
+                 threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
+                 random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers

@@ -488,8 +488,9 @@ class PatchCore(BaseDetector):
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
                  layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
                  n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
-                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
-                 random_state=None, n_projections=DEPRECATED, n_reweight=DEPRECATED):
+                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
+                 n_reweight=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers

@@ -44,7 +44,7 @@ OLD_VALUES = {
     PatchCore: {"n_projections": (16, 16), "n_reweight": (3, 3)},
     MetaComparer: {"hidden_sizes": ((16,), (16,)), "fpn_cells": (1, 1), "fpn_levels": (4, 4),
                    "episode_queries": (4, 4), "episode_references": (2, 2),
-                   "backbone_lr_ratio": (0.5, 0.5)},
+                   "backbone_lr_ratio": (0.5, 0.5), "rank_lambda": (2.0, 2.0)},
     GeneralAD: {"lr": (1e-3, 1e-3), "lr_final_ratio": (0.5, 0.5)},
     MMR: {"lr": (2e-3, 2e-3), "lr_milestones": ((0.5,), (0.5,))},
     GlobalLocal: {"teacher_layer": (-2, (-2,)), "lambda_k": (0.5, 0.5),
