@@ -365,7 +365,9 @@ class PatchCore(BaseDetector):
         number of reference patches. An int: references with more patches
         than this are split at random into chunks of at most this many, each
         thinned on its own (an approximation whose time grows linearly; see
-        :func:`greedy_coreset` and docs/benchmarks.md for its accuracy).
+        :func:`greedy_coreset`). On the five AITEX fabrics, chunks of 16384 or
+        32768 patches ranked images as the exact selection did, within 0.015
+        (docs/benchmarks.md, "The chunked coreset").
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
     false_reject_rate : float in (0, 1), default=0.05
