@@ -297,8 +297,10 @@ class MetaComparer(BaseDetector):
         paper's episodes can be solved by recognising defects without looking at
         the references (a defect is a defect in any source domain); these episodes
         reward telling a query from the references, so that the score depends on
-        them. Needs two or more source domains. Measured on one held-out fabric it
-        did not make more references help (docs/benchmarks.md).
+        them. Needs two or more source domains. Deprecated since 0.2 (FutureWarning
+        at ``fit``), removed in 0.3: measured on a held-out fabric it did not make
+        more references help, and with Eq. 1's max more references lowered the
+        image AUROC (docs/benchmarks.md, MetaComparer ablations).
     n_epochs : int, default=10
     n_episodes : int, default=50
         Episodes (optimiser steps) per epoch.
@@ -509,7 +511,14 @@ class MetaComparer(BaseDetector):
 
     # ------------------------------------------------------------ fit
     def _check_param_relations(self):
-        """What ``_parameter_constraints`` cannot say: ``scales`` within the pyramid."""
+        """What ``_parameter_constraints`` cannot say: ``scales`` within the pyramid; and
+        the deprecation of ``mismatch_ratio``."""
+        if self.mismatch_ratio > 0:
+            warnings.warn(
+                "MetaComparer's mismatch_ratio (episodes with other-domain references, beyond "
+                "the paper) is deprecated since 0.2 and will be removed in 0.3: measured, it "
+                "did not make more references help and lowered the image AUROC with Eq. 1 "
+                "(docs/benchmarks.md, MetaComparer ablations)", FutureWarning, stacklevel=4)
         fpn_levels = self._param("n_fpn_levels")
         n_levels = max(fpn_levels, len(self.layers))
         if any(s >= n_levels for s in self.scales):

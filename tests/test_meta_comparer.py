@@ -260,8 +260,13 @@ def test_mismatched_episodes_take_other_domain_references():
 def test_mismatched_episodes_train(data, split):
     src = split[0]
     det = MetaComparer(**{**TINY, "mismatch_ratio": 0.5})
-    det.fit(data.images[src], data.y[src], groups=data.groups[src])
+    with pytest.warns(FutureWarning, match="mismatch_ratio .* is deprecated"):
+        det.fit(data.images[src], data.y[src], groups=data.groups[src])
     assert np.isfinite(det.loss_history_).all()
+    with warnings.catch_warnings():  # the paper's episodes: no warning
+        warnings.simplefilter("error", FutureWarning)
+        det.set_params(mismatch_ratio=0.0).fit(data.images[src], data.y[src],
+                                               groups=data.groups[src])
 
 
 def test_train_backbone_updates_it(data, split):
