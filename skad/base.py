@@ -72,6 +72,7 @@ from .thresholds import (
     conformal_threshold,
     false_reject_bound,
     find_regions,
+    min_references,
     threshold_map,
     too_few_references_message,
 )
@@ -356,7 +357,7 @@ class BaseDetector(BaseEstimator):
             pixel_threshold = float(np.quantile(maxima, self.threshold_quantile))
         else:
             rate = self.false_reject_rate
-            if 1 / (len(scores) + 1) > rate:
+            if len(scores) < min_references(rate):
                 what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
                         "largest maximum of their maps)")
                 warnings.warn(f"{type(self).__name__}: " + too_few_references_message(

@@ -74,8 +74,13 @@ class CLIError(Exception):
     """An error reported to the user as one line, with exit status 1."""
 
 
+def _method_key(method):
+    """The :data:`METHODS` key a method name spells (case, hyphens and underscores aside)."""
+    return method.lower().replace("-", "").replace("_", "")
+
+
 def _detector_class(method):
-    key = method.lower().replace("-", "").replace("_", "")
+    key = _method_key(method)
     if key not in METHODS:
         raise CLIError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     cls = getattr(skad, METHODS[key], None)
@@ -573,7 +578,7 @@ then downloaded; SKAD_OFFLINE=1 forbids the download. See docs/usage.md."""
 
 def _method_name(text):
     """--method, checked when the command line is read (exit status 2, before torch loads)."""
-    key = text.lower().replace("-", "").replace("_", "")
+    key = _method_key(text)
     if key not in METHODS:
         close = difflib.get_close_matches(key, METHODS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
