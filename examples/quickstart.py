@@ -11,9 +11,9 @@ import os
 import sys
 import tempfile
 
-import joblib
 import numpy as np
 
+import skad
 from skad import PatchCore
 from skad.datasets import load_mvtec, make_textures
 from skad.metrics import evaluate
@@ -56,8 +56,8 @@ def main(argv):
               path=figure, scores=scores[top])
     print(f"saved the maps of the 6 highest-scored images to {figure}")
     with tempfile.TemporaryDirectory() as tmp:
-        joblib.dump(det, f"{tmp}/patchcore.joblib")
-        again = joblib.load(f"{tmp}/patchcore.joblib")
+        skad.save(det, f"{tmp}/patchcore.skad")  # safetensors + JSON: runs no code to load
+        again = skad.load(f"{tmp}/patchcore.skad")
         # the same images in the same batches: the CPU's convolutions round differently
         # for another batch size (about 1e-5 of the score), not for a reloaded model
         assert np.array_equal(again.decision_function(test[:4]), det.decision_function(test[:4]))

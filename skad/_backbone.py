@@ -300,19 +300,27 @@ def _tagged_name(model_name, weights):
     """``arch.tag`` of the weights asked for: ``model_name``'s own tag, or the tag that
     ``weights`` names (a string that is neither ``"pretrained"`` nor a file)."""
     arch, _, tag = model_name.partition(".")
-    if isinstance(weights, str) and weights != "pretrained" and not os.path.isfile(weights):
+    if (isinstance(weights, str) and weights != "pretrained" and not os.path.isfile(weights)
+            and not _looks_like_path(weights)):
         tag = weights
     return f"{arch}.{tag}" if tag else arch
 
 
-def create_model(model_name, weights, **kwargs):
+def create_model(model_name, weights, *, load_weights=True, **kwargs):
     """A full timm model with its weights loaded; see :func:`resolve_weights`.
 
-    Returns ``(model, source)``: ``source`` says where the weights came from.
+    With ``load_weights=False`` the model is the architecture that ``weights``
+    fit, randomly initialised, and nothing is read or downloaded: the skeleton
+    that :func:`skad.load` fills with a saved model's tensors.
+
+    Returns ``(model, source)``: ``source`` says where the weights came from
+    (``"random"`` when none were loaded).
     """
-    state, source = resolve_weights(model_name, weights)
     name = _tagged_name(model_name, weights)
     name = EXTRA_WEIGHTS.get(name, (name,))[0]  # the architecture those weights fit
+    if not load_weights:
+        return timm.create_model(name, pretrained=False, **kwargs), "random"
+    state, source = resolve_weights(model_name, weights)
     if source == "timm-download":
         problem = _unreachable(_download_url(name))
         if problem:
@@ -407,7 +415,7 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=None,
-                    norm=False, trainable=False, random_state=None):
+                    norm=False, trainable=False, random_state=None, load_weights=True):
     """Build a :class:`Backbone` for the timm model ``name``.
 
     Parameters
@@ -429,6 +437,9 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
     random_state : int, Generator or None
         Seeds the initialisation of whatever the weights do not cover (all of
         it for ``weights=None``) without touching torch's global generator.
+    load_weights : bool
+        False: the architecture only, randomly initialised (see
+        :func:`create_model`).
 
     Examples
     --------
@@ -441,7 +452,7 @@ def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=Non
     if image_size is not None and is_vit(name):
         kwargs = {"img_size": image_size, "dynamic_img_size": True}
     with torch_seed(seed_from(random_state)):
-        model, source = create_model(name, weights, **kwargs)
+        model, source = create_model(name, weights, load_weights=load_weights, **kwargs)
     n_levels = len(model.feature_info)
     idx = [i % n_levels for i in layers]
     if len(set(idx)) != len(idx) or any(i < -n_levels or i >= n_levels for i in layers):

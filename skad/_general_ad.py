@@ -286,6 +286,8 @@ class GeneralAD(BaseDetector):
 
     Attributes
     ----------
+    n_samples_fit_ : int
+        Number of training images ``fit`` learned from (the normal ones among ``X``).
     backbone_ : skad._backbone.Backbone
         The frozen feature extractor.
     discriminator_ : Discriminator
@@ -447,9 +449,7 @@ class GeneralAD(BaseDetector):
     def _fit(self, images, y, groups):
         kinds = self._check_param_relations()
         seed = seed_from(self.random_state)
-        self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
-                                         image_size=self.image_size, norm=self.norm,
-                                         random_state=seed)
+        self.backbone_ = self._create_backbone(seed, load_weights=True)
         patch = self.backbone_.strides[-1]
         if self.backbone_.is_vit and any(side % patch for side in image_hw(self.image_size)):
             # the ViT would drop the border that does not fill a patch: maps would drift
@@ -473,9 +473,23 @@ class GeneralAD(BaseDetector):
         feats = fmaps.flatten(2).transpose(1, 2).contiguous()  # (n_images, N, D), row-major
         device = self._device()
         with torch_seed(seed) as gen:
-            self.discriminator_ = Discriminator(dim, h * w, self.n_heads, self.hidden_dim,
-                                                self.dropout).to(device)
+            self.discriminator_ = self._create_discriminator().to(device)
             self.loss_history_ = self._train(feats, attention, kinds, gen, seed, device)
+
+    def _create_backbone(self, seed, load_weights):
+        return create_backbone(self.backbone, self.weights, self.layers,
+                               image_size=self.image_size, norm=self.norm, random_state=seed,
+                               load_weights=load_weights)
+
+    def _create_discriminator(self):
+        h, w = self.feature_grid_
+        return Discriminator(self.n_features_, h * w, self.n_heads, self.hidden_dim,
+                             self.dropout)
+
+    def _empty_networks(self, shapes):
+        """Backbone and discriminator architectures, for :func:`skad.load` to fill."""
+        return {"backbone_": self._create_backbone(None, load_weights=False),
+                "discriminator_": self._create_discriminator()}
 
     def _train(self, feats, attention, kinds, gen, seed, device):
         """Train the discriminator on the cached tokens (paper §3.3, §4.2)."""

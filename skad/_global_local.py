@@ -380,6 +380,8 @@ class GlobalLocal(BaseDetector):
 
     Attributes
     ----------
+    n_samples_fit_ : int
+        Number of training images ``fit`` learned from (the normal ones among ``X``).
     local_net_ : LocalNet
         The frozen Local-Net (with its decoder and standardisation).
     global_net_ : GlobalNet
@@ -567,6 +569,24 @@ class GlobalLocal(BaseDetector):
         if self.context == "image":
             return max(image_hw(self.image_size)) - self.patch_size
         return int(round((self.context - 1) * self.patch_size / 2))
+
+    def _empty_networks(self, shapes):
+        """Local-, Global-Net and DAD head architectures, for :func:`skad.load` to fill.
+
+        The Local-Net's sizes are read from its saved weights (``shapes``): a
+        ``local_net`` passed in may have been built with other sizes than
+        ``embed_dim`` and ``width``; so is the ``local_net`` parameter's, when
+        the detector was fitted with one.
+        """
+        nets = {}
+        for name in ("local_net", "local_net_"):
+            if f"{name}.decoder.weight" in shapes:
+                teacher_dim, embed_dim = shapes[f"{name}.decoder.weight"]
+                nets[name] = LocalNet(embed_dim, teacher_dim, shapes[f"{name}.features.0.weight"][0])
+        embed_dim = nets["local_net_"].project.out_features
+        nets["global_net_"] = GlobalNet(embed_dim, self.width)
+        nets["dad_head_"] = DADHead(embed_dim, inputs=self.dad_input)
+        return nets
 
     # ----------------------------------------------------------- fitting
     def _fit(self, images, y, groups):

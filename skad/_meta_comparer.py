@@ -349,6 +349,8 @@ class MetaComparer(BaseDetector):
 
     Attributes
     ----------
+    n_samples_fit_ : int
+        Number of training images ``fit`` learned from (normal and anomalous).
     backbone_ : skad._backbone.Backbone
     head_ : MetaComparerHead
         BiFPN, meta-comparer and co-attention.
@@ -544,17 +546,27 @@ class MetaComparer(BaseDetector):
         n_syn = len(synthetic) if synthetic is not None else 0
         labels = np.r_[y, np.ones(n_syn, dtype=np.int64)]
         with torch_seed(seed) as gen:
-            self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
-                                             trainable=self.train_backbone, random_state=seed)
-            self.head_ = MetaComparerHead(self.backbone_.channels, self.fpn_width,
-                                          self._param("n_fpn_levels"),
-                                          self._param("n_fpn_cells"), self.scales,
-                                          tuple(self._param("hidden_layer_sizes")),
-                                          self.attention_dim)
+            self.backbone_ = self._create_backbone(seed, load_weights=True)
+            self.head_ = self._create_head(self.backbone_.channels)
             fetch = self._feature_source(_Concat(images, synthetic))
             self.loss_history_ = self._train(fetch, plan, labels, rng, gen)
         self.domains_ = np.asarray(names)
         self.n_synthetic_ = n_syn
+
+    def _create_backbone(self, seed, load_weights):
+        return create_backbone(self.backbone, self.weights, self.layers,
+                               trainable=self.train_backbone, random_state=seed,
+                               load_weights=load_weights)
+
+    def _create_head(self, channels):
+        return MetaComparerHead(channels, self.fpn_width, self._param("n_fpn_levels"),
+                                self._param("n_fpn_cells"), self.scales,
+                                tuple(self._param("hidden_layer_sizes")), self.attention_dim)
+
+    def _empty_networks(self, shapes):
+        """Backbone and comparer head architectures, for :func:`skad.load` to fill."""
+        backbone = self._create_backbone(None, load_weights=False)
+        return {"backbone_": backbone, "head_": self._create_head(backbone.channels)}
 
     def _plan_domains(self, images, y, groups, rng):
         """Per usable domain ``[normal indices, anomalous indices]``, names, synthetic images."""

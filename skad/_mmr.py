@@ -227,6 +227,8 @@ class MMR(BaseDetector):
 
     Attributes
     ----------
+    n_samples_fit_ : int
+        Number of training images ``fit`` learned from (the normal ones among ``X``).
     teacher_ : skad._backbone.Backbone
         The frozen teacher.
     student_ : MaskedStudent
@@ -374,17 +376,21 @@ class MMR(BaseDetector):
             raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1; "
                              f"got {self.crop_scale}")
 
-    def _build(self, seed):
-        """Teacher and student, seeded; the FPN follows the teacher's strides and channels."""
+    def _build(self, seed, load_weights=True):
+        """Teacher and student, seeded; the FPN follows the teacher's strides and channels.
+
+        ``load_weights=False``: the architectures only, for :func:`skad.load` to fill.
+        """
         teacher = create_backbone(self.teacher, self.teacher_weights, self.teacher_layers,
-                                  random_state=seed)
+                                  random_state=seed, load_weights=load_weights)
         if teacher.is_vit:
             raise ValueError(f"teacher must be a hierarchical CNN; {self.teacher!r} is a ViT")
         with torch_seed(seed):
             not_vit = ValueError(f"student must be a timm VisionTransformer; got {self.student!r}")
             try:  # the dynamic size options exist for ViTs only
                 vit, _ = create_model(self.student, self.student_weights,
-                                      dynamic_img_size=True, dynamic_img_pad=True, num_classes=0)
+                                      load_weights=load_weights, dynamic_img_size=True,
+                                      dynamic_img_pad=True, num_classes=0)
             except TypeError as exc:
                 raise not_vit from exc
             # MaskedStudent drives the encoder step by step: VisionTransformer's _pos_embed
@@ -402,6 +408,11 @@ class MMR(BaseDetector):
             student = MaskedStudent(vit, teacher.channels, factors, cfg.get("mean"),
                                     cfg.get("std"))
         return teacher, student.eval(), factors
+
+    def _empty_networks(self, shapes):
+        """Teacher and student architectures, for :func:`skad.load` to fill."""
+        teacher, student, _ = self._build(0, load_weights=False)
+        return {"teacher_": teacher, "student_": student}
 
     def _fit(self, images, y, groups):
         self._check_param_relations()

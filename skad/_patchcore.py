@@ -391,6 +391,8 @@ class PatchCore(BaseDetector):
 
     Attributes
     ----------
+    n_samples_fit_ : int
+        Number of training images ``fit`` learned from (the normal ones among ``X``).
     backbone_ : skad._backbone.Backbone
         The frozen feature extractor.
     memory_bank_ : torch.Tensor of shape (n_patches, n_features)
@@ -512,8 +514,15 @@ class PatchCore(BaseDetector):
         self.n_reweight = n_reweight
 
     def _fit(self, images, y, groups):
-        self.backbone_ = create_backbone(self.backbone, self.weights, self.layers,
-                                         random_state=self.random_state)
+        self.backbone_ = self._create_backbone(load_weights=True)
+
+    def _create_backbone(self, load_weights):
+        return create_backbone(self.backbone, self.weights, self.layers,
+                               random_state=self.random_state, load_weights=load_weights)
+
+    def _empty_networks(self, shapes):
+        """The backbone's architecture, for :func:`skad.load` to fill."""
+        return {"backbone_": self._create_backbone(load_weights=False)}
 
     def _embed(self, batch):
         """Locally aware patch features (:func:`locally_aware_features`) of a batch."""

@@ -18,6 +18,9 @@ detector implements three hooks:
     comparison set. The default scores and maps them with ``_score_batch``
     and keeps nothing: right for detectors whose references only calibrate
     the thresholds.
+``_empty_networks(shapes)``
+    Build the fitted networks' architectures without weights, for
+    :func:`skad.load` (``skad._serialization``) to fill with saved tensors.
 ``_score_batch(batch, return_maps)``
     Score a batch ``(B, 3, H, W)`` of images in [0, 1] at ``image_size``:
     return ``(scores (B,), maps (B, h, w) or None)``, the maps only when
@@ -205,6 +208,7 @@ class BaseDetector(BaseEstimator):
             if self._one_class:
                 images = self._normal_subset(images, y)
             self._fit(images, y, groups)
+            self.n_samples_fit_ = len(images)
             if self._one_class:
                 self._update_reference(images)
         except BaseException:
@@ -300,6 +304,17 @@ class BaseDetector(BaseEstimator):
             self.__dict__.update(snapshot)
             raise
         return self
+
+    def _empty_networks(self, shapes):
+        """The fitted networks' architectures, randomly initialised, by attribute name.
+
+        :func:`skad.load` fills them with the saved tensors. Built from the
+        parameters and the fitted attributes that are not networks, without
+        reading or downloading pretrained weights; ``shapes`` maps each saved
+        tensor's name (``"<attribute>.<parameter name>"``) to its shape, for
+        sizes the parameters do not fix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be loaded from a model file")
 
     def _set_reference(self, images):
         """Default: the references' own scores and map maxima, for detectors that compare an

@@ -1,7 +1,7 @@
 """The ``skad`` command: fit, score, demo, benchmark.
 
-    skad fit --method patchcore --train DIR --out model.joblib [--offline] [--seed 0]
-    skad score --model model.joblib --images DIR --out RESULTS
+    skad fit --method patchcore --train DIR --out model.skad [--offline] [--seed 0]
+    skad score --model model.skad --images DIR --out RESULTS
     skad demo [--out DIR]
     skad benchmark --method patchcore --data ROOT --protocol oneclass
 
@@ -12,6 +12,10 @@ when ``skad score`` finished but some images could not be read (their rows in
 long work, and what folder listings skipped, on stderr. torch, timm and the
 detectors are imported by the sub-commands that need them, so that ``--help``
 and argument errors answer at once.
+
+Model files are skad's safe format (:func:`skad.save`, a safetensors file that
+runs no code when loaded). ``skad score --allow-pickle`` also reads a joblib
+pickle, which runs whatever code the file holds: only for files you trust.
 """
 
 import argparse
@@ -23,13 +27,11 @@ import json
 import logging
 import os
 import re
-import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 import skad
@@ -184,33 +186,37 @@ def _training_set(folder, labelled):
     return list_images(folder), None, None
 
 
-def _save_atomic(obj, path):
-    """joblib.dump through a temporary file, so no half-written model is ever left.
-
-    The file is created like any other, with the user's umask (tempfile's are
-    private, mode 0600), under a hidden name that no listing takes for data.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            joblib.dump(obj, fh)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _load_model(path):
-    """The detector saved in the model file ``path``."""
+def _load_model(path, *, allow_pickle=False):
+    """The detector saved in the model file ``path`` (skad's safe format; a joblib pickle
+    only with ``allow_pickle``, since loading one runs the code it holds)."""
     if not Path(path).is_file():
         problem = "is not a file" if Path(path).exists() else "does not exist"
         raise CLIError(f"model file {path} {problem}")
+    from ._serialization import ModelFileError, is_pickle
+
+    try:
+        return skad.load(path)
+    except ModelFileError as exc:
+        if allow_pickle:  # whatever is not skad's format, joblib reads (or says why not)
+            return _load_pickle(path)
+        if is_pickle(path):
+            raise CLIError(
+                f"model file {path} is a pickle (joblib): loading it runs whatever code it "
+                "holds. If you trust its source, pass --allow-pickle; better, convert it once "
+                "to the safe format: python -c \"import joblib, skad; "
+                f"skad.save(joblib.load('{path}'), '{Path(path).with_suffix('.skad')}')\""
+            ) from exc
+        raise CLIError(str(exc)) from exc
+
+
+def _load_pickle(path):
+    import joblib
+
     try:
         det = joblib.load(path)
     except Exception as exc:  # unpickling a truncated or foreign file can raise anything
         raise CLIError(f"cannot load model file {path}: {type(exc).__name__}: {exc} (is it a "
-                       "complete file written by skad fit?)") from exc
+                       "complete file written by joblib?)") from exc
     if not isinstance(det, skad.BaseDetector):
         raise CLIError(f"model file {path} holds a {type(det).__name__}, not a skad detector")
     return det
@@ -226,7 +232,7 @@ def cmd_fit(args):
     det.fit(paths, y, groups=groups)
     if args.reference:
         det.set_reference(list_images(args.reference))
-    _save_atomic(det, args.out)
+    skad.save(det, args.out)
     # the pretrained network a detector builds on (MMR's student may start from scratch)
     params = det.get_params()
     random = (", RANDOM backbone weights: for tests only"
@@ -429,7 +435,7 @@ def _score_chunk(det, images, paths, indices, results):
 def cmd_score(args):
     if Path(args.out).exists() and not Path(args.out).is_dir():  # before the model loads
         raise CLIError(f"--out must be a folder; {args.out} is a file")
-    det = _load_model(args.model)
+    det = _load_model(args.model, allow_pickle=args.allow_pickle)
     from ._images import ImageSet  # torch: after the checks that need none
     from ._progress import progress
 
@@ -620,7 +626,7 @@ def _run_options(sp):
 
 
 def _add_fit(sub):
-    sp = sub.add_parser("fit", help="fit a detector and save it with joblib",
+    sp = sub.add_parser("fit", help="fit a detector and save it to a model file",
                         description="Fit a detector on images of good parts (or, for "
                                     "metacomparer, a labelled MVTec root) and save it.")
     sp.add_argument("--train", required=True, metavar="DIR",
@@ -631,7 +637,7 @@ def _add_fit(sub):
                     help="folder of normal images to set as the reference after fitting "
                          "(default: the training images)")
     sp.add_argument("--out", required=True, metavar="FILE",
-                    help="model file to write (.joblib)")
+                    help="model file to write (.skad: skad's safe format, see skad.save)")
     _method_options(sp)
     sp.add_argument("--seed", type=int, default=DEFAULT_SEED,
                     help="the detector's random_state, so that two fits give the same model "
@@ -658,7 +664,10 @@ def _add_score(sub):
                                     "one overlay PNG\nper image into --out.\n\n"
                                     f"columns of scores.csv:\n{columns}")
     sp.add_argument("--model", required=True, metavar="FILE",
-                    help="model file written by skad fit")
+                    help="model file written by skad fit (or skad.save)")
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="also accept a joblib/pickle model file. Loading a pickle RUNS "
+                         "CODE stored in it: only for files you trust")
     sp.add_argument("--images", required=True, metavar="DIR",
                     help="folder of images to score (subfolders too)")
     sp.add_argument("--reference", metavar="DIR",

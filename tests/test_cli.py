@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import skad
 from skad.cli import COLUMNS, main, make_detector
 from skad.datasets import make_textures
 
@@ -42,7 +43,7 @@ def mvtec(tmp_path_factory):
 
 
 def test_fit_then_score(mvtec, tmp_path, capsys):
-    model = tmp_path / "m.joblib"
+    model = tmp_path / "m.skad"
     cat = sorted(p for p in mvtec.iterdir())[0]
     assert main(["fit", "--train", str(cat), "--out", str(model), *TINY]) == 0
     assert model.is_file() and not list(tmp_path.glob("*.tmp"))
@@ -60,9 +61,7 @@ def test_fit_then_score(mvtec, tmp_path, capsys):
     (threshold,) = {float(r["threshold"]) for r in rows}
     assert all(r["predicted_label"] == str(int(float(r["score"]) > threshold)) for r in rows)
     # the p-values and regions are the detector's own
-    import joblib
-
-    det = joblib.load(model)
+    det = skad.load(model)
     paths = [r["path"] for r in rows]
     np.testing.assert_allclose([float(r["p_value"]) for r in rows], det.predict_pvalue(paths),
                                rtol=1e-5)
@@ -117,25 +116,23 @@ def test_benchmark_help_names_every_column_of_its_table(mvtec, capsys):
 
 def test_two_fits_with_the_default_seed_are_identical(mvtec, tmp_path, capsys):
     """No --seed: the same model twice (random_state 0), and the output says which seed."""
-    import joblib
-
     cat = min(mvtec.iterdir())
     # TINY without its random_state: the default --seed must seed the fit
     tiny = [a for a in TINY if a != "random_state=0"][:-1]
     images = [str(p) for p in sorted((cat / "test").rglob("*.png"))]
     scores = []
     for name in ("a", "b"):
-        path = tmp_path / f"{name}.joblib"
+        path = tmp_path / f"{name}.skad"
         assert main(["fit", "--train", str(cat), "--out", str(path), *tiny,
                      "--param", "coreset_ratio=0.5"]) == 0
-        det = joblib.load(path)
+        det = skad.load(path)
         assert det.random_state == 0
         scores.append(det.decision_function(images))
     assert "random_state=0" in capsys.readouterr().out
     np.testing.assert_array_equal(scores[0], scores[1])
-    path = tmp_path / "c.joblib"
+    path = tmp_path / "c.skad"
     assert main(["fit", "--train", str(cat), "--out", str(path), *tiny, "--seed", "3"]) == 0
-    assert joblib.load(path).random_state == 3
+    assert skad.load(path).random_state == 3
 
 
 def test_offline_forbids_downloads_for_the_command(mvtec, tmp_path, monkeypatch, capsys):
@@ -154,7 +151,7 @@ def test_offline_forbids_downloads_for_the_command(mvtec, tmp_path, monkeypatch,
     monkeypatch.setattr(skad._backbone, "_downloads_disabled", spy)
     monkeypatch.setattr(skad._backbone, "_cached_hub_file", lambda name: None)  # no cache
     cat = min(mvtec.iterdir())
-    assert main(["fit", "--train", str(cat), "--out", str(tmp_path / "m.joblib"), "--offline",
+    assert main(["fit", "--train", str(cat), "--out", str(tmp_path / "m.skad"), "--offline",
                  "--param", "backbone=\"resnet18.a1_in1k\"", "--param", "image_size=32"]) == 1
     assert seen == [True] and "SKAD_OFFLINE" not in os.environ
     assert "downloads are disabled" in capsys.readouterr().err
@@ -258,8 +255,8 @@ def test_benchmark_table_files_hold_the_sign_off_metrics(mvtec, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["fit", "--train", "/nonexistent", "--out", "x.joblib"], "not a folder"),
-    (["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"], "does not exist"),
+    (["fit", "--train", "/nonexistent", "--out", "x.skad"], "not a folder"),
+    (["score", "--model", "/no/model.skad", "--images", ".", "--out", "r"], "does not exist"),
     (["score", "--model", "/", "--images", ".", "--out", "r"], "/ is not a file"),
     (["benchmark", "--data", "/nonexistent"], "does not exist"),
 ])
@@ -292,7 +289,7 @@ def test_missing_weights_are_one_line_with_command_line_remedies(mvtec, tmp_path
         monkeypatch.chdir(tmp_path)
         params += ["--param", f"weights=\"{path}\""]
         cause = f"weights file '{path}' does not exist"
-    model = tmp_path / "m.joblib"
+    model = tmp_path / "m.skad"
     assert main(["fit", "--train", str(min(mvtec.iterdir())), "--out", str(model),
                  *params]) == 1
     err = capsys.readouterr().err
@@ -313,7 +310,7 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
                                          ("image_size=[0,32]", "image_size")])
 def test_bad_parameter_value_is_one_line_before_any_work(mvtec, tmp_path, capsys, command,
                                                          param, name):
-    model = tmp_path / "m.joblib"
+    model = tmp_path / "m.skad"
     where = (["--train", str(mvtec), "--out", str(model)] if command == "fit"
              else ["--data", str(mvtec)])
     assert main([command, *where, *TINY, "--param", param]) == 1
@@ -356,7 +353,7 @@ def test_oneclass_benchmark_rows_show_their_seed(mvtec):
 # ------------------------------------------------------------ batch runs
 @pytest.fixture(scope="module")
 def model(mvtec, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "m.joblib"
+    path = tmp_path_factory.mktemp("model") / "m.skad"
     cat = min(mvtec.iterdir())
     assert main(["fit", "--train", str(cat), "--out", str(path), *TINY]) == 0
     return path
@@ -480,7 +477,7 @@ def test_output_names_are_always_valid(model, tmp_path):
 def test_files_are_written_with_the_users_umask(mvtec, tmp_path):
     old = os.umask(0o022)
     try:
-        model = tmp_path / "m.joblib"
+        model = tmp_path / "m.skad"
         cat = min(mvtec.iterdir())
         assert main(["fit", "--train", str(cat / "train"), "--out", str(model), *TINY]) == 0
         out = tmp_path / "out"
@@ -490,7 +487,7 @@ def test_files_are_written_with_the_users_umask(mvtec, tmp_path):
         os.umask(old)
     for path in [model, out / "scores.csv", *out.glob("*.png")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
-    assert {p.name for p in tmp_path.iterdir()} == {"m.joblib", "out"}  # no temporary file left
+    assert {p.name for p in tmp_path.iterdir()} == {"m.skad", "out"}  # no temporary file left
 
 
 def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, capsys):
@@ -500,18 +497,18 @@ def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, c
     (train / "Thumbs.db").write_bytes(b"")
     _images(train / "__MACOSX", n=2)
     assert copies.is_dir()
-    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.joblib"),
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.skad"),
                  "-v", *TINY]) == 0
     captured = capsys.readouterr()
     assert "fitted PatchCore on 4 images" in captured.out
     assert ".ipynb_checkpoints" in captured.err and "._000.png" in captured.err
-    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.joblib"),
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.skad"),
                  *TINY]) == 0
     assert "skipped" not in capsys.readouterr().err  # quiet without --verbose
 
 
 def _model_file(tmp_path, content):
-    path = tmp_path / "bad.joblib"
+    path = tmp_path / "bad.skad"
     path.write_bytes(content)
     return path
 
@@ -524,12 +521,45 @@ def _model_file(tmp_path, content):
     (b"cskad\nNoSuchClass\n)\x81.", "AttributeError"),
     (pickle.dumps({"not": "a detector"}), "holds a dict, not a skad detector"),
 ])
-def test_bad_model_files_are_one_line_errors(model, tmp_path, capsys, content, message):
+def test_bad_pickles_with_allow_pickle_are_one_line_errors(model, tmp_path, capsys, content,
+                                                           message):
+    bad = _model_file(tmp_path, content)
+    assert main(["score", "--model", str(bad), "--images", str(_images(tmp_path / "i")),
+                 "--out", str(tmp_path / "out"), "--allow-pickle"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("skad: error:") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a skad model file"),
+    (b"PK\x03\x04 a zip archive", "is not a skad model file"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}", "not a readable safetensors file"),
+    # a pickle that would create a file when unpickled: refused unread
+    (pickle.dumps(["a list"]), "is a pickle"),
+    (b"cos\nsystem\n(S'touch ran'\ntR.", "is not a skad model file"),
+    (b"\x80\x04\x95\x10\x00\x00", "is a pickle"),
+])
+def test_model_files_are_read_safely(model, tmp_path, capsys, content, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     bad = _model_file(tmp_path, content)
     assert main(["score", "--model", str(bad), "--images", str(_images(tmp_path / "i")),
                  "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("skad: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "ran").exists()
+    if message == "is a pickle":
+        assert "--allow-pickle" in err and "RUNS" not in err
+
+
+def test_a_pickled_model_loads_with_allow_pickle(model, tmp_path):
+    import joblib
+
+    path = tmp_path / "m.joblib"
+    joblib.dump(skad.load(model), path)
+    argv = ["score", "--model", str(path), "--images", str(_images(tmp_path / "i")),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert main([*argv, "--allow-pickle"]) == 0
 
 
 def test_truncated_real_model_is_a_one_line_error(model, tmp_path, capsys):
@@ -538,7 +568,8 @@ def test_truncated_real_model_is_a_one_line_error(model, tmp_path, capsys):
     assert main(["score", "--model", str(bad), "--images", str(_images(tmp_path / "i")),
                  "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("skad: error: cannot load model file") and err.count("\n") == 1
+    assert err.startswith("skad: error:") and "(is it complete?)" in err
+    assert err.count("\n") == 1
 
 
 def test_diverging_fit_and_unreadable_folders_are_one_line_errors(mvtec, tmp_path, capsys,
@@ -579,8 +610,8 @@ def test_help_imports_no_torch():
 
 
 @pytest.mark.parametrize("argv", [
-    ["score", "--model", "/no/model.joblib", "--images", ".", "--out", "r"],
-    ["fit", "--train", "/no/folder", "--out", "m.joblib"],
+    ["score", "--model", "/no/model.skad", "--images", ".", "--out", "r"],
+    ["fit", "--train", "/no/folder", "--out", "m.skad"],
     ["benchmark", "--data", "/no/folder"],
 ])
 def test_usage_errors_do_not_wait_for_torch(argv, tmp_path):
@@ -617,16 +648,15 @@ def _band_height(text):
 
 
 def test_overlays_carry_the_verdict_and_outline_the_regions(model, tmp_path):
-    import joblib
     from scipy import ndimage
 
-    det = joblib.load(model)
+    det = skad.load(model)
     images = _images(tmp_path / "images", n=3, size=(64, 96))
     # a pixel threshold at the maps' median, so that there are regions to outline
     det.pixel_threshold_ = float(np.median(det.predict_map([str(p) for p in
                                                             sorted(images.iterdir())])))
-    model = tmp_path / "low.joblib"
-    joblib.dump(det, model)
+    model = tmp_path / "low.skad"
+    skad.save(det, model)
     out = tmp_path / "res"
     assert main(["score", "--model", str(model), "--images", str(images), "--out", str(out)]) == 0
     assert all(int(r["n_regions"]) > 0 for r in _rows(out))
@@ -648,9 +678,7 @@ def test_overlays_carry_the_verdict_and_outline_the_regions(model, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["npy", "tiff"])
 def test_raw_maps_on_request_equal_predict_map(model, tmp_path, fmt):
-    import joblib
-
-    det = joblib.load(model)
+    det = skad.load(model)
     images = _images(tmp_path / "images", n=3, size=(24, 40))
     out = tmp_path / "res"
     argv = ["score", "--model", str(model), "--images", str(images), "--out", str(out)]
@@ -697,7 +725,7 @@ def test_command_line_mistakes_exit_2_before_any_work(argv, message, capsys):
 def test_an_mvtec_root_gives_one_class_methods_train_good_only(mvtec, tmp_path, capsys):
     """From a root, PatchCore fits on every category's train/good, never on test images."""
     n_train = sum(len(list((c / "train" / "good").glob("*.png"))) for c in mvtec.iterdir())
-    assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m.joblib"), *TINY]) == 0
+    assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m.skad"), *TINY]) == 0
     out = capsys.readouterr().out
     assert f"fitted PatchCore on {n_train} images" in out
     assert "RANDOM backbone weights: for tests only" in out  # TINY has weights=null

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from test_contract import DETECTORS, _fit, _ready
+
 from skad import PatchCore
 from skad.datasets import make_textures
 
@@ -39,3 +41,19 @@ def test_fit_on_cuda_pickles_to_cpu_and_matches():
                                rtol=0.02, atol=0.02 * np.ptp(cuda_scores))
     # pickling did not move the live detector off the GPU
     assert next(det.backbone_.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize(("factory", "fit_kwargs"), DETECTORS)
+def test_a_cuda_fitted_model_file_loads_on_the_cpu(factory, fit_kwargs, tmp_path):
+    """skad.save from a GPU machine, skad.load on a CPU-only one (device="cpu")."""
+    import skad
+
+    data = make_textures(n_domains=2, n_normal=8, n_anomalous=4, image_size=32, random_state=0)
+    det = _ready(_fit(factory, fit_kwargs, data, device="cuda"), data)
+    cpu = pickle.loads(pickle.dumps(det)).set_params(device="cpu")
+    path = skad.save(det, tmp_path / "m.skad")
+    loaded = skad.load(path, device="cpu")
+    assert all(t.device.type == "cpu" for t in _tensors(loaded.__dict__))
+    # the file holds exactly the pickle's CPU state: the same scores on the CPU
+    np.testing.assert_array_equal(loaded.decision_function(data.images),
+                                  cpu.decision_function(data.images))
