@@ -5,9 +5,15 @@ API and score with higher = more anomalous. See ``README.md`` and ``docs/``.
 
 The public names are imported on first use (PEP 562), so that ``import skad``
 and the command line's ``--help`` do not wait for torch and timm.
+
+Messages (what a folder listing skipped, each epoch's loss) go to the ``skad``
+logger and its children ``skad.<module>``; show them as for any library, with
+:mod:`logging` (``logging.basicConfig(level=logging.INFO)``). Progress bars are
+the detectors' ``verbose``.
 """
 
 import importlib
+import logging
 
 __version__ = "0.2.0.dev0"
 
@@ -32,6 +38,10 @@ _MODULES = {
 }
 
 __all__ = [*_MODULES, "__version__"]
+
+# a library configures no logging: records go where the application sends them, and
+# nowhere (not Python's last-resort stderr output) when it sends them nowhere
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name):

@@ -17,6 +17,7 @@ Three protocols, each a loop over target categories:
     every row).
 """
 
+import logging
 import time
 
 import numpy as np
@@ -26,6 +27,8 @@ import numpy as np
 
 __all__ = ["COLUMNS", "FIT_IS_REFERENCE", "draw_references", "evaluate_detector", "markdown_table",
            "run_benchmark", "write_table"]
+
+logger = logging.getLogger(__name__)
 
 #: detectors whose ``fit`` is ``set_reference`` on the training images: PatchCore's
 #: memory bank is all it learns, and ``set_reference`` replaces it
@@ -88,7 +91,7 @@ def draw_references(paths, k, seed):
 
 
 def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_references=(10,),
-                  seeds=(0,), eval_size=256, log=print):
+                  seeds=(0,), eval_size=256, log=None):
     """Run a protocol; return one dict per (category, k, seed).
 
     Parameters
@@ -107,13 +110,16 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
         reproduced; ``oneclass`` fits on every training image once per seed.
     eval_size : int
         Masks and maps are compared at ``eval_size`` x ``eval_size`` pixels.
-    log : callable
-        Receives one line per finished row.
+    log : callable, optional
+        Receives one line per finished row; by default the line is an INFO
+        record of the ``skad._benchmark`` logger.
     """
     from .datasets import load_labelled_domains, load_mvtec
 
     if protocol not in ("oneclass", "fewshot", "domains"):
         raise ValueError(f"unknown protocol {protocol!r}")
+    if log is None:
+        log = logger.info
     rows = []
     for cat in categories:
         test = load_mvtec(root, cat, "test", return_masks=True, mask_size=eval_size)

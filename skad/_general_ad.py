@@ -277,6 +277,10 @@ class GeneralAD(BaseDetector):
         Images per feature batch and per training step.
     device : str, default="auto"
     verbose : int, default=0
+        When > 0, progress bars on stderr (count, rate, time left) for feature
+        extraction, the training epochs (with their loss) and scoring.
+        Messages go to the ``skad`` logger whatever its value; show them with
+        :mod:`logging`.
     random_state : int, Generator or None, default=None
         Seeds the discriminator's initialisation, the distortions, dropout and the order of
         the training images (and random backbone weights, for tests).

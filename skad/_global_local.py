@@ -369,6 +369,10 @@ class GlobalLocal(BaseDetector):
         scoring batch.
     device : str, default="auto"
     verbose : int, default=0
+        When > 0, progress bars on stderr (count, rate, time left) for feature
+        extraction, the training epochs (with their loss) and scoring.
+        Messages go to the ``skad`` logger whatever its value; show them with
+        :mod:`logging`.
     random_state : int, Generator or None, default=None
         Seeds the networks' initialisation, the patch positions, the stains
         and the minibatch order.

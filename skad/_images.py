@@ -416,11 +416,11 @@ def iter_batches(images, batch_size, image_size, *, verbose=0, desc="images"):
     """Yield ``(indices, batch)`` with ``batch`` a float tensor (B, 3, H, W) in [0, 1].
 
     Images are read and resized one batch at a time; with ``verbose`` a
-    progress line is written to stderr.
+    progress bar counts the batches on stderr (:func:`skad._progress.progress`).
     """
     n = len(images)
     starts = range(0, n, batch_size)
     for start in progress(starts, total=len(starts), desc=desc, verbose=verbose,
-                          unit="batch "):  # batches of batch_size images, not images
+                          unit="batch"):  # batches of batch_size images, not images
         idx = np.arange(start, min(start + batch_size, n))
         yield idx, torch.stack([load_resized(images, int(i), image_size) for i in idx])

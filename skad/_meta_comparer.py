@@ -335,6 +335,10 @@ class MetaComparer(BaseDetector):
     batch_size : int, default=16
     device : str, default="auto"
     verbose : int, default=0
+        When > 0, progress bars on stderr (count, rate, time left) for feature
+        extraction, the training epochs (with their loss) and scoring.
+        Messages go to the ``skad`` logger whatever its value; show them with
+        :mod:`logging`.
     random_state : int, Generator or None, default=None
         Seeds initialisation, episodes, patch sampling and synthetic anomalies.
     hidden_sizes, fpn_cells, fpn_levels : deprecated

@@ -218,6 +218,10 @@ class MMR(BaseDetector):
         Training minibatch (the paper's 16) and scoring batch.
     device : str, default="auto"
     verbose : int, default=0
+        When > 0, progress bars on stderr (count, rate, time left) for feature
+        extraction, the training epochs (with their loss) and scoring.
+        Messages go to the ``skad`` logger whatever its value; show them with
+        :mod:`logging`.
     random_state : int, Generator or None, default=None
         Seeds the student's initialisation, the minibatch order, the masks and
         the augmentation.

@@ -67,7 +67,7 @@ def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk
         radius. Time grows as ``n * chunk_size`` instead of ``n ** 2``. None
         (or ``n <= chunk_size``): exact.
     verbose : int, default=0
-        Progress on stderr when > 0.
+        A progress bar on stderr when > 0.
 
     Returns
     -------
@@ -143,7 +143,7 @@ def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
     slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
     min_dist = _distances(x, x[start])
     selected = [torch.tensor([start])]
-    bar = progress(range(n_select), desc=desc, verbose=verbose)
+    bar = progress(range(n_select), desc=desc, verbose=verbose, unit="patch")
     next(bar, None)
     n_done = 1
     while n_done < n_select:
@@ -153,6 +153,7 @@ def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
         n_done += len(picks)
         for _ in zip(range(len(picks)), bar):
             pass
+    next(bar, None)  # the last step done: the bar counts it and closes
     return torch.cat(selected)
 
 
@@ -381,7 +382,10 @@ class PatchCore(BaseDetector):
     device : str, default="auto"
         "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     verbose : int, default=0
-        Progress on stderr when > 0.
+        When > 0, progress bars on stderr (count, rate, time left) for feature
+        extraction, the coreset and scoring.
+        Messages go to the ``skad`` logger whatever its value; show them with
+        :mod:`logging`.
     random_state : int, Generator or None, default=None
         Seeds the coreset's projection and starting point (and random backbone
         weights, for tests).

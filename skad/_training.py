@@ -2,17 +2,22 @@
 
 :func:`train` runs epochs of optimiser steps over batches that a detector
 supplies, with mixed precision on CUDA, a learning-rate schedule stepped per
-epoch, progress when verbose, and a clear error when the loss diverges.
+epoch, progress when verbose (the loss beside the bar), each epoch's loss as a
+DEBUG record of the ``skad._training`` logger, and a clear error when the loss
+diverges.
 Seeding is :mod:`skad._random`'s: the detectors seed the modules and
 generators they pass in.
 """
 
 import contextlib
+import logging
 import math
 
 import torch
 
 from ._progress import progress
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["make_optimizer", "cosine_schedule", "warmup_step_schedule", "iter_minibatches",
            "train"]
@@ -83,7 +88,8 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
     device : torch.device
         Mixed precision (bfloat16 autocast) is used on CUDA.
     verbose : int
-        Write the loss of each epoch to stderr (:func:`skad._progress.progress`).
+        A progress bar of the epochs on stderr, with the last epoch's loss
+        (:func:`skad._progress.progress`).
     grad_clip : float, optional
         Clip the gradient norm to this value.
 
@@ -95,10 +101,10 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     history = []
+    epochs = progress(range(n_epochs), desc=desc, verbose=verbose, unit="epoch",
+                      status=lambda: f"loss {history[-1]:.4f}", interval=0)
     module.train()
     try:
-        epochs = progress(range(n_epochs), desc=desc, verbose=verbose, unit="epoch ",
-                          status=lambda: f"loss {history[-1]:.4f}", interval=0)
         for epoch in epochs:
             total, count = 0.0, 0
             for batch in batches(epoch):
@@ -118,6 +124,8 @@ def train(module, step, *, n_epochs, batches, optimizer, scheduler=None, device,
             if scheduler is not None:
                 scheduler.step()
             history.append(total / max(count, 1))
+            logger.debug("%s: epoch %d/%d, loss %.4f", desc, epoch + 1, n_epochs, history[-1])
     finally:
+        epochs.close()  # ends the bar's line now, before an error's message is shown
         module.eval()
     return history

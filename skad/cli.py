@@ -8,10 +8,12 @@
 Exit status: 0 when all went well; 1 with one line ``skad: error: ...`` on
 stderr for anything that stopped the command; 2 for a wrong command line; 3
 when ``skad score`` finished but some images could not be read (their rows in
-``scores.csv`` say why); 130 when interrupted. ``--verbose`` shows progress of
-long work, and what folder listings skipped, on stderr. torch, timm and the
-detectors are imported by the sub-commands that need them, so that ``--help``
-and argument errors answer at once.
+``scores.csv`` say why); 130 when interrupted. Long work shows progress bars on
+stderr when it is a terminal (``--progress`` / ``--no-progress`` force them on or
+off); ``--verbose`` shows the ``skad`` loggers' records (what folder listings
+skipped, ...) on stderr. torch, timm and the detectors are imported by the
+sub-commands that need them, so that ``--help`` and argument errors answer at
+once.
 
 Model files are skad's safe format (:func:`skad.save`, a safetensors file that
 runs no code when loaded). ``skad score --allow-pickle`` also reads a joblib
@@ -38,6 +40,7 @@ import skad
 
 from ._files import IMAGE_EXTENSIONS, is_debris
 from ._files import list_images as _list_images
+from ._progress import ProgressAwareHandler, close_bars
 
 __all__ = ["main"]
 
@@ -126,6 +129,8 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     det.set_params(**settings)
     # a bad value is named before any image is read; an old name warns (FutureWarning)
     det._check_params()
+    # its parameters (one line), for a log that says what ran
+    logger.debug("detector: %s", " ".join(repr(det).split()))
     return det
 
 
@@ -226,7 +231,7 @@ def cmd_fit(args):
     if not Path(args.train).is_dir():  # before the detector (and torch) loads
         raise CLIError(f"{args.train} is not a folder")
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
-                        verbose=args.verbose, seed=args.seed)
+                        verbose=int(args.progress), seed=args.seed)
     paths, y, groups = _training_set(args.train, labelled=not det._one_class)
     t0 = time.perf_counter()
     det.fit(paths, y, groups=groups)
@@ -439,7 +444,7 @@ def cmd_score(args):
     from ._images import ImageSet  # torch: after the checks that need none
     from ._progress import progress
 
-    det.set_params(device=args.device, verbose=args.verbose)
+    det.set_params(device=args.device, verbose=int(args.progress))
     if args.reference:
         det.set_reference(list_images(args.reference))
     if not hasattr(det, "threshold_"):
@@ -456,9 +461,12 @@ def cmd_score(args):
     images = ImageSet(paths, "images")
     size = det.batch_size
     chunks = [range(k, min(k + size, len(paths))) for k in range(0, len(paths), size)]
-    det.set_params(verbose=0)  # one progress line for the run, not one per chunk
+    # one bar for the run: a chunk is one batch, so a detector's bar per chunk would
+    # only flash below it
+    det.set_params(verbose=0)
     with Results(out, det, min_area=args.min_area, save_maps=args.save_maps) as results:
-        for chunk in progress(chunks, desc="scoring", verbose=args.verbose):
+        for chunk in progress(chunks, desc="scoring", verbose=int(args.progress),
+                              unit="batch"):
             _score_chunk(det, images, paths, chunk, results)
     failed = (f"; {results.n_failed} could not be read (see the error column)"
               if results.n_failed else "")
@@ -524,7 +532,7 @@ def cmd_demo(args):
         train = load_mvtec(out / "data", texture, "train")
         test = load_mvtec(out / "data", texture, "test", return_masks=True)
         det = make_detector("patchcore", ["image_size=128"], offline=True,
-                            device=args.device, verbose=args.verbose, seed=args.seed)
+                            device=args.device, verbose=int(args.progress), seed=args.seed)
         det.fit(train.paths)
         scores, maps = det.score_and_map(test.paths)
         res = evaluate(test.y, scores, test.masks, maps)
@@ -553,7 +561,7 @@ def cmd_benchmark(args):
 
     def factory():  # random_state left to the row's seed (run_benchmark), unless --param sets it
         return make_detector(args.method, args.param, offline=args.offline,
-                             device=args.device, verbose=args.verbose)
+                             device=args.device, verbose=int(args.progress))
 
     factory()  # parameter errors before any work
     rows = run_benchmark(factory, str(root), categories, protocol=args.protocol,
@@ -616,13 +624,18 @@ def _method_options(sp):
 
 
 def _run_options(sp):
-    """--device and --verbose: how any command computes and what it reports."""
+    """--device, --progress and --verbose: how any command computes and what it reports."""
     sp.add_argument("--device", default="auto",
                     help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
                          "(default: %(default)s)")
+    sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bars of long work on stderr (count, rate, time left); by "
+                         "default when stderr is a terminal. Redirected to a file, a bar is "
+                         "a plain line every 10 s")
     sp.add_argument("--verbose", "-v", action="count", default=0,
-                    help="show progress on stderr, and which files and folders the folder "
-                         "listings skipped")
+                    help="show the skad loggers' records on stderr: -v (INFO) which files "
+                         "and folders the folder listings skipped; -vv (DEBUG) also details "
+                         "such as each training epoch's loss")
 
 
 def _add_fit(sub):
@@ -760,15 +773,26 @@ def _parser():
     return p
 
 
+def _log_level(verbose):
+    """The ``skad`` loggers' level for a count of -v: WARNING, INFO (-v), DEBUG (-vv)."""
+    if verbose >= 2:
+        return logging.DEBUG
+    return logging.INFO if verbose else logging.WARNING
+
+
 @contextlib.contextmanager
 def _log_to_stderr(verbose):
-    """Show the records of the ``skad`` loggers on stderr: INFO and above with --verbose."""
+    """Show the records of the ``skad`` loggers on stderr, at the level -v asks for.
+
+    The command line is an application, so it configures logging (the library
+    only has a NullHandler); its handler writes records above progress bars.
+    """
     logger = logging.getLogger("skad")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = ProgressAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("skad: %(message)s"))
     level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.setLevel(_log_level(verbose))
     try:
         yield
     finally:
@@ -806,16 +830,29 @@ def _one_line(exc):
     return str(exc)
 
 
+def _show_progress(choice):
+    """Whether to draw progress bars: --progress / --no-progress, else if stderr is a terminal."""
+    if choice is not None:
+        return choice
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    args.progress = _show_progress(getattr(args, "progress", None))
     with _log_to_stderr(args.verbose), _downloads_off(getattr(args, "offline", False)):
         try:
             return args.func(args) or 0
         except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
                 FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
+            close_bars()  # the message on a line of its own, not after a half-drawn bar
             print(f"skad: error: {_one_line(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
+            close_bars()
             print("skad: interrupted", file=sys.stderr)
             return 130
 

@@ -4,6 +4,7 @@ import argparse
 import csv
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -741,3 +742,42 @@ def test_an_output_that_is_a_file_is_a_one_line_error(model, tmp_path, capsys, c
     err = capsys.readouterr().err
     assert err == f"skad: error: --out must be a folder; {target} is a file\n"
     assert target.read_text() == "mine"
+
+
+def test_progress_bars_on_a_terminal_by_default_and_as_asked(model, tmp_path, capsys,
+                                                              monkeypatch):
+    """Bars when stderr is a terminal or with --progress; none in a log by default or with
+    --no-progress. The run's bar counts batches; the detector's own bars stay off inside."""
+    images = _images(tmp_path / "images", n=5)
+
+    def score(name, *options):
+        assert main(["score", "--model", str(model), "--images", str(images),
+                     "--out", str(tmp_path / name), *options]) == 0
+        return capsys.readouterr().err
+
+    assert score("quiet") == ""  # stderr captured: not a terminal
+    err = score("forced", "--progress")
+    assert "scoring: 100% 1/1 [" in err and "batch/s" in err and "\r" not in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    err = score("terminal")
+    assert "\rscoring: 100%|" in err and "1/1" in err
+    assert "images" not in err  # one bar for the run: no detector bar per chunk
+    assert score("off", "--no-progress") == ""
+
+
+def test_a_log_file_gets_plain_progress_lines_and_the_records_asked_for(mvtec, tmp_path):
+    """``skad fit --progress -vv 2> log``: whole lines (no carriage returns), the
+    detector's parameters at DEBUG; -v and --progress are independent."""
+    cat = min(mvtec.iterdir())
+    argv = ["fit", "--train", str(cat), "--out", str(tmp_path / "m.joblib"), *TINY]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-m", "skad.cli", *argv]
+    log = subprocess.run([*run, "--progress", "-vv"], capture_output=True, text=True,
+                         env=env, check=True).stderr
+    assert "\r" not in log and "\x1b" not in log
+    lines = log.splitlines()
+    assert "skad: detector: PatchCore(" in lines[0]
+    assert any(re.match(r"coreset: 100% \d+/\d+ \[", line) for line in lines)
+    quiet = subprocess.run([*run, "-v"], capture_output=True, text=True, env=env,
+                           check=True).stderr
+    assert "coreset" not in quiet and "detector:" not in quiet  # no bars, INFO only
