@@ -1,4 +1,6 @@
-"""Domain-wise cross-validation: ``LeaveOneGroupOut`` with the reference scorer.
+"""
+Domain-wise cross-validation: ``LeaveOneGroupOut`` with the reference scorer
+============================================================================
 
 Each fold holds one domain (surface) out. The detector is fitted on the other
 domains; ``ReferenceScorer`` then gives it a few normal images of the held-out
@@ -7,6 +9,8 @@ reference is ever scored. This is how a detector is judged on a surface it has
 not been trained on. PatchCore learns nothing beyond its references, so its
 fold score is that of a memory bank of ``n_references`` images; a trained
 detector (MetaComparer) is evaluated the same way.
+
+Run it::
 
     python examples/domain_cv.py                                 # synthetic textures
     python examples/domain_cv.py ../shared/data aitex_00 aitex_01 aitex_02 mt

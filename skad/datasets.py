@@ -86,6 +86,11 @@ def _load_masks(paths, mask_paths, mask_size):
 def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=None):
     """List the images of one category stored in the MVTec AD layout.
 
+    Hidden files and folders and the debris of notebooks, macOS, Windows and
+    NAS boxes (``.ipynb_checkpoints``, ``__MACOSX``, ``._*``, ``Thumbs.db``,
+    ...) are never images or defect types; what is skipped is logged on the
+    ``skad`` logger.
+
     Parameters
     ----------
     root : str or Path
@@ -103,11 +108,6 @@ def load_mvtec(root, category, split="test", *, return_masks=False, mask_size=No
         Resize masks (nearest neighbour) to this size, ``(h, w)`` for a pair,
         once each is checked against its image. By default each mask has the
         size of its image.
-
-    Hidden files and folders and the debris of notebooks, macOS, Windows and
-    NAS boxes (``.ipynb_checkpoints``, ``__MACOSX``, ``._*``, ``Thumbs.db``,
-    ...) are never images or defect types; what is skipped is logged on the
-    ``skad`` logger.
 
     Returns
     -------

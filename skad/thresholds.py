@@ -26,7 +26,7 @@ normal image, all ``n + 1`` exchangeable (drawn alike, in any order; for
 example the references and the new part are good parts of the same line,
 none of them seen in training). Then ``s`` is equally likely to take any rank
 among the ``n + 1``, and for ``k = ceil((n + 1)(1 - alpha))``, the ``k``-th
-smallest reference score ``s_(k)`` satisfies
+smallest reference score ``s_(k)`` satisfies::
 
     P(s > s_(k)) = (n + 1 - k) / (n + 1) <= alpha
 
