@@ -50,6 +50,9 @@ FORMAT_VERSION = 1
 _HEADER_KEY = "skad"
 #: a safetensors file starts with the 8-byte length of its JSON header, then "{"
 _SAFETENSORS_OPENING = b"{"
+#: opcodes a protocol 0 or 1 pickle can open with (pickletools: MARK, GLOBAL, EMPTY_LIST,
+#: EMPTY_DICT, EMPTY_TUPLE, the constants)
+_OLD_PICKLE_OPENINGS = [bytes([c]) for c in b"(c]})ILFSVNKMJGTUX"]
 
 
 class ModelFileError(ValueError):
@@ -155,6 +158,15 @@ def _encode_state(det):
     return state, encoder.tensors
 
 
+def _saved_date():
+    """Now, or ``SOURCE_DATE_EPOCH`` where set: the reproducible-builds convention, so that
+    two saves of the same detector give the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+           else datetime.datetime.now(datetime.timezone.utc))
+    return now.isoformat(timespec="seconds")
+
+
 def _model_card(det, versions):
     """What an engineer needs to know about a model without loading it."""
     quantile = det.threshold_quantile
@@ -170,7 +182,7 @@ def _model_card(det, versions):
         "false_reject_rate_bound": getattr(det, "false_reject_rate_", None),
         "threshold": getattr(det, "threshold_", None),
         "pixel_threshold": getattr(det, "pixel_threshold_", None),
-        "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "saved": _saved_date(),
         "skad_version": versions["skad"],
     }
 
@@ -262,11 +274,19 @@ def is_pickle(path):
     """
     with open(path, "rb") as fh:
         opening = fh.read(6)
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        ending = fh.read(1)
     zlib = len(opening) >= 2 and opening[0] == 0x78 and int.from_bytes(opening[:2]) % 31 == 0
+    # protocols 0 and 1 open with one of a few opcodes (MARK, GLOBAL, EMPTY_LIST, ...) and,
+    # as every pickle, end with STOP (".")
+    old_protocol = opening[:1] in _OLD_PICKLE_OPENINGS and ending == b"."
     # pickle protocol >= 2 opens with PROTO (0x80); then joblib's compressors: zlib
     # (joblib's default), gzip, bz2, xz, lzma
-    return zlib or opening.startswith((b"\x80", b"\x1f\x8b", b"BZh", b"\xfd7zXZ",
-                                       b"\x5d\x00\x00"))
+    return zlib or old_protocol or opening.startswith((b"\x80", b"\x1f\x8b", b"BZh",
+                                                       b"\xfd7zXZ", b"\x5d\x00\x00"))
 
 
 def _read_header(path):
@@ -279,6 +299,8 @@ def _read_header(path):
                                 f"{'is not a file' if path.exists() else 'does not exist'}")
     with open(path, "rb") as fh:
         opening = fh.read(9)
+    if not opening:
+        raise ModelFileError(f"{path} is empty: not a skad model file")
     if len(opening) < 9 or opening[8:9] != _SAFETENSORS_OPENING:
         kind = " It looks like a pickle (joblib)." if is_pickle(path) else ""
         raise ModelFileError(f"{path} is not a skad model file (a safetensors file written "
@@ -483,8 +505,8 @@ def model_info(path):
         ``"class"``, ``"versions"`` (skad, torch, timm that wrote it),
         ``"model_card"`` (training image count, image size, references,
         threshold rule and level, the date it was saved) and ``"params"`` (the
-        detector's parameters as stored: tuples, paths and the like appear in
-        their JSON form).
+        detector's parameters; a network passed as a parameter appears as
+        ``"<module name>"``).
 
     Raises
     ------
@@ -497,4 +519,21 @@ def model_info(path):
     names = set(cls._get_param_names()) if cls is not None else set()
     return {"class": header.get("class"), "versions": header.get("versions", {}),
             "model_card": header.get("model_card", {}),
-            "params": {k: v for k, v in state.items() if k in names}}
+            "params": {k: _plain(v) for k, v in state.items() if k in names}}
+
+
+def _plain(value):
+    """A header value as a reader wants it: tuples as tuples, paths and devices as text,
+    a stored network or tensor by name; no tensor is read."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if not isinstance(value, dict) or not value:
+        return value
+    tag, content = next(iter(value.items()))
+    if tag == "tuple":
+        return tuple(_plain(v) for v in content)
+    if tag == "dict":
+        return {k: _plain(v) for k, v in content.items()}
+    if tag in ("path", "device", "float"):
+        return content if tag != "float" else float(content)
+    return f"<{tag} {content}>" if tag in ("module", "tensor", "ndarray") else value

@@ -29,9 +29,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +199,12 @@ def _load_model(path, *, allow_pickle=False):
     if not Path(path).is_file():
         problem = "is not a file" if Path(path).exists() else "does not exist"
         raise CLIError(f"model file {path} {problem}")
-    from ._serialization import ModelFileError, is_pickle
+    from ._serialization import ModelFileError, ModelVersionWarning, is_pickle
 
     try:
-        return skad.load(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ModelVersionWarning)
+            det = skad.load(path)
     except ModelFileError as exc:
         if allow_pickle:  # whatever is not skad's format, joblib reads (or says why not)
             return _load_pickle(path)
@@ -208,10 +212,24 @@ def _load_model(path, *, allow_pickle=False):
             raise CLIError(
                 f"model file {path} is a pickle (joblib): loading it runs whatever code it "
                 "holds. If you trust its source, pass --allow-pickle; better, convert it once "
-                "to the safe format: python -c \"import joblib, skad; "
-                f"skad.save(joblib.load('{path}'), '{Path(path).with_suffix('.skad')}')\""
-            ) from exc
+                f"to the safe format: {_conversion_command(path)}") from exc
         raise CLIError(str(exc)) from exc
+    for w in caught:  # one line like the command's errors, not a Python warning
+        if issubclass(w.category, ModelVersionWarning):
+            print(f"skad: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return det
+
+
+def _conversion_command(path):
+    """A shell command that converts the pickle ``path`` to a new file in skad's format."""
+    path = Path(path)
+    target = path.with_suffix(".skad")
+    if target == path or target.exists():
+        target = path.with_name(f"{path.stem}-safe.skad")
+    code = f"import joblib, skad; skad.save(joblib.load({str(path)!r}), {str(target)!r})"
+    return f"python -c {shlex.quote(code)}"
 
 
 def _load_pickle(path):
@@ -223,13 +241,25 @@ def _load_pickle(path):
         raise CLIError(f"cannot load model file {path}: {type(exc).__name__}: {exc} (is it a "
                        "complete file written by joblib?)") from exc
     if not isinstance(det, skad.BaseDetector):
-        raise CLIError(f"model file {path} holds a {type(det).__name__}, not a skad detector")
+        raise CLIError(f"model file {path} holds an object of type {type(det).__name__}, not "
+                       "a skad detector")
     return det
+
+
+def _check_model_out(path, overwrite):
+    """``skad fit --out``: a file to write, checked before the fit rather than after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"--out must be a model file to write; {path} is a folder")
+    if path.exists() and not overwrite:
+        raise CLIError(f"{path} exists: choose a new file name, or pass --overwrite to "
+                       "replace it")
 
 
 def cmd_fit(args):
     if not Path(args.train).is_dir():  # before the detector (and torch) loads
         raise CLIError(f"{args.train} is not a folder")
+    _check_model_out(args.out, args.overwrite)
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
                         verbose=int(args.progress), seed=args.seed)
     paths, y, groups = _training_set(args.train, labelled=not det._one_class)
@@ -242,9 +272,12 @@ def cmd_fit(args):
     params = det.get_params()
     random = (", RANDOM backbone weights: for tests only"
               if any(params.get(n, "") is None for n in ("weights", "teacher_weights")) else "")
+    # MetaComparer fitted on labelled domains has no reference (nor threshold) until one is set
+    threshold = (f"threshold {det.threshold_:.4g} at a false-reject rate of "
+                 f"{det.false_reject_rate_:.3g}" if hasattr(det, "threshold_") else
+                 "no reference yet: pass --reference to skad score")
     print(f"fitted {type(det).__name__} on {len(paths)} images in "
-          f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, threshold "
-          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
+          f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, {threshold}"
           f"{random}); saved to {args.out}")
 
 
@@ -650,7 +683,9 @@ def _add_fit(sub):
                     help="folder of normal images to set as the reference after fitting "
                          "(default: the training images)")
     sp.add_argument("--out", required=True, metavar="FILE",
-                    help="model file to write (.skad: skad's safe format, see skad.save)")
+                    help="model file to write (.skad: skad's safe format, see skad.save); "
+                         "new unless --overwrite")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _method_options(sp)
     sp.add_argument("--seed", type=int, default=DEFAULT_SEED,
                     help="the detector's random_state, so that two fits give the same model "

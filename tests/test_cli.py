@@ -4,6 +4,7 @@ import argparse
 import csv
 import os
 import pickle
+import shlex
 import re
 import stat
 import subprocess
@@ -504,7 +505,7 @@ def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, c
     assert "fitted PatchCore on 4 images" in captured.out
     assert ".ipynb_checkpoints" in captured.err and "._000.png" in captured.err
     assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.skad"),
-                 *TINY]) == 0
+                 "--overwrite", *TINY]) == 0
     assert "skipped" not in capsys.readouterr().err  # quiet without --verbose
 
 
@@ -520,7 +521,7 @@ def _model_file(tmp_path, content):
     (b"PK\x03\x04 a zip archive", "cannot load model file"),
     (b"cnonexistent_module\nFoo\n)\x81.", "ModuleNotFoundError"),
     (b"cskad\nNoSuchClass\n)\x81.", "AttributeError"),
-    (pickle.dumps({"not": "a detector"}), "holds a dict, not a skad detector"),
+    (pickle.dumps({"not": "a detector"}), "holds an object of type dict, not a skad detector"),
 ])
 def test_bad_pickles_with_allow_pickle_are_one_line_errors(model, tmp_path, capsys, content,
                                                            message):
@@ -781,3 +782,57 @@ def test_a_log_file_gets_plain_progress_lines_and_the_records_asked_for(mvtec, t
     quiet = subprocess.run([*run, "-v"], capture_output=True, text=True, env=env,
                            check=True).stderr
     assert "coreset" not in quiet and "detector:" not in quiet  # no bars, INFO only
+
+
+def test_fit_out_is_checked_before_the_fit(mvtec, tmp_path, capsys, monkeypatch):
+    cat = min(mvtec.iterdir())
+    monkeypatch.setattr("skad.BaseDetector.fit", lambda *a, **k: pytest.fail("fitted"))
+    (tmp_path / "folder").mkdir()
+    existing = tmp_path / "old.skad"
+    existing.write_bytes(b"a model to keep")
+    for out, message in [(tmp_path / "folder", "is a folder"), (existing, "--overwrite")]:
+        assert main(["fit", "--train", str(cat), "--out", str(out), *TINY]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("skad: error:") and message in err and err.count("\n") == 1
+    assert existing.read_bytes() == b"a model to keep"
+
+
+def test_a_metacomparer_fit_without_reference_says_so(mvtec, tmp_path, capsys):
+    out = tmp_path / "mc.skad"
+    assert main(["fit", "--method", "metacomparer", "--train", str(mvtec), "--out", str(out),
+                 *TINY, "--param", "fpn_width=8", "--param", "n_fpn_cells=1",
+                 "--param", "hidden_layer_sizes=[8]", "--param", "attention_dim=4",
+                 "--param", "n_epochs=1", "--param", "n_episodes=1"]) == 0
+    assert "no reference yet: pass --reference to skad score" in capsys.readouterr().out
+    assert not hasattr(skad.load(out), "threshold_")
+
+
+def test_a_version_mismatch_is_one_warning_line(model, tmp_path, capsys):
+    from test_serialization import _rewrite
+
+    path = tmp_path / "old.skad"
+    path.write_bytes(model.read_bytes())
+    _rewrite(path, lambda h, t: h["versions"].update({"skad": "0.1.0"}))
+    assert main(["score", "--model", str(path), "--images", str(_images(tmp_path / "i")),
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "0.1.0" in x]
+    assert line.startswith("skad: warning:") and "written with skad 0.1.0" in line
+
+
+@pytest.mark.parametrize("name", ["model.joblib", "line 2's model.joblib", "evil.skad"])
+def test_the_conversion_command_runs_as_printed(model, tmp_path, capsys, name):
+    import joblib
+
+    pickled = tmp_path / name
+    joblib.dump(skad.load(model), pickled)
+    assert main(["score", "--model", str(pickled), "--images", str(_images(tmp_path / "i")),
+                 "--out", str(tmp_path / "out")]) == 1
+    command = capsys.readouterr().err.split("to the safe format: ", 1)[1].strip()
+    assert command.startswith("python -c ")
+    argv = shlex.split(command)
+    subprocess.run([sys.executable, *argv[1:]], check=True, cwd=tmp_path)
+    converted = [p for p in tmp_path.iterdir() if p.suffix == ".skad" and p != pickled]
+    assert len(converted) == 1 and pickled.is_file()  # a new file; the pickle is left alone
+    assert main(["score", "--model", str(converted[0]), "--images", str(tmp_path / "i"),
+                 "--out", str(tmp_path / "out2")]) == 0

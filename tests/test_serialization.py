@@ -278,3 +278,31 @@ def test_every_joblib_pickle_is_recognised(tmp_path, compress):
     path = tmp_path / "m.joblib"
     joblib.dump({"a": 1}, path, compress=compress)
     assert is_pickle(path)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 5])
+def test_pickles_of_every_protocol_are_named(tmp_path, protocol):
+    path = tmp_path / "m.pkl"
+    path.write_bytes(pickle.dumps({"a": [1, 2.0, "x"]}, protocol=protocol))
+    with pytest.raises(ModelFileError, match="looks like a pickle"):
+        skad.load(path)
+
+
+def test_an_empty_file_says_so(tmp_path):
+    (tmp_path / "m.skad").touch()
+    with pytest.raises(ModelFileError, match="is empty"):
+        skad.load(tmp_path / "m.skad")
+
+
+def test_model_info_params_read_as_python(patchcore, tmp_path):
+    params = skad.model_info(skad.save(patchcore, tmp_path / "m.skad"))["params"]
+    assert params["layers"] == patchcore.layers and isinstance(params["layers"], tuple)
+    assert params == {k: v for k, v in patchcore.get_params().items() if k in params}
+
+
+def test_source_date_epoch_makes_saves_byte_identical(patchcore, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = skad.save(patchcore, tmp_path / "a.skad").read_bytes()
+    b = skad.save(patchcore, tmp_path / "b.skad").read_bytes()
+    assert a == b
+    assert skad.model_info(tmp_path / "a.skad")["model_card"]["saved"].startswith("2023-11-14")
