@@ -4,8 +4,8 @@ import argparse
 import csv
 import os
 import pickle
-import shlex
 import re
+import shlex
 import stat
 import subprocess
 import sys

@@ -135,7 +135,7 @@ def test_load_never_unpickles(patchcore, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    for name, dump in [("p.pkl", lambda f: pickle.dump(Payload(), open(f, "wb"))),
+    for name, dump in [("p.pkl", lambda f: f.write_bytes(pickle.dumps(Payload()))),
                        ("j.joblib", lambda f: joblib.dump(Payload(), f)),
                        ("z.joblib", lambda f: joblib.dump(Payload(), f, compress=3))]:
         dump(tmp_path / name)
