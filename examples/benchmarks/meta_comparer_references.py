@@ -43,6 +43,7 @@ import torch
 import skad
 from skad import PatchCore
 from skad._benchmark import draw_references
+from skad._images import check_images
 from skad._maps import upsample
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
@@ -70,7 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: target aitex_00, small aitex sources, k 1 and 5, 1 draw")
     ap.add_argument("--out", help="markdown report")
-    ap.add_argument("--json", help="every row, as JSON lines")
+    ap.add_argument("--json", help="append every row to this file, as JSON lines")
+    ap.add_argument("--from-json", nargs="+",
+                    help="summarise these JSON-lines files of earlier runs; run nothing")
     return ap.parse_args(argv)
 
 
@@ -138,12 +141,13 @@ def run(args, present, log):
         args.backbone = det.backbone
         t0 = time.perf_counter()
         with torch.inference_mode():
-            parts = det._map_images_multi(test.paths, det._embed, desc="test features")
+            parts = det._map_images_multi(check_images(test.paths), det._embed,
+                                          desc="test features")
         parts = [*parts[0:-1:2], parts[-1]]  # the query parts per scale, the features
         parts = [p for q in parts[:-1] for p in (q, None)] + [parts[-1]]
         log(f"{target}: {len(test.paths)} test images embedded in {time.perf_counter() - t0:.0f}s")
-        for k in args.ks:
-            for draw in args.draws:
+        for draw in args.draws:  # every k of a draw first: a cut-short run has whole curves
+            for k in args.ks:
                 refs = draw_references(train, k, draw)
                 t0 = time.perf_counter()
                 det.set_reference(refs)
@@ -191,6 +195,37 @@ def summarize(rows, ks, variants):
     return "\n".join(lines)
 
 
+def criteria(rows, ks, variants):
+    """The issue's criteria per variant, on the mean image AUROC over targets (each target
+    first averaged over draws), and the localization against the paper's variant."""
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+
+    def m(metric, v, k, c=None):
+        sel = [c] if c else cats
+        return float(np.mean([np.mean([r[metric] for r in rows if r["variant"] == v
+                                       and r["k"] == k and r["category"] == t]) for t in sel]))
+
+    k0, k1, k10 = ks[0], ks[-1], 10 if 10 in ks else ks[len(ks) // 2]
+    header = (f"| variant | image AUROC k = {k1} - k = {k0} | beats PatchCore at every k "
+              f"(mean image AUROC margin per k) | worst target vs PatchCore at k = {k10} | "
+              "pixel AUROC vs learned, per k | PRO vs learned, per k |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for v in variants:
+        if v == "PatchCore":
+            continue
+        gain = m("image_auroc", v, k1) - m("image_auroc", v, k0)
+        margins = [m("image_auroc", v, k) - m("image_auroc", "PatchCore", k) for k in ks]
+        worst = min(cats, key=lambda c: m("image_auroc", v, k10, c)
+                    - m("image_auroc", "PatchCore", k10, c))
+        loss = m("image_auroc", v, k10, worst) - m("image_auroc", "PatchCore", k10, worst)
+        loc = [" / ".join(f"{m(metric, v, k) - m(metric, 'learned', k):+.3f}" for k in ks)
+               for metric in ("pixel_auroc", "pro")]
+        lines.append(f"| {v} | {gain:+.3f} | {'yes' if min(margins) > 0 else 'no'} ("
+                     + " / ".join(f"{x:+.3f}" for x in margins) + f") | {worst} {loss:+.3f} | "
+                     + " | ".join(loc) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     present = [c for c in bench.CATEGORIES if (Path(args.data) / c).is_dir()]
@@ -201,9 +236,16 @@ def main(argv=None):
         args.categories, args.ks, args.draws = ["aitex_00"], [1, 5], [0]
         present = [c for c in present if c.startswith("aitex")]
     args.categories = [c for c in args.categories if c in present]
-    rows = run(args, present, log=lambda m: print(m, flush=True))
-    variants = [*VARIANTS, *([] if args.skip_patchcore else ["PatchCore"])]
+    if args.from_json:
+        rows = [json.loads(line) for f in args.from_json for line in Path(f).read_text().split("\n")
+                if line.strip()]
+        rows = [r for r in rows if r["category"] in args.categories and r["k"] in args.ks]
+    else:
+        rows = run(args, present, log=lambda m: print(m, flush=True))
+    variants = [v for v in (*VARIANTS, "PatchCore") if any(r["variant"] == v for r in rows)]
     text = (f"Settings: `{' '.join(sys.argv[1:])}`\n\n" + summarize(rows, args.ks, variants))
+    if "PatchCore" in variants and "learned" in variants:
+        text += "\n" + criteria(rows, args.ks, variants)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
