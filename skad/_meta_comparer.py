@@ -23,6 +23,7 @@ from ._images import check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
+from ._patchcore import locally_aware_features, nearest
 from ._random import seed_from, torch_seed
 from ._textures import cut_mask, ellipse_mask
 from ._training import cosine_schedule, make_optimizer, train
@@ -36,7 +37,10 @@ _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
 _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
-                    "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_")
+                    "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_",
+                    "patch_score_", "reference_features_", "score_mean_", "score_std_")
+# the learned and the nearest-reference parts of patch_score="fused": no spread below this
+_MIN_STD = 1e-6
 
 
 # ------------------------------------------------------------------ meta-comparer and co-attention
@@ -288,6 +292,24 @@ class MetaComparer(BaseDetector):
         How a query patch's pair scores are reduced over the reference patches:
         "max" is Eq. 1; "min" (ours, beyond the paper) scores a patch by its
         best-matching reference patch, nearest-neighbour style.
+    patch_score : {"fused", "learned", "nearest"}, default="fused"
+        How a query patch is scored against the references (the image score is
+        the maximum of the patch scores, Eq. 5; the map is made of them, Eq. 6).
+
+        - "learned": the meta-comparer alone, Eq. 1 (Chen et al., ICME 2022), reduced
+          over the reference patches by ``reference_reduction``. It learns on the
+          source domains what a defective patch looks like; measured on held-out
+          surfaces, its ranking of the images hardly depends on the references
+          (docs/benchmarks.md, MetaComparer).
+        - "nearest" (ours, beyond the paper): the distance of the patch's locally aware
+          backbone features (the first two ``layers``, 3 x 3 averaged, as PatchCore's)
+          to the nearest reference patch; no learned part.
+        - "fused" (ours, beyond the paper): the sum of the two, each standardised with
+          the mean and standard deviation of the references' own leave-one-out patch
+          values (``score_mean_``, ``score_std_``), so that neither dominates and the
+          sum is calibrated per domain without training on it. The learned part brings
+          what transfers from the source domains, the nearest-reference part the
+          target's normality: more references lower the scores of normal patches.
     attention_weight, rank_weight : float, default=1.0
         Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2);
         ``rank_weight`` is also Eq. 4's λ, which scales L_rank the same way.
@@ -364,8 +386,18 @@ class MetaComparer(BaseDetector):
         Synthetic anomalous images added.
     loss_history_ : list of float
         Mean loss of each epoch.
+    patch_score_ : str
+        The ``patch_score`` the reference was set with (scoring needs the same).
     reference_hidden_ : list of torch.Tensor
-        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_layer_sizes[0])``.
+        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_layer_sizes[0])``
+        (``patch_score`` "learned" and "fused").
+    reference_features_ : torch.Tensor of shape (n_patches, n_channels)
+        Locally aware features of every reference patch (``patch_score`` "nearest" and
+        "fused").
+    score_mean_, score_std_ : ndarray of shape (2,)
+        Mean and standard deviation of the references' leave-one-out patch values,
+        learned part then nearest-reference part, that standardise them
+        (``patch_score="fused"``).
     reference_scores_ : ndarray of shape (n_references,)
         Leave-one-image-out scores of the references.
     threshold_ : float
@@ -427,6 +459,7 @@ class MetaComparer(BaseDetector):
         "hidden_layer_sizes": [Sequences(Ints(1))],
         "attention_dim": [Ints(1)],
         "reference_reduction": [StrOptions({"max", "min"})],
+        "patch_score": [StrOptions({"fused", "learned", "nearest"})],
         "attention_weight": [Reals(0)],
         "rank_weight": [Reals(0)],
         "mismatch_ratio": [Reals(0, 1)],
@@ -463,8 +496,8 @@ class MetaComparer(BaseDetector):
     def __init__(self, *, backbone="resnet18.tv_in1k", weights="pretrained", layers=(2, 3, 4),
                  train_backbone=False, image_size=256, fpn_width=64, n_fpn_cells=3,
                  n_fpn_levels=5, scales=(0, 1, 2), hidden_layer_sizes=(64,), attention_dim=64,
-                 reference_reduction="max", attention_weight=1.0, rank_weight=1.0,
-                 mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
+                 reference_reduction="max", patch_score="fused", attention_weight=1.0,
+                 rank_weight=1.0, mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
                  n_episode_queries=8, n_episode_references=4, n_reference_patches=256,
                  n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
@@ -486,6 +519,7 @@ class MetaComparer(BaseDetector):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.attention_dim = attention_dim
         self.reference_reduction = reference_reduction
+        self.patch_score = patch_score
         self.attention_weight = attention_weight
         self.rank_weight = rank_weight
         self.rank_lambda = rank_lambda
@@ -689,34 +723,76 @@ class MetaComparer(BaseDetector):
                      desc="MetaComparer", grad_clip=_GRAD_CLIP)
 
     # ------------------------------------------------------------ reference and scoring
+    def _uses(self, part):
+        """Whether ``patch_score`` needs the "learned" or the "nearest" part."""
+        return self.patch_score in (part, "fused")
+
     def _embed(self, batch):
-        """Per scale, the query part and the reference part of the MLP's first layer."""
+        """Per scale, the query part and the reference part of the MLP's first layer (when
+        ``patch_score`` uses the learned part), then the locally aware features
+        ``(B, h, w, C)`` of the first two backbone levels (when it uses the nearest part)."""
         with self._autocast(batch.device):
-            pyramid = self.head_(self.backbone_(batch))
+            levels = self.backbone_(batch)
+            pyramid = self.head_(levels) if self._uses("learned") else []
         cmp = self.head_.comparer
-        return [t for p in pyramid for t in (cmp.query(p.float()), cmp.reference(p.float()))]
+        out = [t for p in pyramid for t in (cmp.query(p.float()), cmp.reference(p.float()))]
+        if self._uses("nearest"):
+            out.append(locally_aware_features(levels[:2]).permute(0, 2, 3, 1).contiguous())
+        return out
 
     def _patch_values(self, qh, bank, exclude=None):
         return self.head_.comparer.reduce(qh, bank, self.reference_reduction, exclude)[0]
 
     def _set_reference(self, images):
         parts = self._map_images_multi(images, self._embed, desc="reference features")
-        self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
+        learned = parts[:-1] if self.patch_score == "fused" else parts
+        for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
+            self.__dict__.pop(name, None)
+        self.patch_score_ = self.patch_score
         with torch.inference_mode():
-            return self._leave_one_out_scores(parts[0::2])
+            if self.patch_score == "learned":
+                self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
+                return self._leave_one_out_scores(parts[0::2])
+            if self._uses("learned"):
+                self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in learned[1::2]]
+            feats = parts[-1]
+            self.reference_features_ = feats.flatten(0, 2).contiguous()
+            grid = self._nearest_leave_one_out(feats)
+            if self.patch_score == "fused":
+                grids = self._learned_leave_one_out(learned[0::2])
+                learned_grid = self._on_grid(grids, grid.shape[1:])
+                mean, std = [], []
+                for g in (learned_grid, grid):
+                    v = g[torch.isfinite(g)].double()
+                    mean.append(float(v.mean()))
+                    std.append(max(float(v.std()) if len(v) > 1 else 0.0, _MIN_STD))
+                self.score_mean_, self.score_std_ = np.array(mean), np.array(std)
+                grid = self._fuse(learned_grid, grid)
+            return self._grid_scores(grid, [q.shape[1:3] for q in parts[0:-1:2]] or None)
 
-    def _leave_one_out_scores(self, queries):
-        """Each reference scored against the other references' patches (Eq. 5), and the
-        maximum of its map so scored (Eq. 6; it calibrates ``pixel_threshold_``).
+    def _grid_scores(self, grid, sizes):
+        """The references' scores and map maxima from their leave-one-out grids ``(n, h, w)``
+        (non-finite cells do not count)."""
+        finite = torch.isfinite(grid)
+        scores = torch.where(finite, grid, -torch.inf).flatten(1).amax(dim=1)
+        if not torch.isfinite(scores).all():
+            raise ValueError(self._single_reference_message(sizes or [grid.shape[1:]]))
+        return scores.numpy(), self._map_maxima([grid], scores)
 
-        With a single reference, a patch is scored without the reference
-        patches of its own 3 x 3 neighbourhood instead; patches with none left
-        outside it do not count.
-        """
+    def _single_reference_message(self, sizes):
+        sizes = ", ".join(f"{h} x {w}" for h, w in sizes)
+        return ("MetaComparer cannot calibrate threshold_ on one reference image with patch "
+                f"grids of {sizes}: every reference patch lies in the 3 x 3 neighbourhood of "
+                "every patch, so the image would be scored against itself. Pass at least 2 "
+                "reference images (or raise image_size)")
+
+    def _learned_leave_one_out(self, queries):
+        """Per scale, each reference's patch values ``(n, h, w)`` against the other references'
+        patches; with a single reference, without the reference patches of its own 3 x 3
+        neighbourhood (non-finite: patches with none left outside it)."""
         device = self._device()
         n = len(queries[0])
-        scores = torch.full((n,), -torch.inf)
-        grids = []  # per scale, the patch values of every reference (n, h, w)
+        grids = []
         for qh, bank in zip(queries, self.reference_hidden_):
             _, h, w, _ = qh.shape
             owner = torch.arange(n).repeat_interleave(h * w)
@@ -731,20 +807,61 @@ class MetaComparer(BaseDetector):
                         return adjacent(pos[qs], pos[rs], w)
                     z = self._patch_values(q, bank.to(device), exclude)
                 values[i] = z.cpu()
-                z = z[torch.isfinite(z)]
-                if len(z):
-                    scores[i] = torch.maximum(scores[i], z.max().cpu())
             grids.append(values.view(n, h, w))
+        return grids
+
+    def _leave_one_out_scores(self, queries):
+        """Each reference scored against the other references' patches (Eq. 5), and the
+        maximum of its map so scored (Eq. 6; it calibrates ``pixel_threshold_``).
+
+        With a single reference, a patch is scored without the reference
+        patches of its own 3 x 3 neighbourhood instead; patches with none left
+        outside it do not count.
+        """
+        grids = self._learned_leave_one_out(queries)
+        scores = torch.full((len(queries[0]),), -torch.inf)
+        for g in grids:
+            z = torch.where(torch.isfinite(g), g, -torch.inf).flatten(1).amax(dim=1)
+            scores = torch.maximum(scores, z)
         if not torch.isfinite(scores).all():
             # scoring the reference against its own patches would calibrate on self-matches
-            sizes = ", ".join(f"{qh.shape[1]} x {qh.shape[2]}" for qh in queries)
-            raise ValueError(
-                "MetaComparer cannot calibrate threshold_ on one reference image with patch "
-                f"grids of {sizes}: every reference patch lies in the 3 x 3 neighbourhood of "
-                "every patch, so the image would be scored against itself. Pass at least 2 "
-                "reference images (or raise image_size)"
-            )
+            raise ValueError(self._single_reference_message([q.shape[1:3] for q in queries]))
         return scores.numpy(), self._map_maxima(grids, scores)
+
+    def _nearest_leave_one_out(self, feats):
+        """Each reference's nearest-reference-patch distances ``(n, h, w)`` to the other
+        references' patches (with a single reference: outside its 3 x 3 neighbourhood,
+        inf where none is left)."""
+        device = self._device()
+        n, h, w, _ = feats.shape
+        bank = self.reference_features_.to(device)
+        owner = torch.arange(n, device=device).repeat_interleave(h * w)
+        pos = torch.arange(h * w, device=device)
+        out = torch.empty(n, h * w)
+        for i in range(n):
+            q = feats[i].flatten(0, 1).to(device)
+            if n > 1:
+                d = nearest(q, bank[owner != i])[0]
+            else:
+                d = nearest(q, bank, lambda rows: adjacent(pos[rows], pos, w))[0]
+            out[i] = d.cpu()
+        return out.view(n, h, w)
+
+    @staticmethod
+    def _on_grid(grids, size):
+        """Per-scale grids ``(n, h_s, w_s)`` on one grid ``size`` (nearest), max over scales
+        (Eq. 6's max, before the upsampling to the image)."""
+        out = None
+        for g in grids:
+            g = g if tuple(g.shape[1:]) == tuple(size) else upsample(g, size, mode="nearest")
+            out = g if out is None else torch.maximum(out, g)
+        return out
+
+    def _fuse(self, learned, dist):
+        """The standardised sum of the learned and the nearest-reference grids."""
+        mean = torch.as_tensor(self.score_mean_, dtype=torch.float32, device=learned.device)
+        std = torch.as_tensor(self.score_std_, dtype=torch.float32, device=learned.device)
+        return (learned.float() - mean[0]) / std[0] + (dist.float() - mean[1]) / std[1]
 
     def _map_maxima(self, grids, scores):
         """The maximum of each reference's map (Eq. 6, as ``_score_batch``) from its patch
@@ -762,12 +879,41 @@ class MetaComparer(BaseDetector):
             maxima.append(float(amap.max()))
         return np.array(maxima)
 
-    def _score_batch(self, batch, return_maps):
-        parts = self._embed(batch)
-        scores, out = None, None
+    def _check_patch_score(self):
+        """Scoring reads what ``set_reference`` kept for ``patch_score``: the same one."""
+        made = getattr(self, "patch_score_", "learned")  # skad < 0.3 kept the learned part
+        if made != self.patch_score:
+            raise RuntimeError(
+                f"MetaComparer's reference was set with patch_score={made!r}, and "
+                f"patch_score is now {self.patch_score!r}: call set_reference(normals) again")
+
+    def _learned_grids(self, parts, device):
+        """Per scale, the patch values ``(n, h, w)`` of Eq. 1 (reduced over the references)."""
+        grids = []
         for qh, bank in zip(parts[0::2], self.reference_hidden_):
             n, h, w, _ = qh.shape
-            z = self._patch_values(qh.flatten(0, 2), bank.to(batch.device)).view(n, h, w)
+            grids.append(self._patch_values(qh.flatten(0, 2), bank.to(device)).view(n, h, w))
+        return grids
+
+    def _nearest_grid(self, feats, device):
+        """Distances ``(n, h, w)`` of the patches to their nearest reference patch."""
+        n, h, w, c = feats.shape
+        return nearest(feats.reshape(-1, c), self.reference_features_.to(device))[0].view(n, h, w)
+
+    def _score_batch(self, batch, return_maps):
+        self._check_patch_score()
+        parts = self._embed(batch)
+        if self.patch_score == "learned":
+            grids = self._learned_grids(parts, batch.device)
+        else:
+            dist = self._nearest_grid(parts[-1], batch.device)
+            grids = [dist]
+            if self.patch_score == "fused":
+                learned = self._on_grid(self._learned_grids(parts[:-1], batch.device),
+                                        dist.shape[1:])
+                grids = [self._fuse(learned, dist)]
+        scores, out = None, None
+        for z in grids:
             s = z.flatten(1).amax(dim=1)  # Eq. 5: max over patches, then scales
             scores = s if scores is None else torch.maximum(scores, s)
             if return_maps:  # Eq. 6: a pixel takes the max over the cells containing it
@@ -776,3 +922,9 @@ class MetaComparer(BaseDetector):
         if return_maps and self.sigma > 0:
             out = gaussian_blur(out, self.sigma)
         return scores, out
+
+    def __setstate__(self, state):
+        # pickles of skad < 0.3 have no patch_score: their reference holds the learned
+        # part only, and they keep scoring with it (the paper's Eq. 1)
+        state.setdefault("patch_score", "learned")
+        super().__setstate__(state)

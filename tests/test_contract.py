@@ -253,7 +253,7 @@ BAD_OWN = {
                      ("hidden_layer_sizes", ()), ("hidden_layer_sizes", (16.0,)),
                      ("n_episode_queries", 1), ("mismatch_ratio", 1.5),
                      ("synthesize_anomalies", "always"), ("train_backbone", 1),
-                     ("n_reference_patches", 0)],
+                     ("n_reference_patches", 0), ("patch_score", "knn")],
 }
 
 

@@ -182,9 +182,10 @@ def test_fit_reference_and_outputs(fitted, data, split):
     assert [len(h) for h in det.reference_hidden_] == [3 * 16, 3 * 4, 3 * 1]
 
 
-def test_leave_one_out_reference_scores(fitted, data, split):
+@pytest.mark.parametrize("patch_score", ["learned", "nearest"])
+def test_leave_one_out_reference_scores(fitted, data, split, patch_score):
     refs = data.images[split[1]][:4]
-    det = fitted.set_reference(refs)
+    det = copy.deepcopy(fitted).set_params(patch_score=patch_score).set_reference(refs)
     loo = det.reference_scores_.copy()
     loo_maxima = det.reference_map_maxima_.copy()
     for i in range(4):
@@ -319,3 +320,127 @@ def test_one_reference_that_would_match_itself_is_refused(fitted, data, split):
                                          "least 2 reference images"):
         det.set_reference(refs[:1])
     assert det.threshold_ == before
+
+
+# ------------------------------------------------------------------ patch_score (ours: fused)
+@pytest.fixture(scope="module")
+def variants(fitted):
+    """The fitted model under each patch_score (the fit does not depend on it)."""
+    return {p: copy.deepcopy(fitted).set_params(patch_score=p)
+            for p in ("learned", "nearest", "fused")}
+
+
+def test_default_patch_score_is_fused():
+    assert MetaComparer().patch_score == "fused"
+
+
+@pytest.mark.parametrize("patch_score", ["nearest", "fused"])
+def test_scores_change_when_the_references_change(variants, data, split, patch_score):
+    X = data.images[split[1]]
+    det = variants[patch_score]
+    a = det.set_reference(X[:3]).decision_function(X[6:])
+    b = det.set_reference(X[3:6]).decision_function(X[6:])
+    assert not np.allclose(a, b, rtol=1e-3, atol=1e-3)
+    # not a shift of every score alike: the ranking of the queries changes too
+    assert not np.allclose(a - a.mean(), b - b.mean(), rtol=1e-3, atol=1e-3)
+
+
+def test_learned_patch_score_is_the_papers_eq_1(variants, data, split):
+    """patch_score="learned": the image score is max over scales, query patches and
+    reference patches of the meta-comparer's logit on [q, r] (Eq. 1 and 5)."""
+    X = data.images[split[1]]
+    det = variants["learned"].set_reference(X[:3])
+    scores = det.decision_function(X[6:9])
+    head = det.head_
+    with torch.no_grad():
+        def patches(images):
+            batch = torch.stack([torch.as_tensor(im).permute(2, 0, 1).float() / 255
+                                 for im in images])
+            return [p.flatten(1, 2) for p in head(det.backbone_(batch))]
+        refs = [p.flatten(0, 1) for p in patches(X[:3])]
+        expected = np.full(3, -np.inf)
+        for qs, r in zip(patches(X[6:9]), refs):
+            for i, q in enumerate(qs):
+                pairs = head.comparer(q[:, None].expand(-1, len(r), -1),
+                                      r[None].expand(len(q), -1, -1))
+                expected[i] = max(expected[i], float(pairs.max()))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert not hasattr(det, "reference_features_") and not hasattr(det, "score_mean_")
+
+
+@pytest.mark.parametrize("patch_score", ["nearest", "fused"])
+def test_a_query_among_the_references_scores_lower(variants, data, split, patch_score):
+    """Adding a query's own appearance to the references lowers its score: the
+    references carry the domain's normality."""
+    X = data.images[split[1]]
+    det = variants[patch_score]
+    before = det.set_reference(X[:3]).decision_function(X[6:9])
+    after = det.set_reference(np.concatenate([X[:3], X[6:9]])).decision_function(X[6:9])
+    assert (after < before).all()
+    if patch_score == "nearest":  # its own patches are in the reference: distance 0
+        np.testing.assert_allclose(after, 0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("patch_score", ["learned", "nearest", "fused"])
+def test_patch_score_maps_and_positions(variants, data, split, patch_score):
+    X = data.images[split[1]]
+    det = copy.deepcopy(variants[patch_score]).set_reference(X[:4])
+    scores, maps = det.score_and_map(X[4:8])
+    assert scores.shape == (4,) and maps.shape == (4, 32, 32)
+    # sigma = 0: the map peaks at the image score
+    np.testing.assert_allclose(maps.reshape(4, -1).max(axis=1), scores, rtol=1e-5, atol=1e-5)
+    # maps come back at each input's own size
+    big = np.repeat(np.repeat(X[4:6], 2, axis=1), 2, axis=2)
+    assert [m.shape for m in det.predict_map(list(big))] == [(64, 64), (64, 64)]
+    if patch_score != "learned":
+        # a reference with a corner replaced by noise: the map peaks in that corner
+        query = X[0].copy()
+        query[:12, :12] = np.random.default_rng(0).integers(0, 256, (12, 12, 3))
+        amap = det.predict_map(query[None])[0]
+        r, c = np.unravel_index(amap.argmax(), amap.shape)
+        assert r < 16 and c < 16
+
+
+def test_fused_leave_one_out_scores(variants, data, split):
+    """A reference's score is its fused score against the other references, standardised
+    with the statistics of every reference's leave-one-out values; the nearest part's
+    is its distance to the other references."""
+    refs = data.images[split[1]][:4]
+    det = copy.deepcopy(variants["fused"]).set_reference(refs)
+    loo, mean, std = det.reference_scores_.copy(), det.score_mean_.copy(), det.score_std_.copy()
+    assert mean.shape == std.shape == (2,) and (std > 0).all()
+    for i in range(4):
+        det.set_reference(np.delete(refs, i, axis=0))
+        det.score_mean_, det.score_std_ = mean, std
+        assert det.decision_function(refs[i:i + 1])[0] == pytest.approx(loo[i], rel=1e-4,
+                                                                          abs=1e-4)
+    near = copy.deepcopy(variants["nearest"]).set_reference(refs)
+    for i in range(4):
+        alone = copy.deepcopy(near).set_reference(np.delete(refs, i, axis=0))
+        assert alone.decision_function(refs[i:i + 1])[0] == pytest.approx(
+            near.reference_scores_[i], rel=1e-4, abs=1e-4)
+    single = det.set_reference(refs[:1])
+    assert np.isfinite(single.reference_scores_).all() and np.isfinite(single.score_std_).all()
+
+
+def test_patch_score_changed_after_reference_asks_for_a_new_one(variants, data, split):
+    X = data.images[split[1]]
+    det = copy.deepcopy(variants["fused"]).set_reference(X[:3])
+    det.set_params(patch_score="learned")
+    with pytest.raises(RuntimeError, match="patch_score='fused'.*set_reference"):
+        det.decision_function(X[3:5])
+    det.set_reference(X[:3])
+    assert det.decision_function(X[3:5]).shape == (2,)
+    with pytest.raises(ValueError, match="patch_score"):
+        det.set_params(patch_score="knn").set_reference(X[:3])
+
+
+def test_old_pickles_keep_the_learned_score(variants, data, split):
+    det = copy.deepcopy(variants["learned"]).set_reference(data.images[split[1]][:3])
+    state = det.__getstate__()
+    del state["patch_score"], state["patch_score_"]
+    old = MetaComparer.__new__(MetaComparer)
+    old.__setstate__(state)
+    assert old.patch_score == "learned"
+    np.testing.assert_array_equal(old.decision_function(data.images[:3]),
+                                  det.decision_function(data.images[:3]))
