@@ -21,6 +21,7 @@ _MODULES = {
     "PatchCore": "._patchcore",
     "WeightsNotFoundError": "._backbone",
     "datasets": ".datasets",
+    "export_onnx": "._onnx",
     "metrics": ".metrics",
     "model_selection": ".model_selection",
     "thresholds": ".thresholds",
