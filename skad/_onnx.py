@@ -225,12 +225,17 @@ def _to_onnx(detector, batch_size, opset):
         # torch.export first, on its own: a graph whose batch size the code fixes fails
         # here, where torch.onnx.export would fall back to a fixed size without a word
         program = torch.export.export(graph, (example,), dynamic_shapes=dims, strict=False)
-        # optimize=False: onnxscript 0.7's optimizer takes an Add of a constant within 1e-8
-        # of 0 for a no-op and removes it, which turned GlobalLocal's partial convolutions
-        # (count + 1e-8) into divisions by 0; the runtimes optimise the graph themselves
+        # optimize=False, then onnxscript's constant folding and dead-node removal alone:
+        # its rewrite rules (onnxscript 0.7) take an Add of a constant within 1e-8 of 0 for a
+        # no-op and remove it, which turned GlobalLocal's partial convolutions (count +
+        # 1e-8) into divisions by 0. Unfolded, onnxruntime warns about CastLike nodes
         onnx_program = torch.onnx.export(program, (example,), dynamo=True, verbose=False,
                                          input_names=["images"], output_names=list(OUTPUTS),
                                          opset_version=opset, optimize=False)
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(onnx_program.model)
+    optimizer.remove_unused_nodes(onnx_program.model)
     return onnx_program.model_proto
 
 
