@@ -32,6 +32,7 @@ _MODULES = {
     "load": "._serialization",
     "model_info": "._serialization",
     "save": "._serialization",
+    "export_onnx": "._onnx",
     "metrics": ".metrics",
     "model_selection": ".model_selection",
     "thresholds": ".thresholds",

@@ -544,6 +544,6 @@ class GeneralAD(BaseDetector):
         scores = top_k_mean(logits, self.top_k)
         if not return_maps:
             return scores, None
-        grid = logits.view(len(batch), *self.feature_grid_)
+        grid = logits.unflatten(1, self.feature_grid_)
         return scores, grid_to_map(grid, self.image_size, *self._smoothing())
 

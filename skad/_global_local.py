@@ -29,7 +29,7 @@ from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
-from .base import BaseDetector
+from .base import BaseDetector, row_blocks
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
@@ -106,7 +106,7 @@ def idw_weights(height, width, patch_size, stride, n_neighbors=4, power=2.0):
 def idw_interpolate(scores, index, weight, shape):
     """Patch scores ``(B, P)`` -> pixel maps ``(B, H, W)``; linear in the scores."""
     s = scores.float()[:, index.to(scores.device)]  # (B, H*W, k)
-    return (s * weight.to(scores.device)).sum(dim=-1).view(len(scores), *shape)
+    return (s * weight.to(scores.device)).sum(dim=-1).unflatten(1, shape)
 
 
 # ------------------------------------------------------------------ modules
@@ -768,8 +768,7 @@ class GlobalLocal(BaseDetector):
         padded, valid = self._pad(batch)
         s_iad, s_dad = [], []
         with self._autocast(batch.device):
-            for s in range(0, len(owner), _CHUNK):
-                part = slice(s, s + _CHUNK)
+            for part in row_blocks(owner.shape[0], _CHUNK):
                 windows, mask, patch = self._crop(padded, valid, owner[part], top[part],
                                                   left[part], channels_last=True)
                 z_l, z_g = self.local_net_.embed(patch), self.global_net_(windows, mask)

@@ -27,7 +27,7 @@ from ._patchcore import locally_aware_features, nearest
 from ._random import seed_from, torch_seed
 from ._textures import cut_mask, ellipse_mask
 from ._training import cosine_schedule, make_optimizer, train
-from .base import BaseDetector
+from .base import BaseDetector, is_exporting, row_blocks
 
 __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_anomaly"]
 
@@ -35,6 +35,9 @@ __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_a
 # reference rows: cache-sized on the CPU (measured fastest), large on a GPU
 _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
+# reference rows per block in an exported graph (skad._onnx), whose blocks hold every query
+# row of the batch: 16 MiB per image for 1024 patches and 64 hidden units
+_EXPORT_REF_ROWS = 64
 _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
                     "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_",
@@ -74,7 +77,10 @@ class PairComparer(nn.Module):
         """Logits from first-layer pre-activations, overwriting them (no autograd)."""
         hidden = hidden.relu_()
         if len(self.rest) == 2:  # one hidden layer: a matrix-vector product
-            return hidden @ self.rest[1].weight[0].to(hidden.dtype) + self.rest[1].bias[0]
+            weight = self.rest[1].weight[0].to(hidden.dtype)
+            if is_exporting():  # ONNX Runtime multiplies and sums 2.4 times as fast
+                return (hidden * weight).sum(-1) + self.rest[1].bias[0]
+            return hidden @ weight + self.rest[1].bias[0]
         return self.rest[1:](hidden).squeeze(-1)
 
     def reduce(self, qh, rh, reduction="max", exclude=None):
@@ -85,16 +91,19 @@ class PairComparer(nn.Module):
         autograd); ``exclude(q_rows, r_rows) -> bool (n, m)`` masks pairs out.
         Returns the values ``(n_q,)`` and the index of the reference row reaching them.
         """
-        n_q, n_r, hidden = len(qh), len(rh), qh.shape[1]
+        # the number of query rows grows with the batch size: qh.shape[0], not len(qh),
+        # leaves it open in a graph of this code (skad._onnx)
+        n_q, n_r, hidden = qh.shape[0], len(rh), qh.shape[1]
         device = "cpu" if qh.device.type == "cpu" else "cuda"
         rows_r = max(1, min(n_r, _REF_ROWS[device], _PAIR_BLOCK[device] // hidden))
+        if is_exporting():  # one block of all query rows (row_blocks)
+            rows_r = min(n_r, _EXPORT_REF_ROWS)
         rows_q = max(1, _PAIR_BLOCK[device] // (rows_r * hidden))
         sign = 1.0 if reduction == "max" else -1.0
         best = torch.full((n_q,), -torch.inf, device=qh.device)
         where = torch.zeros(n_q, dtype=torch.long, device=qh.device)
         with torch.no_grad():
-            for q0 in range(0, n_q, rows_q):
-                qs = slice(q0, q0 + rows_q)
+            for qs in row_blocks(n_q, rows_q):
                 for r0 in range(0, n_r, rows_r):
                     rs = slice(r0, r0 + rows_r)
                     z = self._tail(qh[qs, None, :] + rh[None, rs, :]).float()

@@ -20,10 +20,10 @@ from ._maps import adjacent, grid_to_map
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._progress import progress
 from ._random import seed_from
-from .base import BaseDetector
+from .base import BaseDetector, row_blocks
 
-__all__ = ["PatchCore", "farthest_patch", "greedy_coreset", "locally_aware_features",
-           "nearest", "reweighted_score"]
+__all__ = ["PatchCore", "euclidean", "farthest_patch", "greedy_coreset", "locally_aware_features",
+           "nearest", "reweighted_score", "reweighted_scores"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
@@ -230,6 +230,17 @@ def _update_distances(x, z, z_sq, min_dist, picks, slack):
             dist.scatter_reduce_(0, rows, d, "amin")
 
 
+def euclidean(x1, x2):
+    """Euclidean distances between the rows of ``x1 (n, dim)`` and ``x2 (m, dim)``: ``(n, m)``.
+
+    ``torch.cdist`` by matrix products (``|x|^2 - 2 x.y + |y|^2``), the way it
+    computes whenever ``n`` or ``m`` exceeds 25 (every bank of real images): the
+    same formula for any number of rows, so that a graph of it
+    (:mod:`skad._onnx`) holds for any batch size.
+    """
+    return torch.cdist(x1, x2, compute_mode="use_mm_for_euclid_dist")
+
+
 def nearest(queries, bank, excluded=None):
     """Distance to, and index of, the nearest bank row for each query row, in blocks.
 
@@ -237,17 +248,15 @@ def nearest(queries, bank, excluded=None):
     query may not match (its own image's patches, for leave-one-out scores);
     ``rows`` is a slice of the query rows, or their indices.
     """
-    rows = max(1, _BLOCK // max(len(bank), 1))
     dists, index = [], []
-    for start in range(0, len(queries), rows):
-        d = torch.cdist(queries[start:start + rows], bank)
+    for rows in row_blocks(queries.shape[0], max(1, _BLOCK // max(len(bank), 1))):
+        d = euclidean(queries[rows], bank)
         if excluded is not None:
-            d.masked_fill_(excluded(slice(start, start + rows)), float("inf"))
+            d.masked_fill_(excluded(rows), float("inf"))
         dmin, imin = d.min(dim=1)
         dists.append(dmin)
         index.append(imin)
     return torch.cat(dists), torch.cat(index)
-
 
 
 def farthest_patch(queries, bank, excluded=None):
@@ -319,18 +328,56 @@ def reweighted_score(q, j, s_star, m_star, bank, n_neighbors, excluded=None):
     :func:`nearest`) leaves the image's own bank patches out of ``N_b(m*)`` as
     well as out of the nearest-neighbour search. ``n_neighbors < 2``: ``s_star``.
     """
-    # the b nearest allowed bank neighbours of m* (m* first: its own nearest)
-    d_bank = torch.cdist(bank[m_star][None], bank)[0]
+    d_bank = euclidean(bank[m_star][None], bank)[0]
     if excluded is not None:
         d_bank = d_bank.masked_fill(excluded(slice(j, j + 1))[0], float("inf"))
         d_bank[m_star] = 0.0
     b = min(n_neighbors, int(torch.isfinite(d_bank).sum()))
     if b < 2:
         return s_star
+    return _density_weight(q[j][None, None], d_bank[None], bank, b)[0] * s_star
+
+
+def reweighted_scores(q, dist, index, bank, n_neighbors):
+    """:func:`reweighted_score` of a batch of images, each against the whole bank.
+
+    Parameters
+    ----------
+    q : torch.Tensor of shape (B, N, dim)
+        Each image's patch features.
+    dist, index : torch.Tensor of shape (B, N)
+        Each patch's distance to, and index of, its nearest bank row (:func:`nearest`).
+    bank : torch.Tensor of shape (M, dim)
+    n_neighbors : int
+
+    Returns
+    -------
+    scores : torch.Tensor of shape (B,)
+        Eq. 7 for each image, from its farthest patch (the first of equals).
+        One batched computation, without a loop over the images, so that a
+        graph of it (:mod:`skad._onnx`) takes any batch size.
+    """
+    j = dist.argmax(dim=1, keepdim=True)
+    s_star = dist.gather(1, j)[:, 0]
+    b = min(n_neighbors, len(bank))  # no bank row is excluded: all distances are finite
+    if b < 2:
+        return s_star
+    d_bank = euclidean(bank[index.gather(1, j)[:, 0]], bank)
+    farthest = q.gather(1, j[..., None].expand(-1, -1, q.shape[2]))
+    return _density_weight(farthest, d_bank, bank, b) * s_star
+
+
+def _density_weight(patches, d_bank, bank, b):
+    """Eq. 7's weight ``1 - softmax(|m_q - N_b(m*)|)[m*]`` of ``B`` farthest patches.
+
+    ``patches (B, 1, dim)`` are the farthest patches ``m_q``, ``d_bank (B, M)``
+    the distances of their nearest bank rows ``m*`` to every bank row (inf
+    where excluded); ``N_b(m*)`` are the ``b`` nearest bank rows of ``m*``,
+    ``m*`` first (its own nearest). Returns ``(B,)``.
+    """
     support = torch.topk(d_bank, b, largest=False).indices
-    d_support = torch.cdist(q[j][None], bank[support])[0]
-    weight = 1.0 - torch.softmax(d_support, dim=0)[0]
-    return weight * s_star
+    d_support = torch.linalg.vector_norm(patches - bank[support], dim=2)  # as cdist: b rows
+    return 1.0 - torch.softmax(d_support, dim=1)[:, 0]
 
 
 class PatchCore(BaseDetector):
@@ -614,19 +661,16 @@ class PatchCore(BaseDetector):
     def _score_batch(self, batch, return_maps):
         feats = self._embed(batch)
         bank = self.memory_bank_.to(batch.device)
-        scores, grids = [], []
-        for f in feats:
-            q = f.flatten(1).T
-            if return_maps:
-                dist, idx = nearest(q, bank)
-                j = int(torch.argmax(dist))
-                scores.append(self._image_score(q, j, dist[j], idx[j], bank))
-                grids.append(dist.view(f.shape[1:]))
-            else:  # the score needs the farthest patch only
-                scores.append(self._image_score(q, *farthest_patch(q, bank), bank))
-        if not return_maps:
-            return torch.stack(scores), None
-        return torch.stack(scores), grid_to_map(torch.stack(grids), self.image_size, self.sigma)
+        q = feats.flatten(2).transpose(1, 2)  # (B, N, dim): each image's patches
+        if not return_maps:  # the score needs the farthest patch only
+            return torch.stack([self._image_score(qi, *farthest_patch(qi, bank), bank)
+                                for qi in q]), None
+        # every patch of the batch in one search, and Eq. 7 without a loop over the
+        # images: the ONNX graph (skad._onnx) runs this for any batch size
+        dist, idx = (t.unflatten(0, q.shape[:2]) for t in nearest(q.flatten(0, 1), bank))
+        scores = reweighted_scores(q, dist, idx, bank, self._param("n_reweight_neighbors"))
+        grids = dist.unflatten(1, feats.shape[2:])
+        return scores, grid_to_map(grids, self.image_size, self.sigma)
 
     def _to_device(self, device):
         self.backbone_.to(device)

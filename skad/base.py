@@ -93,6 +93,26 @@ def resolve_device(device):
     return device
 
 
+def row_blocks(n_rows, rows):
+    """Slices of ``rows`` rows that cover ``range(n_rows)``: the blocks that bound the
+    memory of a computation over many rows.
+
+    A single slice of all rows while ``torch.export`` traces the scoring path
+    (:mod:`skad._onnx`): there ``n_rows`` grows with the batch size, which the
+    graph leaves open, and a loop over blocks would fix it.
+    """
+    if is_exporting():
+        return [slice(None)]
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+
+
+def is_exporting():
+    """Whether ``torch.export`` is tracing the code (never before torch 2.6, which cannot
+    export skad's detectors: :mod:`skad._onnx`)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(exporting is not None and exporting())
+
+
 def _to_cpu(obj):
     """A copy of ``obj`` whose modules and tensors live on the CPU (``obj`` if already)."""
     if isinstance(obj, torch.nn.Module):
@@ -586,21 +606,48 @@ class BaseDetector(BaseEstimator):
         images = check_images(X)
         device = resolve_device(self.device)
         self._to_device(device)
-        standardize = self._standardizes_positions()
-        if standardize:
-            mean, std = self._position_statistics(device)
+        statistics = (self._position_statistics(device) if self._standardizes_positions()
+                      else None)
         scores, out_maps = [], []
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc="scoring"):
-                s, m = self._score_batch(batch.to(device), return_maps or standardize)
-                if standardize:
-                    m = (m.float() - mean) / std
-                    s = m.flatten(1).amax(dim=1)
+                s, m = self._score_standardized(batch.to(device), return_maps, statistics)
                 scores.append(s.float().cpu())
                 if return_maps:
                     out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
         return torch.cat(scores).numpy().astype(np.float64), out_maps
+
+    def _score_standardized(self, batch, return_maps, statistics):
+        """``_score_batch``, its maps standardised by position where ``statistics`` is given.
+
+        Parameters
+        ----------
+        batch : torch.Tensor of shape (B, 3, H, W)
+            Images in [0, 1] at ``image_size``, on the compute device.
+        return_maps : bool
+            Whether the maps are wanted (the standardised score needs them anyway).
+        statistics : (torch.Tensor, torch.Tensor) or None
+            ``position_mean_`` and ``position_std_`` as tensors ``(H, W)`` on the
+            batch's device (:meth:`_position_statistics`), or None: the maps and
+            scores as ``_score_batch`` gives them.
+
+        Returns
+        -------
+        scores : torch.Tensor of shape (B,)
+        maps : torch.Tensor of shape (B, H, W) or None
+            With ``statistics``, in standard deviations above the references' mean
+            at each position, and each score is its map's maximum.
+
+        Shared by scoring and by the ONNX graph (:mod:`skad._onnx`), which must
+        compute exactly what scoring does.
+        """
+        s, m = self._score_batch(batch, return_maps or statistics is not None)
+        if statistics is not None:
+            mean, std = statistics
+            m = (m.float() - mean) / std
+            s = m.flatten(1).amax(dim=1)
+        return s, m
 
     def _check_ready(self):
         check_is_fitted(self)

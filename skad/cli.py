@@ -1,7 +1,8 @@
-"""The ``skad`` command: fit, score, demo, benchmark.
+"""The ``skad`` command: fit, score, export, demo, benchmark.
 
     skad fit --method patchcore --train DIR --out model.skad [--offline] [--seed 0]
     skad score --model model.skad --images DIR --out RESULTS
+    skad export --model model.skad --format onnx --out model.onnx
     skad demo [--out DIR]
     skad benchmark --method patchcore --data ROOT --protocol oneclass
 
@@ -508,6 +509,33 @@ def cmd_score(args):
     return EXIT_UNREADABLE if results.n_failed else 0
 
 
+def cmd_export(args):
+    if Path(args.out).is_dir():  # before the model loads
+        raise CLIError(f"--out must be a file; {args.out} is a folder")
+    from . import _onnx  # torch: the model needs it too
+    from ._images import image_hw
+
+    try:
+        _onnx.check_onnx_installed()
+    except ImportError as exc:  # not among the errors main() reports in one line
+        raise CLIError(str(exc)) from None
+    det = _load_model(args.model, allow_pickle=args.allow_pickle)
+    det.set_params(device=args.device, verbose=args.verbose)
+    if args.reference:
+        det.set_reference(list_images(args.reference))
+    if not hasattr(det, "threshold_"):
+        raise CLIError(f"the model in {args.model} has no reference: pass --reference with a "
+                       "folder of good images of the parts to score")
+    t0 = time.perf_counter()
+    path = _onnx.export_onnx(det, args.out, batch_size=args.batch_size, opset=args.opset)
+    height, width = image_hw(det.image_size)
+    batch = "batch" if args.batch_size is None else args.batch_size
+    print(f"exported {type(det).__name__} to {path} ({path.stat().st_size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.1f}s): input images float32 ({batch}, 3, {height}, "
+          f"{width}), RGB in [0, 1]; outputs {', '.join(_onnx.OUTPUTS)}; threshold "
+          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}")
+
+
 def _demo_folder(out, overwrite):
     """Where the demo writes: ``out``, or a new folder under the system's temporary folder.
 
@@ -607,8 +635,9 @@ def cmd_benchmark(args):
 
 _DESCRIPTION = """\
 Image anomaly detection from the command line: fit a detector on images of good
-parts, score new images (scores.csv and one overlay PNG per image), run the
-offline demo, or benchmark a method on MVTec-layout data.
+parts, score new images (scores.csv and one overlay PNG per image), export a
+detector's scoring to ONNX, run the offline demo, or benchmark a method on
+MVTec-layout data.
 
 Run "skad COMMAND --help" for the options of each command."""
 
@@ -713,9 +742,7 @@ def _add_score(sub):
                                     f"columns of scores.csv:\n{columns}")
     sp.add_argument("--model", required=True, metavar="FILE",
                     help="model file written by skad fit (or skad.save)")
-    sp.add_argument("--allow-pickle", action="store_true",
-                    help="also accept a joblib/pickle model file. Loading a pickle RUNS "
-                         "CODE stored in it: only for files you trust")
+    _allow_pickle_option(sp)
     sp.add_argument("--images", required=True, metavar="DIR",
                     help="folder of images to score (subfolders too)")
     sp.add_argument("--reference", metavar="DIR",
@@ -735,6 +762,38 @@ def _add_score(sub):
                          "tiff (32-bit float TIFF, for image tools); named in raw_map")
     _run_options(sp)
     sp.set_defaults(func=cmd_score)
+
+
+def _allow_pickle_option(sp):
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="also accept a joblib/pickle model file. Loading a pickle RUNS "
+                         "CODE stored in it: only for files you trust")
+
+
+def _add_export(sub):
+    sp = sub.add_parser(
+        "export", help="export a saved detector's scoring to ONNX",
+        description="Write one ONNX graph of a saved detector's scoring: a batch of images "
+                    "at its image_size (float32, RGB, NCHW, in [0, 1]) to scores, anomaly "
+                    "maps, labels (score > threshold) and masks (map > pixel threshold), "
+                    "with the networks, references and thresholds inside and in the "
+                    "model's metadata. Needs pip install \"skad[onnx]\". See docs/usage.md.")
+    sp.add_argument("--model", required=True, metavar="FILE",
+                    help="model file written by skad fit (or skad.save)")
+    _allow_pickle_option(sp)
+    sp.add_argument("--format", choices=["onnx"], default="onnx",
+                    help="the graph's format (default: %(default)s)")
+    sp.add_argument("--out", required=True, metavar="FILE",
+                    help="file to write (.onnx); replaced if it exists")
+    sp.add_argument("--reference", metavar="DIR",
+                    help="folder of normal images to set as the reference before exporting "
+                         "(MetaComparer's references and every threshold come from it)")
+    sp.add_argument("--batch-size", type=_positive_int, metavar="N",
+                    help="fix the number of images per run (default: any number)")
+    sp.add_argument("--opset", type=int, default=18, metavar="N",
+                    help="ONNX opset, 18 or later (default: %(default)s)")
+    _run_options(sp)
+    sp.set_defaults(func=cmd_export)
 
 
 def _add_demo(sub):
@@ -803,7 +862,7 @@ def _parser():
                    help="show skad's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            title="commands")
-    for add in (_add_fit, _add_score, _add_demo, _add_benchmark):
+    for add in (_add_fit, _add_score, _add_export, _add_demo, _add_benchmark):
         add(sub)
     return p
 

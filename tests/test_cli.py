@@ -85,8 +85,8 @@ def test_every_option_has_help_and_help_has_no_markup():
 
     parser = _parser()
     commands = [parser, *_subparsers(parser)]
-    assert [c.prog for c in commands] == ["skad", "skad fit", "skad score", "skad demo",
-                                          "skad benchmark"]
+    assert [c.prog for c in commands] == ["skad", "skad fit", "skad score", "skad export",
+                                          "skad demo", "skad benchmark"]
     missing = [f"{c.prog} {'/'.join(a.option_strings)}" for c in commands for a in c._actions
                if a.option_strings and (not a.help or a.help == argparse.SUPPRESS)]
     assert not missing, f"options without help text: {missing}"
