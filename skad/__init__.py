@@ -28,6 +28,7 @@ _MODULES = {
     "save": "._serialization",
     "metrics": ".metrics",
     "model_selection": ".model_selection",
+    "scoring": ".scoring",
     "thresholds": ".thresholds",
 }
 

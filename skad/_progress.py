@@ -36,7 +36,9 @@ def progress(iterable, *, total=None, desc="", verbose=0, unit="", status=None, 
     ----------
     iterable : iterable
     total : int, optional
-        Number of steps; ``len(iterable)`` by default.
+        Number of steps; ``len(iterable)`` by default. An iterable without a
+        length (a generator) has no total: the line then says ``desc: k``, and
+        is ended when the iteration ends.
     desc : str
     verbose : int
         Nothing is written when 0.
@@ -51,21 +53,35 @@ def progress(iterable, *, total=None, desc="", verbose=0, unit="", status=None, 
     if not verbose:
         yield from iterable
         return
-    total = len(iterable) if total is None else total
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     stream = sys.stderr
     tty = _is_terminal(stream)
     if interval is None:
         interval = _TTY_INTERVAL if tty else _LOG_INTERVAL
     t0 = last = time.perf_counter()
+    k = written = 0
     for k, item in enumerate(iterable, 1):
         yield item
         now = time.perf_counter()
         if k == total or interval == 0 or now - last > interval:
-            last = now
-            extra = f" {status()}" if status is not None else ""
-            text = f"{desc}: {unit}{k}/{total}{extra} [{now - t0:.1f}s]"
-            if tty:
-                stream.write(f"\r{text}" + ("\n" if k == total else ""))
-            else:
-                stream.write(text + "\n")
-            stream.flush()
+            last, written = now, k
+            _write(stream, tty, desc, unit, k, total, status, now - t0, end=k == total)
+    if total is None and k:  # the last step of a length unknown until now
+        if written != k:
+            _write(stream, tty, desc, unit, k, total, status, time.perf_counter() - t0,
+                   end=True)
+        elif tty:
+            stream.write("\n")
+
+
+def _write(stream, tty, desc, unit, k, total, status, elapsed, *, end):
+    """One progress line: rewritten in place on a terminal (``end`` ends it), else a line."""
+    extra = f" {status()}" if status is not None else ""
+    count = f"{k}/{total}" if total is not None else f"{k}"
+    text = f"{desc}: {unit}{count}{extra} [{elapsed:.1f}s]"
+    if tty:
+        stream.write(f"\r{text}" + ("\n" if end else ""))
+    else:
+        stream.write(text + "\n")
+    stream.flush()

@@ -384,7 +384,7 @@ def test_outputs_and_model_inside_the_images_are_never_scored(model, tmp_path):
         rows = _rows(out)
         assert [Path(r["path"]).name for r in rows] == ["000.png", "001.png", "002.png"]
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            [r["map"] for r in rows] + ["scores.csv"])
+            [r["map"] for r in rows] + ["scores.csv", "skad-run.json"])
     assert main(["score", "--model", str(model), "--images", str(images), "--out",
                  str(images)]) == 1
 
@@ -448,7 +448,7 @@ def test_each_run_writes_into_a_folder_of_its_own(model, tmp_path, capsys):
     second = {r["map"] for r in _rows(out)}
     assert not first & second and len(second) == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*second, "scores.csv", "notes.txt", ".DS_Store"])
+        [*second, "scores.csv", "skad-run.json", "notes.txt", ".DS_Store"])
     # a new folder is fine; a folder holding something else needs --overwrite too
     assert main([*argv[:-1], str(tmp_path / "new")]) == 0
     (tmp_path / "busy").mkdir()
