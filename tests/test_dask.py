@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-distributed = pytest.importorskip("distributed")
+import skad
+from skad import PatchCore
+from skad.cli import main
+from skad.datasets import make_textures
+from skad.model_selection import ReferenceScorer
+from skad.scoring import score_files
 
-import skad  # noqa: E402
-from skad import PatchCore  # noqa: E402
-from skad.cli import main  # noqa: E402
-from skad.datasets import make_textures  # noqa: E402
-from skad.model_selection import ReferenceScorer  # noqa: E402
-from skad.scoring import score_files  # noqa: E402
+# an optional extra (pip install "skad[dask]"), which CI installs with .[dev]
+distributed = pytest.importorskip("distributed")
 
 CHUNK = 3
 
