@@ -105,6 +105,8 @@ FORMATS = ("csv", "parquet")
 CSV_NAME = "scores.csv"
 PARQUET_NAME = "scores.parquet"
 MANIFEST_NAME = "skad-run.json"
+# held by a run (flock): hidden, so that no listing takes it for data
+LOCK_NAME = ".skad-score.lock"
 _MANIFEST_FORMAT = "skad.score-run"
 
 # headers of the scores.csv that skad score writes, and wrote before (without the raw maps;
@@ -859,6 +861,28 @@ def _check_manifest(out, manifest):
                              f"not {value!r}")
 
 
+def _lock(out):
+    """An advisory lock on ``out`` for the run, so that two runs never write one table
+    (a ``--resume`` started while the interrupted run still goes on, say).
+
+    Returns the open lock file (the lock is released when it is closed, or when the
+    process ends, killed or not; the run removes the file at its end), or None where
+    ``fcntl`` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fh = open(out / LOCK_NAME, "a")  # noqa: SIM115 (held for the run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ValueError(f"{out} is being written by another skad score run: wait for it to "
+                         "end, or stop it, first") from None
+    return fh
+
+
 def _describe(inputs):
     if not isinstance(inputs, dict) or len(inputs) != 1:
         return repr(inputs)
@@ -1221,6 +1245,9 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
                               scheduler="tcp://10.0.0.5:8786")
     """
     _check_options(output_format, overlays, save_maps, min_area, chunk_size, limit, window)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in out, "
+                         "or replace it")
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -1238,14 +1265,21 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
     settings = {"overlays": overlays, "min_area": int(min_area), "save_maps": save_maps,
                 "output_format": output_format}
     manifest = _manifest(source, fingerprint(det), listing, settings)
-    journal = None
+    journal = lock = None
     if resume:
         _check_manifest(out, manifest)
-        journal = _Journal(out / CSV_NAME)
-        _check_prefix(listed, journal, out)
+        lock = _lock(out)
+        try:
+            journal = _Journal(out / CSV_NAME)
+            _check_prefix(listed, journal, out)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         journal.truncate()
     else:
         prepare_output(out, overwrite=overwrite)
+        lock = _lock(out)
         _write_manifest(out, manifest)
     n_resumed = journal.n_rows if journal else 0
     size = int(chunk_size or det.batch_size)
@@ -1291,6 +1325,9 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
         det.set_params(verbose=verbose_before)
         if owned:
             client.close()
+        if lock is not None:  # a killed run leaves the file (hidden), never the lock
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
     return summary(complete)
 
 

@@ -288,6 +288,22 @@ def test_resume_refuses_another_run(model, images, tmp_path, capsys):
         main([*argv, "--resume", "--overwrite"])
 
 
+def test_a_run_in_progress_cannot_be_resumed_beside_it(model, images, reference_run, tmp_path):
+    out = tmp_path / "out"
+    refused = []
+
+    def resume_now(summary):
+        if not refused:
+            with pytest.raises(ValueError, match="is being written by another skad score run"):
+                score_files(model, images, out, chunk_size=4, resume=True)
+            refused.append(summary.n_images)
+
+    score_files(model, images, out, chunk_size=4, callback=resume_now)
+    assert refused == [4]
+    _same_results(out, reference_run[0])
+    assert not (out / ".skad-score.lock").exists()
+
+
 def test_a_run_stopped_by_its_limit_continues_with_resume(model, images, reference_run,
                                                           tmp_path):
     out = tmp_path / "out"
@@ -333,5 +349,7 @@ def test_options_are_checked_before_any_work(model, images, tmp_path):
         with pytest.raises(ValueError, match=message):
             score_files(model, images, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        score_files(model, images, tmp_path / "out", resume=True, overwrite=True)
     with pytest.raises(ValueError, match="is a file: for a list of paths"):
         score_files(model, model, tmp_path / "out")
