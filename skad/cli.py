@@ -39,16 +39,9 @@ import skad
 from ._files import is_debris
 
 # the results' columns and files are the library's (skad.scoring); named here too, as before
-from .scoring import (
-    COLUMNS,
-    FORMATS,
-    MAP_FORMATS,
-    OVERLAYS,
-    ImageFolder,
-    Results,
-    _output_folder,
-    prepare_output,
-)
+from ._listings import ImageFolder
+from ._results import COLUMNS, FORMATS, MAP_FORMATS, OVERLAYS, output_folder, prepare_output
+from ._tables import Results
 
 __all__ = ["main"]
 
@@ -261,7 +254,7 @@ def _score_model(args):
 
 def _score_inputs(args):
     """The listing of --images, --file-list or --glob (skad.scoring's)."""
-    from .scoring import FileList, Glob
+    from ._listings import FileList, Glob
 
     if args.images is not None:
         if not Path(args.images).is_dir():  # before the model loads
@@ -322,7 +315,7 @@ def _demo_folder(out, overwrite):
     """
     if out is None:
         return Path(tempfile.mkdtemp(prefix="skad-demo-"))
-    out = _output_folder(out)
+    out = output_folder(out)
     if not overwrite and any(not is_debris(p.name) for p in out.iterdir()):
         raise CLIError(f"{out} is not empty: choose a new or empty folder, or pass "
                        "--overwrite to replace a previous demo's results")

@@ -41,7 +41,7 @@ def cluster():
 def client(cluster):
     with distributed.Client(cluster) as client:
         # torch, timm and skad imported once per worker, before any test counts on them
-        client.run(exec, "import skad.scoring, skad._serialization, skad._patchcore")
+        client.run(exec, "import skad.scoring, skad._serialization, skad._patchcore", {})
         yield client
 
 
@@ -139,8 +139,8 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(model, images, cli
                                                               one_process, tmp_path):
     # every chunk takes 0.5 s more on the workers as they are now, so that the kill falls
     # while both are busy; the worker that replaces the killed one scores at full speed
-    client.run(exec, "import time, skad.scoring as s; s._unslowed = s._score_chunk; "
-                     "s._score_chunk = lambda *a: time.sleep(0.5) or s._unslowed(*a)", {})
+    client.run(exec, "import time, skad._results as r; r.unslowed = r.score_chunk; "
+                     "r.score_chunk = lambda *a: time.sleep(0.5) or r.unslowed(*a)", {})
     pids = client.run(os.getpid)
     killed = []
 
@@ -155,8 +155,8 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(model, images, cli
         summary = score_files(model, images, out, chunk_size=CHUNK, scheduler=client,
                               output_format="parquet", callback=kill_a_busy_worker)
     finally:
-        client.run(exec, "import skad.scoring as s; s._score_chunk = getattr(s, '_unslowed', "
-                         "s._score_chunk)")
+        client.run(exec, "import skad._results as r; r.score_chunk = getattr(r, 'unslowed', "
+                         "r.score_chunk)", {})
     assert killed and killed[0][1] == CHUNK  # killed after the first chunk, mid-run
     assert summary.n_images == 16
     _same_results(out, one_process)

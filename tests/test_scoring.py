@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 import skad
-from skad import PatchCore, scoring
+from skad import PatchCore
+from skad._tables import Journal
 from skad.cli import main
 from skad.scoring import COLUMNS, FileList, Glob, ImageFolder, ScoringSummary, score_files
 
@@ -206,7 +207,7 @@ def test_a_row_cut_short_by_a_kill_is_scored_again(model, images, reference_run,
     with open(out / "scores.csv", "a", encoding="utf-8") as fh:
         fh.write(",".join(rows[5])[:20])
     (out / rows[5][7]).write_bytes(b"\x89PNG half")
-    journal = scoring._Journal(out / "scores.csv")
+    journal = Journal(out / "scores.csv")
     assert journal.n_rows == 4 and journal.size > journal.end
     score_files(model, images, out, chunk_size=4, resume=True)
     _same_results(out, reference_run[0])
@@ -218,8 +219,8 @@ def test_a_killed_command_resumes_to_the_same_results(model, images, reference_r
     argv = ["score", "--model", str(model), "--images", str(images), "--out", str(out),
             "--chunk-size", "4"]
     # chunks slowed down, so that the kill falls in the middle of the run
-    code = ("import sys, time, skad.scoring as s; chunk = s._score_chunk; "
-            "s._score_chunk = lambda *a: time.sleep(0.3) or chunk(*a); "
+    code = ("import sys, time, skad._results as r; chunk = r.score_chunk; "
+            "r.score_chunk = lambda *a: time.sleep(0.3) or chunk(*a); "
             "from skad.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
