@@ -31,9 +31,9 @@ COLUMNS = {
     "threshold": "the model's threshold_ that predicted_label compares with",
     "n_regions": "defect regions: connected pixels of the map above pixel_threshold_",
     "largest_region_area": "pixels of the largest defect region (0 when none)",
-    "map": ("the overlay PNG's file name, in the results folder: the map on the model's "
-            "fixed colour scale (pixel threshold mid-scale), the regions outlined in white, "
-            "score, p-value and verdict written on it (empty when no overlay was asked for)"),
+    "map": ("the overlay PNG's file name, in the results folder (empty when --overlays "
+            "skips the image): the map on the model's fixed colour scale (pixel threshold "
+            "mid-scale), the regions outlined in white, score, p-value and verdict on it"),
     "raw_map": "with --save-maps: the float32 map's file name (.npy or .tiff), else empty",
     "error": "why the image could not be scored (the other columns are then empty)",
 }
