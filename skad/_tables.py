@@ -118,13 +118,16 @@ class _ParquetTable:
     def flush(self):
         if not self._rows:
             return
-        columns = {}
-        for k, (column, kind) in enumerate(_PARQUET_TYPES.items()):
-            cast = float if kind.startswith("float") else int if kind.startswith("int") else str
-            values = [r[k] for r in self._rows]
-            columns[column] = values if column == "path" else [
-                cast(v) if v != "" else None for v in values]
-        self._writer.write_table(self._pa.table(columns, schema=self.schema))
+        import pyarrow.compute as pc
+
+        pa = self._pa
+        columns = []
+        for values, field in zip(zip(*self._rows), self.schema):
+            text = pa.array(values, pa.string())
+            if field.name != "path":  # an empty cell is null; the rest parses as its type
+                text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+            columns.append(text.cast(field.type))
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self._rows = []
 
     def close(self):
