@@ -301,86 +301,125 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run in out, "
                          "or replace it")
-    t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder; {out} is a file")
     det, source, model_file = _load(model, device)
-    listing = as_listing(inputs).excluding(out, *([model_file] if model_file else []))
-    if isinstance(listing, ImageFolder) and out.resolve() == listing.folder.resolve():
-        raise ValueError(f"the results folder {out} is the images folder: the overlays would "
-                         "be scored as images by the next run")
-    listed = iter(listing)
-    first = next(listed, None)  # nothing is written before the listing has found an image
-    if first is None:
-        raise ValueError(listing.nothing_found())
-    listed = chain([first], listed)
+    listing, listed = _open_listing(inputs, out, model_file)
     settings = {"overlays": overlays, "min_area": int(min_area), "save_maps": save_maps,
                 "output_format": output_format}
     from ._serialization import fingerprint  # torch: loaded with the model already
 
     manifest = make_manifest(source, fingerprint(det), listing, settings)
-    journal = lock = None
-    if resume:
-        check_manifest(out, manifest)
-        lock = lock_folder(out)
-        try:
-            journal = Journal(out / CSV_NAME)
-            check_prefix(listed, journal, out)
-        except BaseException:
-            if lock is not None:
-                lock.close()
-            raise
-        journal.truncate()
-    else:
-        prepare_output(out, overwrite=overwrite)
-        lock = lock_folder(out)
-        write_manifest(out, manifest)
+    journal, lock = _begin(out, manifest, listed, resume=resume, overwrite=overwrite)
     n_resumed = journal.n_rows if journal else 0
-    size = int(chunk_size or det.batch_size)
-    chunks = _chunks(listed, start=n_resumed, size=size, limit=limit)
+    chunks = _chunks(listed, start=n_resumed, size=int(chunk_size or det.batch_size),
+                     limit=limit)
     table = Table(out, parquet=output_format == "parquet", journal=journal)
+    progress = _Progress(table, det, n_resumed)
     verbose_before = det.verbose
     det.set_params(verbose=0)  # one progress line for the run, not one per chunk
-
-    def summary(complete=False):
-        return ScoringSummary(
-            n_images=table.n_rows, n_scored=table.n_scored, n_rejected=table.n_rejected,
-            n_failed=table.n_failed, n_resumed=n_resumed,
-            seconds=time.perf_counter() - t0, complete=complete,
-            threshold=float(det.threshold_), csv_path=table.csv_path,
-            parquet_path=table.parquet_path)
-
-    def status():
-        s = summary()
-        return f"({s.n_images} images, {s.images_per_second:.1f}/s)"
-
     client = owned = None
     try:
-        row_settings = {"out": os.path.abspath(out), **{k: settings[k] for k in
-                                                       ("overlays", "min_area", "save_maps")}}
+        rows = {"out": os.path.abspath(out), "overlays": overlays, "min_area": int(min_area),
+                "save_maps": save_maps}
         if scheduler is None:
-            steps = _run_local(det, Renderer(det, **row_settings), chunks, table)
+            steps = _run_local(det, Renderer(det, **rows), chunks, table)
         else:
             client, owned = connect(scheduler)
-            steps = run_on_cluster(client, model_source(client, det, model_file,
-                                              manifest["model"]["fingerprint"]),
-                              {**row_settings, "device": device}, chunks, table,
-                              window=window or max(4, 2 * sum(client.nthreads().values())))
-        from ._progress import progress
-
-        t0 = time.perf_counter()  # the speed is the scoring's: the model's loading aside
-        for _ in progress(steps, desc="scoring", unit="chunk ", verbose=verbose,
-                          status=status):
+            source = model_source(client, det, model_file, manifest["model"]["fingerprint"])
+            threads = sum(client.nthreads().values())
+            steps = run_on_cluster(client, source, {**rows, "device": device}, chunks, table,
+                                   window=window or max(4, 2 * threads))
+        for summary in progress.run(steps, verbose):
             if callback is not None:
-                callback(summary())
+                callback(summary)
         complete = limit is None or table.n_rows < limit or next(listed, None) is None
     finally:
         table.close()
         det.set_params(verbose=verbose_before)
         if owned:
             client.close()
-        if lock is not None:  # a killed run leaves the file (hidden), never the lock
-            Path(lock.name).unlink(missing_ok=True)
-            lock.close()
-    return summary(complete)
+        _unlock(lock)
+    return progress.summary(complete)
+
+
+def _open_listing(inputs, out, model_file):
+    """``(listing, paths)``: the listing, and an iterator of its paths that has found one.
+
+    Nothing is written before the listing has found an image: an empty one is an
+    error here, with the listing's reason.
+    """
+    listing = as_listing(inputs).excluding(out, *([model_file] if model_file else []))
+    if isinstance(listing, ImageFolder) and out.resolve() == listing.folder.resolve():
+        raise ValueError(f"the results folder {out} is the images folder: the overlays would "
+                         "be scored as images by the next run")
+    listed = iter(listing)
+    first = next(listed, None)
+    if first is None:
+        raise ValueError(listing.nothing_found())
+    return listing, chain([first], listed)
+
+
+def _begin(out, manifest, listed, *, resume, overwrite):
+    """``(journal, lock)``: the run's folder ready, locked; a resumed run's rows checked.
+
+    A resume consumes the paths of ``listed`` that its rows hold (each must be its
+    row's) and drops a last row cut short; a new run empties ``out`` (``overwrite``)
+    or finds it empty, and writes the manifest.
+    """
+    if not resume:
+        prepare_output(out, overwrite=overwrite)
+        lock = lock_folder(out)
+        write_manifest(out, manifest)
+        return None, lock
+    check_manifest(out, manifest)
+    lock = lock_folder(out)
+    try:
+        journal = Journal(out / CSV_NAME)
+        check_prefix(listed, journal, out)
+    except BaseException:
+        _unlock(lock, remove=False)
+        raise
+    journal.truncate()
+    return journal, lock
+
+
+def _unlock(lock, *, remove=True):
+    """Release the run's lock (and remove its file: a killed run leaves it, hidden)."""
+    if lock is None:
+        return
+    if remove:
+        Path(lock.name).unlink(missing_ok=True)
+    lock.close()
+
+
+class _Progress:
+    """The run's :class:`ScoringSummary` as it goes; the speed is the scoring's, from the
+    first chunk on (the model's loading and a resume's checks aside)."""
+
+    def __init__(self, table, det, n_resumed):
+        self.table, self.det, self.n_resumed = table, det, n_resumed
+        self.t0 = time.perf_counter()
+
+    def summary(self, complete=False):
+        t = self.table
+        return ScoringSummary(
+            n_images=t.n_rows, n_scored=t.n_scored, n_rejected=t.n_rejected,
+            n_failed=t.n_failed, n_resumed=self.n_resumed,
+            seconds=time.perf_counter() - self.t0, complete=complete,
+            threshold=float(self.det.threshold_), csv_path=t.csv_path,
+            parquet_path=t.parquet_path)
+
+    def _status(self):
+        s = self.summary()
+        return f"({s.n_images} images, {s.images_per_second:.1f}/s)"
+
+    def run(self, steps, verbose):
+        """Yield a summary after each chunk written; progress lines on stderr with verbose."""
+        from ._progress import progress
+
+        self.t0 = time.perf_counter()
+        for _ in progress(steps, desc="scoring", unit="chunk ", verbose=verbose,
+                          status=self._status):
+            yield self.summary()
