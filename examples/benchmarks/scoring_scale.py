@@ -210,6 +210,51 @@ def throughput(work, model, src, n, rounds):
     return rows
 
 
+def worker_overhead(work, model, src, n, rounds):
+    """Images/s of one process and of one Dask worker, with Dask's default environment and
+    with glibc's trimming of freed memory left at its default, alternated.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (memory returned to
+    the system as soon as 64 KiB are free at the top of the heap); scoring allocates and
+    frees a batch's tensors at every chunk.
+    """
+    import dask
+    import torch
+    from distributed import Client, LocalCluster
+
+    import skad
+    from skad._serialization import fingerprint
+    from skad.scoring import score_files
+
+    torch.set_num_threads(1)
+    images = make_images(work, src, n)
+    digest = fingerprint(skad.load(model))
+    warm = ("import skad._cluster as c; "
+            f"c._worker_detector(('file', {str(Path(model).resolve())!r}, {digest!r}), None)")
+    trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    rows = []
+    for k in range(rounds):
+        for setting in ("one process, no Dask", "1 worker, Dask's environment",
+                        "1 worker, MALLOC_TRIM_THRESHOLD_ 1 GiB"):
+            out = work / "overhead"
+            shutil.rmtree(out, ignore_errors=True)
+            if setting.startswith("one"):
+                summary = score_files(model, images, out, chunk_size=32)
+            else:
+                config = {trim: 2**30} if "GiB" in setting else {trim: 65536}
+                with dask.config.set(config), \
+                        LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     host="127.0.0.1", dashboard_address=None) as cluster, \
+                        Client(cluster) as client:
+                    client.run(exec, warm, {})
+                    summary = score_files(model, images, out, chunk_size=32,
+                                          scheduler=client)
+            rows.append({"round": k, "setting": setting, "images": summary.n_images,
+                         "images_per_s": round(summary.images_per_second, 1)})
+            log(rows[-1])
+    return rows
+
+
 def resume(work, model, src, n):
     images = make_images(work, src, n)
     argv = ["--model", model, "--images", images, "--chunk-size", 32]
@@ -243,8 +288,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--resume-images", type=int, default=2000)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--only", nargs="+", choices=["memory", "listing", "throughput", "resume"],
-                    default=["memory", "listing", "throughput", "resume"])
+    ap.add_argument("--overhead-images", type=int, default=500)
+    parts = ["memory", "listing", "throughput", "overhead", "resume"]
+    ap.add_argument("--only", nargs="+", choices=parts, default=parts)
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="skad-scale-"))
@@ -255,6 +301,9 @@ def main():
     if "throughput" in args.only:
         results["throughput"] = throughput(work, model, src, args.throughput_images,
                                            args.rounds)
+    if "overhead" in args.only:
+        results["worker_overhead"] = worker_overhead(work, model, src, args.overhead_images,
+                                                     args.rounds)
     if "resume" in args.only:
         results["resume"] = resume(work, model, src, args.resume_images)
     if "listing" in args.only:
