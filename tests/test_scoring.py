@@ -354,3 +354,15 @@ def test_options_are_checked_before_any_work(model, images, tmp_path):
         score_files(model, images, tmp_path / "out", resume=True, overwrite=True)
     with pytest.raises(ValueError, match="is a file: for a list of paths"):
         score_files(model, model, tmp_path / "out")
+
+
+def test_progress_of_a_listing_of_unknown_length(capsys):
+    """skad score's listing has no length: its progress lines count without a total."""
+    from skad._progress import progress
+
+    steps = progress((k for k in range(3)), desc="scoring", unit="chunk ", verbose=1,
+                     interval=0, status=lambda: "(x images)")
+    assert list(steps) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" [")[0] for line in lines] == [
+        f"scoring: chunk {k} (x images)" for k in (1, 2, 3)]
