@@ -9,9 +9,10 @@ The model is tiny: PatchCore on timm's ``test_resnet`` with random weights, fitt
 of them. Each image costs what a real one of its size costs (decoding, the network, the
 map, the regions, the overlay PNG), but the scores mean nothing. Every skad score run is a
 subprocess, timed from its start (Python, torch and the model loading included) to its
-exit; its peak memory is its maximum resident set size (``os.wait4``). The Dask runs use a
-``LocalCluster`` on the loopback interface, its workers warmed (skad imported, the model
-loaded) before the clock starts.
+exit; its peak memory is its maximum resident set size, as the launcher below counts it. The
+Dask runs use a ``LocalCluster`` on the loopback interface (workers of one thread), warmed
+(skad imported, the model loaded) before the clock starts, with Dask's default worker
+settings and with those of ``WORKER_SETTINGS``.
 """
 
 import argparse
@@ -173,8 +174,22 @@ def listing_memory(work, src, n):
     return rows
 
 
+# Dask's workers as they start by default, and as a scoring cluster had better start them:
+# without the MALLOC_TRIM_THRESHOLD_ their nanny sets (any value turns off glibc's
+# adaptive mmap threshold, so that every batch's large tensors are mapped and faulted in
+# afresh) and without the statistical profiler that samples the task thread every 10 ms
+WORKER_SETTINGS = {
+    "Dask's defaults": {},
+    "no malloc trim, no profiler": {
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        "distributed.worker.profile.enabled": False},
+}
+
+
 def throughput(work, model, src, n, rounds):
-    """Images/s of one process, 1 and 2 local Dask workers, on the same images, alternated."""
+    """Images/s of one process and of 1 and 2 local Dask workers on the same images,
+    with each of WORKER_SETTINGS, alternated round by round."""
+    import dask
     import torch
     from distributed import Client, LocalCluster
 
@@ -188,68 +203,28 @@ def throughput(work, model, src, n, rounds):
     # each worker imports skad and loads the model before the clock starts
     warm = ("import skad._cluster as c; "
             f"c._worker_detector(('file', {str(Path(model).resolve())!r}, {digest!r}), None)")
+    runs = [(0, None)] + [(w, name) for name in WORKER_SETTINGS for w in (1, 2)]
     rows = []
     for k in range(rounds):
-        for workers in (0, 1, 2):
+        for workers, setting in runs:
             out = work / f"throughput_{workers}"
             shutil.rmtree(out, ignore_errors=True)
             if workers == 0:
                 summary = score_files(model, images, out, chunk_size=32)
             else:
-                with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  env={"OMP_NUM_THREADS": "1"}) as cluster, \
-                        Client(cluster) as client:
-                    client.run(exec, warm, {})
-                    summary = score_files(model, images, out, chunk_size=32,
-                                          scheduler=client)
-            rows.append({"round": k, "workers": workers or "one process, no Dask",
-                         "images": summary.n_images, "seconds": round(summary.seconds, 1),
-                         "images_per_s": round(summary.images_per_second, 1)})
-            log(rows[-1])
-    return rows
-
-
-def worker_overhead(work, model, src, n, rounds):
-    """Images/s of one process and of one Dask worker, with Dask's default environment and
-    with glibc's trimming of freed memory left at its default, alternated.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (memory returned to
-    the system as soon as 64 KiB are free at the top of the heap); scoring allocates and
-    frees a batch's tensors at every chunk.
-    """
-    import dask
-    import torch
-    from distributed import Client, LocalCluster
-
-    import skad
-    from skad._serialization import fingerprint
-    from skad.scoring import score_files
-
-    torch.set_num_threads(1)
-    images = make_images(work, src, n)
-    digest = fingerprint(skad.load(model))
-    warm = ("import skad._cluster as c; "
-            f"c._worker_detector(('file', {str(Path(model).resolve())!r}, {digest!r}), None)")
-    trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-    rows = []
-    for k in range(rounds):
-        for setting in ("one process, no Dask", "1 worker, Dask's environment",
-                        "1 worker, MALLOC_TRIM_THRESHOLD_ 1 GiB"):
-            out = work / "overhead"
-            shutil.rmtree(out, ignore_errors=True)
-            if setting.startswith("one"):
-                summary = score_files(model, images, out, chunk_size=32)
-            else:
-                config = {trim: 2**30} if "GiB" in setting else {trim: 65536}
-                with dask.config.set(config), \
-                        LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                # a nanny sets its variables in this process's environment too, where the
+                # next nanny would find them: start each cluster from a clean one
+                os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+                with dask.config.set(WORKER_SETTINGS[setting]), \
+                        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                      host="127.0.0.1", dashboard_address=None) as cluster, \
                         Client(cluster) as client:
                     client.run(exec, warm, {})
                     summary = score_files(model, images, out, chunk_size=32,
                                           scheduler=client)
-            rows.append({"round": k, "setting": setting, "images": summary.n_images,
+            rows.append({"round": k, "workers": workers or "one process, no Dask",
+                         "setting": setting, "images": summary.n_images,
+                         "seconds": round(summary.seconds, 1),
                          "images_per_s": round(summary.images_per_second, 1)})
             log(rows[-1])
     return rows
@@ -288,8 +263,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--resume-images", type=int, default=2000)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--overhead-images", type=int, default=500)
-    parts = ["memory", "listing", "throughput", "overhead", "resume"]
+    parts = ["memory", "listing", "throughput", "resume"]
     ap.add_argument("--only", nargs="+", choices=parts, default=parts)
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args()
@@ -301,9 +275,6 @@ def main():
     if "throughput" in args.only:
         results["throughput"] = throughput(work, model, src, args.throughput_images,
                                            args.rounds)
-    if "overhead" in args.only:
-        results["worker_overhead"] = worker_overhead(work, model, src, args.overhead_images,
-                                                     args.rounds)
     if "resume" in args.only:
         results["resume"] = resume(work, model, src, args.resume_images)
     if "listing" in args.only:
