@@ -35,6 +35,7 @@ _MODULES = {
     "export_onnx": "._onnx",
     "metrics": ".metrics",
     "model_selection": ".model_selection",
+    "scoring": ".scoring",
     "thresholds": ".thresholds",
 }
 

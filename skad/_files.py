@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "is_debris", "list_images", "list_subfolders"]
+__all__ = ["IMAGE_EXTENSIONS", "is_debris", "iter_images", "list_images", "list_subfolders"]
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
 
@@ -108,6 +108,10 @@ def list_images(folder, *, recursive=False, exclude=()):
     OSError
         If ``folder`` or a subfolder to enter cannot be listed.
 
+    See Also
+    --------
+    iter_images : The same files one at a time, for folders too large to hold as a list.
+
     Examples
     --------
     >>> import tempfile
@@ -118,22 +122,71 @@ def list_images(folder, *, recursive=False, exclude=()):
     >>> [p.name for p in list_images(folder)]
     ['a.JPG', 'b.png']
     """
+    return list(iter_images(folder, recursive=recursive, exclude=exclude))
+
+
+def iter_images(folder, *, recursive=False, exclude=(), enter=None):
+    """The files of :func:`list_images`, in its order, yielded as they are found.
+
+    Each folder's entries are read and sorted when the walk reaches it, so
+    that memory holds the entries of the folders on the current path (at most
+    the largest folder's names), never the whole tree; the order is
+    deterministic, depth first with each folder's entries by name.
+
+    Parameters
+    ----------
+    folder : str or path-like
+    recursive : bool, default=False
+        As :func:`list_images`.
+    exclude : sequence of path-like, default=()
+        As :func:`list_images`.
+    enter : callable, optional
+        ``enter(subfolder) -> bool``: whether to walk into a subfolder (a
+        ``Path``); by default every one that may hold data. Globs prune with it.
+
+    Yields
+    ------
+    Path
+
+    Raises
+    ------
+    OSError
+        If ``folder`` or a subfolder to enter cannot be listed (when the walk
+        reaches it).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("b.png", "a/c.png", "a/b.png"):
+    ...     (folder / name).parent.mkdir(exist_ok=True)
+    ...     (folder / name).touch()
+    >>> [p.relative_to(folder).as_posix() for p in iter_images(folder, recursive=True)]
+    ['a/b.png', 'a/c.png', 'b.png']
+    """
     excluded = {Path(p).resolve() for p in exclude}
-    images, others = [], []
+    # a path is resolved (a system call per component) only when its name is that of an
+    # excluded path, as given or resolved
+    names = {p.name for p in excluded} | {Path(p).name for p in exclude}
+    yield from _walk(Path(folder), recursive, excluded, names, enter)
+
+
+def _walk(folder, recursive, excluded, names, enter):
+    others = []
     for entry in _entries(folder):
         path = Path(entry.path)
-        if excluded and path.resolve() in excluded:
+        if entry.name in names and path.resolve() in excluded:
             logger.info("left out %s", path)
         elif entry.is_dir():
             if recursive and entry.is_symlink():
                 logger.info("did not enter %s: a symbolic link to a folder", path)
-            elif recursive:
-                images.extend(list_images(path, recursive=True, exclude=exclude))
+            elif recursive and (enter is None or enter(path)):
+                yield from _walk(path, recursive, excluded, names, enter)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(path)
+            yield path
         else:
             others.append(entry.name)
     if others:
         logger.info("ignored %d files in %s that are not images (%s): %s", len(others), folder,
                     " ".join(IMAGE_EXTENSIONS), _some(others))
-    return images

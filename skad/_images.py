@@ -19,7 +19,7 @@ from PIL import ExifTags, Image, ImageOps
 from ._progress import progress
 
 __all__ = ["ImageSet", "check_groups", "check_images", "check_labels", "displayed_size",
-           "image_hw", "iter_batches", "load_resized", "read_mask"]
+           "image_hw", "iter_batches", "load_resized", "read_image", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
 
@@ -285,6 +285,21 @@ class ImageSet:
     def subset(self, indices):
         """The images at ``indices``, as a new :class:`ImageSet`."""
         return ImageSet([self._items[int(i)] for i in indices], self.name)
+
+
+def read_image(path, *, where):
+    """One image file as :meth:`ImageSet.read` reads it: float32 (H, W, 3) in [0, 1].
+
+    ``where`` names the image in error messages (``"images[17] ('a.png')"``): skad
+    score reads a chunk at a time and names each image by its place in the whole
+    listing.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read, or holds values its type does not allow.
+    """
+    return _to_float_rgb(_check_array(_read_file(path), where))
 
 
 def check_images(X, *, name="X"):

@@ -34,6 +34,8 @@ _LOG_INTERVAL = 10.0
 # a log line: tqdm's numbers without the bar's graphics, which mean nothing in a file
 _LOG_FORMAT = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
                "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+# the same without a total (a lazy listing): no percentage nor time left to show
+_LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 
 # the bars of progress() now open, outermost first (close_bars ends them)
 _open_bars = []
@@ -91,7 +93,8 @@ def _open_bar(total, desc, unit, interval):
     else:
         # position 0: no cursor movements (nested bars are lines like the others)
         options = {"file": _Lines(stream), "leave": True, "position": 0,
-                   "bar_format": _LOG_FORMAT, "ascii": True}
+                   "bar_format": _LOG_FORMAT if total is not None else _LOG_FORMAT_NO_TOTAL,
+                   "ascii": True}
     bar = tqdm(total=total, desc=desc, unit=unit, mininterval=interval,
                maxinterval=max(interval, 10.0), **options)
     _open_bars.append(bar)

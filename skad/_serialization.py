@@ -26,6 +26,7 @@ None are themselves.
 """
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["ModelFileError", "ModelVersionWarning", "load", "model_info", "save"]
+__all__ = ["ModelFileError", "ModelVersionWarning", "fingerprint", "load", "model_info",
+           "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +266,42 @@ def save(detector, path):
         tmp.unlink(missing_ok=True)
     logger.info("saved %s to %s (%d tensors)", type(detector).__name__, path, len(tensors))
     return path
+
+
+# parameters that change how a detector computes, not what: left out of its fingerprint
+_NOT_FINGERPRINTED = ("device", "verbose", "batch_size")
+
+
+def fingerprint(det):
+    """A SHA-256 digest of what a detector computes with.
+
+    Over its class, its fitted attributes and tensors and its parameters, but
+    ``device``, ``verbose`` and ``batch_size``, which change how it computes,
+    not what. Two loads of one model file give the same digest; a model
+    fitted or calibrated otherwise (another reference) gives another.
+
+    Parameters
+    ----------
+    det : BaseDetector
+        A fitted skad detector.
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random_state generator: stored as None, fine here
+        state, tensors = _encode_state(det)
+    for name in _NOT_FINGERPRINTED:
+        state.pop(name, None)
+    digest = hashlib.sha256(type(det).__name__.encode())
+    digest.update(json.dumps(state, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"{key} {t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------- decoding

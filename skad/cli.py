@@ -1,7 +1,7 @@
 """The ``skad`` command: fit, score, export, demo, benchmark.
 
     skad fit --method patchcore --train DIR --out model.skad [--offline] [--seed 0]
-    skad score --model model.skad --images DIR --out RESULTS
+    skad score --model model.skad --images DIR --out RESULTS [--resume] [--scheduler ADDR]
     skad export --model model.skad --format onnx --out model.onnx
     skad demo [--out DIR]
     skad benchmark --method patchcore --data ROOT --protocol oneclass
@@ -16,20 +16,20 @@ skipped, ...) on stderr. torch, timm and the detectors are imported by the
 sub-commands that need them, so that ``--help`` and argument errors answer at
 once.
 
-Model files are skad's safe format (:func:`skad.save`, a safetensors file that
-runs no code when loaded). ``skad score --allow-pickle`` also reads a joblib
-pickle, which runs whatever code the file holds: only for files you trust.
+``skad score`` is a thin layer over :func:`skad.scoring.score_files`, which
+streams the listing, appends the rows as it goes, resumes an interrupted run and
+scores on a Dask cluster. Model files are skad's safe format (:func:`skad.save`,
+a safetensors file that runs no code when loaded). ``skad score --allow-pickle``
+also reads a joblib pickle, which runs whatever code the file holds: only for
+files you trust.
 """
 
 import argparse
 import contextlib
-import csv
 import difflib
-import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -41,9 +41,13 @@ import numpy as np
 
 import skad
 
-from ._files import IMAGE_EXTENSIONS, is_debris
-from ._files import list_images as _list_images
+from ._files import is_debris
+
+# the results' columns and files are the library's (skad.scoring); named here too, as before
+from ._listings import ImageFolder
 from ._progress import ProgressAwareHandler, close_bars
+from ._results import COLUMNS, FORMATS, MAP_FORMATS, OVERLAYS, output_folder, prepare_output
+from ._tables import Results
 
 __all__ = ["main"]
 
@@ -73,9 +77,6 @@ OFFLINE = {
 DEFAULT_SEED = 0
 # status of a `skad score` run that kept going past unreadable images
 EXIT_UNREADABLE = 3
-# overlay names keep this much of the image's name (UTF-8 bytes), far below the
-# 255-byte limit of file names
-_MAX_STEM_BYTES = 120
 
 
 class CLIError(Exception):
@@ -137,38 +138,19 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     return det
 
 
-def _recorded_overlays(folder):
-    """The overlay names that a ``skad score`` run recorded in ``folder/scores.csv``, if any."""
-    table = Path(folder) / "scores.csv"
-    try:
-        with open(table, newline="", encoding="utf-8", errors="replace") as fh:
-            if tuple(next(csv.reader(fh), ())) not in _RESULTS_HEADERS:
-                return set()  # no table, or a table of the user's own
-        return set(_previous_outputs(table))
-    except OSError:
-        return set()
-
-
 def list_images(folder, exclude=()):
     """Image files below ``folder`` (subfolders too) as str, sorted; at least one.
 
     Hidden entries and system debris are left out (see :mod:`skad._files`), and
     so are the paths in ``exclude`` and the overlays of earlier ``skad score``
-    runs (those their ``scores.csv`` lists).
+    runs (those their ``scores.csv`` lists): :class:`skad.scoring.ImageFolder`.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise CLIError(f"{folder} is not a folder")
-    found = _list_images(folder, recursive=True, exclude=exclude)
-    overlays = {parent: _recorded_overlays(parent) for parent in {p.parent for p in found}}
-    paths = [str(p) for p in found if p.name not in overlays[p.parent]]
-    left_out = (f"{len(found) - len(paths)} overlays that earlier skad score runs wrote "
-                "(listed in their scores.csv)")
-    if len(paths) < len(found):
-        logger.info("left out %s in %s", left_out, folder)
+    listing = ImageFolder(folder, exclude=exclude)
+    paths = list(listing)
     if not paths:
-        but = f" but {left_out}" if found else ""
-        raise CLIError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}{but}")
+        raise CLIError(listing.nothing_found())
     return paths
 
 
@@ -197,30 +179,47 @@ def _training_set(folder, labelled):
 def _load_model(path, *, allow_pickle=False):
     """The detector saved in the model file ``path`` (skad's safe format; a joblib pickle
     only with ``allow_pickle``, since loading one runs the code it holds)."""
-    if not Path(path).is_file():
-        problem = "is not a file" if Path(path).exists() else "does not exist"
-        raise CLIError(f"model file {path} {problem}")
-    from ._serialization import ModelFileError, ModelVersionWarning, is_pickle
+    _check_model_path(path)
+    from ._serialization import ModelFileError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ModelVersionWarning)
+        with _version_warnings_as_lines():
             det = skad.load(path)
     except ModelFileError as exc:
         if allow_pickle:  # whatever is not skad's format, joblib reads (or says why not)
             return _load_pickle(path)
-        if is_pickle(path):
-            raise CLIError(
-                f"model file {path} is a pickle (joblib): loading it runs whatever code it "
-                "holds. If you trust its source, pass --allow-pickle; better, convert it once "
-                f"to the safe format: {_conversion_command(path)}") from exc
-        raise CLIError(str(exc)) from exc
-    for w in caught:  # one line like the command's errors, not a Python warning
-        if issubclass(w.category, ModelVersionWarning):
-            print(f"skad: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        raise _model_file_error(path, exc) from exc
     return det
+
+
+@contextlib.contextmanager
+def _version_warnings_as_lines():
+    """A model file's :class:`~skad.ModelVersionWarning` as one ``skad: warning:`` line on
+    stderr, like the command's errors, rather than a Python warning with its source line."""
+    from ._serialization import ModelVersionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelVersionWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, ModelVersionWarning):
+                    print(f"skad: warning: {w.message}", file=sys.stderr)
+                else:  # the others as they would have been
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _model_file_error(path, exc):
+    """The error for a model file that is not skad's format: a pickle is told how to go on."""
+    from ._serialization import is_pickle
+
+    if is_pickle(path):
+        return CLIError(
+            f"model file {path} is a pickle (joblib): loading it runs whatever code it "
+            "holds. If you trust its source, pass --allow-pickle; better, convert it once "
+            f"to the safe format: {_conversion_command(path)}")
+    return CLIError(str(exc))
 
 
 def _conversion_command(path):
@@ -282,231 +281,83 @@ def cmd_fit(args):
           f"{random}); saved to {args.out}")
 
 
-def _map_name(index, path):
-    """``{index:06d}_{stem}.png``: unique in its run and valid on any file system.
+def _check_model_path(path):
+    """A one-line error for a model path that is not a file, before torch loads."""
+    if not Path(path).is_file():
+        problem = "is not a file" if Path(path).exists() else "does not exist"
+        raise CLIError(f"model file {path} {problem}")
 
-    Characters Windows forbids become "_"; a stem longer than ``_MAX_STEM_BYTES``
-    is cut and followed by a short hash of the whole name.
+
+def _score_model(args):
+    """What skad score scores with: the model file, or the detector when this command
+    changes it (--reference) or reads a pickle (--allow-pickle).
+
+    A file is loaded by :func:`skad.scoring.score_files` (safely), and on a cluster by
+    each worker from the same path; a detector is sent to the workers pickled.
     """
-    # undecodable bytes (surrogate escapes) become U+FFFD: valid Unicode everywhere
-    stem = os.fsencode(Path(path).stem).decode("utf-8", "replace")
-    stem = re.sub(r'[\x00-\x1f<>:"/\\|?*]', "_", stem).rstrip(". ")
-    raw = stem.encode()
-    if len(raw) > _MAX_STEM_BYTES:
-        digest = hashlib.sha256(raw).hexdigest()[:8]
-        stem = raw[:_MAX_STEM_BYTES].decode("utf-8", "ignore") + "-" + digest
-    return f"{index:06d}_{stem}.png"
+    _check_model_path(args.model)
+    if not (args.reference or args.allow_pickle):
+        return args.model
+    det = _load_model(args.model, allow_pickle=args.allow_pickle)
+    if args.reference:
+        det.set_reference(list_images(args.reference))
+    return det
 
 
-def _previous_outputs(csv_path):
-    """The overlays and raw maps a run recorded in its ``scores.csv`` (plain names only)."""
-    with open(csv_path, newline="", encoding="utf-8", errors="replace") as fh:
-        names = [row.get(column) for row in csv.DictReader(fh) for column in ("map", "raw_map")]
-    return [n for n in names if n and n == Path(n).name and n not in (".", "..")]
+def _score_inputs(args):
+    """The listing of --images, --file-list or --glob (skad.scoring's)."""
+    from ._listings import FileList, Glob
+
+    if args.images is not None:
+        if not Path(args.images).is_dir():  # before the model loads
+            raise CLIError(f"{args.images} is not a folder")
+        return ImageFolder(args.images)
+    if args.file_list is not None:
+        if not Path(args.file_list).is_file():
+            raise CLIError(f"--file-list {args.file_list} is not a file")
+        return FileList(args.file_list)
+    return Glob(args.glob)
 
 
-def _output_folder(out):
-    """``out`` as a folder, made if new; a file there is a one-line error, not an OSError."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out must be a folder; {out} is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def prepare_output(out, *, overwrite=False):
-    """Make ``out`` ready for one run's results, never mixed with another run's.
-
-    ``out`` must be new or empty (hidden entries and system debris aside).
-    With ``overwrite``, the files a previous run recorded in its
-    ``scores.csv`` are removed first; other files are left alone.
-    """
-    out = _output_folder(out)
-    if not any(not is_debris(p.name) for p in out.iterdir()):
-        return out
-    previous = out / "scores.csv"
-    if not overwrite:
-        held = " holds a previous run's results" if previous.is_file() else " is not empty"
-        raise CLIError(f"{out}{held}: choose a new or empty folder, or pass --overwrite to "
-                       "replace the files a previous run wrote there")
-    if previous.is_file():
-        for name in _previous_outputs(previous):
-            (out / name).unlink(missing_ok=True)
-        previous.unlink()
-    return out
-
-
-# the columns of scores.csv, in order, and what each holds (docs/usage.md says the same)
-COLUMNS = {
-    "path": "the image file",
-    "score": "anomaly score, higher = more anomalous",
-    "p_value": "conformal p-value against the reference images: small = anomalous",
-    "predicted_label": "1 when score > threshold (predicted anomalous), else 0",
-    "threshold": "the model's threshold_ that predicted_label compares with",
-    "n_regions": "defect regions: connected pixels of the map above pixel_threshold_",
-    "largest_region_area": "pixels of the largest defect region (0 when none)",
-    "map": ("the overlay PNG's file name, in the results folder: the map on the model's "
-            "fixed colour scale (pixel threshold mid-scale), the regions outlined in white, "
-            "score, p-value and verdict written on it"),
-    "raw_map": "with --save-maps: the float32 map's file name (.npy or .tiff), else empty",
-    "error": "why the image could not be scored (the other columns are then empty)",
-}
-# what --save-maps writes: the suffix of each format
-MAP_FORMATS = {"npy": ".npy", "tiff": ".tiff"}
-
-
-# headers of the scores.csv that skad score writes, and wrote before (without the raw maps;
-# without the p-value and region columns; without the threshold column)
-_RESULTS_HEADERS = (tuple(COLUMNS),
-                    tuple(c for c in COLUMNS if c != "raw_map"),
-                    ("path", "score", "predicted_label", "threshold", "map", "error"),
-                    ("path", "score", "label", "map", "error"))
-
-
-class Results:
-    """``scores.csv`` and one overlay PNG per image under ``out``, written as they come.
-
-    Each row is flushed when written, so an interrupted run keeps what it has
-    scored, and ``scores.csv`` lists every file the run wrote (see
-    :func:`prepare_output`). Columns: :data:`COLUMNS`; an image that could
-    not be scored has its ``path`` and ``error`` only. ``min_area`` drops
-    smaller regions; ``save_maps`` (a key of :data:`MAP_FORMATS`) also writes
-    each raw map.
-    """
-
-    def __init__(self, out, det, *, min_area=1, save_maps=None):
-        self.out = Path(out)
-        self.threshold = det.threshold_
-        self.reference_scores = det.reference_scores_
-        # models saved before pixel thresholds existed leave the region columns empty
-        # and colour their maps around the image threshold
-        self.pixel_threshold = getattr(det, "pixel_threshold_", None)
-        self.min_area = min_area
-        self.save_maps = save_maps
-        self.n_scored = self.n_above = self.n_failed = 0
-        self.csv_path = self.out / "scores.csv"
-        # open for the whole run (closed by __exit__); a file name that is not valid
-        # Unicode is written with backslash escapes, keeping the table valid UTF-8
-        self._fh = open(  # noqa: SIM115
-            self.csv_path, "w", newline="", encoding="utf-8", errors="backslashreplace")
-        # "\n" rows: csv's default "\r\n" shows as ^M in Unix tools
-        self._writer = csv.writer(self._fh, lineterminator="\n")
-        self._write(*COLUMNS)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._fh.close()
-
-    def _write(self, *row):
-        self._writer.writerow(row)
-        self._fh.flush()
-
-    def add(self, path, score, amap, image):
-        """One scored image: its overlay (and raw map), then its row."""
-        from .thresholds import conformal_pvalues, find_regions, threshold_map
-        from .viz import overlay
-
-        name = _map_name(self.n_scored + self.n_failed, path)
-        label = int(score > self.threshold)
-        (p_value,) = conformal_pvalues(self.reference_scores, [score])
-        n_regions = largest = ""
-        mask = None
-        if self.pixel_threshold is not None:
-            areas = [r.area for r in find_regions(amap, self.pixel_threshold,
-                                                  min_area=self.min_area)]
-            n_regions, largest = len(areas), max(areas, default=0)
-            mask = threshold_map(amap, self.pixel_threshold, min_area=self.min_area)
-        # the image threshold decides; a reject whose map has no pixel above the pixel
-        # threshold (the two are calibrated apart) says so rather than show nothing
-        verdict = ("REJECT, no region" if n_regions == 0 else "REJECT") if label else "pass"
-        text = f"{score:.4g}  p={p_value:.3g}  {verdict}"
-        mid = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
-        overlay(image, amap, mid, mask=mask, text=text).save(self.out / name)
-        raw = self._save_map(name, amap) if self.save_maps else ""
-        self._write(path, f"{score:.6g}", f"{p_value:.6g}", label, f"{self.threshold:.6g}",
-                    n_regions, largest, name, raw, "")
-        self.n_scored += 1
-        self.n_above += label
-
-    def _save_map(self, overlay_name, amap):
-        """The raw map as float32 beside its overlay; returns its file name."""
-        name = Path(overlay_name).stem + MAP_FORMATS[self.save_maps]
-        amap = np.asarray(amap, dtype=np.float32)
-        if self.save_maps == "npy":
-            np.save(self.out / name, amap)
-        else:
-            from PIL import Image
-
-            Image.fromarray(amap).save(self.out / name)  # float32 -> mode F: 32-bit float TIFF
-        return name
-
-    def add_error(self, path, message):
-        """One image that could not be scored."""
-        self._write(path, *[""] * (len(COLUMNS) - 2), message)
-        self.n_failed += 1
-
-
-def _score_chunk(det, images, paths, indices, results):
-    """Score the images at ``indices``; the unreadable ones become error rows.
-
-    Each file is decoded once: the arrays that decode are scored together, so
-    that one bad file does not fail the others.
-    """
-    decoded, errors = {}, {}
-    for i in indices:
-        try:
-            decoded[i] = images.read(i)
-        except ValueError as exc:
-            errors[i] = str(exc)
-    scored = {}
-    if decoded:
-        scores, maps = det.score_and_map(list(decoded.values()))
-        scored = dict(zip(decoded, zip(scores, maps)))
-    for i in indices:
-        if i in errors:
-            results.add_error(paths[i], errors[i])
-        else:
-            results.add(paths[i], *scored[i], decoded[i])
+def _score_summary(s):
+    """The last line of skad score: counts, speed, where the results are."""
+    resumed = f" ({s.n_resumed} of them by the interrupted run)" if s.n_resumed else ""
+    failed = f"; {s.n_failed} could not be read (see the error column)" if s.n_failed else ""
+    stopped = "" if s.complete else f"; stopped at --limit {s.n_images} (--resume continues)"
+    parquet = f" and {s.parquet_path}" if s.parquet_path else ""
+    return (f"scored {s.n_scored} of {s.n_images} images{resumed}: {s.n_rejected} above the "
+            f"threshold {s.threshold:.4g}{failed}; {s.images_per_second:.1f} images/s"
+            f"{stopped}; results in {s.csv_path}{parquet}")
 
 
 def cmd_score(args):
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # before the model loads
-        raise CLIError(f"--out must be a folder; {args.out} is a file")
-    det = _load_model(args.model, allow_pickle=args.allow_pickle)
-    from ._images import ImageSet  # torch: after the checks that need none
-    from ._progress import progress
-
-    det.set_params(device=args.device, verbose=int(args.progress))
-    if args.reference:
-        det.set_reference(list_images(args.reference))
-    if not hasattr(det, "threshold_"):
-        raise CLIError(f"the model in {args.model} has no reference: pass --reference with a "
-                       "folder of good images of the parts to score")
     out = Path(args.out)
-    if out.resolve() == Path(args.images).resolve():
+    if out.exists() and not out.is_dir():  # before the model loads
+        raise CLIError(f"--out must be a folder; {args.out} is a file")
+    if args.images is not None and out.resolve() == Path(args.images).resolve():
         raise CLIError("--out must not be the --images folder: the overlays would be scored "
                        "as images by the next run")
-    # a results folder (or the model) inside the images folder is never scored
-    paths = list_images(args.images, exclude=(out, args.model))
-    prepare_output(out, overwrite=args.overwrite)
-    # read lazily and scored a batch at a time: memory holds one chunk's images and maps
-    images = ImageSet(paths, "images")
-    size = det.batch_size
-    chunks = [range(k, min(k + size, len(paths))) for k in range(0, len(paths), size)]
-    # one bar for the run: a chunk is one batch, so a detector's bar per chunk would
-    # only flash below it
-    det.set_params(verbose=0)
-    with Results(out, det, min_area=args.min_area, save_maps=args.save_maps) as results:
-        for chunk in progress(chunks, desc="scoring", verbose=int(args.progress),
-                              unit="batch"):
-            _score_chunk(det, images, paths, chunk, results)
-    failed = (f"; {results.n_failed} could not be read (see the error column)"
-              if results.n_failed else "")
-    print(f"scored {results.n_scored} of {len(paths)} images: {results.n_above} above the "
-          f"threshold {det.threshold_:.4g}{failed}; results in {results.csv_path}")
-    return EXIT_UNREADABLE if results.n_failed else 0
+    inputs = _score_inputs(args)
+    model = _score_model(args)
+    from .scoring import score_files  # light: torch loads with the model, inside
+
+    try:
+        with _version_warnings_as_lines():
+            summary = score_files(
+                model, inputs, out, resume=args.resume, overwrite=args.overwrite,
+                scheduler=args.scheduler, output_format=args.format, overlays=args.overlays,
+                min_area=args.min_area, save_maps=args.save_maps, chunk_size=args.chunk_size,
+                limit=args.limit, device=args.device, verbose=int(args.progress))
+    except ImportError as exc:  # an optional dependency: pyarrow, dask.distributed
+        raise CLIError(str(exc)) from exc
+    except ValueError as exc:
+        # looked up, not imported: the model file is read inside score_files
+        serialization = sys.modules.get("skad._serialization")
+        if serialization and isinstance(exc, serialization.ModelFileError):
+            raise _model_file_error(args.model, exc) from exc
+        raise
+    print(_score_summary(summary))
+    return EXIT_UNREADABLE if summary.n_failed else 0
 
 
 def cmd_export(args):
@@ -520,7 +371,7 @@ def cmd_export(args):
     except ImportError as exc:  # not among the errors main() reports in one line
         raise CLIError(str(exc)) from None
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
-    det.set_params(device=args.device, verbose=args.verbose)
+    det.set_params(device=args.device, verbose=int(args.progress))
     if args.reference:
         det.set_reference(list_images(args.reference))
     if not hasattr(det, "threshold_"):
@@ -544,7 +395,7 @@ def _demo_folder(out, overwrite):
     """
     if out is None:
         return Path(tempfile.mkdtemp(prefix="skad-demo-"))
-    out = _output_folder(out)
+    out = output_folder(out)
     if not overwrite and any(not is_debris(p.name) for p in out.iterdir()):
         raise CLIError(f"{out} is not empty: choose a new or empty folder, or pass "
                        "--overwrite to replace a previous demo's results")
@@ -737,31 +588,73 @@ def _add_score(sub):
     columns = "\n".join(f"  {k:<16} {v}" for k, v in COLUMNS.items())
     sp = sub.add_parser("score", help="score images with a saved detector",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Score every image below --images; write scores.csv and "
-                                    "one overlay PNG\nper image into --out.\n\n"
-                                    f"columns of scores.csv:\n{columns}")
+                        description="Score every image of --images, --file-list or --glob; "
+                                    "write scores.csv\nand one overlay PNG per image into "
+                                    "--out, as the run goes (memory stays\nflat whatever the "
+                                    "number of images). --resume continues an interrupted\n"
+                                    "run; --scheduler scores on a Dask cluster.\n\n"
+                                    f"columns of scores.csv:\n{columns}",
+                        epilog=_SCORE_NOTES)
     sp.add_argument("--model", required=True, metavar="FILE",
                     help="model file written by skad fit (or skad.save)")
     _allow_pickle_option(sp)
-    sp.add_argument("--images", required=True, metavar="DIR",
-                    help="folder of images to score (subfolders too)")
+    inputs = sp.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", metavar="DIR",
+                        help="folder of images to score (subfolders too), listed in a sorted "
+                             "walk as the run goes")
+    inputs.add_argument("--file-list", metavar="FILE",
+                        help="text file of image paths, one a line (UTF-8), scored in its "
+                             "order; relative paths are relative to the file's folder")
+    inputs.add_argument("--glob", metavar="PATTERN",
+                        help="image files matching a pattern (quote it): * and ? within a "
+                             "name, ** any folders, e.g. 'line3/2026-*/**/*.png'; sorted walk")
     sp.add_argument("--reference", metavar="DIR",
                     help="folder of normal images of the parts to score: recalibrates the "
                          "threshold (and replaces PatchCore's memory bank) before scoring")
     sp.add_argument("--out", required=True, metavar="DIR",
                     help="results folder: scores.csv and one overlay PNG per image; new or "
-                         "empty unless --overwrite")
-    sp.add_argument("--overwrite", action="store_true",
-                    help="replace the files a previous run wrote to --out (listed in its "
-                         "scores.csv); other files are kept")
+                         "empty unless --overwrite or --resume")
+    again = sp.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the files a previous run wrote to --out (listed in its "
+                            "scores.csv); other files are kept")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --out: the images it has rows "
+                            "for are not scored again. Refused unless the model, the inputs "
+                            "and the settings that change rows are the run's")
+    sp.add_argument("--format", choices=FORMATS, default="csv",
+                    help="csv: scores.csv; parquet: scores.parquet as well, typed columns "
+                         "(needs pyarrow: pip install \"skad[parquet]\") "
+                         "(default: %(default)s)")
+    sp.add_argument("--overlays", choices=OVERLAYS, default="all",
+                    help="which images get an overlay PNG: all, rejects (predicted "
+                         "anomalous) or none; the map column is empty for the others "
+                         "(default: %(default)s)")
     sp.add_argument("--min-area", type=_positive_int, default=1, metavar="PIXELS",
                     help="defect regions smaller than this are dropped from n_regions, "
                          "largest_region_area and the outlines (default: %(default)s)")
     sp.add_argument("--save-maps", choices=list(MAP_FORMATS),
                     help="also write each raw anomaly map as float32: npy (numpy.load) or "
                          "tiff (32-bit float TIFF, for image tools); named in raw_map")
+    sp.add_argument("--scheduler", metavar="ADDRESS",
+                    help="score on a Dask cluster: its scheduler's address "
+                         "(tcp://host:8786) or a scheduler file. Workers need the images, "
+                         "--out and the model file at the same paths (a shared file system) "
+                         "and skad installed (pip install \"skad[dask]\")")
+    sp.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                    help="images read, scored and written together (on a cluster, one task) "
+                         "(default: the model's batch_size)")
+    sp.add_argument("--limit", type=_positive_int, metavar="N",
+                    help="stop once scores.csv holds N rows; --resume continues later")
     _run_options(sp)
     sp.set_defaults(func=cmd_score)
+
+
+_SCORE_NOTES = """\
+Rows are appended in listing order as chunks are scored; an interruption (Ctrl-C,
+a kill, a crash) keeps them, and --resume scores only what is missing. A last row
+cut short by a kill is dropped and its image scored again. The last line says how
+many images were scored, rejected and unreadable, and the images per second."""
 
 
 def _allow_pickle_option(sp):
