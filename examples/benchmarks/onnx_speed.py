@@ -11,8 +11,9 @@ exported with :func:`skad.export_onnx` (any batch size). ``--n-images`` images d
 sides then score the same float32 arrays in batches of 16: skad's ``score_and_map`` (the
 graph gives scores and maps too) and an ``onnxruntime.InferenceSession`` on the CPU with
 as many threads as torch uses. After a warm-up each is timed ``--repeats`` times,
-alternating, and the fastest run kept. The error columns are ``max |onnx - skad| / max |skad|`` over the images.
-The machine may be shared: compare the ratios, measured in the same run.
+alternating, and the fastest run kept. The error columns are ``max |onnx - skad| /
+max |skad|`` over the images. The machine may be shared: compare the ratios, measured in
+the same run.
 """
 
 import argparse
