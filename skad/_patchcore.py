@@ -22,8 +22,8 @@ from ._progress import progress
 from ._random import seed_from
 from .base import BaseDetector, row_blocks
 
-__all__ = ["PatchCore", "euclidean", "farthest_patch", "greedy_coreset", "locally_aware_features",
-           "nearest", "reweighted_score", "reweighted_scores"]
+__all__ = ["PatchCore", "euclidean", "farthest_patch", "greedy_coreset",
+           "locally_aware_features", "nearest", "reweighted_score", "reweighted_scores"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25

@@ -680,7 +680,8 @@ def _add_export(sub):
                     help="file to write (.onnx); replaced if it exists")
     sp.add_argument("--reference", metavar="DIR",
                     help="folder of normal images to set as the reference before exporting "
-                         "(MetaComparer's references and every threshold come from it)")
+                         "(PatchCore's memory bank, MetaComparer's references and the "
+                         "thresholds come from it)")
     sp.add_argument("--batch-size", type=_positive_int, metavar="N",
                     help="fix the number of images per run (default: any number)")
     sp.add_argument("--opset", type=int, default=18, metavar="N",
