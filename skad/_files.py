@@ -12,9 +12,11 @@ are never images, defect types or categories. What is skipped is logged on the
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "is_debris", "iter_images", "list_images", "list_subfolders"]
+__all__ = ["IMAGE_EXTENSIONS", "is_debris", "iter_images", "list_images", "list_subfolders",
+           "write_atomic"]
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
 
@@ -190,3 +192,24 @@ def _walk(folder, recursive, excluded, names, enter):
     if others:
         logger.info("ignored %d files in %s that are not images (%s): %s", len(others), folder,
                     " ".join(IMAGE_EXTENSIONS), _some(others))
+
+
+def write_atomic(path, data):
+    """Write ``data`` (bytes) to ``path`` whole or not at all; return ``path`` as a Path.
+
+    The bytes go to a hidden temporary file beside ``path`` (a name no listing
+    takes for data), which replaces ``path`` once complete: an interrupted write
+    leaves no partial file, and an existing file is replaced only by a complete
+    one. The file gets the user's umask, as any file Python creates (tempfile's
+    are private, mode 0600). Missing folders of ``path`` are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -34,12 +34,10 @@ relative on the test detectors; tests/test_onnx.py checks 1e-3).
 import copy
 import importlib.util
 import json
-import os
-import secrets
-from pathlib import Path
 
 import torch
 
+from ._files import write_atomic
 from ._images import image_hw
 from .base import BaseDetector
 
@@ -273,13 +271,4 @@ def _write_atomic(model, path):
         raise ValueError(f"the ONNX graph is too large for one file ({exc}); ONNX keeps "
                          "up to 2 GB in a file: lower coreset_ratio or the number of "
                          "references") from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, data)

@@ -31,13 +31,14 @@ import json
 import logging
 import math
 import os
-import secrets
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
+
+from ._files import write_atomic
 
 __all__ = ["ModelFileError", "ModelVersionWarning", "fingerprint", "load", "model_info",
            "save"]
@@ -252,18 +253,9 @@ def save(detector, path):
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "class": type(detector).__name__, "versions": versions,
               "model_card": _model_card(detector, versions), "state": state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    data = to_bytes(tensors, metadata={_HEADER_KEY: json.dumps(header)})
-    try:
-        # written by Python, so the file gets the user's umask (safetensors' own writer
-        # makes it private, mode 0600), under a hidden name no listing takes for data
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # written by Python, so the file gets the user's umask (safetensors' own writer makes
+    # it private, mode 0600)
+    path = write_atomic(path, to_bytes(tensors, metadata={_HEADER_KEY: json.dumps(header)}))
     logger.info("saved %s to %s (%d tensors)", type(detector).__name__, path, len(tensors))
     return path
 
