@@ -81,7 +81,8 @@ def connect(scheduler):
     try:
         if Path(scheduler).is_file():  # a scheduler file, as dask-mpi and dask-jobqueue write
             return Client(scheduler_file=scheduler, set_as_default=False), True
-        return Client(scheduler, set_as_default=False, timeout="30s"), True
+        # waits distributed.comm.timeouts.connect (Dask's configuration; 30 s by default)
+        return Client(scheduler, set_as_default=False), True
     except (OSError, TimeoutError) as exc:
         raise OSError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
 

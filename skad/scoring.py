@@ -293,7 +293,6 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
     --------
     See the module's example; on a cluster::
 
-        from dask.distributed import Client
         summary = score_files("model.skad", Glob("/data/line3/**/*.png"), "/data/results",
                               scheduler="tcp://10.0.0.5:8786")
     """
@@ -311,37 +310,47 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
     from ._serialization import fingerprint  # torch: loaded with the model already
 
     manifest = make_manifest(source, fingerprint(det), listing, settings)
-    journal, lock = _begin(out, manifest, listed, resume=resume, overwrite=overwrite)
-    n_resumed = journal.n_rows if journal else 0
-    chunks = _chunks(listed, start=n_resumed, size=int(chunk_size or det.batch_size),
-                     limit=limit)
-    table = Table(out, parquet=output_format == "parquet", journal=journal)
-    progress = _Progress(table, det, n_resumed)
-    verbose_before = det.verbose
-    det.set_params(verbose=0)  # one progress line for the run, not one per chunk
-    client = owned = None
+    # the cluster is reached before anything is written: a scheduler that cannot be
+    # reached leaves ``out`` as it was
+    client, owned = connect(scheduler) if scheduler is not None else (None, False)
     try:
-        rows = {"out": os.path.abspath(out), "overlays": overlays, "min_area": int(min_area),
-                "save_maps": save_maps}
-        if scheduler is None:
-            steps = _run_local(det, Renderer(det, **rows), chunks, table)
-        else:
-            client, owned = connect(scheduler)
-            source = model_source(client, det, model_file, manifest["model"]["fingerprint"])
-            threads = sum(client.nthreads().values())
-            steps = run_on_cluster(client, source, {**rows, "device": device}, chunks, table,
-                                   window=window or max(4, 2 * threads))
-        for summary in progress.run(steps, verbose):
-            if callback is not None:
-                callback(summary)
-        complete = limit is None or table.n_rows < limit or next(listed, None) is None
+        journal, lock = _begin(out, manifest, listed, resume=resume, overwrite=overwrite)
+        try:
+            n_resumed = journal.n_rows if journal else 0
+            chunks = _chunks(listed, start=n_resumed, size=int(chunk_size or det.batch_size),
+                             limit=limit)
+            table = Table(out, parquet=output_format == "parquet", journal=journal)
+            progress = _Progress(table, det, n_resumed)
+            verbose_before = det.verbose
+            det.set_params(verbose=0)  # one progress line for the run, not one per chunk
+            try:
+                rows = {"out": os.path.abspath(out), "overlays": overlays,
+                        "min_area": int(min_area), "save_maps": save_maps}
+                steps = (_run_local(det, Renderer(det, **rows), chunks, table) if client is None
+                         else _run_remote(client, det, model_file, manifest, chunks, table,
+                                          {**rows, "device": device}, window))
+                for summary in progress.run(steps, verbose):
+                    if callback is not None:
+                        callback(summary)
+            finally:
+                table.close()
+                det.set_params(verbose=verbose_before)
+            complete = limit is None or table.n_rows < limit or next(listed, None) is None
+        finally:
+            _unlock(lock)
     finally:
-        table.close()
-        det.set_params(verbose=verbose_before)
         if owned:
             client.close()
-        _unlock(lock)
     return progress.summary(complete)
+
+
+def _run_remote(client, det, model_file, manifest, chunks, table, settings, window):
+    """The steps of a run on the cluster: each worker scores with the model file (or the
+    detector, broadcast), at most ``window`` chunks ahead of the table."""
+    source = model_source(client, det, model_file, manifest["model"]["fingerprint"])
+    threads = sum(client.nthreads().values())
+    return run_on_cluster(client, source, settings, chunks, table,
+                          window=window or max(4, 2 * threads))
 
 
 def _open_listing(inputs, out, model_file):

@@ -128,6 +128,16 @@ def test_a_resumed_run_may_finish_on_the_cluster(model, images, client, one_proc
                                [float(r[1] or "nan") for r in reference[1:]], rtol=1e-5)
 
 
+def test_an_unreachable_scheduler_is_one_error_before_anything_is_written(model, images,
+                                                                         tmp_path):
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(OSError, match="cannot reach the Dask scheduler tcp://127.0.0.1:1"):
+        score_files(model, images, tmp_path / "out", scheduler="tcp://127.0.0.1:1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_detector_in_memory_is_broadcast(model, images, client, one_process, tmp_path):
     det = skad.load(model)
     out = tmp_path / "out"
