@@ -99,7 +99,9 @@ def run_on_cluster(client, source, settings, chunks, table, *, window):
     run = uuid.uuid4().hex[:12]
     flying = {}  # future key -> (future, number, start, paths)
     ready = {}   # number -> (paths, rows)
-    done = as_completed()
+    # the client's own loop: as_completed() alone takes the default client's, and the
+    # client made from an address is not the default (set_as_default=False)
+    done = as_completed(loop=client.loop)
     chunks = iter(chunks)
     next_write = submitted = 0
 

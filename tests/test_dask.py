@@ -10,7 +10,10 @@ importable on a worker.
 import csv
 import os
 import signal
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +114,21 @@ def test_the_cluster_writes_what_one_process_writes(model, images, client, clust
                  "--scheduler", cluster.scheduler_address]) == 3
     assert "scored 15 of 16 images" in capsys.readouterr().out
     _same_results(out, one_process)
+
+
+def test_skad_score_reaches_a_scheduler_by_its_address(model, images, cluster, one_process,
+                                                      tmp_path):
+    """In a process of its own, as a user runs it: no default Dask client exists there."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "skad.cli", "score", "--model", str(model),
+                          "--images", str(images), "--out", str(out), "--chunk-size",
+                          str(CHUNK), "--scheduler", cluster.scheduler_address],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert run.returncode == 3, run.stderr  # 3: the one unreadable image
+    assert "scored 15 of 16 images" in run.stdout
+    assert _table(out) == _table(one_process)
 
 
 def test_a_resumed_run_may_finish_on_the_cluster(model, images, client, one_process,
