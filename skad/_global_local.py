@@ -587,10 +587,13 @@ class GlobalLocal(BaseDetector):
             if f"{name}.decoder.weight" in shapes:
                 teacher_dim, embed_dim = shapes[f"{name}.decoder.weight"]
                 nets[name] = LocalNet(embed_dim, teacher_dim, shapes[f"{name}.features.0.weight"][0])
-        embed_dim = nets["local_net_"].project.out_features
-        nets["global_net_"] = GlobalNet(embed_dim, self.width)
-        nets["dad_head_"] = DADHead(embed_dim, inputs=self.dad_input)
+        nets["global_net_"], nets["dad_head_"] = self._create_heads(nets["local_net_"])
         return nets
+
+    def _create_heads(self, local):
+        """The Global-Net and the DAD head for the Local-Net ``local``'s embedding."""
+        embed_dim = local.project.out_features
+        return GlobalNet(embed_dim, self.width), DADHead(embed_dim, inputs=self.dad_input)
 
     # ----------------------------------------------------------- fitting
     def _fit(self, images, y, groups):
@@ -612,8 +615,7 @@ class GlobalLocal(BaseDetector):
                     raise ValueError(
                         f"local_net decodes to {local.decoder.out_features} dimensions but "
                         f"the teacher {self.teacher!r} gives {sum(teacher.channels)}")
-            global_net = GlobalNet(local.project.out_features, self.width)
-            dad_head = DADHead(local.project.out_features, inputs=self.dad_input)
+            global_net, dad_head = self._create_heads(local)
         gen = torch.Generator().manual_seed(seed + 1)
         train_u8, patches, targets = self._cache(images, teacher, gen, keep_images=True)
         history = {"distill": [], "finetune": []}
