@@ -50,6 +50,11 @@ relate several parameters (or a parameter and the backbone) stay in the
 detector, where it builds what they concern. A renamed parameter keeps its old
 name for one release (``_deprecated_parameters``, :mod:`skad._params`): the
 detector reads it with ``self._param(new_name)``.
+
+The docstring paragraphs of the shared parameters and fitted attributes are
+written once too, in :mod:`skad._docstrings`: a detector's class docstring
+names them (a line ``%(false_reject_rate)s``) and its ``@fill_doc`` decorator
+puts them in at import.
 """
 
 import contextlib
