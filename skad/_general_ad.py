@@ -22,6 +22,7 @@ from torch import nn
 
 from ._backbone import create_backbone, join_levels
 from ._docstrings import fill_doc
+from ._docstrings import fill_doc
 from ._images import image_hw
 from ._layers import PatchAttention
 from ._maps import grid_to_map
@@ -368,10 +369,12 @@ class GeneralAD(BaseDetector):
                  standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
                  batch_size=16, device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
-        self.image_size = image_size
         self.norm = norm
         self.distortions = distortions
         self.noise_std = noise_std
@@ -385,12 +388,6 @@ class GeneralAD(BaseDetector):
         self.top_k = top_k
         self.sigma = sigma
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.lr = lr
         self.lr_final_ratio = lr_final_ratio
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ._backbone import create_backbone
 from ._docstrings import fill_doc
+from ._docstrings import fill_doc
 from ._images import check_images, image_hw
 from ._layers import PartialConv2d, partial_conv2d
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
@@ -485,6 +486,9 @@ class GlobalLocal(BaseDetector):
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
                  idw_neighbors=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers
@@ -509,14 +513,7 @@ class GlobalLocal(BaseDetector):
         self.learning_rate = learning_rate
         self.n_idw_neighbors = n_idw_neighbors
         self.idw_power = idw_power
-        self.image_size = image_size
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.teacher_layer = teacher_layer
         self.lambda_k = lambda_k
         self.lambda_c = lambda_c

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._backbone import create_backbone
 from ._docstrings import fill_doc
+from ._docstrings import fill_doc
 from ._images import check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
@@ -497,11 +498,13 @@ class MetaComparer(BaseDetector):
                  fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
                  episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED,
                  rank_lambda=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
         self.train_backbone = train_backbone
-        self.image_size = image_size
         self.fpn_width = fpn_width
         self.n_fpn_cells = n_fpn_cells
         self.n_fpn_levels = n_fpn_levels
@@ -526,12 +529,6 @@ class MetaComparer(BaseDetector):
         self.synthesize_anomalies = synthesize_anomalies
         self.n_synthetic = n_synthetic
         self.sigma = sigma
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.hidden_sizes = hidden_sizes
         self.fpn_cells = fpn_cells
         self.fpn_levels = fpn_levels

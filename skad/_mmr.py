@@ -23,6 +23,7 @@ from torch import nn
 
 from ._backbone import create_backbone, create_model, is_vit
 from ._docstrings import fill_doc
+from ._docstrings import fill_doc
 from ._layers import SimpleFPNLevel, sincos_2d
 from ._maps import grid_to_map
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
@@ -320,6 +321,9 @@ class MMR(BaseDetector):
                  sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05,
                  threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers
@@ -335,14 +339,7 @@ class MMR(BaseDetector):
         self.crop_scale = crop_scale
         self.hflip = hflip
         self.sigma = sigma
-        self.image_size = image_size
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.lr = lr
         self.lr_milestones = lr_milestones
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ._backbone import create_backbone, join_levels
 from ._docstrings import fill_doc
+from ._docstrings import fill_doc
 from ._maps import adjacent, grid_to_map
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._progress import progress
@@ -525,21 +526,17 @@ class PatchCore(BaseDetector):
                  false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
-        self.image_size = image_size
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.n_reweight_neighbors = n_reweight_neighbors
         self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.n_projections = n_projections
         self.n_reweight = n_reweight
 

@@ -195,6 +195,18 @@ class BaseDetector(BaseEstimator):
         """Parameter ``name``, or its deprecated old name's value where that is set."""
         return renamed_value(self, name)
 
+    def __init__(self, *, image_size, false_reject_rate, threshold_quantile, batch_size, device,
+                 verbose, random_state):
+        # the parameters every detector has, stored as given; a detector's constructor
+        # gives their defaults, passes them here and stores its own
+        self.image_size = image_size
+        self.false_reject_rate = false_reject_rate
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
+
     # ----------------------------------------------------------- fitting
     def fit(self, X, y=None, groups=None):
         """Fit the detector.
