@@ -12,7 +12,6 @@ shuffle needs) are computed once per ``fit`` and the discriminator trains on
 that cache.
 """
 
-import os
 from typing import ClassVar
 
 import torch
@@ -20,8 +19,7 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone, join_levels
-from ._docstrings import fill_doc
+from ._backbone import backbone_constraints, create_backbone, join_levels
 from ._docstrings import fill_doc
 from ._images import image_hw
 from ._layers import PatchAttention
@@ -337,9 +335,7 @@ class GeneralAD(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "norm": ["boolean"],
         "distortions": [StrOptions(set(DISTORTIONS)), Sequences(StrOptions(set(DISTORTIONS)))],
         # > 0 where a noise distortion is asked for (_check_param_relations)

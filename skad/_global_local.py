@@ -14,7 +14,6 @@ place, a swapped colour, a bend.
 import copy
 import functools
 import math
-import os
 from typing import ClassVar
 
 import torch
@@ -22,12 +21,11 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone
-from ._docstrings import fill_doc
+from ._backbone import backbone_constraints, create_backbone
 from ._docstrings import fill_doc
 from ._images import check_images, image_hw
 from ._layers import PartialConv2d, partial_conv2d
-from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
+from ._params import DEPRECATED, Ints, Reals, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
@@ -432,9 +430,7 @@ class GlobalLocal(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "teacher": [str],
-        "teacher_weights": [str, os.PathLike, None],
-        "teacher_layers": [Sequences(Ints())],
+        **backbone_constraints("teacher", "teacher_weights", "teacher_layers"),
         "teacher_size": [Ints(1)],
         # at most the image's side: _check_param_relations
         "patch_size": [Ints(2)],

@@ -8,7 +8,6 @@ then adapts to a new domain through :meth:`MetaComparer.set_reference` with a
 handful of its normal images, without retraining.
 """
 
-import os
 import warnings
 from typing import ClassVar
 
@@ -18,8 +17,7 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone
-from ._docstrings import fill_doc
+from ._backbone import backbone_constraints, create_backbone
 from ._docstrings import fill_doc
 from ._images import check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
@@ -438,9 +436,7 @@ class MetaComparer(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "train_backbone": ["boolean"],
         "fpn_width": [Ints(1)],
         "n_fpn_cells": [Ints(0)],

@@ -14,15 +14,13 @@ background or viewpoint better than a model of the normal features alone.
 """
 
 import math
-import os
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backbone import create_backbone, create_model, is_vit
-from ._docstrings import fill_doc
+from ._backbone import backbone_constraints, create_backbone, create_model, is_vit
 from ._docstrings import fill_doc
 from ._layers import SimpleFPNLevel, sincos_2d
 from ._maps import grid_to_map
@@ -288,11 +286,8 @@ class MMR(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "teacher": [str],
-        "teacher_weights": [str, os.PathLike, None],
-        "teacher_layers": [Sequences(Ints())],
-        "student": [str],
-        "student_weights": [str, os.PathLike, None],
+        **backbone_constraints("teacher", "teacher_weights", "teacher_layers"),
+        **backbone_constraints("student", "student_weights", None),
         # at most the student's blocks: checked when it is built
         "student_depth": [Ints(1), None],
         "mask_ratio": [Reals(0, 1, closed="left")],

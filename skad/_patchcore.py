@@ -8,18 +8,16 @@ a new domain without any training, replacing the bank (the training patches are
 dropped).
 """
 
-import os
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._backbone import create_backbone, join_levels
-from ._docstrings import fill_doc
+from ._backbone import backbone_constraints, create_backbone, join_levels
 from ._docstrings import fill_doc
 from ._maps import adjacent, grid_to_map
-from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
+from ._params import DEPRECATED, Ints, Reals, deprecated
 from ._progress import progress
 from ._random import seed_from
 from .base import BaseDetector, row_blocks
@@ -505,9 +503,7 @@ class PatchCore(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "coreset_ratio": [Reals(0, 1, closed="right")],
         "projection_dim": [Ints(0)],
         "n_reweight_neighbors": [Ints(0)],
