@@ -87,6 +87,10 @@ from .thresholds import (
 
 __all__ = ["BaseDetector", "resolve_device"]
 
+#: what a detector without a reference needs, said to a Python user
+_SET_REFERENCE = ("call set_reference(normals) with a few defect-free images of the target "
+                  "domain")
+
 
 def resolve_device(device):
     """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
@@ -116,6 +120,17 @@ def is_exporting():
     export skad's detectors: :mod:`skad._onnx`)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(exporting is not None and exporting())
+
+
+def check_reference(detector, *, subject=None, remedy=_SET_REFERENCE, error=RuntimeError):
+    """Raise ``error`` unless ``detector`` has a reference (its ``threshold_``).
+
+    An unfitted detector has none either. The message names the detector as
+    ``subject`` (default: its class) and ends with ``remedy``, what the caller's
+    user does about it: the command line and :mod:`skad.scoring` say it their way.
+    """
+    if not hasattr(detector, "threshold_"):
+        raise error(f"{subject or type(detector).__name__} has no reference yet: {remedy}")
 
 
 def _to_cpu(obj):
@@ -668,11 +683,7 @@ class BaseDetector(BaseEstimator):
 
     def _check_ready(self):
         check_is_fitted(self)
-        if not hasattr(self, "threshold_"):
-            raise RuntimeError(
-                f"{type(self).__name__} has no reference yet: call "
-                "set_reference(normals) with a few defect-free images of the target domain"
-            )
+        check_reference(self)
 
     def _position_statistics(self, device):
         if not hasattr(self, "position_mean_"):
