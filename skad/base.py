@@ -587,8 +587,8 @@ class BaseDetector(BaseEstimator):
 
         Examples
         --------
-        >>> from skad import PatchCore
         >>> from skad.datasets import make_textures
+        >>> from skad import PatchCore
         >>> data = make_textures(n_domains=1, n_normal=24, n_anomalous=4, image_size=32,
         ...                      random_state=0)
         >>> normal = data.images[data.y == 0]
