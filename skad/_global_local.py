@@ -14,7 +14,6 @@ place, a swapped colour, a bend.
 import copy
 import functools
 import math
-import os
 from typing import ClassVar
 
 import torch
@@ -22,10 +21,11 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone
+from ._backbone import backbone_constraints, create_backbone
+from ._docstrings import fill_doc
 from ._images import check_images, image_hw
 from ._layers import PartialConv2d, partial_conv2d
-from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
+from ._params import DEPRECATED, Ints, Reals, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
@@ -270,6 +270,8 @@ def _one_level(layer):
     return (layer,)
 
 
+@fill_doc(not_in="the paper", equation="Eq. 13",
+          border_cells="the Global-Net's context window reaches past the image and is masked")
 class GlobalLocal(BaseDetector):
     """Global-local feature comparison: a patch's feature predicted from its surroundings.
 
@@ -347,32 +349,14 @@ class GlobalLocal(BaseDetector):
         Inverse-distance weights ``d ** -idw_power``.
     image_size : int or (int, int), default=256
         Working size images are resized to.
-        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
-        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
-        which squashes them). Maps come back at each input's own size.
-    standardize_positions : bool, default=True
-        Score each map position against the same position in the references' maps: ``(map -
-        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
-        image score as the standardised map's maximum. Not in the paper: without it the
-        border cells, where the Global-Net's context window reaches past the image and is
-        masked, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
-        the paper's maps and image score (Eq. 13).
-    false_reject_rate : float in (0, 1), default=0.05
-        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
-        are the conformal thresholds that reject a good part with at most this
-        probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    threshold_quantile : float, default="deprecated"
-        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
-        scores, without a guarantee. Use ``false_reject_rate``.
+        %(image_size_pair)s
+    %(standardize_positions)s
+    %(false_reject_rate)s
     batch_size : int, default=16
         Images per training step (each gives ``n_patches`` windows) and per
         scoring batch.
-    device : str, default="auto"
-    verbose : int, default=0
-        When > 0, progress bars on stderr (count, rate, time left) for feature
-        extraction, the training epochs (with their loss) and scoring.
-        Messages go to the ``skad`` logger whatever its value; show them with
-        :mod:`logging`.
+    %(device)s
+    %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds the networks' initialisation, the patch positions, the stains
         and the minibatch order.
@@ -384,8 +368,7 @@ class GlobalLocal(BaseDetector):
 
     Attributes
     ----------
-    n_samples_fit_ : int
-        Number of training images ``fit`` learned from (the normal ones among ``X``).
+    %(n_samples_fit)s
     local_net_ : LocalNet
         The frozen Local-Net (with its decoder and standardisation).
     global_net_ : GlobalNet
@@ -397,18 +380,8 @@ class GlobalLocal(BaseDetector):
         other values raises.
     loss_history_ : dict of list of float
         Mean loss per epoch of the stages ``"distill"``, ``"finetune"``, ``"global"``.
-    position_mean_, position_std_ : ndarray of shape image_size
-        Mean and standard deviation of the references' maps at each position, at
-        ``image_size`` (``standardize_positions=True`` only).
-    reference_scores_ : ndarray of shape (n_references,)
-    threshold_ : float
-    false_reject_rate_ : float
-        The rate ``threshold_`` guarantees (``false_reject_rate``, or
-        ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
-        Maxima of the references' maps, as ``reference_scores_``.
-    pixel_threshold_ : float
-        ``predict_mask`` flags the pixels above it.
+    %(position_statistics)s
+    %(thresholds)s
 
     Notes
     -----
@@ -457,9 +430,7 @@ class GlobalLocal(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "teacher": [str],
-        "teacher_weights": [str, os.PathLike, None],
-        "teacher_layers": [Sequences(Ints())],
+        **backbone_constraints("teacher", "teacher_weights", "teacher_layers"),
         "teacher_size": [Ints(1)],
         # at most the image's side: _check_param_relations
         "patch_size": [Ints(2)],
@@ -511,6 +482,9 @@ class GlobalLocal(BaseDetector):
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
                  idw_neighbors=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers
@@ -535,14 +509,7 @@ class GlobalLocal(BaseDetector):
         self.learning_rate = learning_rate
         self.n_idw_neighbors = n_idw_neighbors
         self.idw_power = idw_power
-        self.image_size = image_size
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.teacher_layer = teacher_layer
         self.lambda_k = lambda_k
         self.lambda_c = lambda_c

@@ -39,8 +39,8 @@ class ImageFolder:
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
+    >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
     >>> for name in ("b.png", "a/c.png", "notes.txt"):
     ...     (folder / name).parent.mkdir(exist_ok=True)
@@ -151,8 +151,8 @@ class Glob:
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
+    >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
     >>> for name in ("a/1.png", "a/b/2.png", "c/3.png", "a/4.jpg"):
     ...     (folder / name).parent.mkdir(parents=True, exist_ok=True)

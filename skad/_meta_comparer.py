@@ -8,7 +8,6 @@ then adapts to a new domain through :meth:`MetaComparer.set_reference` with a
 handful of its normal images, without retraining.
 """
 
-import os
 import warnings
 from typing import ClassVar
 
@@ -18,7 +17,8 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
-from ._backbone import create_backbone
+from ._backbone import backbone_constraints, create_backbone
+from ._docstrings import fill_doc
 from ._images import check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
@@ -257,6 +257,8 @@ class _Concat:
 
 
 # ------------------------------------------------------------------ the estimator
+@fill_doc(trained_on="normal and anomalous",
+          reference_scores="Leave-one-image-out scores of the reference images.")
 class MetaComparer(BaseDetector):
     """Domain-generalized anomaly detector that learns to compare queries with normal references.
 
@@ -282,9 +284,7 @@ class MetaComparer(BaseDetector):
         backbone's features are computed once and cached for the whole fit.
     image_size : int or (int, int), default=256
         Working size images are resized to.
-        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
-        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
-        which squashes them). Maps come back at each input's own size.
+        %(image_size_pair)s
     fpn_width : int, default=64
         BiFPN channels, the patch dimension (EfficientDet-D0's).
     n_fpn_cells : int, default=3
@@ -356,20 +356,10 @@ class MetaComparer(BaseDetector):
         Synthetic anomalous images per domain that gets them.
     sigma : float, default=0.0
         Gaussian smoothing of the maps; 0 gives Eq. 6 exactly.
-    false_reject_rate : float in (0, 1), default=0.05
-        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
-        are the conformal thresholds that reject a good part with at most this
-        probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    threshold_quantile : float, default="deprecated"
-        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
-        scores, without a guarantee. Use ``false_reject_rate``.
+    %(false_reject_rate)s
     batch_size : int, default=16
-    device : str, default="auto"
-    verbose : int, default=0
-        When > 0, progress bars on stderr (count, rate, time left) for feature
-        extraction, the training epochs (with their loss) and scoring.
-        Messages go to the ``skad`` logger whatever its value; show them with
-        :mod:`logging`.
+    %(device)s
+    %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds initialisation, episodes, patch sampling and synthetic anomalies.
     hidden_sizes, fpn_cells, fpn_levels : deprecated
@@ -384,8 +374,7 @@ class MetaComparer(BaseDetector):
 
     Attributes
     ----------
-    n_samples_fit_ : int
-        Number of training images ``fit`` learned from (normal and anomalous).
+    %(n_samples_fit)s
     backbone_ : skad._backbone.Backbone
     head_ : MetaComparerHead
         BiFPN, meta-comparer and co-attention.
@@ -407,16 +396,7 @@ class MetaComparer(BaseDetector):
         Mean and standard deviation of the references' leave-one-out patch values,
         learned part then nearest-reference part, that standardise them
         (``patch_score="fused"``).
-    reference_scores_ : ndarray of shape (n_references,)
-        Leave-one-image-out scores of the references.
-    threshold_ : float
-    false_reject_rate_ : float
-        The rate ``threshold_`` guarantees (``false_reject_rate``, or
-        ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
-        Maxima of the references' maps, as ``reference_scores_``.
-    pixel_threshold_ : float
-        ``predict_mask`` flags the pixels above it.
+    %(thresholds)s
 
     Notes
     -----
@@ -456,9 +436,7 @@ class MetaComparer(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "train_backbone": ["boolean"],
         "fpn_width": [Ints(1)],
         "n_fpn_cells": [Ints(0)],
@@ -516,11 +494,13 @@ class MetaComparer(BaseDetector):
                  fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
                  episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED,
                  rank_lambda=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
         self.train_backbone = train_backbone
-        self.image_size = image_size
         self.fpn_width = fpn_width
         self.n_fpn_cells = n_fpn_cells
         self.n_fpn_levels = n_fpn_levels
@@ -545,12 +525,6 @@ class MetaComparer(BaseDetector):
         self.synthesize_anomalies = synthesize_anomalies
         self.n_synthetic = n_synthetic
         self.sigma = sigma
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.hidden_sizes = hidden_sizes
         self.fpn_cells = fpn_cells
         self.fpn_levels = fpn_levels

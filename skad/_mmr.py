@@ -14,14 +14,14 @@ background or viewpoint better than a model of the normal features alone.
 """
 
 import math
-import os
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backbone import create_backbone, create_model, is_vit
+from ._backbone import backbone_constraints, create_backbone, create_model, is_vit
+from ._docstrings import fill_doc
 from ._layers import SimpleFPNLevel, sincos_2d
 from ._maps import grid_to_map
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
@@ -153,6 +153,7 @@ def _to_uint8(batch):
     return (batch * 255).round_().to(torch.uint8)
 
 
+@fill_doc(border_cells="the teacher's convolutions see zero padding", equation="Eq. 2")
 class MMR(BaseDetector):
     """Masked multi-scale reconstruction: a ViT rebuilds a frozen CNN's features from a masked view.
 
@@ -197,31 +198,13 @@ class MMR(BaseDetector):
         Gaussian smoothing of the maps at ``image_size``.
     image_size : int or (int, int), default=224
         Working size of both networks.
-        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
-        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
-        which squashes them). Maps come back at each input's own size.
-    standardize_positions : bool, default=True
-        Score each map position against the same position in the references' maps: ``(map -
-        position_mean_) / position_std_``, both set by :meth:`set_reference`, and take the
-        image score as the standardised map's maximum. Not in the paper or the released
-        code: without it the border cells, where the teacher's convolutions see zero
-        padding, set most normal images' scores (docs/benchmarks.md, "Border cells"). False:
-        the paper's maps and image score (Eq. 2).
-    false_reject_rate : float in (0, 1), default=0.05
-        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
-        are the conformal thresholds that reject a good part with at most this
-        probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    threshold_quantile : float, default="deprecated"
-        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
-        scores, without a guarantee. Use ``false_reject_rate``.
+        %(image_size_pair)s
+    %(standardize_positions)s
+    %(false_reject_rate)s
     batch_size : int, default=16
         Training minibatch (the paper's 16) and scoring batch.
-    device : str, default="auto"
-    verbose : int, default=0
-        When > 0, progress bars on stderr (count, rate, time left) for feature
-        extraction, the training epochs (with their loss) and scoring.
-        Messages go to the ``skad`` logger whatever its value; show them with
-        :mod:`logging`.
+    %(device)s
+    %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds the student's initialisation, the minibatch order, the masks and
         the augmentation.
@@ -231,8 +214,7 @@ class MMR(BaseDetector):
 
     Attributes
     ----------
-    n_samples_fit_ : int
-        Number of training images ``fit`` learned from (the normal ones among ``X``).
+    %(n_samples_fit)s
     teacher_ : skad._backbone.Backbone
         The frozen teacher.
     student_ : MaskedStudent
@@ -241,18 +223,8 @@ class MMR(BaseDetector):
         FPN factor of each level: student patch size / teacher stride.
     loss_history_ : list of float
         Mean training loss (Eq. 1) of each epoch.
-    position_mean_, position_std_ : ndarray of shape image_size
-        Mean and standard deviation of the references' maps at each position, at
-        ``image_size`` (``standardize_positions=True`` only).
-    reference_scores_ : ndarray of shape (n_references,)
-    threshold_ : float
-    false_reject_rate_ : float
-        The rate ``threshold_`` guarantees (``false_reject_rate``, or
-        ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
-        Maxima of the references' maps, as ``reference_scores_``.
-    pixel_threshold_ : float
-        ``predict_mask`` flags the pixels above it.
+    %(position_statistics)s
+    %(thresholds)s
 
     Notes
     -----
@@ -314,11 +286,8 @@ class MMR(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "teacher": [str],
-        "teacher_weights": [str, os.PathLike, None],
-        "teacher_layers": [Sequences(Ints())],
-        "student": [str],
-        "student_weights": [str, os.PathLike, None],
+        **backbone_constraints("teacher", "teacher_weights", "teacher_layers"),
+        **backbone_constraints("student", "student_weights", None),
         # at most the student's blocks: checked when it is built
         "student_depth": [Ints(1), None],
         "mask_ratio": [Reals(0, 1, closed="left")],
@@ -347,6 +316,9 @@ class MMR(BaseDetector):
                  sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05,
                  threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher
         self.teacher_weights = teacher_weights
         self.teacher_layers = teacher_layers
@@ -362,14 +334,7 @@ class MMR(BaseDetector):
         self.crop_scale = crop_scale
         self.hflip = hflip
         self.sigma = sigma
-        self.image_size = image_size
         self.standardize_positions = standardize_positions
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.lr = lr
         self.lr_milestones = lr_milestones
 

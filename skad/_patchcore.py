@@ -8,16 +8,16 @@ a new domain without any training, replacing the bank (the training patches are
 dropped).
 """
 
-import os
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._backbone import create_backbone, join_levels
+from ._backbone import backbone_constraints, create_backbone, join_levels
+from ._docstrings import fill_doc
 from ._maps import adjacent, grid_to_map
-from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
+from ._params import DEPRECATED, Ints, Reals, deprecated
 from ._progress import progress
 from ._random import seed_from
 from .base import BaseDetector, row_blocks
@@ -380,6 +380,8 @@ def _density_weight(patches, d_bank, bank, b):
     return 1.0 - torch.softmax(d_support, dim=1)[:, 0]
 
 
+@fill_doc(progress="the coreset",
+          reference_scores="Leave-one-image-out scores of the reference images.")
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector: nearest-neighbour distance to a coreset of normal patches.
 
@@ -395,9 +397,7 @@ class PatchCore(BaseDetector):
         Backbone levels (``features_only`` indices; ResNets: layer2, layer3).
     image_size : int or (int, int), default=224
         Working size images are resized to.
-        An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
-        of images far from square (250 x 630 images: ``(256, 640)``, not 256,
-        which squashes them). Maps come back at each input's own size.
+        %(image_size_pair)s
     coreset_ratio : float, default=0.1
         Fraction of the reference patches kept in the memory bank (1.0 keeps all). The
         released code's default, kept by measurement against 0.01 (docs/benchmarks.md,
@@ -418,21 +418,10 @@ class PatchCore(BaseDetector):
         (docs/benchmarks.md, "The chunked coreset").
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
-    false_reject_rate : float in (0, 1), default=0.05
-        The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
-        are the conformal thresholds that reject a good part with at most this
-        probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    threshold_quantile : float, default="deprecated"
-        Deprecated since 0.2: ``threshold_`` as this quantile of the references'
-        scores, without a guarantee. Use ``false_reject_rate``.
+    %(false_reject_rate)s
     batch_size : int, default=16
-    device : str, default="auto"
-        "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-    verbose : int, default=0
-        When > 0, progress bars on stderr (count, rate, time left) for feature
-        extraction, the coreset and scoring.
-        Messages go to the ``skad`` logger whatever its value; show them with
-        :mod:`logging`.
+    %(device)s
+    %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds the coreset's projection and starting point (and random backbone
         weights, for tests).
@@ -442,8 +431,7 @@ class PatchCore(BaseDetector):
 
     Attributes
     ----------
-    n_samples_fit_ : int
-        Number of training images ``fit`` learned from (the normal ones among ``X``).
+    %(n_samples_fit)s
     backbone_ : skad._backbone.Backbone
         The frozen feature extractor.
     memory_bank_ : torch.Tensor of shape (n_patches, n_features)
@@ -454,17 +442,7 @@ class PatchCore(BaseDetector):
         Flat feature-grid position of each bank patch.
     feature_grid_ : tuple of int
         ``(h, w)`` of the patch grid at ``image_size``.
-    reference_scores_ : ndarray of shape (n_references,)
-        Leave-one-image-out scores of the reference images.
-    threshold_ : float
-        ``predict`` flags images scoring above it.
-    false_reject_rate_ : float
-        The rate ``threshold_`` guarantees (``false_reject_rate``, or
-        ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
-        Maxima of the references' maps, as ``reference_scores_``.
-    pixel_threshold_ : float
-        ``predict_mask`` flags the pixels above it.
+    %(thresholds)s
 
     Notes
     -----
@@ -525,9 +503,7 @@ class PatchCore(BaseDetector):
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "layers": [Sequences(Ints())],
+        **backbone_constraints(),
         "coreset_ratio": [Reals(0, 1, closed="right")],
         "projection_dim": [Ints(0)],
         "n_reweight_neighbors": [Ints(0)],
@@ -546,21 +522,17 @@ class PatchCore(BaseDetector):
                  false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):
+        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         threshold_quantile=threshold_quantile, batch_size=batch_size,
+                         device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
-        self.image_size = image_size
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.n_reweight_neighbors = n_reweight_neighbors
         self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
-        self.false_reject_rate = false_reject_rate
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
         self.n_projections = n_projections
         self.n_reweight = n_reweight
 

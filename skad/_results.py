@@ -193,18 +193,17 @@ class Renderer:
 
     def row(self, index, path, score, amap, image):
         """The columns after ``path`` of image ``index`` of the listing; writes its files."""
-        from .thresholds import conformal_pvalues, find_regions, threshold_map
+        from .thresholds import conformal_pvalues, find_regions
 
         name = map_name(index, path)
         label = int(score > self.threshold)
         (p_value,) = conformal_pvalues(self.reference_scores, [score])
         n_regions = largest = ""
         mask = None
-        if self.pixel_threshold is not None:
-            areas = [r.area for r in find_regions(amap, self.pixel_threshold,
-                                                  min_area=self.min_area)]
-            n_regions, largest = len(areas), max(areas, default=0)
-            mask = threshold_map(amap, self.pixel_threshold, min_area=self.min_area)
+        if self.pixel_threshold is not None:  # one labelling for the columns and the outlines
+            regions, mask = find_regions(amap, self.pixel_threshold, min_area=self.min_area,
+                                         return_mask=True)
+            n_regions, largest = len(regions), max((r.area for r in regions), default=0)
         drawn = self.overlays == "all" or (self.overlays == "rejects" and label)
         if drawn:
             self._overlay(name, image, amap, mask, score, p_value, label, n_regions)

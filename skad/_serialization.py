@@ -319,8 +319,9 @@ def is_pickle(path):
                                                        b"\xfd7zXZ", b"\x5d\x00\x00"))
 
 
-def _read_header(path):
-    """The JSON header of a skad model file; :class:`ModelFileError` for anything else."""
+def _open(path):
+    """The safetensors file of a skad model file, open (a context manager), read once by
+    :func:`_read_header` and :func:`load`; :class:`ModelFileError` for anything else."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -336,11 +337,16 @@ def _read_header(path):
         raise ModelFileError(f"{path} is not a skad model file (a safetensors file written "
                              f"by skad.save).{kind}")
     try:
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            text = (fh.metadata() or {}).get(_HEADER_KEY)
+        return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{path} is not a readable safetensors file: {exc} (is it "
                              "complete?)") from exc
+
+
+def _read_header(fh, path):
+    """The JSON header of the open skad model file ``fh``; :class:`ModelFileError` for
+    anything else."""
+    text = (fh.metadata() or {}).get(_HEADER_KEY)
     if text is None:
         raise ModelFileError(f"{path} is a safetensors file but not a skad model file (no "
                              f"{_HEADER_KEY!r} metadata)")
@@ -485,19 +491,17 @@ def load(path, *, device=None):
     --------
     save, model_info
     """
-    from safetensors import safe_open
-
-    header = _read_header(path)
-    classes = _detector_classes()
-    name = header.get("class")
-    if name not in classes:
-        raise ModelFileError(f"{path} holds a {name!r}, which is not one of skad's detectors "
-                             f"({', '.join(classes)})")
-    _check_versions(header, path)
-    state = header.get("state")
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{path}: the skad header has no detector state")
-    with safe_open(path, framework="pt", device="cpu") as fh:
+    with _open(path) as fh:
+        header = _read_header(fh, path)
+        classes = _detector_classes()
+        name = header.get("class")
+        if name not in classes:
+            raise ModelFileError(f"{path} holds a {name!r}, which is not one of skad's "
+                                 f"detectors ({', '.join(classes)})")
+        _check_versions(header, path)
+        state = header.get("state")
+        if not isinstance(state, dict):
+            raise ModelFileError(f"{path}: the skad header has no detector state")
         decoder = _Decoder(fh, path)
         values = {str(k): decoder.decode(v) for k, v in state.items()}
         det = classes[name].__new__(classes[name])
@@ -543,7 +547,8 @@ def model_info(path):
     FileNotFoundError, ModelFileError
         As :func:`load`.
     """
-    header = _read_header(path)
+    with _open(path) as fh:
+        header = _read_header(fh, path)
     state = header.get("state", {})
     cls = _detector_classes().get(header.get("class"))
     names = set(cls._get_param_names()) if cls is not None else set()

@@ -50,6 +50,11 @@ relate several parameters (or a parameter and the backbone) stay in the
 detector, where it builds what they concern. A renamed parameter keeps its old
 name for one release (``_deprecated_parameters``, :mod:`skad._params`): the
 detector reads it with ``self._param(new_name)``.
+
+The docstring paragraphs of the shared parameters and fitted attributes are
+written once too, in :mod:`skad._docstrings`: a detector's class docstring
+names them (a line ``%(false_reject_rate)s``) and its ``@fill_doc`` decorator
+puts them in at import.
 """
 
 import contextlib
@@ -82,6 +87,10 @@ from .thresholds import (
 
 __all__ = ["BaseDetector", "resolve_device"]
 
+#: what a detector without a reference needs, said to a Python user
+_SET_REFERENCE = ("call set_reference(normals) with a few defect-free images of the target "
+                  "domain")
+
 
 def resolve_device(device):
     """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device``."""
@@ -111,6 +120,17 @@ def is_exporting():
     export skad's detectors: :mod:`skad._onnx`)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(exporting is not None and exporting())
+
+
+def check_reference(detector, *, subject=None, remedy=_SET_REFERENCE, error=RuntimeError):
+    """Raise ``error`` unless ``detector`` has a reference (its ``threshold_``).
+
+    An unfitted detector has none either. The message names the detector as
+    ``subject`` (default: its class) and ends with ``remedy``, what the caller's
+    user does about it: the command line and :mod:`skad.scoring` say it their way.
+    """
+    if not hasattr(detector, "threshold_"):
+        raise error(f"{subject or type(detector).__name__} has no reference yet: {remedy}")
 
 
 def _to_cpu(obj):
@@ -189,6 +209,18 @@ class BaseDetector(BaseEstimator):
     def _param(self, name):
         """Parameter ``name``, or its deprecated old name's value where that is set."""
         return renamed_value(self, name)
+
+    def __init__(self, *, image_size, false_reject_rate, threshold_quantile, batch_size, device,
+                 verbose, random_state):
+        # the parameters every detector has, stored as given; a detector's constructor
+        # gives their defaults, passes them here and stores its own
+        self.image_size = image_size
+        self.false_reject_rate = false_reject_rate
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
 
     # ----------------------------------------------------------- fitting
     def fit(self, X, y=None, groups=None):
@@ -555,8 +587,8 @@ class BaseDetector(BaseEstimator):
 
         Examples
         --------
-        >>> from skad import PatchCore
         >>> from skad.datasets import make_textures
+        >>> from skad import PatchCore
         >>> data = make_textures(n_domains=1, n_normal=24, n_anomalous=4, image_size=32,
         ...                      random_state=0)
         >>> normal = data.images[data.y == 0]
@@ -651,11 +683,7 @@ class BaseDetector(BaseEstimator):
 
     def _check_ready(self):
         check_is_fitted(self)
-        if not hasattr(self, "threshold_"):
-            raise RuntimeError(
-                f"{type(self).__name__} has no reference yet: call "
-                "set_reference(normals) with a few defect-free images of the target domain"
-            )
+        check_reference(self)
 
     def _position_statistics(self, device):
         if not hasattr(self, "position_mean_"):

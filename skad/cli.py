@@ -365,6 +365,7 @@ def cmd_export(args):
         raise CLIError(f"--out must be a file; {args.out} is a folder")
     from . import _onnx  # torch: the model needs it too
     from ._images import image_hw
+    from .base import check_reference
 
     try:
         _onnx.check_onnx_installed()
@@ -374,9 +375,8 @@ def cmd_export(args):
     det.set_params(device=args.device, verbose=int(args.progress))
     if args.reference:
         det.set_reference(list_images(args.reference))
-    if not hasattr(det, "threshold_"):
-        raise CLIError(f"the model in {args.model} has no reference: pass --reference with a "
-                       "folder of good images of the parts to score")
+    check_reference(det, subject=f"the model in {args.model}", error=CLIError,
+                    remedy="pass --reference with a folder of good images of the parts to score")
     t0 = time.perf_counter()
     path = _onnx.export_onnx(det, args.out, batch_size=args.batch_size, opset=args.opset)
     height, width = image_hw(det.image_size)

@@ -238,9 +238,9 @@ def load_domains(root, categories=None, split="test", *, return_masks=False, mas
     Examples
     --------
     >>> import tempfile, numpy as np
+    >>> from skad.datasets import load_domains
     >>> from pathlib import Path
     >>> from PIL import Image
-    >>> from skad.datasets import load_domains
     >>> root = Path(tempfile.mkdtemp())
     >>> img = Image.fromarray(np.zeros((8, 8), np.uint8))
     >>> for cat in ("cloth", "tile"):

@@ -35,14 +35,13 @@ def _as_image_list(arrays, name):
     """
     if isinstance(arrays, (list, tuple)):
         images = [np.asarray(a) for a in arrays]
+    elif np.ndim(arrays) == 3:
+        images = list(np.asarray(arrays))
     else:
-        stacked = np.asarray(arrays)
-        if stacked.ndim != 3:
-            raise ValueError(
-                f"{name} must be an array of shape (n, h, w) or a list of 2-D arrays; "
-                f"got an array with shape {stacked.shape}."
-            )
-        images = list(stacked)
+        raise ValueError(
+            f"{name} must be an array of shape (n, h, w) or a list of 2-D arrays; "
+            f"got an array with shape {np.shape(arrays)}."
+        )
     if not images:
         raise ValueError(f"{name} is empty.")
     for i, image in enumerate(images):

@@ -141,7 +141,7 @@ class ScoringSummary:
 
 def _load(model, device):
     """``(detector, source for the manifest, model file or None)``."""
-    from .base import BaseDetector
+    from .base import BaseDetector, check_reference
 
     if isinstance(model, BaseDetector):
         det, source, path = model, f"a {type(model).__name__} given from Python", None
@@ -153,10 +153,9 @@ def _load(model, device):
     else:
         raise TypeError(f"model must be a model file or a fitted skad detector; got "
                         f"{type(model).__name__}")
-    if not hasattr(det, "threshold_"):
-        where = f" in {source}" if path else ""
-        raise ValueError(f"the model{where} has no reference: call set_reference with good "
-                         "images of the parts to score first (skad score: --reference DIR)")
+    check_reference(det, subject=f"the model in {source}" if path else "the model",
+                    error=ValueError, remedy="call set_reference with good images of the parts "
+                    "to score first (skad score: --reference DIR)")
     if device is not None:
         det.set_params(device=device)
     return det, source, path

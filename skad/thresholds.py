@@ -307,7 +307,7 @@ def threshold_map(amap, threshold, *, min_area=1):
     return _labelled(amap, threshold, min_area)[1] > 0
 
 
-def find_regions(amap, threshold, *, min_area=1):
+def find_regions(amap, threshold, *, min_area=1, return_mask=False):
     """The connected regions (8-connected) of ``amap > threshold`` with at least ``min_area``
     pixels, the most anomalous (highest peak) first.
 
@@ -319,10 +319,15 @@ def find_regions(amap, threshold, *, min_area=1):
         Pixels strictly above it are predicted defective.
     min_area : int, default=1
         Smaller regions are dropped (isolated noisy pixels).
+    return_mask : bool, default=False
+        Also return the pixels of the regions, as :func:`threshold_map` gives
+        them, from the same labelling of the map.
 
     Returns
     -------
     regions : list of Region
+    mask : ndarray of bool, shape (height, width)
+        Only with ``return_mask=True``.
 
     Examples
     --------
@@ -335,17 +340,17 @@ def find_regions(amap, threshold, *, min_area=1):
     (1, 1, 3, 4) 6 2.0 2.0
     """
     amap, labels, areas, kept = _labelled(amap, threshold, min_area)
-    if not len(kept):
-        return []
-    peaks = ndimage.maximum(amap, labels, index=kept)
-    means = ndimage.mean(amap, labels, index=kept)
-    boxes = ndimage.find_objects(labels)
     regions = []
-    for i, peak, mean in zip(kept, peaks, means):
-        rows, cols = boxes[i - 1]
-        regions.append(Region((rows.start, cols.start, rows.stop, cols.stop), int(areas[i]),
-                              float(peak), float(mean)))
-    return sorted(regions, key=lambda r: -r.peak_score)
+    if len(kept):
+        peaks = ndimage.maximum(amap, labels, index=kept)
+        means = ndimage.mean(amap, labels, index=kept)
+        boxes = ndimage.find_objects(labels)
+        for i, peak, mean in zip(kept, peaks, means):
+            rows, cols = boxes[i - 1]
+            regions.append(Region((rows.start, cols.start, rows.stop, cols.stop),
+                                  int(areas[i]), float(peak), float(mean)))
+        regions.sort(key=lambda r: -r.peak_score)
+    return (regions, labels > 0) if return_mask else regions
 
 
 # ------------------------------------------------------------------ thresholds from labels

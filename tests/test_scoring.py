@@ -354,6 +354,9 @@ def test_options_are_checked_before_any_work(model, images, tmp_path):
         score_files(model, images, tmp_path / "out", resume=True, overwrite=True)
     with pytest.raises(ValueError, match="is a file: for a list of paths"):
         score_files(model, model, tmp_path / "out")
+    with pytest.raises(ValueError, match="the model has no reference yet: call set_reference"):
+        score_files(PatchCore(), images, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_progress_of_a_listing_of_unknown_length(capsys):

@@ -166,6 +166,13 @@ def test_min_area_drops_small_regions():
             find_regions(_blobs(), 1.0, min_area=bad)
 
 
+@pytest.mark.parametrize(("threshold", "min_area"), [(1.0, 1), (1.0, 4), (10.0, 1)])
+def test_regions_with_their_mask(threshold, min_area):
+    regions, mask = find_regions(_blobs(), threshold, min_area=min_area, return_mask=True)
+    assert regions == find_regions(_blobs(), threshold, min_area=min_area)
+    assert np.array_equal(mask, threshold_map(_blobs(), threshold, min_area=min_area))
+
+
 # ------------------------------------------------------------------ tuned thresholds
 @pytest.fixture(scope="module")
 def tuned_setup():

@@ -15,18 +15,24 @@ from skad.datasets import find_categories
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def data_parser(doc, *, categories=None, out_help="also write the rows as JSON"):
+def data_parser(doc, *, categories=None, out_help="also write the rows as JSON", params=False):
     """An argument parser described by ``doc``'s first line, with the data options.
 
     ``--data`` (default :data:`DATA`), ``--categories`` (default ``categories``;
-    None: every category found under ``--data``) and ``--out``.
+    None: every category found under ``--data``), ``--out`` (none where ``out_help``
+    is None) and, with ``params``, ``--param NAME=VALUE``: a detector parameter
+    over ``skad fit --offline``'s settings, repeatable.
     """
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--categories", nargs="+", default=categories,
                     help="default: " + (" ".join(categories) if categories
                                         else "every category under --data"))
-    ap.add_argument("--out", default=None, help=out_help)
+    if out_help is not None:
+        ap.add_argument("--out", default=None, help=out_help)
+    if params:
+        ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a detector parameter, as skad fit's --param (repeatable)")
     return ap
 
 
@@ -52,10 +58,18 @@ def comparison_parser(doc, *, categories, quick_help):
     return ap
 
 
-def data_categories(args):
-    """``(root, categories)`` of the parsed arguments; exits when ``--data`` is no folder."""
+def data_categories(args, *, missing_ok=False):
+    """``(root, categories)`` of the parsed arguments.
+
+    Exits when ``--data`` is no folder: with an error, or, where ``missing_ok``
+    (the scripts that skip cleanly without data), with status 0 and a line that
+    says there is nothing to measure.
+    """
     root = Path(args.data)
     if not root.is_dir():
+        if missing_ok:
+            print(f"no data folder at {root}: nothing to measure")
+            sys.exit(0)
         sys.exit(f"no data at {root}")
     return root, args.categories or find_categories(root)
 

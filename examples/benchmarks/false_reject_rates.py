@@ -26,19 +26,17 @@ cannot support (``k < 1 / rate - 1``) is marked ``*``: skad warned, and the thre
 the largest reference score. Skips cleanly when the data folder is absent.
 """
 
-import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+from common import data_categories, data_parser
 
 from skad.cli import make_detector
-from skad.datasets import find_categories, load_mvtec
+from skad.datasets import load_mvtec
 from skad.thresholds import CalibrationWarning, min_references
 
-REPO = Path(__file__).resolve().parents[2]
 RATES = (0.01, 0.05, 0.1)
 FIT_IS_REFERENCE = {"patchcore"}
 
@@ -102,21 +100,15 @@ def within(frrs, rate, n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = data_parser(__doc__, out_help=None, params=True)
     ap.add_argument("--method", default="patchcore")
-    ap.add_argument("--categories", nargs="+")
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = ap.parse_args()
-    if not Path(args.data).is_dir():
-        print(f"no data folder at {args.data}: nothing to measure")
-        return 0
+    _, categories = data_categories(args, missing_ok=True)
     warnings.filterwarnings("ignore", message=".*one-class detector")
     # rates the references cannot support are marked "*" in the table instead
     warnings.filterwarnings("ignore", category=CalibrationWarning)
-    categories = args.categories or find_categories(args.data)
     print(f"method {args.method}, params {args.param}, seeds {args.seeds}")
     print("| category | k | requested | held-out good: false rejects | test good: false "
           "rejects, mean (max) | test defective: escapes | within rate + 2 SE: held-out / "

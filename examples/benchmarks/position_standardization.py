@@ -16,20 +16,18 @@ come from images the detector was not fitted on. Skips cleanly when the data fol
 absent.
 """
 
-import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+from common import data_categories, data_parser
 
 from skad._maps import maps_at
 from skad.cli import make_detector
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
 
-REPO = Path(__file__).resolve().parents[2]
 EVAL_SIZE = 256
 
 
@@ -52,18 +50,13 @@ def measure(det, test):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = data_parser(__doc__, out_help=None, params=True)
     ap.add_argument("--method", required=True,
                     choices=["generalad", "mmr", "globallocal", "patchcore"])
     ap.add_argument("--held-out", type=int, default=0, metavar="N",
                     help="fit on all but the last N training images; they are the reference")
-    ap.add_argument("--categories", nargs="+", required=True)
-    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = ap.parse_args()
-    if not Path(args.data).is_dir():
-        print(f"no data folder at {args.data}: nothing to measure")
-        return 0
+    _, categories = data_categories(args, missing_ok=True)
     warnings.filterwarnings("ignore", category=UserWarning)
     ring_chance = 1 - (1 - 2 / 16) ** 2
     print(f"method {args.method}, params {args.param}, held out {args.held_out}; "
@@ -72,7 +65,7 @@ def main():
           "| paper's: image / pixel AUROC / PRO / ring | fit s |")
     print("|---|---|---|---|")
     rows = []
-    for cat in args.categories:
+    for cat in categories:
         test = load_mvtec(args.data, cat, "test", return_masks=True, mask_size=EVAL_SIZE)
         train = load_mvtec(args.data, cat, "train").paths
         standardizes = args.method != "patchcore"
