@@ -56,14 +56,20 @@ def _some(names):
     return ", ".join(names[:_N_LOGGED]) + more
 
 
+def _count(n, one, many):
+    """``"1 file"``, ``"2 files"``."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _entries(folder):
     """The entries of ``folder`` that may be data, sorted by name; the rest is logged."""
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda entry: entry.name)
     skipped = [e.name for e in entries if is_debris(e.name)]
     if skipped:
-        logger.info("skipped %d hidden or system entries in %s: %s", len(skipped), folder,
-                    _some(skipped))
+        logger.info("skipped %s in %s: %s", _count(len(skipped), "hidden or system entry",
+                                                   "hidden or system entries"),
+                    folder, _some(skipped))
     return [e for e in entries if not is_debris(e.name)]
 
 
@@ -190,8 +196,10 @@ def _walk(folder, recursive, excluded, names, enter):
         else:
             others.append(entry.name)
     if others:
-        logger.info("ignored %d files in %s that are not images (%s): %s", len(others), folder,
-                    " ".join(IMAGE_EXTENSIONS), _some(others))
+        logger.info("ignored %s in %s that %s not images (%s): %s",
+                    _count(len(others), "file", "files"), folder,
+                    "is" if len(others) == 1 else "are", " ".join(IMAGE_EXTENSIONS),
+                    _some(others))
 
 
 def write_atomic(path, data):

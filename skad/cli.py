@@ -321,8 +321,11 @@ def _score_inputs(args):
 
 def _score_summary(s):
     """The last line of skad score: counts, speed, where the results are."""
-    resumed = f" ({s.n_resumed} of them by the interrupted run)" if s.n_resumed else ""
     failed = f"; {s.n_failed} could not be read (see the error column)" if s.n_failed else ""
+    if s.complete and s.n_resumed and s.n_resumed == s.n_images:
+        return (f"nothing left to score: the run in {s.csv_path.parent} had done all "
+                f"{s.n_images} images{failed}; results in {s.csv_path}")
+    resumed = f" ({s.n_resumed} of them by the interrupted run)" if s.n_resumed else ""
     stopped = "" if s.complete else f"; stopped at --limit {s.n_images} (--resume continues)"
     parquet = f" and {s.parquet_path}" if s.parquet_path else ""
     return (f"scored {s.n_scored} of {s.n_images} images{resumed}: {s.n_rejected} above the "
@@ -841,7 +844,10 @@ def main(argv=None):
             return 1
         except KeyboardInterrupt:
             close_bars()
-            print("skad: interrupted", file=sys.stderr)
+            # skad score keeps the rows it wrote: say how to go on from them
+            hint = ("; the rows written are kept: the same command with --resume continues"
+                    if args.func is cmd_score else "")
+            print(f"skad: interrupted{hint}", file=sys.stderr)
             return 130
 
 

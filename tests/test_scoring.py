@@ -371,3 +371,26 @@ def test_progress_of_a_listing_of_unknown_length(capsys):
     assert [line.split(" [")[0] for line in lines] == [f"scoring: {k}" for k in (0, 1, 2, 3)]
     assert all("%" not in line for line in lines)
     assert lines[-1].endswith("chunk/s, (x images)]")
+
+
+# -------------------------------------------------------------------- what the command says
+def test_the_command_says_when_a_resumed_run_had_nothing_left(model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = ["score", "--model", str(model), "--images", str(images), "--out", str(out),
+             "--no-progress"]
+    assert main(first) == 3  # one unreadable file
+    capsys.readouterr()
+    assert main([*first, "--resume"]) == 3
+    said = capsys.readouterr().out
+    assert "nothing left to score" in said and f"all {N_IMAGES} images; 1 could not" in said
+    assert "interrupted run" not in said
+
+
+def test_ctrl_c_in_the_command_points_to_resume(model, images, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("skad.scoring.score_files", interrupt)
+    assert main(["score", "--model", str(model), "--images", str(images), "--out",
+                 str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume continues" in err
