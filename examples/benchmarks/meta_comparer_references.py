@@ -67,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--ref-patches", type=int, default=256)
+    ap.add_argument("--fuse-weights", nargs="*", type=float, default=[],
+                    help="also score fused variants 'fused_w<w>': z_learned + w * z_nearest")
     ap.add_argument("--skip-patchcore", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: target aitex_00, small aitex sources, k 1 and 5, 1 draw")
@@ -106,14 +108,18 @@ def to_eval(grids, image_size, sigma=0.0):
     return upsample(maps, EVAL_SIZE).numpy()
 
 
-def variant_outputs(det, parts):
-    """Image scores and 256-px maps of the three variants from the cached test parts."""
+def variant_outputs(det, parts, fuse_weights=()):
+    """Image scores and 256-px maps of the three variants (and of the fused sums weighted by
+    ``fuse_weights``) from the cached test parts."""
     learned = det._on_grid(det._learned_grids(parts[:-1], torch.device("cpu")),
                            parts[-1].shape[1:3])
     dist = det._nearest_grid(parts[-1], torch.device("cpu"))
     fused = det._fuse(learned, dist)
+    (m_l, m_n), (s_l, s_n) = det.score_mean_, det.score_std_
+    weighted = [(f"fused_w{w:g}", (learned - m_l) / s_l + w * (dist - m_n) / s_n)
+                for w in fuse_weights]
     out = {}
-    for name, g in (("learned", learned), ("nearest", dist), ("fused", fused)):
+    for name, g in (("learned", learned), ("nearest", dist), ("fused", fused), *weighted):
         out[name] = (g.flatten(1).amax(dim=1).numpy(), to_eval(g, det.image_size))
     return out
 
@@ -152,7 +158,7 @@ def run(args, present, log):
                 t0 = time.perf_counter()
                 det.set_reference(refs)
                 with torch.inference_mode():
-                    outs = variant_outputs(det, parts)
+                    outs = variant_outputs(det, parts, args.fuse_weights)
                     if not args.skip_patchcore:
                         outs["PatchCore"] = patchcore_outputs(args, refs, parts[-1])
                 elapsed = time.perf_counter() - t0
@@ -242,7 +248,10 @@ def main(argv=None):
         rows = [r for r in rows if r["category"] in args.categories and r["k"] in args.ks]
     else:
         rows = run(args, present, log=lambda m: print(m, flush=True))
-    variants = [v for v in (*VARIANTS, "PatchCore") if any(r["variant"] == v for r in rows)]
+    weighted = sorted({r["variant"] for r in rows if r["variant"].startswith("fused_w")},
+                      key=lambda v: float(v[len("fused_w"):]))
+    variants = [v for v in (*VARIANTS, *weighted, "PatchCore")
+                if any(r["variant"] == v for r in rows)]
     text = (f"Settings: `{' '.join(sys.argv[1:])}`\n\n" + summarize(rows, args.ks, variants))
     if "PatchCore" in variants and "learned" in variants:
         text += "\n" + criteria(rows, args.ks, variants)
