@@ -390,7 +390,11 @@ class GlobalLocal(BaseDetector):
     IAD and DAD heads (Eq. 7-12), Eq. 10, raster scan with overlap, Eq. 13
     with lambda_s = 0.8 (``iad_score_weight``), IDW interpolation of the patch
     scores. No public code exists; our choices: the network layouts, p = 32,
-    stride 16, a context window of 3p, R(p) = the pooled deepest teacher map
+    stride 16, a context window of 3p (Eq. 6 runs the Global-Net on the whole
+    image I with the patch masked, ``context="image"``; 3p does about 25 times
+    less Global-Net work at 256 px, which is why it is the default; how the two
+    compare in accuracy has not been measured: a fit with the whole image did
+    not fit in this CPU's time), R(p) = the pooled deepest teacher map
     of the patch resized to ``teacher_size``, standardised teacher targets and Z_l, the stain
     generator (:func:`add_stains`), feeding each patch both clean and stained
     to the DAD head, all loss weights, the optimiser and epochs, and IDW over
