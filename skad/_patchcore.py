@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backbone import create_backbone, join_levels
+from ._layers import adaptive_average, neighbourhoods
 from ._maps import adjacent, grid_to_map
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._progress import progress
@@ -23,7 +24,8 @@ from ._random import seed_from
 from .base import BaseDetector, row_blocks
 
 __all__ = ["PatchCore", "euclidean", "farthest_patch", "greedy_coreset",
-           "locally_aware_features", "nearest", "reweighted_score", "reweighted_scores"]
+           "locally_aware_features", "nearest", "reduced_features", "reweighted_score",
+           "reweighted_scores"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
@@ -318,6 +320,29 @@ def locally_aware_features(levels):
                         for f in levels])
 
 
+def reduced_features(levels, level_dim, target_dim):
+    """Locally aware patch features of ``target_dim`` values, as the authors' released code
+    computes them: ``(B, target_dim, h, w)`` from backbone levels ``(B, C_l, h_l, w_l)``.
+
+    The paper's aggregation of a 3 x 3 neighbourhood by adaptive average pooling
+    to a fixed dimension (Sec. 3.1), as amazon-science/patchcore-inspection
+    implements it (``Preprocessing``, ``MeanMapper`` and ``Aggregator`` of its
+    ``common.py``): each level's zero-padded neighbourhood, ``C_l x 3 x 3``
+    values unfolded channel by channel (:func:`~skad._layers.neighbourhoods`),
+    averaged down to ``level_dim`` values (:func:`~skad._layers.adaptive_average`;
+    their ``pretrain_embed_dimension``); the coarser levels upsampled bilinearly to
+    the first level's grid; the levels' values joined, level after level, and
+    averaged down to ``target_dim`` (their ``target_embed_dimension``).
+
+    The released code upsamples the unfolded values and pools them on the fine
+    grid; here each level is pooled on its own grid, then upsampled: both are
+    linear, one over the cells and the other over the values of a cell, so the
+    order does not change the result and the coarser levels pool fewer cells.
+    """
+    pooled = [adaptive_average(neighbourhoods(f.float()), level_dim, dim=1) for f in levels]
+    return adaptive_average(join_levels(pooled), target_dim, dim=1)
+
+
 def reweighted_score(q, j, s_star, m_star, bank, n_neighbors, excluded=None):
     """Paper Eq. 7: the largest patch distance, reweighted by the bank's local density.
 
@@ -393,6 +418,16 @@ class PatchCore(BaseDetector):
         or None (random; tests only). Resolved offline first.
     layers : tuple of int, default=(2, 3)
         Backbone levels (``features_only`` indices; ResNets: layer2, layer3).
+    embedding_dim : int, (int, int) or None, default=None
+        The patch features. None: the levels' full channels, each averaged over
+        its 3 x 3 neighbourhood, joined (anomalib's; WideResNet-50-2 levels 2-3:
+        512 + 1024 = 1536 values, ``tf_efficientnet_lite0``: 40 + 112 = 152). A
+        pair ``(level_dim, target_dim)``: the authors' released embedding, each
+        level's unfolded 3 x 3 neighbourhood averaged down to ``level_dim``
+        values, then the levels' values together down to ``target_dim``
+        (:func:`reduced_features`; their ``pretrain_embed_dimension`` and
+        ``target_embed_dimension``). An int ``d`` is ``(d, d)``; the released
+        code's runs use 1024 (its ensembles ``(1024, 384)``). See Notes for the default.
     image_size : int or (int, int), default=224
         Working size images are resized to.
         An int resizes to a square; a ``(height, width)`` pair keeps the aspect ratio
@@ -528,6 +563,7 @@ class PatchCore(BaseDetector):
         "backbone": [str],
         "weights": [str, os.PathLike, None],
         "layers": [Sequences(Ints())],
+        "embedding_dim": [Ints(1), Sequences(Ints(1), length=2), None],
         "coreset_ratio": [Reals(0, 1, closed="right")],
         "projection_dim": [Ints(0)],
         "n_reweight_neighbors": [Ints(0)],
@@ -541,7 +577,7 @@ class PatchCore(BaseDetector):
                                               "n_reweight": "n_reweight_neighbors"}
 
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
-                 layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
+                 layers=(2, 3), embedding_dim=None, image_size=224, coreset_ratio=0.1, projection_dim=128,
                  n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
                  false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
@@ -549,6 +585,7 @@ class PatchCore(BaseDetector):
         self.backbone = backbone
         self.weights = weights
         self.layers = layers
+        self.embedding_dim = embedding_dim
         self.image_size = image_size
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -576,10 +613,15 @@ class PatchCore(BaseDetector):
         return {"backbone_": self._create_backbone(load_weights=False)}
 
     def _embed(self, batch):
-        """Locally aware patch features (:func:`locally_aware_features`) of a batch."""
+        """Locally aware patch features of a batch: :func:`locally_aware_features`, or
+        :func:`reduced_features` with an ``embedding_dim``."""
         with self._autocast(batch.device):
             levels = self.backbone_(batch)
-        return locally_aware_features(levels)
+        if self.embedding_dim is None:
+            return locally_aware_features(levels)
+        dims = self.embedding_dim
+        level_dim, target_dim = dims if isinstance(dims, (tuple, list)) else (dims, dims)
+        return reduced_features(levels, int(level_dim), int(target_dim))
 
     def _set_reference(self, images):
         # channels last: the patches are a view of the maps, so the features are held once
@@ -674,3 +716,9 @@ class PatchCore(BaseDetector):
 
     def _to_device(self, device):
         self.backbone_.to(device)
+
+    def __setstate__(self, state):
+        # pickles and model files saved before embedding_dim existed: their memory bank
+        # holds the full channels, and they keep scoring with them
+        state.setdefault("embedding_dim", None)
+        super().__setstate__(state)
