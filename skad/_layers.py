@@ -10,13 +10,17 @@ method-neutral:
   valid pixels of a mask (Liu et al. 2018);
 * :class:`PatchAttention`: multi-head self-attention over the patches of an image;
 * :class:`SimpleFPNLevel` and :func:`sincos_2d`: ViTDet's simple feature
-  pyramid on a ViT's token grid, and MAE's fixed 2-D position embeddings.
+  pyramid on a ViT's token grid, and MAE's fixed 2-D position embeddings;
+* :func:`adaptive_average` and :func:`neighbourhoods`: adaptive average pooling
+  along any dimension, and each cell's unfolded 3 x 3 neighbourhood (the
+  pieces of the released PatchCore code's patch embedding).
 
 Fitted detectors pickled before these moved here name them by their method
 module (``skad._meta_comparer.BiFPN``, ...); those modules import them, so
 that such pickles still load.
 """
 
+import functools
 import math
 
 import torch
@@ -25,7 +29,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 __all__ = ["BiFPN", "BiFPNCell", "FastFusion", "PartialConv2d", "PatchAttention",
-           "SeparableConv", "SimpleFPNLevel", "partial_conv2d", "sincos_2d"]
+           "SeparableConv", "SimpleFPNLevel", "adaptive_average", "neighbourhoods",
+           "partial_conv2d", "sincos_2d"]
 
 
 # ------------------------------------------------------------------ BiFPN
@@ -231,3 +236,54 @@ class SimpleFPNLevel(nn.Sequential):
                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
                    LayerNorm2d(out_channels)]
         super().__init__(*layers)
+
+
+# ------------------------------------------------------------------ pooling
+def adaptive_average(x, size, dim=-1):
+    """``torch.nn.functional.adaptive_avg_pool1d`` along dimension ``dim`` of ``x``.
+
+    With ``n = x.shape[dim]``, output ``i`` is the mean of the inputs
+    ``floor(i n / size)`` to ``ceil((i + 1) n / size) - 1``: neighbouring bins
+    share an input where ``size`` does not divide ``n``, and inputs repeat
+    where ``size > n``. Computed as a weighted sum of at most
+    ``ceil(n / size) + 1`` gathers along ``dim``, with the bins' bounds worked
+    out in Python from the shape, so that a traced graph (ONNX) holds it for
+    any other dimension's size.
+    """
+    dim = dim % x.ndim
+    offsets, counts = _adaptive_bins(x.shape[dim], size)
+    shape = [1] * x.ndim
+    shape[dim] = size
+    total = None
+    for index, weight in offsets:
+        term = x.index_select(dim, torch.tensor(index, device=x.device))
+        term = term * torch.tensor(weight, dtype=x.dtype, device=x.device).view(shape)
+        total = term if total is None else total + term
+    return total / torch.tensor(counts, dtype=x.dtype, device=x.device).view(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _adaptive_bins(n, size):
+    """Bins of :func:`adaptive_average`: ``(index, weight)`` per offset within a bin, and
+    each bin's count. A bin shorter than the offset repeats its last input with weight 0."""
+    start = [i * n // size for i in range(size)]
+    end = [-(-(i + 1) * n // size) for i in range(size)]
+    offsets = tuple((tuple(min(s + k, e - 1) for s, e in zip(start, end)),
+                     tuple(float(s + k < e) for s, e in zip(start, end)))
+                    for k in range(max(e - s for s, e in zip(start, end))))
+    return offsets, tuple(float(e - s) for s, e in zip(start, end))
+
+
+def neighbourhoods(x, size=3):
+    """Each cell's zero-padded ``size x size`` neighbourhood, unfolded: ``(B, C * size**2, h, w)``.
+
+    ``x`` is ``(B, C, h, w)``; channel ``c * size**2 + dy * size + dx`` holds
+    channel ``c`` at offset ``(dy, dx)`` of the neighbourhood, the order of
+    ``torch.nn.Unfold`` (``padding = size // 2``, stride 1). Built from shifted
+    views of the padded map, which every ONNX exporter translates.
+    """
+    h, w = x.shape[-2:]
+    pad = size // 2
+    padded = F.pad(x, (pad, pad, pad, pad))
+    shifted = [padded[..., dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)]
+    return torch.stack(shifted, dim=2).flatten(1, 2)

@@ -309,7 +309,8 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["fit", "benchmark"])
 @pytest.mark.parametrize("param, name", [("batch_size=0", "batch_size"),
                                          ("coreset_ratio=1.5", "coreset_ratio"),
-                                         ("image_size=[0,32]", "image_size")])
+                                         ("image_size=[0,32]", "image_size"),
+                                         ("embedding_dim=[64]", "embedding_dim")])
 def test_bad_parameter_value_is_one_line_before_any_work(mvtec, tmp_path, capsys, command,
                                                          param, name):
     model = tmp_path / "m.skad"
@@ -319,6 +320,16 @@ def test_bad_parameter_value_is_one_line_before_any_work(mvtec, tmp_path, capsys
     out, err = capsys.readouterr()
     assert err.startswith(f"skad: error: The '{name}' parameter of PatchCore must be")
     assert err.count("\n") == 1 and not out and not model.exists()
+
+
+def test_fit_with_the_released_embedding_saves_and_scores(mvtec, tmp_path, capsys):
+    """--param embedding_dim (a JSON list for the pair) reaches PatchCore and its model file."""
+    model = tmp_path / "m.skad"
+    assert main(["fit", "--train", str(mvtec), "--out", str(model), *TINY,
+                 "--param", "embedding_dim=[32,16]"]) == 0
+    det = skad.load(model)
+    assert list(det.embedding_dim) == [32, 16] and det.memory_bank_.shape[1] == 16
+    capsys.readouterr()
 
 
 def test_benchmark_rows_are_reproducible(mvtec):

@@ -50,3 +50,23 @@ def test_an_old_bifpn_pickle_loads_with_its_weights(monkeypatch):
     with torch.no_grad():
         for a, b in zip(loaded(feats), bifpn(feats)):
             torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ pooling
+@pytest.mark.parametrize("n, size", [(4608, 1024), (9216, 1024), (2048, 1024), (360, 1024),
+                                     (2048, 384), (10, 3), (7, 7), (1, 5)])
+def test_adaptive_average_is_adaptive_avg_pool1d(n, size):
+    """Any dimension, sizes that divide, do not divide, or exceed the input's (repeats)."""
+    x = torch.randn(2, n, 3, 2, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 1, n)
+    expected = torch.nn.functional.adaptive_avg_pool1d(rows, size)
+    expected = expected.view(2, 3, 2, size).permute(0, 3, 1, 2)
+    torch.testing.assert_close(layers.adaptive_average(x, size, dim=1), expected)
+    torch.testing.assert_close(layers.adaptive_average(rows, size), expected.permute(0, 2, 3, 1)
+                               .reshape(-1, 1, size))
+
+
+def test_neighbourhoods_are_unfold():
+    x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.unfold(x, 3, padding=1).view(2, 5 * 9, 6, 7)
+    assert torch.equal(layers.neighbourhoods(x), expected)

@@ -31,6 +31,10 @@ RTOL = 1e-3
 DETECTORS = {
     "PatchCore": lambda: PatchCore(backbone="test_resnet", weights=None, image_size=SIZE,
                                    random_state=0),
+    # the released code's embedding: gathers of the pooling bins inside the graph
+    "PatchCore-embedding": lambda: PatchCore(backbone="test_resnet", weights=None,
+                                             image_size=SIZE, embedding_dim=(100, 48),
+                                             random_state=0),
     "GeneralAD": lambda: GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,),
                                    hidden_dim=32, n_epochs=1, image_size=SIZE, random_state=0),
     "MMR": lambda: MMR(teacher="test_efficientnet", teacher_weights=None, student="test_vit",

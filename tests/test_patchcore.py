@@ -286,3 +286,76 @@ def test_image_size_pair_keeps_the_aspect_ratio():
     assert det.feature_grid_ == (3, 8)
     scores, maps = det.score_and_map(wide[3:])
     assert maps.shape == (1, 24, 64) and np.isfinite(scores).all()
+
+
+# ------------------------------------------------------------ the released embedding
+def _released_embedding(levels, level_dim, target_dim):
+    """The released code's order of operations, written plainly: every level's 3 x 3
+    neighbourhoods unfolded, the coarser levels' unfolded values upsampled to the first
+    grid, each patch's values pooled to level_dim, the levels stacked, pooled to target_dim."""
+    b = len(levels[0])
+    h, w = levels[0].shape[-2:]
+    per_level = []
+    for f in levels:
+        c = f.shape[1]
+        patches = torch.nn.functional.unfold(f, 3, padding=1).view(b, c * 9, *f.shape[-2:])
+        patches = torch.nn.functional.interpolate(patches, size=(h, w), mode="bilinear",
+                                                  align_corners=False)
+        rows = patches.permute(0, 2, 3, 1).reshape(b * h * w, 1, c * 9)
+        per_level.append(torch.nn.functional.adaptive_avg_pool1d(rows, level_dim)[:, 0])
+    stacked = torch.stack(per_level, dim=1).reshape(b * h * w, 1, -1)
+    out = torch.nn.functional.adaptive_avg_pool1d(stacked, target_dim)[:, 0]
+    return out.view(b, h, w, target_dim).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dims", [(16, 12), (100, 40), (7, 30)])
+def test_reduced_features_are_the_released_embedding(dims):
+    """Pooling each level on its own grid, then upsampling, gives the released code's
+    upsample-then-pool (both are linear); bins that split a neighbourhood, or repeat values
+    (100 > 6 * 9), included."""
+    gen = torch.Generator().manual_seed(0)
+    levels = [torch.randn(2, 6, 8, 8, generator=gen), torch.randn(2, 10, 4, 4, generator=gen),
+              torch.randn(2, 3, 2, 2, generator=gen)]
+    out = pc.reduced_features(levels, *dims)
+    assert out.shape == (2, dims[1], 8, 8)
+    torch.testing.assert_close(out, _released_embedding(levels, *dims), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_dim_sets_the_patch_features(textures):
+    normals = textures.images[textures.y == 0]
+    params = {"backbone": "test_resnet", "weights": None, "image_size": 64, "random_state": 0}
+    pair = PatchCore(embedding_dim=(24, 24), coreset_ratio=1.0, **params).fit(normals[:3])
+    batch = torch.from_numpy(normals[:3]).permute(0, 3, 1, 2).float() / 255
+    expected = pc.reduced_features(pair.backbone_(batch), 24, 24)
+    torch.testing.assert_close(pair.memory_bank_, expected.permute(0, 2, 3, 1).reshape(-1, 24))
+    # an int d is (d, d); None keeps the full channels (anomalib's features)
+    same = PatchCore(embedding_dim=24, coreset_ratio=1.0, **params).fit(normals[:3])
+    assert torch.equal(same.memory_bank_, pair.memory_bank_)
+    full = PatchCore(coreset_ratio=1.0, **params).fit(normals[:3])
+    assert full.memory_bank_.shape[1] == sum(full.backbone_.channels)
+    reduced = PatchCore(embedding_dim=(32, 8), **params).fit(normals[:6])
+    assert reduced.memory_bank_.shape[1] == 8
+    assert reduced.score(textures.images[6:], textures.y[6:]) > 0.5
+
+
+@pytest.mark.parametrize("value", [0, (16,), (16, 0), (8, 8, 8), 1.5, True, "1024"])
+def test_bad_embedding_dim_is_named(textures, value):
+    with pytest.raises(ValueError, match="embedding_dim"):
+        PatchCore(backbone="test_resnet", weights=None,
+                  embedding_dim=value).fit(textures.images[:2])
+
+
+def test_pickles_without_embedding_dim_score_with_the_full_channels(textures):
+    """A detector pickled before embedding_dim existed keeps scoring as it was fitted."""
+    import pickle
+
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=64,
+                    random_state=0).fit(textures.images[:4])
+    state = det.__getstate__()
+    del state["embedding_dim"]
+    old = PatchCore.__new__(PatchCore)
+    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(old))
+    assert old.embedding_dim is None
+    np.testing.assert_array_equal(old.decision_function(textures.images[4:8]),
+                                  det.decision_function(textures.images[4:8]))

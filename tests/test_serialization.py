@@ -271,6 +271,27 @@ def test_renamed_parameters_upgrade_on_load(patchcore, tmp_path):
     assert skad.load(path).projection_dim == patchcore.projection_dim
 
 
+@pytest.mark.parametrize("embedding_dim", [24, (32, 16), [32, 16]])
+def test_the_released_embedding_round_trips(data, tmp_path, embedding_dim):
+    """PatchCore's embedding_dim (nothing fitted beyond the bank) travels as a parameter."""
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=SIZE,
+                    embedding_dim=embedding_dim, random_state=0).fit(data.images[data.y == 0])
+    loaded = skad.load(skad.save(det, tmp_path / "m.skad"))
+    assert _same_value(loaded.embedding_dim, embedding_dim)
+    np.testing.assert_array_equal(loaded.decision_function(data.images),
+                                  det.decision_function(data.images))
+
+
+def test_files_without_embedding_dim_load_with_the_full_channels(patchcore, data, tmp_path):
+    """A file saved before embedding_dim existed scores as it was fitted."""
+    path = skad.save(patchcore, tmp_path / "m.skad")
+    _rewrite(path, lambda header, tensors: header["state"].pop("embedding_dim"))
+    loaded = skad.load(path)
+    assert loaded.embedding_dim is None
+    np.testing.assert_array_equal(loaded.decision_function(data.images[:4]),
+                                  patchcore.decision_function(data.images[:4]))
+
+
 @pytest.mark.parametrize("compress", [0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3), ("lzma", 3)])
 def test_every_joblib_pickle_is_recognised(tmp_path, compress):
     from skad._serialization import is_pickle
