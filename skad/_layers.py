@@ -277,10 +277,11 @@ def _adaptive_bins(n, size):
 def neighbourhoods(x, size=3):
     """Each cell's zero-padded ``size x size`` neighbourhood, unfolded: ``(B, C * size**2, h, w)``.
 
-    ``x`` is ``(B, C, h, w)``; channel ``c * size**2 + dy * size + dx`` holds
-    channel ``c`` at offset ``(dy, dx)`` of the neighbourhood, the order of
-    ``torch.nn.Unfold`` (``padding = size // 2``, stride 1). Built from shifted
-    views of the padded map, which every ONNX exporter translates.
+    ``x`` is ``(B, C, h, w)`` and ``size`` odd; channel ``c * size**2 + dy * size
+    + dx`` holds channel ``c`` at offset ``(dy, dx)`` of the neighbourhood, the
+    order of ``torch.nn.Unfold`` (``padding = size // 2``, stride 1). Built from
+    shifted views of the padded map: slices and a stack, which the ONNX export
+    translates (tests/test_onnx.py).
     """
     h, w = x.shape[-2:]
     pad = size // 2
