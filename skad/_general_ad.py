@@ -270,6 +270,11 @@ class GeneralAD(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    max_calibration_references : int or None, default=256
+        At most this many references are scored to calibrate ``threshold_`` and
+        ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
+        ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
+        holds; all of them still serve as the reference. None: all of them.
     threshold_quantile : float, default="deprecated"
         Deprecated since 0.2: ``threshold_`` as this quantile of the references'
         scores, without a guarantee. Use ``false_reject_rate``.
@@ -305,14 +310,17 @@ class GeneralAD(BaseDetector):
     position_mean_, position_std_ : ndarray of shape image_size
         Mean and standard deviation of the references' maps at each position, at
         ``image_size`` (``standardize_positions=True`` only).
-    reference_scores_ : ndarray of shape (n_references,)
+    reference_scores_ : ndarray of shape (n_calibration,)
         Scores of the reference images.
     threshold_ : float
     false_reject_rate_ : float
         The rate ``threshold_`` guarantees (``false_reject_rate``, or
         ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
+    reference_map_maxima_ : ndarray of shape (n_calibration,)
         Maxima of the references' maps, as ``reference_scores_``.
+    calibration_indices_ : ndarray of shape (n_calibration,)
+        Indices (sorted) of the references whose scores are ``reference_scores_``:
+        all of them, or ``max_calibration_references`` drawn at random.
     pixel_threshold_ : float
         ``predict_mask`` flags the pixels above it.
 
@@ -393,8 +401,9 @@ class GeneralAD(BaseDetector):
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
                  hidden_dim=2048, dropout=0.1, n_epochs=160, learning_rate=5e-4,
                  weight_decay=1e-5, final_learning_rate_ratio=0.2, top_k=10, sigma=None,
-                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
-                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 standardize_positions=True, false_reject_rate=0.05,
+                 max_calibration_references=256, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
         self.backbone = backbone
         self.weights = weights
@@ -414,6 +423,7 @@ class GeneralAD(BaseDetector):
         self.sigma = sigma
         self.standardize_positions = standardize_positions
         self.false_reject_rate = false_reject_rate
+        self.max_calibration_references = max_calibration_references
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

@@ -361,6 +361,11 @@ class GlobalLocal(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    max_calibration_references : int or None, default=256
+        At most this many references are scored to calibrate ``threshold_`` and
+        ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
+        ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
+        holds; all of them still serve as the reference. None: all of them.
     threshold_quantile : float, default="deprecated"
         Deprecated since 0.2: ``threshold_`` as this quantile of the references'
         scores, without a guarantee. Use ``false_reject_rate``.
@@ -400,13 +405,16 @@ class GlobalLocal(BaseDetector):
     position_mean_, position_std_ : ndarray of shape image_size
         Mean and standard deviation of the references' maps at each position, at
         ``image_size`` (``standardize_positions=True`` only).
-    reference_scores_ : ndarray of shape (n_references,)
+    reference_scores_ : ndarray of shape (n_calibration,)
     threshold_ : float
     false_reject_rate_ : float
         The rate ``threshold_`` guarantees (``false_reject_rate``, or
         ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
+    reference_map_maxima_ : ndarray of shape (n_calibration,)
         Maxima of the references' maps, as ``reference_scores_``.
+    calibration_indices_ : ndarray of shape (n_calibration,)
+        Indices (sorted) of the references whose scores are ``reference_scores_``:
+        all of them, or ``max_calibration_references`` drawn at random.
     pixel_threshold_ : float
         ``predict_mask`` flags the pixels above it.
 
@@ -506,8 +514,9 @@ class GlobalLocal(BaseDetector):
                  n_epochs=100, distillation_weight=1.0, compactness_weight=1.0, dad_weight=1.0,
                  dad_input="joint", iad_score_weight=0.8, learning_rate=1e-3,
                  n_idw_neighbors=4, idw_power=2.0, image_size=256,
-                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
-                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 standardize_positions=True, false_reject_rate=0.05,
+                 max_calibration_references=256, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None,
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
                  idw_neighbors=DEPRECATED):
@@ -538,6 +547,7 @@ class GlobalLocal(BaseDetector):
         self.image_size = image_size
         self.standardize_positions = standardize_positions
         self.false_reject_rate = false_reject_rate
+        self.max_calibration_references = max_calibration_references
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device

@@ -35,6 +35,12 @@ _ROWS = 4096
 # farthest_patch: rows searched exactly per bank prefix; relative rounding allowed for
 _N_EXACT = 8
 _BOUND_SLACK = 1e-3
+# leave-one-out search: query rows and bank rows per block of squared distances (8 MiB of
+# float32, in the cache; measured fastest on the CPU)
+_CACHE_ROWS = 1024
+_CACHE_COLUMNS = 2048
+# leave-one-out map maxima: grids upsampled and smoothed at a time (16 MiB of maps at 256 px)
+_MAP_BATCH = 64
 
 
 def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk_size=None,
@@ -78,28 +84,36 @@ def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk
 
     Notes
     -----
-    Memory: the projection, ``n * (projection_dim + _BASIS + 2)`` values of
-    the features' dtype, besides the features. Time: O(n * n_select) pairs
+    Memory, besides the features: ``n * (projection_dim + _BASIS + 2)``
+    values of the features' dtype (the projection); with chunks, those of
+    one chunk at a time and a copy of its rows, ``chunk_size * (dim +
+    projection_dim + _BASIS + 2)``. Time: O(n * n_select) pairs
     (O(chunk_size * n_select) with chunks), most of them rejected by a
     lower bound in ``_BASIS`` dimensions.
     """
     n, dim = features.shape
     if n_select >= n:
         return torch.arange(n)
+    proj = None
     if projection_dim and dim > projection_dim:
         proj = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
-        features = features @ proj.to(features.device, features.dtype)
+        proj = proj.to(features.device, features.dtype)
+
+    def project(x):
+        return x if proj is None else x @ proj
+
     if chunk_size is None or n <= chunk_size:
         start = int(torch.randint(n, (1,), generator=generator))
-        return _farthest_first(features, n_select, start, verbose=verbose)
+        return _farthest_first(project(features), n_select, start, verbose=verbose)
     chunks = _chunks(n, chunk_size, generator)
     # shares of n_select in proportion to the chunks' sizes, summing to n_select
     ends = np.round(n_select * np.cumsum([len(rows) for rows in chunks]) / n).astype(int)
     picks, ranks = [], []
     for j, (rows, share) in enumerate(zip(chunks, np.diff(ends, prepend=0))):
         start = int(torch.randint(len(rows), (1,), generator=generator))
-        local = _farthest_first(features[rows.to(features.device)], max(1, int(share)), start,
-                                desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
+        # one chunk projected at a time: its memory, not the whole projection's
+        local = _farthest_first(project(features[rows.to(features.device)]), max(1, int(share)),
+                                start, desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
         picks.append(rows[local])
         ranks.append(torch.arange(len(local)))
     return torch.cat(picks)[torch.argsort(torch.cat(ranks), stable=True)]
@@ -226,8 +240,10 @@ def _update_distances(x, z, z_sq, min_dist, picks, slack):
         limit = dist * dist + slack - z_sq[s:s + _ROWS]
         rows, cols = (bound <= limit[:, None]).nonzero(as_tuple=True)
         if len(rows):
-            d = torch.linalg.vector_norm(x[s + rows] - xc[cols], dim=1)
-            dist.scatter_reduce_(0, rows, d, "amin")
+            # the differences in one buffer: index_select and an in-place subtraction take
+            # half the time of x[s + rows] - xc[cols], with the same values
+            diff = torch.index_select(x, 0, s + rows).sub_(torch.index_select(xc, 0, cols))
+            dist.scatter_reduce_(0, rows, torch.linalg.vector_norm(diff, dim=1), "amin")
 
 
 def euclidean(x1, x2):
@@ -257,6 +273,85 @@ def nearest(queries, bank, excluded=None):
         dists.append(dmin)
         index.append(imin)
     return torch.cat(dists), torch.cat(index)
+
+
+def nearest_outside(queries, bank_aug, rows_out):
+    """:func:`nearest` with the bank rows ``rows_out`` (sorted) excluded for every query row.
+
+    ``bank_aug`` is :func:`_augmented_bank` of the bank. The distances are
+    those of :func:`euclidean` (``|x|^2 - 2 x.y + |y|^2`` in one matrix
+    product, as ``torch.cdist`` computes it), but the exclusion and the
+    minimum work on the squared distances and the square root is taken of the
+    minima only, and the bank is searched in blocks of ``_CACHE_COLUMNS`` rows
+    that keep the block of products in the cache while its minimum is taken
+    (a block of ``queries x bank`` goes to memory and back: 1.5 times slower
+    on the CPU). The square root being monotone, the distances are those of
+    :func:`nearest`; of bank rows within rounding of each other, the index
+    may name another one.
+    """
+    dists, index = [], []
+    for rows in row_blocks(len(queries), _CACHE_ROWS):
+        x = queries[rows]
+        x_sq = x.pow(2).sum(dim=1, keepdim=True)
+        x_aug = torch.cat([x.mul(-2), x_sq, torch.ones_like(x_sq)], dim=1)
+        best = torch.full((len(x),), float("inf"), dtype=x.dtype, device=x.device)
+        arg = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        for start in range(0, len(bank_aug), _CACHE_COLUMNS):
+            d_sq = x_aug @ bank_aug[start:start + _CACHE_COLUMNS].T
+            lo, hi = torch.searchsorted(rows_out, torch.tensor([start, start + len(d_sq[0])],
+                                                               device=rows_out.device)).tolist()
+            d_sq.index_fill_(1, rows_out[lo:hi] - start, float("inf"))
+            dmin, imin = d_sq.min(dim=1)
+            closer = dmin < best  # strictly: the first of equals, as one minimum over all
+            best = torch.where(closer, dmin, best)
+            arg = torch.where(closer, imin + start, arg)
+        dists.append(best.clamp_min_(0).sqrt_())
+        index.append(arg)
+    return torch.cat(dists), torch.cat(index)
+
+
+def _augmented_bank(bank):
+    """``[bank, 1, |bank|^2]``, the bank's side of :func:`euclidean`'s matrix product."""
+    sq = bank.pow(2).sum(dim=1, keepdim=True)
+    return torch.cat([bank, torch.ones_like(sq), sq], dim=1)
+
+
+def _rows_by_image(owner, n_images):
+    """For each image ``0 .. n_images - 1``, the bank rows it owns (``owner`` of each row)."""
+    order = torch.argsort(owner, stable=True)
+    return list(order.split(torch.bincount(owner, minlength=n_images).tolist()))
+
+
+def _reweighted_scores_outside(farthest, s_star, m_star, bank, rows_out, n_neighbors):
+    """:func:`reweighted_score` of many images, each with its own bank rows left out.
+
+    ``farthest (B, dim)`` is each image's farthest patch, ``s_star`` and
+    ``m_star (B,)`` its distance to and index of its nearest allowed bank row,
+    ``rows_out`` the B index tensors of the bank rows each image may not use.
+    The images whose allowed rows are at least ``n_neighbors`` are reweighted
+    in blocks of rows; the others one by one, as :func:`reweighted_score` does.
+    """
+    scores = s_star.clone()
+    if n_neighbors < 2:
+        return scores
+    n_allowed = torch.tensor([len(bank) - len(r) for r in rows_out])
+    wide = torch.nonzero(n_allowed >= n_neighbors)[:, 0].tolist()
+    for start in range(0, len(wide), max(1, _BLOCK // len(bank))):
+        block = wide[start:start + max(1, _BLOCK // len(bank))]
+        d_bank = euclidean(bank[m_star[block]], bank)
+        for r, i in enumerate(block):
+            d_bank[r, rows_out[i]] = float("inf")
+        d_bank[torch.arange(len(block)), m_star[block]] = 0.0
+        scores[block] = _density_weight(farthest[block, None], d_bank, bank,
+                                        n_neighbors) * s_star[block]
+    for i in torch.nonzero(n_allowed < n_neighbors)[:, 0].tolist():
+        def excluded(rows, i=i):
+            mask = torch.zeros(1, len(bank), dtype=torch.bool, device=bank.device)
+            mask[0, rows_out[i]] = True
+            return mask
+        scores[i] = reweighted_score(farthest[i][None], 0, s_star[i], m_star[i], bank,
+                                     n_neighbors, excluded)
+    return scores
 
 
 def farthest_patch(queries, bank, excluded=None):
@@ -422,6 +517,14 @@ class PatchCore(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
+    max_calibration_references : int or None, default=256
+        At most this many references are scored to calibrate ``threshold_`` and
+        ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
+        ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
+        holds; all of them still serve as the reference. None: all of them.
+        Scoring each reference against the bank without its own patches is the
+        part of a fit that grows as the square of the number of references; the
+        subset makes it grow linearly (docs/benchmarks.md, "PatchCore fit").
     threshold_quantile : float, default="deprecated"
         Deprecated since 0.2: ``threshold_`` as this quantile of the references'
         scores, without a guarantee. Use ``false_reject_rate``.
@@ -454,15 +557,18 @@ class PatchCore(BaseDetector):
         Flat feature-grid position of each bank patch.
     feature_grid_ : tuple of int
         ``(h, w)`` of the patch grid at ``image_size``.
-    reference_scores_ : ndarray of shape (n_references,)
+    reference_scores_ : ndarray of shape (n_calibration,)
         Leave-one-image-out scores of the reference images.
     threshold_ : float
         ``predict`` flags images scoring above it.
     false_reject_rate_ : float
         The rate ``threshold_`` guarantees (``false_reject_rate``, or
         ``1 / (n_references + 1)`` when the references are too few).
-    reference_map_maxima_ : ndarray of shape (n_references,)
+    reference_map_maxima_ : ndarray of shape (n_calibration,)
         Maxima of the references' maps, as ``reference_scores_``.
+    calibration_indices_ : ndarray of shape (n_calibration,)
+        Indices (sorted) of the references whose scores are ``reference_scores_``:
+        all of them, or ``max_calibration_references`` drawn at random.
     pixel_threshold_ : float
         ``predict_mask`` flags the pixels above it.
 
@@ -543,7 +649,8 @@ class PatchCore(BaseDetector):
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
                  layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
                  n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
-                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
+                 false_reject_rate=0.05, max_calibration_references=256,
+                 threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):
         self.backbone = backbone
@@ -556,6 +663,7 @@ class PatchCore(BaseDetector):
         self.coreset_chunk_size = coreset_chunk_size
         self.sigma = sigma
         self.false_reject_rate = false_reject_rate
+        self.max_calibration_references = max_calibration_references
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device
@@ -581,60 +689,90 @@ class PatchCore(BaseDetector):
             levels = self.backbone_(batch)
         return locally_aware_features(levels)
 
-    def _set_reference(self, images):
+    def _set_reference(self, images, calibration):
         # channels last: the patches are a view of the maps, so the features are held once
         feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
                                  desc="reference features")
         n, h, w, dim = feats.shape
         patches = feats.view(-1, dim)
-        owner = torch.arange(n).repeat_interleave(h * w)
-        position = torch.arange(h * w).repeat(n)
         device = self._device()
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
         keep = greedy_coreset(patches.to(device), n_keep, self._param("projection_dim"), gen,
                               self.coreset_chunk_size, verbose=self.verbose)
         self.memory_bank_ = patches[keep].contiguous()
-        self.memory_owner_ = owner[keep]
-        self.memory_position_ = position[keep]
+        self.memory_owner_ = keep // (h * w)  # the image and grid position of each bank patch
+        self.memory_position_ = keep % (h * w)
         self.feature_grid_ = (h, w)
-        return self._leave_one_out_scores(feats)
+        if n == 1:
+            return self._single_reference_scores(feats[0])
+        return self._leave_one_out_scores(feats, calibration)
 
-    def _leave_one_out_scores(self, feats):
-        """Each reference scored against the bank without its own patches (Eq. 7 included),
-        and the maximum of its map so scored (which calibrates ``pixel_threshold_``).
+    def _leave_one_out_scores(self, feats, calibration):
+        """The references at ``calibration`` scored against the bank without their own
+        patches (Eq. 7 included), and the maxima of their maps so scored (which calibrate
+        ``pixel_threshold_``).
 
-        With a single reference there is no other image: a patch is scored
-        without the bank patches of its own 3 x 3 neighbourhood (which share its
-        averaged features), and patches with none left outside it do not count.
+        Every patch of those references is searched (:func:`nearest_outside`: the
+        distances of :func:`nearest`, the minimum taken on their squares): the
+        farthest patch of a normal image is hardly farther than the others, so the
+        bank prefixes of :func:`farthest_patch` bound too loosely to leave patches
+        out (docs/benchmarks.md, "PatchCore fit").
         """
         device = self._device()
         bank = self.memory_bank_.to(device)
-        owner, pos = self.memory_owner_.to(device), self.memory_position_.to(device)
         h, w = self.feature_grid_
-        scores, maxima = [], []
-        for i, f in enumerate(feats):
-            q = f.to(device).flatten(0, 1)
-            if len(feats) > 1:
-                def excluded(rows, i=i):
-                    return (owner == i)[None, :]  # broadcast over the query rows
-            else:
-                qpos = torch.arange(h * w, device=device)
-
-                def excluded(rows, qpos=qpos):
-                    return adjacent(qpos[rows], pos, w)
-            # every patch, as _score_batch scores a new image's map
-            dist, index = nearest(q, bank, excluded)
-            counts = torch.isfinite(dist)
-            if not counts.any():
+        own = _rows_by_image(self.memory_owner_, len(feats))
+        bank_aug = _augmented_bank(bank)
+        dist = torch.empty(len(calibration), h * w)
+        farthest, s_star, m_star = [], [], []
+        bar = progress(calibration.tolist(), desc="leave-one-out scores",
+                       verbose=self.verbose, unit="image")
+        for k, i in enumerate(bar):
+            q = feats[i].to(device).flatten(0, 1)
+            d, index = nearest_outside(q, bank_aug, own[i].to(device))
+            if not torch.isfinite(d).any():
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
-            j = int(torch.argmax(torch.where(counts, dist, -torch.inf)))
-            scores.append(self._image_score(q, j, dist[j], index[j], bank, excluded=excluded))
-            # patches that do not count take the largest distance: the map's maximum, and
-            # with it pixel_threshold_, errs high rather than low
-            grid = torch.where(counts, dist, dist[j]).view(1, h, w)
-            maxima.append(grid_to_map(grid, self.image_size, self.sigma).amax())
-        return torch.stack(scores).cpu().numpy(), torch.stack(maxima).cpu().numpy()
+            j = int(torch.argmax(d))  # every patch has the same allowed bank rows: all finite
+            dist[k] = d.cpu()
+            farthest.append(q[j])
+            s_star.append(d[j])
+            m_star.append(index[j])
+        scores = _reweighted_scores_outside(torch.stack(farthest), torch.stack(s_star),
+                                            torch.stack(m_star), bank,
+                                            [own[i].to(device) for i in calibration.tolist()],
+                                            self._param("n_reweight_neighbors"))
+        maxima = torch.cat([grid_to_map(g.view(-1, h, w), self.image_size, self.sigma)
+                            .flatten(1).amax(dim=1) for g in dist.split(_MAP_BATCH)])
+        return scores.cpu().numpy(), maxima.numpy()
+
+    def _single_reference_scores(self, f):
+        """The score and map maximum of a single reference ``f (h, w, dim)``: there is no
+        other image, so a patch is scored without the bank patches of its own 3 x 3
+        neighbourhood (which share its averaged features), and patches with none left
+        outside it do not count."""
+        device = self._device()
+        bank = self.memory_bank_.to(device)
+        pos = self.memory_position_.to(device)
+        h, w = self.feature_grid_
+        q = f.to(device).flatten(0, 1)
+        qpos = torch.arange(h * w, device=device)
+
+        def excluded(rows):
+            return adjacent(qpos[rows], pos, w)
+
+        # every patch, as _score_batch scores a new image's map
+        dist, index = nearest(q, bank, excluded)
+        counts = torch.isfinite(dist)
+        if not counts.any():
+            raise ValueError(self._no_leave_one_out(0, 1))
+        j = int(torch.argmax(torch.where(counts, dist, -torch.inf)))
+        score = self._image_score(q, j, dist[j], index[j], bank, excluded=excluded)
+        # patches that do not count take the largest distance: the map's maximum, and
+        # with it pixel_threshold_, errs high rather than low
+        grid = torch.where(counts, dist, dist[j]).view(1, h, w)
+        amax = grid_to_map(grid, self.image_size, self.sigma).amax()
+        return score[None].cpu().numpy(), amax[None].cpu().numpy()
 
     def _no_leave_one_out(self, i, n_references):
         """Why reference ``i`` cannot be scored without its own patches, and what to change."""
