@@ -270,7 +270,7 @@ class GeneralAD(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    max_calibration_references : int or None, default=256
+    max_calibration_references : int or None, default=200
         At most this many references are scored to calibrate ``threshold_`` and
         ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
         ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
@@ -402,7 +402,7 @@ class GeneralAD(BaseDetector):
                  hidden_dim=2048, dropout=0.1, n_epochs=160, learning_rate=5e-4,
                  weight_decay=1e-5, final_learning_rate_ratio=0.2, top_k=10, sigma=None,
                  standardize_positions=True, false_reject_rate=0.05,
-                 max_calibration_references=256, threshold_quantile=DEPRECATED, batch_size=16,
+                 max_calibration_references=200, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
         self.backbone = backbone

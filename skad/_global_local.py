@@ -361,7 +361,7 @@ class GlobalLocal(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    max_calibration_references : int or None, default=256
+    max_calibration_references : int or None, default=200
         At most this many references are scored to calibrate ``threshold_`` and
         ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
         ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
@@ -515,7 +515,7 @@ class GlobalLocal(BaseDetector):
                  dad_input="joint", iad_score_weight=0.8, learning_rate=1e-3,
                  n_idw_neighbors=4, idw_power=2.0, image_size=256,
                  standardize_positions=True, false_reject_rate=0.05,
-                 max_calibration_references=256, threshold_quantile=DEPRECATED, batch_size=16,
+                 max_calibration_references=200, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None,
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,

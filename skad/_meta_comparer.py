@@ -316,7 +316,8 @@ class MetaComparer(BaseDetector):
           to the nearest reference patch; no learned part.
         - "fused" (ours, beyond the paper): the sum of the two, each standardised with
           the mean and standard deviation of the references' own leave-one-out patch
-          values (``score_mean_``, ``score_std_``), so that neither dominates and the
+          values (``score_mean_``, ``score_std_``; of the references that calibrate,
+          ``calibration_indices_``), so that neither dominates and the
           sum is calibrated per domain without training on it. The learned part brings
           what transfers from the source domains, the nearest-reference part the
           target's normality: more references lower the scores of normal patches.
@@ -361,7 +362,7 @@ class MetaComparer(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    max_calibration_references : int or None, default=256
+    max_calibration_references : int or None, default=200
         At most this many references are scored to calibrate ``threshold_`` and
         ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
         ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
@@ -522,7 +523,7 @@ class MetaComparer(BaseDetector):
                  n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
-                 false_reject_rate=0.05, max_calibration_references=256,
+                 false_reject_rate=0.05, max_calibration_references=200,
                  threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, hidden_sizes=DEPRECATED,
                  fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,

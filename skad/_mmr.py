@@ -211,7 +211,7 @@ class MMR(BaseDetector):
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    max_calibration_references : int or None, default=256
+    max_calibration_references : int or None, default=200
         At most this many references are scored to calibrate ``threshold_`` and
         ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
         ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
@@ -353,7 +353,7 @@ class MMR(BaseDetector):
                  n_epochs=200, learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  learning_rate_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True,
                  sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05,
-                 max_calibration_references=256,
+                 max_calibration_references=200,
                  threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
         self.teacher = teacher

@@ -39,8 +39,9 @@ _BOUND_SLACK = 1e-3
 # float32, in the cache; measured fastest on the CPU)
 _CACHE_ROWS = 1024
 _CACHE_COLUMNS = 2048
-# leave-one-out map maxima: grids upsampled and smoothed at a time (16 MiB of maps at 256 px)
-_MAP_BATCH = 64
+# leave-one-out map maxima: grids upsampled and smoothed at a time (at 256 px, 4 MiB of maps
+# and 30 MiB of convolution buffers; 64 took 200 MiB)
+_MAP_BATCH = 16
 
 
 def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk_size=None,
@@ -289,6 +290,9 @@ def nearest_outside(queries, bank_aug, rows_out):
     :func:`nearest`; of bank rows within rounding of each other, the index
     may name another one.
     """
+    starts = range(0, len(bank_aug), _CACHE_COLUMNS)
+    # the rows left out of each block of the bank, found once (no device sync per block)
+    cuts = torch.searchsorted(rows_out.cpu(), torch.tensor([*starts, len(bank_aug)])).tolist()
     dists, index = [], []
     for rows in row_blocks(len(queries), _CACHE_ROWS):
         x = queries[rows]
@@ -296,10 +300,8 @@ def nearest_outside(queries, bank_aug, rows_out):
         x_aug = torch.cat([x.mul(-2), x_sq, torch.ones_like(x_sq)], dim=1)
         best = torch.full((len(x),), float("inf"), dtype=x.dtype, device=x.device)
         arg = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        for start in range(0, len(bank_aug), _CACHE_COLUMNS):
+        for start, lo, hi in zip(starts, cuts, cuts[1:]):
             d_sq = x_aug @ bank_aug[start:start + _CACHE_COLUMNS].T
-            lo, hi = torch.searchsorted(rows_out, torch.tensor([start, start + len(d_sq[0])],
-                                                               device=rows_out.device)).tolist()
             d_sq.index_fill_(1, rows_out[lo:hi] - start, float("inf"))
             dmin, imin = d_sq.min(dim=1)
             closer = dmin < best  # strictly: the first of equals, as one minimum over all
@@ -503,21 +505,23 @@ class PatchCore(BaseDetector):
         Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7):
         the nearest bank neighbours of the farthest patch's nearest bank patch;
         0 disables the reweighting (score = largest patch distance).
-    coreset_chunk_size : int or None, default=None
-        None: the exact greedy coreset, whose time grows as the square of the
-        number of reference patches. An int: references with more patches
-        than this are split at random into chunks of at most this many, each
-        thinned on its own (an approximation whose time grows linearly; see
-        :func:`greedy_coreset`). On the five AITEX fabrics, chunks of 16384 or
-        32768 patches ranked images as the exact selection did, within 0.015
-        (docs/benchmarks.md, "The chunked coreset").
+    coreset_chunk_size : int or None, default=32768
+        References with at most this many patches get the exact greedy
+        coreset (the released code's selection), whose time grows as the
+        square of the number of patches; references with more are split at
+        random into chunks of at most this many, each thinned on its own (an
+        approximation whose time grows linearly; see :func:`greedy_coreset`).
+        None: always exact. On the five AITEX fabrics (90 images) and on MT
+        (240 images), chunks of 16384 to 65536 patches ranked images as the
+        exact selection did, within 0.015 image AUROC (docs/benchmarks.md,
+        "The chunked coreset"). Default changed in 0.2 from None: see Notes.
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
     false_reject_rate : float in (0, 1), default=0.05
         The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
         are the conformal thresholds that reject a good part with at most this
         probability (:meth:`~skad.base.BaseDetector.set_reference`).
-    max_calibration_references : int or None, default=256
+    max_calibration_references : int or None, default=200
         At most this many references are scored to calibrate ``threshold_`` and
         ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
         ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
@@ -583,13 +587,30 @@ class PatchCore(BaseDetector):
     ``copy.deepcopy`` before ``set_reference``). ``fit`` itself learns nothing
     else: it is ``set_reference`` on the training images.
 
-    Time of a fit grows faster than linearly with the number of reference
-    images: the coreset and the leave-one-out reference scores compare
-    patches with patches (docs/benchmarks.md, "PatchCore fit"). A fit holds the reference
-    features once, ``h * w * n_features`` float32 values per image on the
-    stride-8 patch grid (WideResNet-50-2 levels 2-3 at 224 px: 28 x 28 x 1536,
-    4.8 MB; ``tf_efficientnet_lite0`` at 256 px: 32 x 32 x 152, 0.6 MB), plus
-    the coreset's projection, 162 values per patch (0.5 and 0.7 MB per image).
+    Time and memory of a fit grow linearly with the number of reference
+    images (docs/benchmarks.md, "PatchCore fit"). The coreset compares
+    patches with patches: its exact selection takes a time that grows as the
+    square of their number, so above ``coreset_chunk_size`` patches it is
+    made in chunks. The leave-one-out scores that calibrate the thresholds
+    compare every patch of a reference with the whole bank, which grows with
+    the references: at most ``max_calibration_references`` references are so
+    scored. ``None`` for either makes that part grow as the square again.
+    A fit holds the reference features once, ``h * w * n_features`` float32
+    values per image on the stride-8 patch grid (WideResNet-50-2 levels 2-3
+    at 224 px: 28 x 28 x 1536, 4.8 MB; ``tf_efficientnet_lite0`` at 256 px:
+    32 x 32 x 152, 0.6 MB), and the memory bank, ``coreset_ratio`` of them,
+    twice while the references are scored (the bank and the extended copy
+    that the search multiplies with): 1.2 times the features at the default
+    ratio, 5.8 and 0.75 MB per image. Besides, a constant: the coreset's
+    projection of at most ``coreset_chunk_size`` patches with a copy of
+    their features (``coreset_chunk_size * (n_features + 162)`` values,
+    41 MB for lite0 and 222 MB for WideResNet-50-2) and blocks of at most
+    128 MiB for the searches.
+
+    Defaults changed in 0.2 for the time of large fits (issue 12):
+    ``coreset_chunk_size=32768`` (was None: the exact selection at any size;
+    the selection is unchanged up to 32768 patches) and the new
+    ``max_calibration_references=200`` (all references calibrated before).
 
     The patch features, memory bank and scores are those of anomalib's
     ``PatchcoreModel`` with the same backbone and layers: with the full bank
@@ -648,8 +669,8 @@ class PatchCore(BaseDetector):
 
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
                  layers=(2, 3), image_size=224, coreset_ratio=0.1, projection_dim=128,
-                 n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
-                 false_reject_rate=0.05, max_calibration_references=256,
+                 n_reweight_neighbors=9, coreset_chunk_size=32768, sigma=4.0,
+                 false_reject_rate=0.05, max_calibration_references=200,
                  threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):

@@ -133,10 +133,6 @@ def _to_cpu(obj):
 #: the default false_reject_rate of every detector: the smallest rate that 19 references
 #: support (skad.thresholds.min_references)
 _DEFAULT_FALSE_REJECT_RATE = 0.05
-#: the default max_calibration_references of every detector: the references whose scores
-#: calibrate the thresholds, drawn at random when there are more (docs/benchmarks.md,
-#: "PatchCore fit")
-_DEFAULT_MAX_CALIBRATION_REFERENCES = 256
 #: references needed to estimate the spread of the maps at each position
 _MIN_POSITION_REFERENCES = 3
 #: the spread at a position is at least this share of the spread over all positions:

@@ -372,3 +372,22 @@ def test_chunked_coreset_projects_one_chunk_at_a_time(monkeypatch):
     greedy_coreset(x, 100, 16, torch.Generator().manual_seed(0), chunk_size=300)
     # the projection of a chunk's rows (250 each), never of all 1000
     assert 250 in rows and max(rows) == 250
+
+
+def test_default_coreset_is_exact_up_to_the_chunk_size(textures, monkeypatch):
+    normals = textures.images[textures.y == 0][:9]  # 9 images of 8 x 8 patches: 576
+    exact = PatchCore(**TINY, coreset_chunk_size=None, random_state=0).fit(normals)
+    default = PatchCore(**TINY, random_state=0).fit(normals)
+    assert default.coreset_chunk_size >= 576
+    assert torch.equal(default.memory_bank_, exact.memory_bank_)
+    # above it the reference patches are thinned in chunks of at most that many
+    sizes = []
+    farthest_first = pc._farthest_first
+
+    def spy(x, *args, **kwargs):
+        sizes.append(len(x))
+        return farthest_first(x, *args, **kwargs)
+
+    monkeypatch.setattr(pc, "_farthest_first", spy)
+    PatchCore(**TINY, coreset_chunk_size=200, random_state=0).fit(normals)
+    assert sizes == [192, 192, 192]
