@@ -13,8 +13,9 @@ parameters at their defaults (``--params '{"coreset_chunk_size": null}'`` overri
 Columns: wall seconds, fit / backbone, the seconds of the fit's phases (``features``:
 reading, backbone and patch features; ``coreset``: ``greedy_coreset``; ``calibration``: the
 leave-one-out scores of the references that calibrate the thresholds), peak resident memory
-(MiB) of the process and the peak of each phase (sampled every 5 ms). The machine may be
-shared: compare the ratios, not the seconds.
+(MiB) of the process (``ru_maxrss``: with the pages of the shared libraries it touched) and
+the peak of its anonymous memory (its own allocations, ``RssAnon``, sampled every 5 ms) in
+each phase. The machine may be shared: compare the ratios, not the seconds.
 """
 
 import argparse
@@ -42,22 +43,26 @@ def _paths(data, category, size):
 class _Phases:
     """Seconds and peak resident memory (MiB) of named phases of a run, the rest as "other".
 
-    A thread samples the resident memory every 5 ms from ``/proc/self/statm`` (Linux; no
-    peaks elsewhere) and charges it to the phase running then.
+    A thread samples the resident memory every 5 ms from ``/proc/self/status`` (Linux; no
+    peaks elsewhere) and charges it to the phase running then: ``peak``, all of it (as
+    ``ru_maxrss``), and ``peak_anon``, the anonymous part (``RssAnon``: the process's own
+    allocations, without the pages of the shared libraries it has touched).
     """
 
     def __init__(self):
-        self.current, self.seconds, self.peak = "other", {}, {}
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+        self.current, self.seconds, self.peak, self.peak_anon = "other", {}, {}, {}
         self._stop = threading.Event()
-        if Path("/proc/self/statm").is_file():
+        if Path("/proc/self/status").is_file():
             threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
         while not self._stop.wait(0.005):
-            with open("/proc/self/statm") as fh:
-                rss = int(fh.read().split()[1]) * self._page / 2**20
-            self.peak[self.current] = max(self.peak.get(self.current, 0.0), rss)
+            with open("/proc/self/status") as fh:
+                kib = {k: int(v.split()[0]) for k, v in
+                       (line.split(":", 1) for line in fh if line.startswith("Rss"))}
+            for peak, value in ((self.peak, kib["RssAnon"] + kib["RssFile"] + kib["RssShmem"]),
+                                (self.peak_anon, kib["RssAnon"])):
+                peak[self.current] = max(peak.get(self.current, 0.0), value / 1024)
 
     def wrap(self, owner, name, phase):
         """Charge every call of ``owner.name`` to ``phase``."""
@@ -109,7 +114,8 @@ def worker(mode, data, category, size, params):
     phases.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"mode": mode, "size": size, "seconds": seconds, "phases": phases.seconds,
-                      "phase_peak_mib": phases.peak, "rss_mib": rss,
+                      "phase_peak_mib": phases.peak, "phase_peak_anon_mib": phases.peak_anon,
+                      "rss_mib": rss,
                       "torch_threads": torch.get_num_threads()}))
 
 
@@ -128,11 +134,11 @@ def _cells(fit, ref):
     """Seconds, ratio, phase seconds and memory of one fit, as table cells."""
     phases = fit["phases"]
     other = fit["seconds"] - sum(phases.get(p, 0.0) for p in _PHASES)
-    peaks = fit["phase_peak_mib"]
+    anon = fit["phase_peak_anon_mib"]
     return [f"{fit['seconds']:.1f}", f"{fit['seconds'] / ref['seconds']:.2f}",
             " / ".join(f"{phases.get(p, 0.0):.1f}" for p in _PHASES) + f" / {other:.1f}",
             f"{fit['rss_mib']:.0f}",
-            " / ".join(f"{peaks[p]:.0f}" if p in peaks else "-" for p in _PHASES)]
+            " / ".join(f"{anon[p]:.0f}" if p in anon else "-" for p in _PHASES)]
 
 
 def main(argv=None):
@@ -159,14 +165,15 @@ def main(argv=None):
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", old_src], input=archive, check=True)
         print("| images | backbone s | fit s | fit / backbone | features / coreset / "
-              "calibration / other s | peak MiB | phase peaks MiB | backbone peak MiB | "
-              "old fit s | old / backbone | old phases s | old peak MiB | old phase peaks |")
+              "calibration / other s | peak MiB | anon. MiB: features / coreset / calibration "
+              "| backbone peak MiB (anon.) | old fit s | old / backbone | old phases s | "
+              "old peak MiB | old anon. MiB |")
         print("|---" * 14 + "|")
         for size in args.sizes:
             ref = _run("backbone", REPO, args, size)
             row = [str(size), f"{ref['seconds']:.1f}"]
-            new = _run("new", REPO, args, size)
-            row += _cells(new, ref)[:4] + [_cells(new, ref)[4], f"{ref['rss_mib']:.0f}"]
+            row += _cells(_run("new", REPO, args, size), ref)
+            row.append(f"{ref['rss_mib']:.0f} ({ref['phase_peak_anon_mib'].get('other', 0):.0f})")
             if args.old_rev and size in args.old_sizes:
                 row += _cells(_run("old", old_src, args, size), ref)
             else:
