@@ -158,12 +158,13 @@ def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
     slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
     min_dist = _distances(x, x[start])
     selected = [torch.tensor([start])]
+    workspace = {}  # _update_distances's buffers, from one pass to the next
     bar = progress(range(n_select), desc=desc, verbose=verbose, unit="patch")
     next(bar, None)
     n_done = 1
     while n_done < n_select:
         picks = _next_steps(x, min_dist, n_select - n_done)
-        _update_distances(x, z, z_sq, min_dist, picks, slack)
+        _update_distances(x, z, z_sq, min_dist, picks, slack, workspace)
         selected.append(picks.cpu())
         n_done += len(picks)
         for _ in zip(range(len(picks)), bar):
@@ -225,25 +226,39 @@ def _next_steps(x, min_dist, n_left):
     return cand[torch.as_tensor(steps, device=cand.device)]
 
 
-def _update_distances(x, z, z_sq, min_dist, picks, slack):
+def _update_distances(x, z, z_sq, min_dist, picks, slack, workspace):
     """``min_dist = min(min_dist, |x - x[picks]|)`` for the pairs the lower bound cannot rule out.
 
     ``z`` is ``[projection on the basis, 1]`` per row and ``z_sq`` the squared
     norm of the projection: ``z @ [-2 z_c, |z_c|^2]^T + z_sq`` is the squared
-    distance of the projections, which is at most the squared distance.
+    distance of the projections, which is at most the squared distance. The
+    bounds, their test and the differences of the pairs go into buffers kept
+    in ``workspace`` from one pass to the next (see :func:`nearest_outside`
+    on the allocator).
     """
     zc = z[picks, :-1]
     weights = torch.cat([-2 * zc, (zc * zc).sum(dim=1, keepdim=True)], dim=1).T.contiguous()
     xc = x[picks]
+    block = min(_ROWS, len(x)) * len(picks)
+    bound_buf = _buffer(workspace, "bound", block, z.dtype, z.device)
+    test_buf = _buffer(workspace, "test", block, torch.bool, z.device)
     for s in range(0, len(x), _ROWS):
         dist = min_dist[s:s + _ROWS]
-        bound = torch.mm(z[s:s + _ROWS], weights)
+        bound = torch.mm(z[s:s + _ROWS], weights, out=bound_buf[:len(dist) * len(picks)]
+                         .view(len(dist), len(picks)))
         limit = dist * dist + slack - z_sq[s:s + _ROWS]
-        rows, cols = (bound <= limit[:, None]).nonzero(as_tuple=True)
+        test = torch.le(bound, limit[:, None], out=test_buf[:bound.numel()].view(bound.shape))
+        rows, cols = test.nonzero(as_tuple=True)
         if len(rows):
             # the differences in one buffer: index_select and an in-place subtraction take
             # half the time of x[s + rows] - xc[cols], with the same values
-            diff = torch.index_select(x, 0, s + rows).sub_(torch.index_select(xc, 0, cols))
+            size = (len(rows), x.shape[1])
+            diff = torch.index_select(x, 0, s + rows, out=_buffer(
+                workspace, "rows", len(rows) * size[1], x.dtype, x.device)[:size[0] * size[1]]
+                .view(size))
+            diff.sub_(torch.index_select(xc, 0, cols, out=_buffer(
+                workspace, "centres", len(rows) * size[1], x.dtype, x.device)[:size[0] * size[1]]
+                .view(size)))
             dist.scatter_reduce_(0, rows, torch.linalg.vector_norm(diff, dim=1), "amin")
 
 
@@ -276,7 +291,7 @@ def nearest(queries, bank, excluded=None):
     return torch.cat(dists), torch.cat(index)
 
 
-def nearest_outside(queries, bank_aug, rows_out):
+def nearest_outside(queries, bank_aug, rows_out, workspace=None):
     """:func:`nearest` with the bank rows ``rows_out`` (sorted) excluded for every query row.
 
     ``bank_aug`` is :func:`_augmented_bank` of the bank. The distances are
@@ -289,27 +304,60 @@ def nearest_outside(queries, bank_aug, rows_out):
     on the CPU). The square root being monotone, the distances are those of
     :func:`nearest`; of bank rows within rounding of each other, the index
     may name another one.
+
+    The blocks are written into buffers kept in ``workspace`` (a dict, reused
+    by the next call that passes it): thousands of blocks of a few MiB
+    allocated and freed between small tensors left the C allocator's heap
+    fragmented, 850 MiB more resident memory for the leave-one-out scores
+    of 240 images (docs/benchmarks.md, "PatchCore fit").
     """
-    starts = range(0, len(bank_aug), _CACHE_COLUMNS)
+    n, dim = queries.shape
+    n_bank = len(bank_aug)
+    ws = {} if workspace is None else workspace
+    block_rows, block_cols = min(_CACHE_ROWS, n), min(_CACHE_COLUMNS, n_bank)
+    products = _buffer(ws, "products", block_rows * block_cols, queries.dtype, queries.device)
+    x_aug = _buffer(ws, "x_aug", block_rows * (dim + 2), queries.dtype, queries.device)
+    squares = _buffer(ws, "squares", block_rows * dim, queries.dtype, queries.device)
+    dmin = _buffer(ws, "dmin", block_rows, queries.dtype, queries.device)
+    imin = _buffer(ws, "imin", block_rows, torch.long, queries.device)
+    starts = range(0, n_bank, _CACHE_COLUMNS)
     # the rows left out of each block of the bank, found once (no device sync per block)
-    cuts = torch.searchsorted(rows_out.cpu(), torch.tensor([*starts, len(bank_aug)])).tolist()
-    dists, index = [], []
-    for rows in row_blocks(len(queries), _CACHE_ROWS):
+    cuts = torch.searchsorted(rows_out.cpu(), torch.tensor([*starts, n_bank])).tolist()
+    dists = torch.full((n,), float("inf"), dtype=queries.dtype, device=queries.device)
+    index = torch.zeros(n, dtype=torch.long, device=queries.device)
+    for rows in row_blocks(n, _CACHE_ROWS):
         x = queries[rows]
-        x_sq = x.pow(2).sum(dim=1, keepdim=True)
-        x_aug = torch.cat([x.mul(-2), x_sq, torch.ones_like(x_sq)], dim=1)
-        best = torch.full((len(x),), float("inf"), dtype=x.dtype, device=x.device)
-        arg = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        r = len(x)
+        # [-2 x, |x|^2, 1], as euclidean's product has it (the same operations)
+        xa = x_aug[:r * (dim + 2)].view(r, dim + 2)
+        torch.mul(x, -2, out=xa[:, :dim])
+        torch.sum(torch.pow(x, 2, out=squares[:r * dim].view(r, dim)), dim=1, keepdim=True,
+                  out=xa[:, dim:dim + 1])
+        xa[:, dim + 1:].fill_(1)
+        best, arg = dists[rows], index[rows]
         for start, lo, hi in zip(starts, cuts, cuts[1:]):
-            d_sq = x_aug @ bank_aug[start:start + _CACHE_COLUMNS].T
+            part = bank_aug[start:start + _CACHE_COLUMNS]
+            d_sq = products[:r * len(part)].view(r, len(part))
+            torch.mm(xa, part.T, out=d_sq)
             d_sq.index_fill_(1, rows_out[lo:hi] - start, float("inf"))
-            dmin, imin = d_sq.min(dim=1)
-            closer = dmin < best  # strictly: the first of equals, as one minimum over all
-            best = torch.where(closer, dmin, best)
-            arg = torch.where(closer, imin + start, arg)
-        dists.append(best.clamp_min_(0).sqrt_())
-        index.append(arg)
-    return torch.cat(dists), torch.cat(index)
+            torch.min(d_sq, dim=1, out=(dmin[:r], imin[:r]))
+            closer = dmin[:r] < best  # strictly: the first of equals, as one minimum over all
+            arg[closer] = imin[:r][closer] + start
+            torch.minimum(best, dmin[:r], out=best)
+        best.clamp_min_(0).sqrt_()
+    return dists, index
+
+
+def _buffer(workspace, name, numel, dtype, device):
+    """A flat buffer of at least ``numel`` elements, kept in ``workspace`` under ``name``
+    (grown by half at least when too small, so that growing sizes rarely reallocate)."""
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != device:
+        buf = workspace[name] = torch.empty(numel, dtype=dtype, device=device)
+    elif buf.numel() < numel:
+        buf = workspace[name] = torch.empty(max(numel, buf.numel() * 3 // 2), dtype=dtype,
+                                            device=device)
+    return buf
 
 
 def _augmented_bank(bank):
@@ -745,13 +793,14 @@ class PatchCore(BaseDetector):
         h, w = self.feature_grid_
         own = _rows_by_image(self.memory_owner_, len(feats))
         bank_aug = _augmented_bank(bank)
+        workspace = {}  # the search's buffers, allocated once for every reference
         dist = torch.empty(len(calibration), h * w)
         farthest, s_star, m_star = [], [], []
         bar = progress(calibration.tolist(), desc="leave-one-out scores",
                        verbose=self.verbose, unit="image")
         for k, i in enumerate(bar):
             q = feats[i].to(device).flatten(0, 1)
-            d, index = nearest_outside(q, bank_aug, own[i].to(device))
+            d, index = nearest_outside(q, bank_aug, own[i].to(device), workspace)
             if not torch.isfinite(d).any():
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
             j = int(torch.argmax(d))  # every patch has the same allowed bank rows: all finite

@@ -311,17 +311,24 @@ def test_nearest_outside_works_in_cache_sized_blocks(monkeypatch):
     monkeypatch.setattr(pc, "_CACHE_ROWS", 32)
     monkeypatch.setattr(pc, "_CACHE_COLUMNS", 100)
     products = []
-    matmul = torch.Tensor.__matmul__
+    mm = torch.mm
 
-    def spy(a, b):
-        products.append((a.shape[0], b.shape[1]))
-        return matmul(a, b)
+    def spy(a, b, **kwargs):
+        products.append(kwargs["out"])
+        return mm(a, b, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    monkeypatch.setattr(torch, "mm", spy)
     bank = torch.randn(1000, 8)
-    pc.nearest_outside(torch.randn(100, 8), pc._augmented_bank(bank), torch.arange(10))
-    # no block of distances larger than the cache-sized one, whatever the bank's size
-    assert len(products) == 4 * 10 and max(r * c for r, c in products) == 32 * 100
+    workspace = {}
+    for _ in range(3):
+        pc.nearest_outside(torch.randn(100, 8), pc._augmented_bank(bank), torch.arange(10),
+                           workspace)
+    # no block of distances larger than the cache-sized one, whatever the bank's size, and
+    # every block written into the one buffer that the workspace keeps across calls
+    assert len(products) == 3 * 4 * 10
+    assert max(p.numel() for p in products) == 32 * 100
+    assert {p.untyped_storage().data_ptr() for p in products} == {
+        workspace["products"].untyped_storage().data_ptr()}
 
 
 def test_leave_one_out_reweighting_matches_one_image_at_a_time():
@@ -347,9 +354,9 @@ def test_leave_one_out_scores_the_calibration_references_only(textures, monkeypa
     searched = []
     search = pc.nearest_outside
 
-    def spy(queries, bank_aug, rows_out):
+    def spy(queries, *args):
         searched.append(queries.clone())
-        return search(queries, bank_aug, rows_out)
+        return search(queries, *args)
 
     monkeypatch.setattr(pc, "nearest_outside", spy)
     det = PatchCore(**TINY, max_calibration_references=3, random_state=0).fit(normals[:9])
