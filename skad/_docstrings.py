@@ -38,6 +38,11 @@ false_reject_rate : float in (0, 1), default=0.05
     The accepted rate of good parts rejected: ``threshold_`` and ``pixel_threshold_``
     are the conformal thresholds that reject a good part with at most this
     probability (:meth:`~skad.base.BaseDetector.set_reference`).
+max_calibration_references : int or None, default=200
+    At most this many references are scored to calibrate ``threshold_`` and
+    ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
+    ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
+    holds; all of them still serve as the reference. None: all of them.{calibration_cost}
 threshold_quantile : float, default="deprecated"
     Deprecated since 0.2: ``threshold_`` as this quantile of the references'
     scores, without a guarantee. Use ``false_reject_rate``.""",
@@ -59,15 +64,18 @@ position_mean_, position_std_ : ndarray of shape image_size
     Mean and standard deviation of the references' maps at each position, at
     ``image_size`` (``standardize_positions=True`` only).""",
     "thresholds": """\
-reference_scores_ : ndarray of shape (n_references,)
+reference_scores_ : ndarray of shape (n_calibration,)
     {reference_scores}
 threshold_ : float
     ``predict`` flags images scoring above it.
 false_reject_rate_ : float
     The rate ``threshold_`` guarantees (``false_reject_rate``, or
     ``1 / (n_references + 1)`` when the references are too few).
-reference_map_maxima_ : ndarray of shape (n_references,)
+reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
+calibration_indices_ : ndarray of shape (n_calibration,)
+    Indices (sorted) of the references whose scores are ``reference_scores_``:
+    all of them, or ``max_calibration_references`` drawn at random.
 pixel_threshold_ : float
     ``predict_mask`` flags the pixels above it.""",
 }
@@ -78,6 +86,7 @@ FIELDS = {
     "not_in": "the paper or the released code",
     "reference_scores": "Scores of the reference images.",
     "trained_on": "the normal ones among ``X``",
+    "calibration_cost": "",
 }
 
 # every ``{field}`` of the paragraphs

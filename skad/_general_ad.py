@@ -362,10 +362,12 @@ class GeneralAD(BaseDetector):
                  distortions=("noise_all", "noise_random"), noise_std=0.25, n_heads=4,
                  hidden_dim=2048, dropout=0.1, n_epochs=160, learning_rate=5e-4,
                  weight_decay=1e-5, final_learning_rate_ratio=0.2, top_k=10, sigma=None,
-                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
-                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 standardize_positions=True, false_reject_rate=0.05,
+                 max_calibration_references=200, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
         super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         max_calibration_references=max_calibration_references,
                          threshold_quantile=threshold_quantile, batch_size=batch_size,
                          device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone

@@ -481,12 +481,14 @@ class GlobalLocal(BaseDetector):
                  n_epochs=100, distillation_weight=1.0, compactness_weight=1.0, dad_weight=1.0,
                  dad_input="joint", iad_score_weight=0.8, learning_rate=1e-3,
                  n_idw_neighbors=4, idw_power=2.0, image_size=256,
-                 standardize_positions=True, false_reject_rate=0.05, threshold_quantile=DEPRECATED,
-                 batch_size=16, device="auto", verbose=0, random_state=None,
+                 standardize_positions=True, false_reject_rate=0.05,
+                 max_calibration_references=200, threshold_quantile=DEPRECATED, batch_size=16,
+                 device="auto", verbose=0, random_state=None,
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
                  idw_neighbors=DEPRECATED):
         super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         max_calibration_references=max_calibration_references,
                          threshold_quantile=threshold_quantile, batch_size=batch_size,
                          device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher

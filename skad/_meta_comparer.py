@@ -41,7 +41,8 @@ _EXPORT_REF_ROWS = 64
 _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
                     "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_",
-                    "patch_score_", "reference_features_", "score_mean_", "score_std_")
+                    "patch_score_", "reference_features_", "score_mean_", "score_std_",
+                    "calibration_indices_")
 # the learned and the nearest-reference parts of patch_score="fused": no spread below this
 _MIN_STD = 1e-6
 
@@ -258,7 +259,10 @@ class _Concat:
 
 # ------------------------------------------------------------------ the estimator
 @fill_doc(trained_on="normal and anomalous",
-          reference_scores="Leave-one-image-out scores of the reference images.")
+          reference_scores="Leave-one-image-out scores of the reference images.",
+          calibration_cost=(" Scoring each reference against the other references grows"
+                            " as the square of their number; the subset makes it grow"
+                            " linearly."))
 class MetaComparer(BaseDetector):
     """Domain-generalized anomaly detector that learns to compare queries with normal references.
 
@@ -315,7 +319,8 @@ class MetaComparer(BaseDetector):
           to the nearest reference patch; no learned part.
         - "fused" (ours, beyond the paper): the sum of the two, each standardised with
           the mean and standard deviation of the references' own leave-one-out patch
-          values (``score_mean_``, ``score_std_``), so that neither dominates and the
+          values (``score_mean_``, ``score_std_``; of the references that calibrate,
+          ``calibration_indices_``), so that neither dominates and the
           sum is calibrated per domain without training on it. The learned part brings
           what transfers from the source domains, the nearest-reference part the
           target's normality: more references lower the scores of normal patches.
@@ -489,12 +494,14 @@ class MetaComparer(BaseDetector):
                  n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
-                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
+                 false_reject_rate=0.05, max_calibration_references=200,
+                 threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, hidden_sizes=DEPRECATED,
                  fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
                  episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED,
                  rank_lambda=DEPRECATED):
         super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         max_calibration_references=max_calibration_references,
                          threshold_quantile=threshold_quantile, batch_size=batch_size,
                          device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
@@ -726,7 +733,7 @@ class MetaComparer(BaseDetector):
     def _patch_values(self, qh, bank, exclude=None):
         return self.head_.comparer.reduce(qh, bank, self.reference_reduction, exclude)[0]
 
-    def _set_reference(self, images):
+    def _set_reference(self, images, calibration):
         parts = self._map_images_multi(images, self._embed, desc="reference features")
         learned = parts[:-1] if self.patch_score == "fused" else parts
         for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
@@ -735,14 +742,14 @@ class MetaComparer(BaseDetector):
         with torch.inference_mode():
             if self.patch_score == "learned":
                 self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
-                return self._leave_one_out_scores(parts[0::2])
+                return self._leave_one_out_scores(parts[0::2], calibration)
             if self._uses("learned"):
                 self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in learned[1::2]]
             feats = parts[-1]
             self.reference_features_ = feats.flatten(0, 2).contiguous()
-            grid = self._nearest_leave_one_out(feats)
+            grid = self._nearest_leave_one_out(feats, calibration)
             if self.patch_score == "fused":
-                grids = self._learned_leave_one_out(learned[0::2])
+                grids = self._learned_leave_one_out(learned[0::2], calibration)
                 learned_grid = self._on_grid(grids, grid.shape[1:])
                 mean, std = [], []
                 for g in (learned_grid, grid):
@@ -769,10 +776,11 @@ class MetaComparer(BaseDetector):
                 "every patch, so the image would be scored against itself. Pass at least 2 "
                 "reference images (or raise image_size)")
 
-    def _learned_leave_one_out(self, queries):
-        """Per scale, each reference's patch values ``(n, h, w)`` against the other references'
-        patches; with a single reference, without the reference patches of its own 3 x 3
-        neighbourhood (non-finite: patches with none left outside it)."""
+    def _learned_leave_one_out(self, queries, calibration):
+        """Per scale, the patch values ``(len(calibration), h, w)`` of the references at
+        ``calibration`` against the other references' patches; with a single reference,
+        without the reference patches of its own 3 x 3 neighbourhood (non-finite: patches
+        with none left outside it)."""
         device = self._device()
         n = len(queries[0])
         grids = []
@@ -780,8 +788,8 @@ class MetaComparer(BaseDetector):
             _, h, w, _ = qh.shape
             owner = torch.arange(n).repeat_interleave(h * w)
             pos = torch.arange(h * w, device=device)
-            values = torch.empty(n, h * w)
-            for i in range(n):
+            values = torch.empty(len(calibration), h * w)
+            for k, i in enumerate(calibration.tolist()):
                 q = qh[i].flatten(0, 1).to(device)
                 if n > 1:
                     z = self._patch_values(q, bank[owner != i].to(device))
@@ -789,20 +797,21 @@ class MetaComparer(BaseDetector):
                     def exclude(qs, rs):
                         return adjacent(pos[qs], pos[rs], w)
                     z = self._patch_values(q, bank.to(device), exclude)
-                values[i] = z.cpu()
-            grids.append(values.view(n, h, w))
+                values[k] = z.cpu()
+            grids.append(values.view(len(calibration), h, w))
         return grids
 
-    def _leave_one_out_scores(self, queries):
-        """Each reference scored against the other references' patches (Eq. 5), and the
-        maximum of its map so scored (Eq. 6; it calibrates ``pixel_threshold_``).
+    def _leave_one_out_scores(self, queries, calibration):
+        """Each reference at ``calibration`` scored against the other references' patches
+        (Eq. 5), and the maximum of its map so scored (Eq. 6; it calibrates
+        ``pixel_threshold_``).
 
         With a single reference, a patch is scored without the reference
         patches of its own 3 x 3 neighbourhood instead; patches with none left
         outside it do not count.
         """
-        grids = self._learned_leave_one_out(queries)
-        scores = torch.full((len(queries[0]),), -torch.inf)
+        grids = self._learned_leave_one_out(queries, calibration)
+        scores = torch.full((len(calibration),), -torch.inf)
         for g in grids:
             z = torch.where(torch.isfinite(g), g, -torch.inf).flatten(1).amax(dim=1)
             scores = torch.maximum(scores, z)
@@ -811,24 +820,24 @@ class MetaComparer(BaseDetector):
             raise ValueError(self._single_reference_message([q.shape[1:3] for q in queries]))
         return scores.numpy(), self._map_maxima(grids, scores)
 
-    def _nearest_leave_one_out(self, feats):
-        """Each reference's nearest-reference-patch distances ``(n, h, w)`` to the other
-        references' patches (with a single reference: outside its 3 x 3 neighbourhood,
-        inf where none is left)."""
+    def _nearest_leave_one_out(self, feats, calibration):
+        """The nearest-reference-patch distances ``(len(calibration), h, w)`` of the
+        references at ``calibration`` to the other references' patches (with a single
+        reference: outside its 3 x 3 neighbourhood, inf where none is left)."""
         device = self._device()
         n, h, w, _ = feats.shape
         bank = self.reference_features_.to(device)
         owner = torch.arange(n, device=device).repeat_interleave(h * w)
         pos = torch.arange(h * w, device=device)
-        out = torch.empty(n, h * w)
-        for i in range(n):
+        out = torch.empty(len(calibration), h * w)
+        for k, i in enumerate(calibration.tolist()):
             q = feats[i].flatten(0, 1).to(device)
             if n > 1:
                 d = nearest(q, bank[owner != i])[0]
             else:
                 d = nearest(q, bank, lambda rows: adjacent(pos[rows], pos, w))[0]
-            out[i] = d.cpu()
-        return out.view(n, h, w)
+            out[k] = d.cpu()
+        return out.view(len(calibration), h, w)
 
     @staticmethod
     def _on_grid(grids, size):

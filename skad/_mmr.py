@@ -314,9 +314,11 @@ class MMR(BaseDetector):
                  n_epochs=200, learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.25,
                  learning_rate_milestones=(0.6, 0.8), crop_scale=(0.7, 1.0), hflip=True,
                  sigma=4.0, standardize_positions=True, image_size=224, false_reject_rate=0.05,
+                 max_calibration_references=200,
                  threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
         super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         max_calibration_references=max_calibration_references,
                          threshold_quantile=threshold_quantile, batch_size=batch_size,
                          device=device, verbose=verbose, random_state=random_state)
         self.teacher = teacher

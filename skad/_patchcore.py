@@ -37,6 +37,13 @@ _ROWS = 4096
 # farthest_patch: rows searched exactly per bank prefix; relative rounding allowed for
 _N_EXACT = 8
 _BOUND_SLACK = 1e-3
+# leave-one-out search: query rows and bank rows per block of squared distances (8 MiB of
+# float32, in the cache; measured fastest on the CPU)
+_CACHE_ROWS = 1024
+_CACHE_COLUMNS = 2048
+# leave-one-out map maxima: grids upsampled and smoothed at a time (at 256 px, 4 MiB of maps
+# and 30 MiB of convolution buffers; 64 took 200 MiB)
+_MAP_BATCH = 16
 
 
 def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk_size=None,
@@ -80,28 +87,36 @@ def greedy_coreset(features, n_select, projection_dim=128, generator=None, chunk
 
     Notes
     -----
-    Memory: the projection, ``n * (projection_dim + _BASIS + 2)`` values of
-    the features' dtype, besides the features. Time: O(n * n_select) pairs
+    Memory, besides the features: ``n * (projection_dim + _BASIS + 2)``
+    values of the features' dtype (the projection); with chunks, those of
+    one chunk at a time and a copy of its rows, ``chunk_size * (dim +
+    projection_dim + _BASIS + 2)``. Time: O(n * n_select) pairs
     (O(chunk_size * n_select) with chunks), most of them rejected by a
     lower bound in ``_BASIS`` dimensions.
     """
     n, dim = features.shape
     if n_select >= n:
         return torch.arange(n)
+    proj = None
     if projection_dim and dim > projection_dim:
         proj = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
-        features = features @ proj.to(features.device, features.dtype)
+        proj = proj.to(features.device, features.dtype)
+
+    def project(x):
+        return x if proj is None else x @ proj
+
     if chunk_size is None or n <= chunk_size:
         start = int(torch.randint(n, (1,), generator=generator))
-        return _farthest_first(features, n_select, start, verbose=verbose)
+        return _farthest_first(project(features), n_select, start, verbose=verbose)
     chunks = _chunks(n, chunk_size, generator)
     # shares of n_select in proportion to the chunks' sizes, summing to n_select
     ends = np.round(n_select * np.cumsum([len(rows) for rows in chunks]) / n).astype(int)
     picks, ranks = [], []
     for j, (rows, share) in enumerate(zip(chunks, np.diff(ends, prepend=0))):
         start = int(torch.randint(len(rows), (1,), generator=generator))
-        local = _farthest_first(features[rows.to(features.device)], max(1, int(share)), start,
-                                desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
+        # one chunk projected at a time: its memory, not the whole projection's
+        local = _farthest_first(project(features[rows.to(features.device)]), max(1, int(share)),
+                                start, desc=f"coreset {j + 1}/{len(chunks)}", verbose=verbose)
         picks.append(rows[local])
         ranks.append(torch.arange(len(local)))
     return torch.cat(picks)[torch.argsort(torch.cat(ranks), stable=True)]
@@ -145,12 +160,13 @@ def _farthest_first(x, n_select, start, desc="coreset", verbose=0):
     slack = 4096 * torch.finfo(x.dtype).eps * radius_sq
     min_dist = _distances(x, x[start])
     selected = [torch.tensor([start])]
+    workspace = {}  # _update_distances's buffers, from one pass to the next
     bar = progress(range(n_select), desc=desc, verbose=verbose, unit="patch")
     next(bar, None)
     n_done = 1
     while n_done < n_select:
         picks = _next_steps(x, min_dist, n_select - n_done)
-        _update_distances(x, z, z_sq, min_dist, picks, slack)
+        _update_distances(x, z, z_sq, min_dist, picks, slack, workspace)
         selected.append(picks.cpu())
         n_done += len(picks)
         for _ in zip(range(len(picks)), bar):
@@ -212,24 +228,40 @@ def _next_steps(x, min_dist, n_left):
     return cand[torch.as_tensor(steps, device=cand.device)]
 
 
-def _update_distances(x, z, z_sq, min_dist, picks, slack):
+def _update_distances(x, z, z_sq, min_dist, picks, slack, workspace):
     """``min_dist = min(min_dist, |x - x[picks]|)`` for the pairs the lower bound cannot rule out.
 
     ``z`` is ``[projection on the basis, 1]`` per row and ``z_sq`` the squared
     norm of the projection: ``z @ [-2 z_c, |z_c|^2]^T + z_sq`` is the squared
-    distance of the projections, which is at most the squared distance.
+    distance of the projections, which is at most the squared distance. The
+    bounds, their test and the differences of the pairs go into buffers kept
+    in ``workspace`` from one pass to the next (see :func:`nearest_outside`
+    on the allocator).
     """
     zc = z[picks, :-1]
     weights = torch.cat([-2 * zc, (zc * zc).sum(dim=1, keepdim=True)], dim=1).T.contiguous()
     xc = x[picks]
+    block = min(_ROWS, len(x)) * len(picks)
+    bound_buf = _buffer(workspace, "bound", block, z.dtype, z.device)
+    test_buf = _buffer(workspace, "test", block, torch.bool, z.device)
     for s in range(0, len(x), _ROWS):
         dist = min_dist[s:s + _ROWS]
-        bound = torch.mm(z[s:s + _ROWS], weights)
+        bound = torch.mm(z[s:s + _ROWS], weights, out=bound_buf[:len(dist) * len(picks)]
+                         .view(len(dist), len(picks)))
         limit = dist * dist + slack - z_sq[s:s + _ROWS]
-        rows, cols = (bound <= limit[:, None]).nonzero(as_tuple=True)
+        test = torch.le(bound, limit[:, None], out=test_buf[:bound.numel()].view(bound.shape))
+        rows, cols = test.nonzero(as_tuple=True)
         if len(rows):
-            d = torch.linalg.vector_norm(x[s + rows] - xc[cols], dim=1)
-            dist.scatter_reduce_(0, rows, d, "amin")
+            # the differences in one buffer: index_select and an in-place subtraction take
+            # half the time of x[s + rows] - xc[cols], with the same values
+            size = (len(rows), x.shape[1])
+            diff = torch.index_select(x, 0, s + rows, out=_buffer(
+                workspace, "rows", len(rows) * size[1], x.dtype, x.device)[:size[0] * size[1]]
+                .view(size))
+            diff.sub_(torch.index_select(xc, 0, cols, out=_buffer(
+                workspace, "centres", len(rows) * size[1], x.dtype, x.device)[:size[0] * size[1]]
+                .view(size)))
+            dist.scatter_reduce_(0, rows, torch.linalg.vector_norm(diff, dim=1), "amin")
 
 
 def euclidean(x1, x2):
@@ -259,6 +291,119 @@ def nearest(queries, bank, excluded=None):
         dists.append(dmin)
         index.append(imin)
     return torch.cat(dists), torch.cat(index)
+
+
+def nearest_outside(queries, bank_aug, rows_out, workspace=None):
+    """:func:`nearest` with the bank rows ``rows_out`` (sorted) excluded for every query row.
+
+    ``bank_aug`` is :func:`_augmented_bank` of the bank. The distances are
+    those of :func:`euclidean` (``|x|^2 - 2 x.y + |y|^2`` in one matrix
+    product, as ``torch.cdist`` computes it), but the exclusion and the
+    minimum work on the squared distances and the square root is taken of the
+    minima only, and the bank is searched in blocks of ``_CACHE_COLUMNS`` rows
+    that keep the block of products in the cache while its minimum is taken
+    (a block of ``queries x bank`` goes to memory and back: 1.5 times slower
+    on the CPU). The square root being monotone, the distances are those of
+    :func:`nearest`; of bank rows within rounding of each other, the index
+    may name another one.
+
+    The blocks are written into buffers kept in ``workspace`` (a dict, reused
+    by the next call that passes it): thousands of blocks of a few MiB
+    allocated and freed between small tensors left the C allocator's heap
+    fragmented, 850 MiB more resident memory for the leave-one-out scores
+    of 240 images (docs/benchmarks.md, "PatchCore fit").
+    """
+    n, dim = queries.shape
+    n_bank = len(bank_aug)
+    ws = {} if workspace is None else workspace
+    block_rows, block_cols = min(_CACHE_ROWS, n), min(_CACHE_COLUMNS, n_bank)
+    products = _buffer(ws, "products", block_rows * block_cols, queries.dtype, queries.device)
+    x_aug = _buffer(ws, "x_aug", block_rows * (dim + 2), queries.dtype, queries.device)
+    squares = _buffer(ws, "squares", block_rows * dim, queries.dtype, queries.device)
+    dmin = _buffer(ws, "dmin", block_rows, queries.dtype, queries.device)
+    imin = _buffer(ws, "imin", block_rows, torch.long, queries.device)
+    starts = range(0, n_bank, _CACHE_COLUMNS)
+    # the rows left out of each block of the bank, found once (no device sync per block)
+    cuts = torch.searchsorted(rows_out.cpu(), torch.tensor([*starts, n_bank])).tolist()
+    dists = torch.full((n,), float("inf"), dtype=queries.dtype, device=queries.device)
+    index = torch.zeros(n, dtype=torch.long, device=queries.device)
+    for rows in row_blocks(n, _CACHE_ROWS):
+        x = queries[rows]
+        r = len(x)
+        # [-2 x, |x|^2, 1], as euclidean's product has it (the same operations)
+        xa = x_aug[:r * (dim + 2)].view(r, dim + 2)
+        torch.mul(x, -2, out=xa[:, :dim])
+        torch.sum(torch.pow(x, 2, out=squares[:r * dim].view(r, dim)), dim=1, keepdim=True,
+                  out=xa[:, dim:dim + 1])
+        xa[:, dim + 1:].fill_(1)
+        best, arg = dists[rows], index[rows]
+        for start, lo, hi in zip(starts, cuts, cuts[1:]):
+            part = bank_aug[start:start + _CACHE_COLUMNS]
+            d_sq = products[:r * len(part)].view(r, len(part))
+            torch.mm(xa, part.T, out=d_sq)
+            d_sq.index_fill_(1, rows_out[lo:hi] - start, float("inf"))
+            torch.min(d_sq, dim=1, out=(dmin[:r], imin[:r]))
+            closer = dmin[:r] < best  # strictly: the first of equals, as one minimum over all
+            arg[closer] = imin[:r][closer] + start
+            torch.minimum(best, dmin[:r], out=best)
+        best.clamp_min_(0).sqrt_()
+    return dists, index
+
+
+def _buffer(workspace, name, numel, dtype, device):
+    """A flat buffer of at least ``numel`` elements, kept in ``workspace`` under ``name``
+    (grown by half at least when too small, so that growing sizes rarely reallocate)."""
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != device:
+        buf = workspace[name] = torch.empty(numel, dtype=dtype, device=device)
+    elif buf.numel() < numel:
+        buf = workspace[name] = torch.empty(max(numel, buf.numel() * 3 // 2), dtype=dtype,
+                                            device=device)
+    return buf
+
+
+def _augmented_bank(bank):
+    """``[bank, 1, |bank|^2]``, the bank's side of :func:`euclidean`'s matrix product."""
+    sq = bank.pow(2).sum(dim=1, keepdim=True)
+    return torch.cat([bank, torch.ones_like(sq), sq], dim=1)
+
+
+def _rows_by_image(owner, n_images):
+    """For each image ``0 .. n_images - 1``, the bank rows it owns (``owner`` of each row)."""
+    order = torch.argsort(owner, stable=True)
+    return list(order.split(torch.bincount(owner, minlength=n_images).tolist()))
+
+
+def _reweighted_scores_outside(farthest, s_star, m_star, bank, rows_out, n_neighbors):
+    """:func:`reweighted_score` of many images, each with its own bank rows left out.
+
+    ``farthest (B, dim)`` is each image's farthest patch, ``s_star`` and
+    ``m_star (B,)`` its distance to and index of its nearest allowed bank row,
+    ``rows_out`` the B index tensors of the bank rows each image may not use.
+    The images whose allowed rows are at least ``n_neighbors`` are reweighted
+    in blocks of rows; the others one by one, as :func:`reweighted_score` does.
+    """
+    scores = s_star.clone()
+    if n_neighbors < 2:
+        return scores
+    n_allowed = torch.tensor([len(bank) - len(r) for r in rows_out])
+    wide = torch.nonzero(n_allowed >= n_neighbors)[:, 0].tolist()
+    for start in range(0, len(wide), max(1, _BLOCK // len(bank))):
+        block = wide[start:start + max(1, _BLOCK // len(bank))]
+        d_bank = euclidean(bank[m_star[block]], bank)
+        for r, i in enumerate(block):
+            d_bank[r, rows_out[i]] = float("inf")
+        d_bank[torch.arange(len(block)), m_star[block]] = 0.0
+        scores[block] = _density_weight(farthest[block, None], d_bank, bank,
+                                        n_neighbors) * s_star[block]
+    for i in torch.nonzero(n_allowed < n_neighbors)[:, 0].tolist():
+        def excluded(rows, i=i):
+            mask = torch.zeros(1, len(bank), dtype=torch.bool, device=bank.device)
+            mask[0, rows_out[i]] = True
+            return mask
+        scores[i] = reweighted_score(farthest[i][None], 0, s_star[i], m_star[i], bank,
+                                     n_neighbors, excluded)
+    return scores
 
 
 def farthest_patch(queries, bank, excluded=None):
@@ -406,7 +551,11 @@ def _density_weight(patches, d_bank, bank, b):
 
 
 @fill_doc(progress="the coreset",
-          reference_scores="Leave-one-image-out scores of the reference images.")
+          reference_scores="Leave-one-image-out scores of the reference images.",
+          calibration_cost=(
+              " Scoring each reference against the bank without its own patches is the"
+              " part of a fit that grows as the square of the number of references; the"
+              " subset makes it grow linearly (docs/benchmarks.md, \"PatchCore fit\")."))
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector: nearest-neighbour distance to a coreset of normal patches.
 
@@ -443,14 +592,16 @@ class PatchCore(BaseDetector):
         Bank neighbourhood ``b`` of the image-score reweighting (paper Eq. 7):
         the nearest bank neighbours of the farthest patch's nearest bank patch;
         0 disables the reweighting (score = largest patch distance).
-    coreset_chunk_size : int or None, default=None
-        None: the exact greedy coreset, whose time grows as the square of the
-        number of reference patches. An int: references with more patches
-        than this are split at random into chunks of at most this many, each
-        thinned on its own (an approximation whose time grows linearly; see
-        :func:`greedy_coreset`). On the five AITEX fabrics, chunks of 16384 or
-        32768 patches ranked images as the exact selection did, within 0.015
-        (docs/benchmarks.md, "The chunked coreset").
+    coreset_chunk_size : int or None, default=32768
+        References with at most this many patches get the exact greedy
+        coreset (the released code's selection), whose time grows as the
+        square of the number of patches; references with more are split at
+        random into chunks of at most this many, each thinned on its own (an
+        approximation whose time grows linearly; see :func:`greedy_coreset`).
+        None: always exact. On the five AITEX fabrics (90 images) and on MT
+        (240 images), chunks of 16384 to 65536 patches ranked images as the
+        exact selection did, within 0.015 image AUROC (docs/benchmarks.md,
+        "The chunked coreset"). Default changed in 0.2 from None: see Notes.
     sigma : float, default=4
         Gaussian smoothing of the maps at ``image_size``.
     %(false_reject_rate)s
@@ -490,14 +641,30 @@ class PatchCore(BaseDetector):
     ``copy.deepcopy`` before ``set_reference``). ``fit`` itself learns nothing
     else: it is ``set_reference`` on the training images.
 
-    Time of a fit grows faster than linearly with the number of reference
-    images: the coreset and the leave-one-out reference scores compare
-    patches with patches (docs/benchmarks.md, "PatchCore fit"). A fit holds the reference
-    features once, ``h * w * n_features`` float32 values per image on the
-    stride-8 patch grid (WideResNet-50-2 levels 2-3 at 224 px: 28 x 28 x 1536,
-    4.8 MB; ``tf_efficientnet_lite0`` at 256 px: 32 x 32 x 152, 0.6 MB; with
-    ``embedding_dim=1024``, 3.2 and 4.2 MB), plus the coreset's projection,
-    162 values per patch (0.5 and 0.7 MB per image).
+    Time and memory of a fit grow linearly with the number of reference
+    images (docs/benchmarks.md, "PatchCore fit"). The coreset compares
+    patches with patches: its exact selection takes a time that grows as the
+    square of their number, so above ``coreset_chunk_size`` patches it is
+    made in chunks. The leave-one-out scores that calibrate the thresholds
+    compare every patch of a reference with the whole bank, which grows with
+    the references: at most ``max_calibration_references`` references are so
+    scored. ``None`` for either makes that part grow as the square again.
+    A fit holds the reference features once, ``h * w * n_features`` float32
+    values per image on the stride-8 patch grid (WideResNet-50-2 levels 2-3
+    at 224 px: 28 x 28 x 1536, 4.8 MB; ``tf_efficientnet_lite0`` at 256 px:
+    32 x 32 x 152, 0.6 MB; with ``embedding_dim=1024``, 3.2 and 4.2 MB), and
+    the memory bank, ``coreset_ratio`` of them, twice while the references
+    are scored (the bank and the extended copy that the search multiplies
+    with): 1.2 times the features at the default ratio. Besides, a constant:
+    the coreset's projection of at most ``coreset_chunk_size`` patches with a
+    copy of their features (``coreset_chunk_size * (n_features + 162)``
+    values, 41 MB for lite0 and 222 MB for WideResNet-50-2) and blocks of at
+    most 128 MiB for the searches.
+
+    Defaults changed in 0.2 for the time of large fits (issue 12):
+    ``coreset_chunk_size=32768`` (was None: the exact selection at any size;
+    the selection is unchanged up to 32768 patches) and the new
+    ``max_calibration_references=200`` (all references calibrated before).
 
     With the default ``embedding_dim=None``, the patch features, memory bank
     and scores are those of anomalib's ``PatchcoreModel`` with the same
@@ -574,11 +741,13 @@ class PatchCore(BaseDetector):
 
     def __init__(self, *, backbone="wide_resnet50_2.tv_in1k", weights="pretrained",
                  layers=(2, 3), embedding_dim=None, image_size=224, coreset_ratio=0.1,
-                 projection_dim=128, n_reweight_neighbors=9, coreset_chunk_size=None, sigma=4.0,
-                 false_reject_rate=0.05, threshold_quantile=DEPRECATED, batch_size=16,
+                 projection_dim=128, n_reweight_neighbors=9, coreset_chunk_size=32768,
+                 sigma=4.0, false_reject_rate=0.05, max_calibration_references=200,
+                 threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):
         super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
+                         max_calibration_references=max_calibration_references,
                          threshold_quantile=threshold_quantile, batch_size=batch_size,
                          device=device, verbose=verbose, random_state=random_state)
         self.backbone = backbone
@@ -615,60 +784,91 @@ class PatchCore(BaseDetector):
         level_dim, target_dim = dims if isinstance(dims, (tuple, list)) else (dims, dims)
         return reduced_features(levels, int(level_dim), int(target_dim))
 
-    def _set_reference(self, images):
+    def _set_reference(self, images, calibration):
         # channels last: the patches are a view of the maps, so the features are held once
         feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
                                  desc="reference features")
         n, h, w, dim = feats.shape
         patches = feats.view(-1, dim)
-        owner = torch.arange(n).repeat_interleave(h * w)
-        position = torch.arange(h * w).repeat(n)
         device = self._device()
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         n_keep = max(1, int(np.ceil(self.coreset_ratio * len(patches))))
         keep = greedy_coreset(patches.to(device), n_keep, self._param("projection_dim"), gen,
                               self.coreset_chunk_size, verbose=self.verbose)
         self.memory_bank_ = patches[keep].contiguous()
-        self.memory_owner_ = owner[keep]
-        self.memory_position_ = position[keep]
+        self.memory_owner_ = keep // (h * w)  # the image and grid position of each bank patch
+        self.memory_position_ = keep % (h * w)
         self.feature_grid_ = (h, w)
-        return self._leave_one_out_scores(feats)
+        if n == 1:
+            return self._single_reference_scores(feats[0])
+        return self._leave_one_out_scores(feats, calibration)
 
-    def _leave_one_out_scores(self, feats):
-        """Each reference scored against the bank without its own patches (Eq. 7 included),
-        and the maximum of its map so scored (which calibrates ``pixel_threshold_``).
+    def _leave_one_out_scores(self, feats, calibration):
+        """The references at ``calibration`` scored against the bank without their own
+        patches (Eq. 7 included), and the maxima of their maps so scored (which calibrate
+        ``pixel_threshold_``).
 
-        With a single reference there is no other image: a patch is scored
-        without the bank patches of its own 3 x 3 neighbourhood (which share its
-        averaged features), and patches with none left outside it do not count.
+        Every patch of those references is searched (:func:`nearest_outside`: the
+        distances of :func:`nearest`, the minimum taken on their squares): the
+        farthest patch of a normal image is hardly farther than the others, so the
+        bank prefixes of :func:`farthest_patch` bound too loosely to leave patches
+        out (docs/benchmarks.md, "PatchCore fit").
         """
         device = self._device()
         bank = self.memory_bank_.to(device)
-        owner, pos = self.memory_owner_.to(device), self.memory_position_.to(device)
         h, w = self.feature_grid_
-        scores, maxima = [], []
-        for i, f in enumerate(feats):
-            q = f.to(device).flatten(0, 1)
-            if len(feats) > 1:
-                def excluded(rows, i=i):
-                    return (owner == i)[None, :]  # broadcast over the query rows
-            else:
-                qpos = torch.arange(h * w, device=device)
-
-                def excluded(rows, qpos=qpos):
-                    return adjacent(qpos[rows], pos, w)
-            # every patch, as _score_batch scores a new image's map
-            dist, index = nearest(q, bank, excluded)
-            counts = torch.isfinite(dist)
-            if not counts.any():
+        own = _rows_by_image(self.memory_owner_, len(feats))
+        bank_aug = _augmented_bank(bank)
+        workspace = {}  # the search's buffers, allocated once for every reference
+        dist = torch.empty(len(calibration), h * w)
+        farthest, s_star, m_star = [], [], []
+        bar = progress(calibration.tolist(), desc="leave-one-out scores",
+                       verbose=self.verbose, unit="image")
+        for k, i in enumerate(bar):
+            q = feats[i].to(device).flatten(0, 1)
+            d, index = nearest_outside(q, bank_aug, own[i].to(device), workspace)
+            if not torch.isfinite(d).any():
                 raise ValueError(self._no_leave_one_out(i, len(feats)))
-            j = int(torch.argmax(torch.where(counts, dist, -torch.inf)))
-            scores.append(self._image_score(q, j, dist[j], index[j], bank, excluded=excluded))
-            # patches that do not count take the largest distance: the map's maximum, and
-            # with it pixel_threshold_, errs high rather than low
-            grid = torch.where(counts, dist, dist[j]).view(1, h, w)
-            maxima.append(grid_to_map(grid, self.image_size, self.sigma).amax())
-        return torch.stack(scores).cpu().numpy(), torch.stack(maxima).cpu().numpy()
+            j = int(torch.argmax(d))  # every patch has the same allowed bank rows: all finite
+            dist[k] = d.cpu()
+            farthest.append(q[j])
+            s_star.append(d[j])
+            m_star.append(index[j])
+        scores = _reweighted_scores_outside(torch.stack(farthest), torch.stack(s_star),
+                                            torch.stack(m_star), bank,
+                                            [own[i].to(device) for i in calibration.tolist()],
+                                            self._param("n_reweight_neighbors"))
+        maxima = torch.cat([grid_to_map(g.view(-1, h, w), self.image_size, self.sigma)
+                            .flatten(1).amax(dim=1) for g in dist.split(_MAP_BATCH)])
+        return scores.cpu().numpy(), maxima.numpy()
+
+    def _single_reference_scores(self, f):
+        """The score and map maximum of a single reference ``f (h, w, dim)``: there is no
+        other image, so a patch is scored without the bank patches of its own 3 x 3
+        neighbourhood (which share its averaged features), and patches with none left
+        outside it do not count."""
+        device = self._device()
+        bank = self.memory_bank_.to(device)
+        pos = self.memory_position_.to(device)
+        h, w = self.feature_grid_
+        q = f.to(device).flatten(0, 1)
+        qpos = torch.arange(h * w, device=device)
+
+        def excluded(rows):
+            return adjacent(qpos[rows], pos, w)
+
+        # every patch, as _score_batch scores a new image's map
+        dist, index = nearest(q, bank, excluded)
+        counts = torch.isfinite(dist)
+        if not counts.any():
+            raise ValueError(self._no_leave_one_out(0, 1))
+        j = int(torch.argmax(torch.where(counts, dist, -torch.inf)))
+        score = self._image_score(q, j, dist[j], index[j], bank, excluded=excluded)
+        # patches that do not count take the largest distance: the map's maximum, and
+        # with it pixel_threshold_, errs high rather than low
+        grid = torch.where(counts, dist, dist[j]).view(1, h, w)
+        amax = grid_to_map(grid, self.image_size, self.sigma).amax()
+        return score[None].cpu().numpy(), amax[None].cpu().numpy()
 
     def _no_leave_one_out(self, i, n_references):
         """Why reference ``i`` cannot be scored without its own patches, and what to change."""

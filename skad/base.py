@@ -10,14 +10,16 @@ detector implements three hooks:
 ``_fit(images, y, groups)``
     Learn from the training images (an :class:`~skad._images.ImageSet`;
     one-class detectors get the normal images only).
-``_set_reference(images)``
-    Keep what scoring needs from the reference images and return their
-    scores and the maxima of their maps (two arrays of shape
-    ``(n_references,)``, the maps as ``_score_batch`` makes them at
+``_set_reference(images, calibration)``
+    Keep what scoring needs from all the reference images and return the
+    scores and the maxima of the maps of the references at ``calibration``
+    (sorted indices into ``images``, all of them unless
+    ``max_calibration_references`` draws a subset; two arrays of shape
+    ``(len(calibration),)``, the maps as ``_score_batch`` makes them at
     ``image_size``), leave-one-image-out where the references are the
-    comparison set. The default scores and maps them with ``_score_batch``
-    and keeps nothing: right for detectors whose references only calibrate
-    the thresholds.
+    comparison set. The default scores and maps those references with
+    ``_score_batch`` and keeps nothing: right for detectors whose references
+    only calibrate the thresholds.
 ``_empty_networks(shapes)``
     Build the fitted networks' architectures without weights, for
     :func:`skad.load` (``skad._serialization``) to fill with saved tensors.
@@ -33,10 +35,10 @@ compared, position by position, with the references' maps.
 Parameters are declared once, with their constraints, in scikit-learn's
 ``_parameter_constraints`` style (``sklearn.utils._param_validation``, and
 :mod:`skad._params` for tuples, devices and integers that are not booleans).
-:class:`BaseDetector` declares the seven every detector has (``image_size``,
-``batch_size``, ``false_reject_rate``, ``threshold_quantile`` (deprecated),
-``device``, ``verbose``, ``random_state``); a detector merges its own into
-them::
+:class:`BaseDetector` declares the eight every detector has (``image_size``,
+``batch_size``, ``false_reject_rate``, ``max_calibration_references``,
+``threshold_quantile`` (deprecated), ``device``, ``verbose``,
+``random_state``); a detector merges its own into them::
 
     _parameter_constraints = {**BaseDetector._parameter_constraints,
                               "coreset_ratio": [Reals(0, 1, closed="right")], ...}
@@ -72,6 +74,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._images import check_groups, check_images, check_labels, iter_batches
 from ._maps import resize_maps
 from ._params import Devices, Ints, Reals, Sequences, renamed_value, upgrade_state, warn_renamed
+from ._random import seed_from
 from .metrics import check_image_labels, image_roc_auc
 from .thresholds import (
     CalibrationWarning,
@@ -182,6 +185,7 @@ class BaseDetector(BaseEstimator):
         "image_size": [Ints(1), Sequences(Ints(1), length=2)],
         "batch_size": [Ints(1)],
         "false_reject_rate": [Reals(0, 1, closed="neither")],
+        "max_calibration_references": [Ints(1), None],
         # deprecated in 0.2 for false_reject_rate: taken with a FutureWarning, not advertised
         "threshold_quantile": [Reals(0, 1), Hidden(StrOptions({"deprecated"}))],
         # None is read as "auto" (resolve_device): still taken, not advertised
@@ -210,12 +214,13 @@ class BaseDetector(BaseEstimator):
         """Parameter ``name``, or its deprecated old name's value where that is set."""
         return renamed_value(self, name)
 
-    def __init__(self, *, image_size, false_reject_rate, threshold_quantile, batch_size, device,
-                 verbose, random_state):
+    def __init__(self, *, image_size, false_reject_rate, max_calibration_references,
+                 threshold_quantile, batch_size, device, verbose, random_state):
         # the parameters every detector has, stored as given; a detector's constructor
         # gives their defaults, passes them here and stores its own
         self.image_size = image_size
         self.false_reject_rate = false_reject_rate
+        self.max_calibration_references = max_calibration_references
         self.threshold_quantile = threshold_quantile
         self.batch_size = batch_size
         self.device = device
@@ -293,7 +298,14 @@ class BaseDetector(BaseEstimator):
         references are also the comparison set, and calibrates the thresholds
         on them (:meth:`recalibrate`): ``threshold_``, rejecting a good part
         with probability at most ``false_reject_rate``, and
-        ``pixel_threshold_``. The guarantee holds for references the detector
+        ``pixel_threshold_``. With more references than
+        ``max_calibration_references``, all of them serve as the reference
+        (a comparison set keeps them all) and that many of them, drawn at
+        random with ``random_state`` (``calibration_indices_``), are scored
+        and calibrate: a random subset is exchangeable with new good parts as
+        the whole set is, so the guarantee holds with ``n`` the subset's
+        size, and the time of the scoring no longer grows with the number of
+        references. The guarantee holds for references the detector
         was not trained on: after ``fit``, a detector that learned from its
         training images (GeneralAD, MMR, GlobalLocal) scores them lower than
         new good parts, so call ``set_reference`` with held-out normals before
@@ -339,23 +351,40 @@ class BaseDetector(BaseEstimator):
         """:meth:`set_reference` on checked images and parameters."""
         snapshot = dict(self.__dict__)
         try:
+            calibration = self._calibration_indices(len(images))
             if self._standardizes_positions():
                 # an image's score is the maximum of its standardised map
-                scores = maxima = self._set_position_statistics(images)
+                scores = maxima = self._set_position_statistics(images, calibration)
             else:
-                scores, maxima = self._set_reference(images)
+                scores, maxima = self._set_reference(images, calibration)
                 # statistics of an earlier reference must not outlive it
                 self.__dict__.pop("position_mean_", None)
                 self.__dict__.pop("position_std_", None)
             self.reference_scores_ = np.asarray(scores, dtype=np.float64)
             self.reference_map_maxima_ = np.asarray(maxima, dtype=np.float64)
             self.n_references_ = len(images)
+            self.calibration_indices_ = calibration
             self._calibrate(stacklevel=4)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
             raise
         return self
+
+    def _calibration_indices(self, n_references):
+        """Sorted indices of the references whose scores calibrate the thresholds.
+
+        All of them (``arange``, nothing drawn) when ``max_calibration_references``
+        is None or at least ``n_references``; else that many, drawn without
+        replacement from a generator seeded by ``random_state``. A subset drawn
+        independently of the images is exchangeable with new good parts as the
+        whole set is: the conformal guarantee holds with ``n`` the subset's size.
+        """
+        size = self.max_calibration_references
+        if size is None or n_references <= size:
+            return np.arange(n_references)
+        rng = np.random.default_rng(seed_from(self.random_state))
+        return np.sort(rng.choice(n_references, size, replace=False))
 
     def _empty_networks(self, shapes):
         """The fitted networks' architectures, randomly initialised, by attribute name.
@@ -368,15 +397,16 @@ class BaseDetector(BaseEstimator):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot be loaded from a model file")
 
-    def _set_reference(self, images):
-        """Default: the references' own scores and map maxima, for detectors that compare an
-        image with itself (its reconstruction, its surroundings), where references only
-        calibrate."""
+    def _set_reference(self, images, calibration):
+        """Default: the own scores and map maxima of the references at ``calibration``, for
+        detectors that compare an image with itself (its reconstruction, its surroundings),
+        where references only calibrate."""
         def outputs(batch):
             scores, maps = self._score_batch(batch, True)
             return scores.float(), maps.flatten(1).amax(dim=1).float()
 
-        scores, maxima = self._map_images_multi(images, outputs, desc="reference scores")
+        scores, maxima = self._map_images_multi(images.subset(calibration), outputs,
+                                                desc="reference scores")
         return scores.numpy(), maxima.numpy()
 
     # ----------------------------------------------------------- calibration
@@ -427,8 +457,13 @@ class BaseDetector(BaseEstimator):
             if len(scores) < min_references(rate):
                 what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
                         "largest maximum of their maps)")
-                warnings.warn(f"{type(self).__name__}: " + too_few_references_message(
-                    len(scores), rate, what), CalibrationWarning, stacklevel=stacklevel)
+                message = too_few_references_message(len(scores), rate, what)
+                n_references = getattr(self, "n_references_", len(scores))
+                if len(scores) < n_references:
+                    message += (f" Only max_calibration_references={len(scores)} of the "
+                                f"{n_references} references calibrate: raise it.")
+                warnings.warn(f"{type(self).__name__}: " + message, CalibrationWarning,
+                              stacklevel=stacklevel)
             threshold = conformal_threshold(scores, rate, warn=False)
             pixel_threshold = conformal_threshold(maxima, rate, warn=False)
         self.threshold_ = threshold
@@ -443,13 +478,14 @@ class BaseDetector(BaseEstimator):
         # a bool: the constraints of the detectors that have the parameter say so
         return bool(getattr(self, "standardize_positions", False))
 
-    def _set_position_statistics(self, images):
+    def _set_position_statistics(self, images, calibration):
         """Keep the mean and spread of the references' maps at each position.
 
         A detector whose maps run systematically higher or noisier at some
         positions (the border cells, where convolutions see padding and context
         windows reach past the image) would otherwise score every normal image
-        by those positions. Returns the references' scores, each against the
+        by those positions. The statistics come from every reference; returns
+        the scores of the references at ``calibration``, each against the
         statistics of the other references (leave one image out), so that the
         threshold is not calibrated on images that set their own statistics.
         """
@@ -467,11 +503,12 @@ class BaseDetector(BaseEstimator):
         mean = s1 / n
         self.position_mean_ = mean.float().numpy()
         self.position_std_ = _spread(s2 / n - mean.square()).float().numpy()
-        scores = np.empty(n)
-        for i, amap in enumerate(maps):
+        scores = np.empty(len(calibration))
+        for k, i in enumerate(calibration.tolist()):
+            amap = maps[i]
             loo_mean = (s1 - amap) / (n - 1)
             loo_var = (s2 - amap.square()) / (n - 1) - loo_mean.square()
-            scores[i] = float(((amap - loo_mean) / _spread(loo_var)).max())
+            scores[k] = float(((amap - loo_mean) / _spread(loo_var)).max())
         return scores
 
     # ----------------------------------------------------------- scoring
@@ -518,21 +555,22 @@ class BaseDetector(BaseEstimator):
     def predict_pvalue(self, X):
         """Conformal p-value of each image against the references; small = anomalous.
 
-        ``(1 + #{reference_scores_ >= s}) / (n_references_ + 1)`` for each
-        score ``s`` of :meth:`decision_function`
+        ``(1 + #{reference_scores_ >= s}) / (n + 1)`` for each score ``s`` of
+        :meth:`decision_function`, ``n = len(reference_scores_)`` (the
+        references that calibrate: ``n_references_``, or
+        ``max_calibration_references`` of them)
         (:func:`skad.thresholds.conformal_pvalues`): the share of good parts
         (plus one) that score at least as high, so that a good part gets
         ``p <= u`` with probability at most ``u``, whatever the detector and
         its units. Named as scikit-learn's ``predict_proba``, but not a
         probability of being anomalous: good parts get p-values spread evenly
         over ``(0, 1]``, and an image scoring above every reference gets the
-        smallest, ``1 / (n_references_ + 1)`` (:mod:`skad.thresholds` says
-        why this name).
+        smallest, ``1 / (n + 1)`` (:mod:`skad.thresholds` says why this name).
 
         Returns
         -------
         p_values : ndarray of shape (n_samples,)
-            In ``[1 / (n_references_ + 1), 1]``, non-increasing in the score.
+            In ``[1 / (n + 1), 1]``, non-increasing in the score.
         """
         self._check_ready()
         return conformal_pvalues(self.reference_scores_, self.decision_function(X))
@@ -754,6 +792,11 @@ class BaseDetector(BaseEstimator):
         # and its rule, with the FutureWarning at the next calibration
         state = upgrade_state(state, self._deprecated_parameters)
         state.setdefault("false_reject_rate", _DEFAULT_FALSE_REJECT_RATE)
+        # before max_calibration_references every reference calibrated; a pickle of then
+        # keeps doing so at its next set_reference
+        state.setdefault("max_calibration_references", None)
+        if "reference_scores_" in state:
+            state.setdefault("calibration_indices_", np.arange(len(state["reference_scores_"])))
         super().__setstate__(state)
 
     def __sklearn_tags__(self):

@@ -189,6 +189,38 @@ def test_set_reference_recalibrates(fitted, data):
 
 
 @pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_calibration_on_a_random_subset_of_the_references(factory, fit_kwargs, data):
+    det = _ready(_fit(factory, fit_kwargs, data), data)
+    if getattr(det, "patch_score", None) == "fused":  # standardised by the calibrating ones
+        det.set_params(patch_score="nearest")
+    refs = data.images[data.y == 0][:10]
+    full = det.set_params(max_calibration_references=None).set_reference(refs)
+    scores, maxima = full.reference_scores_.copy(), full.reference_map_maxima_.copy()
+    assert np.array_equal(full.calibration_indices_, np.arange(10))
+    # as many as there are references, or more: all of them, nothing drawn, the same scores
+    for size in (10, 11):
+        det.set_params(max_calibration_references=size).set_reference(refs)
+        assert np.array_equal(det.calibration_indices_, np.arange(10))
+        np.testing.assert_array_equal(det.reference_scores_, scores)
+        np.testing.assert_array_equal(det.reference_map_maxima_, maxima)
+    det.set_params(max_calibration_references=4).set_reference(refs)
+    idx = det.calibration_indices_
+    assert len(idx) == 4 and np.array_equal(idx, np.unique(idx)) and 0 <= idx.min()
+    assert idx.max() < 10 and det.n_references_ == 10
+    assert det.reference_scores_.shape == det.reference_map_maxima_.shape == (4,)
+    # each is the score it gets when all calibrate: the subset is scored, nothing else changes
+    np.testing.assert_allclose(det.reference_scores_, scores[idx], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(det.reference_map_maxima_, maxima[idx], rtol=1e-5, atol=1e-6)
+    assert det.threshold_ == conformal_threshold(det.reference_scores_, det.false_reject_rate,
+                                                 warn=False)
+    # drawn from random_state: the same draw again, other draws for other seeds
+    assert np.array_equal(det.set_reference(refs).calibration_indices_, idx)
+    draws = {tuple(det.set_params(random_state=seed).set_reference(refs).calibration_indices_)
+             for seed in range(1, 6)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
 def test_random_state_and_global_rng(factory, fit_kwargs, data):
     np_state = np.random.get_state()[1].copy()
     torch_state = torch.random.get_rng_state().clone()
@@ -223,13 +255,15 @@ def test_cross_validate_in_parallel(data):
 
 
 # ------------------------------------------------------------------ parameters
-SHARED = ("image_size", "batch_size", "false_reject_rate", "threshold_quantile", "device",
-          "verbose", "random_state")
+SHARED = ("image_size", "batch_size", "false_reject_rate", "max_calibration_references",
+          "threshold_quantile", "device", "verbose", "random_state")
 
 BAD_SHARED = [("batch_size", 0), ("batch_size", -1), ("batch_size", 1.5),
               ("threshold_quantile", 1.5), ("threshold_quantile", -0.1),
               ("threshold_quantile", "auto"), ("false_reject_rate", 0.0),
-              ("false_reject_rate", 1.0), ("false_reject_rate", "5%"), ("device", 123),
+              ("false_reject_rate", 1.0), ("false_reject_rate", "5%"),
+              ("max_calibration_references", 0), ("max_calibration_references", 2.5),
+              ("max_calibration_references", True), ("device", 123),
               ("device", "gpu0"), ("verbose", -1), ("image_size", 0), ("image_size", (0, SIZE)),
               ("image_size", (SIZE,)), ("random_state", "x")]
 
@@ -449,3 +483,23 @@ def test_a_detector_pickled_before_false_reject_rate_loads(data):
     with pytest.warns(FutureWarning, match="threshold_quantile"):
         old.set_reference(data.images[data.y == 0][:8])
     assert old.predict_mask(X).shape == (3, SIZE, SIZE)
+
+
+def test_a_detector_pickled_before_max_calibration_references_loads(data):
+    normals = data.images[data.y == 0]
+    det = _patchcore().fit(normals[:8])
+    state = det.__getstate__()
+    for name in ("max_calibration_references", "calibration_indices_"):
+        del state[name]
+    old = type(det).__new__(type(det))
+    old.__setstate__(state)
+    # every reference calibrated then, and still does at the next set_reference
+    assert old.max_calibration_references is None
+    assert np.array_equal(old.calibration_indices_, np.arange(8))
+    assert np.array_equal(old.set_reference(normals[:12]).calibration_indices_, np.arange(12))
+
+
+def test_too_few_calibrating_references_say_which_parameter_limits_them(data):
+    det = _patchcore().set_params(max_calibration_references=4)
+    with pytest.warns(CalibrationWarning, match="max_calibration_references=4 of the 10"):
+        det.fit(data.images[data.y == 0][:10])

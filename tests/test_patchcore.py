@@ -6,6 +6,7 @@ import torch
 
 from skad import PatchCore
 import skad._patchcore as pc
+from skad._images import check_images
 from skad._patchcore import farthest_patch, greedy_coreset, nearest
 from skad.datasets import make_textures
 
@@ -359,3 +360,114 @@ def test_pickles_without_embedding_dim_score_with_the_full_channels(textures):
     assert old.embedding_dim is None
     np.testing.assert_array_equal(old.decision_function(textures.images[4:8]),
                                   det.decision_function(textures.images[4:8]))
+
+
+# ------------------------------------------------------------ fit time and memory (issue 12)
+def test_nearest_outside_is_nearest_with_rows_left_out(monkeypatch):
+    monkeypatch.setattr(pc, "_CACHE_ROWS", 50)  # several blocks of queries and of bank rows
+    monkeypatch.setattr(pc, "_CACHE_COLUMNS", 64)
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(500, 12, generator=gen)
+    bank = torch.cat([bank, bank[:100]])  # exact duplicates: ties the first of equals resolves
+    queries = torch.cat([torch.randn(130, 12, generator=gen), bank[:20], bank[550:560]])
+    for rows_out in (torch.arange(0), torch.arange(40, 100), torch.arange(0, 600, 7),
+                     torch.arange(599)):
+        mask = torch.zeros(1, len(bank), dtype=torch.bool)
+        mask[0, rows_out] = True
+        expected = nearest(queries, bank, lambda rows, mask=mask: mask)
+        got = pc.nearest_outside(queries, pc._augmented_bank(bank), rows_out)
+        assert torch.equal(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+
+
+def test_nearest_outside_works_in_cache_sized_blocks(monkeypatch):
+    monkeypatch.setattr(pc, "_CACHE_ROWS", 32)
+    monkeypatch.setattr(pc, "_CACHE_COLUMNS", 100)
+    products = []
+    mm = torch.mm
+
+    def spy(a, b, **kwargs):
+        products.append(kwargs["out"])
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    bank = torch.randn(1000, 8)
+    workspace = {}
+    for _ in range(3):
+        pc.nearest_outside(torch.randn(100, 8), pc._augmented_bank(bank), torch.arange(10),
+                           workspace)
+    # no block of distances larger than the cache-sized one, whatever the bank's size, and
+    # every block written into the one buffer that the workspace keeps across calls
+    assert len(products) == 3 * 4 * 10
+    assert max(p.numel() for p in products) == 32 * 100
+    assert {p.untyped_storage().data_ptr() for p in products} == {
+        workspace["products"].untyped_storage().data_ptr()}
+
+
+def test_leave_one_out_reweighting_matches_one_image_at_a_time():
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 6, generator=gen)
+    # image 3 owns all but 5 bank rows: fewer allowed rows than neighbours (one at a time)
+    owner = torch.where(torch.arange(300) < 295, 3, torch.arange(300) % 3)
+    rows_out = pc._rows_by_image(owner, 4)
+    farthest = torch.randn(4, 6, generator=gen)
+    s_star, m_star = torch.rand(4, generator=gen) + 1, torch.tensor([295, 296, 297, 0])
+    for n_neighbors in (0, 1, 2, 9):
+        got = pc._reweighted_scores_outside(farthest, s_star, m_star, bank, rows_out,
+                                            n_neighbors)
+        for i in range(4):
+            own = (owner == i)[None]
+            expected = pc.reweighted_score(farthest[i][None], 0, s_star[i], m_star[i], bank,
+                                           n_neighbors, lambda rows, own=own: own)
+            assert float(got[i]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_leave_one_out_scores_the_calibration_references_only(textures, monkeypatch):
+    normals = textures.images[textures.y == 0]
+    searched = []
+    search = pc.nearest_outside
+
+    def spy(queries, *args):
+        searched.append(queries.clone())
+        return search(queries, *args)
+
+    monkeypatch.setattr(pc, "nearest_outside", spy)
+    det = PatchCore(**TINY, max_calibration_references=3, random_state=0).fit(normals[:9])
+    feats = det._map_images(check_images(normals[:9]), lambda b: det._embed(b).permute(0, 2, 3, 1))
+    assert len(searched) == 3 and len(det.calibration_indices_) == 3
+    for q, i in zip(searched, det.calibration_indices_):
+        assert torch.equal(q, feats[i].flatten(0, 1))
+
+
+def test_chunked_coreset_projects_one_chunk_at_a_time(monkeypatch):
+    rows = []
+    matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        rows.append(a.shape[0])
+        return matmul(a, b)
+
+    x = torch.randn(1000, 40, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    greedy_coreset(x, 100, 16, torch.Generator().manual_seed(0), chunk_size=300)
+    # the projection of a chunk's rows (250 each), never of all 1000
+    assert 250 in rows and max(rows) == 250
+
+
+def test_default_coreset_is_exact_up_to_the_chunk_size(textures, monkeypatch):
+    normals = textures.images[textures.y == 0][:9]  # 9 images of 8 x 8 patches: 576
+    exact = PatchCore(**TINY, coreset_chunk_size=None, random_state=0).fit(normals)
+    default = PatchCore(**TINY, random_state=0).fit(normals)
+    assert default.coreset_chunk_size >= 576
+    assert torch.equal(default.memory_bank_, exact.memory_bank_)
+    # above it the reference patches are thinned in chunks of at most that many
+    sizes = []
+    farthest_first = pc._farthest_first
+
+    def spy(x, *args, **kwargs):
+        sizes.append(len(x))
+        return farthest_first(x, *args, **kwargs)
+
+    monkeypatch.setattr(pc, "_farthest_first", spy)
+    PatchCore(**TINY, coreset_chunk_size=200, random_state=0).fit(normals)
+    assert sizes == [192, 192, 192]

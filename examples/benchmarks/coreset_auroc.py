@@ -1,7 +1,7 @@
 """PatchCore's image AUROC with the plain greedy coreset, the new one and its chunked approximation.
 
     python examples/benchmarks/coreset_auroc.py [--data ROOT] [--categories mt aitex_00 ...]
-        [--chunk-sizes 65536 262144] [--plain-max-patches 150000]
+        [--chunk-sizes 65536 262144] [--plain-max-patches 150000] [--max-train N]
 
 One-class, per category: fit on train/good, score test/ (``tf_efficientnet_lite0`` offline
 weights, 256 px, coreset 10 %, random_state 0). The features of both splits are computed
@@ -72,11 +72,14 @@ def _auroc(det, bank, test_feats, y):
     return roc_auc_score(y, scores)
 
 
-def run_category(data, category, chunk_sizes, plain_max):
+def run_category(data, category, chunk_sizes, plain_max, max_train=None):
     det = PatchCore(backbone="tf_efficientnet_lite0", image_size=256, device="cpu",
                     random_state=0)
     backbone = create_backbone(det.backbone, det.weights, det.layers, random_state=0)
     train = load_mvtec(data, category, "train").paths
+    if max_train is not None and len(train) > max_train:  # a random subset (seed 0)
+        train = [train[i] for i in np.sort(np.random.default_rng(0).choice(len(train), max_train,
+                                                                            replace=False))]
     test = load_mvtec(data, category, "test")
     patches = _features(det, backbone, train).flatten(0, 2)
     test_feats = _features(det, backbone, test.paths)
@@ -109,11 +112,13 @@ def main(argv=None):
                     default=["aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04", "mt"])
     ap.add_argument("--chunk-sizes", type=int, nargs="*", default=[65536, 262144])
     ap.add_argument("--plain-max-patches", type=int, default=150000)
+    ap.add_argument("--max-train", type=int, default=None,
+                    help="fit on this many train/good images at most (drawn with seed 0)")
     args = ap.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"coreset_auroc: {args.data} not found; nothing to do")
         return 0
-    rows = [run_category(args.data, c, args.chunk_sizes, args.plain_max_patches)
+    rows = [run_category(args.data, c, args.chunk_sizes, args.plain_max_patches, args.max_train)
             for c in args.categories if (Path(args.data) / c).is_dir()]
     names = ["plain", "exact", *[f"chunk={s}" for s in args.chunk_sizes]]
     print("| category | images | patches | " + " | ".join(f"{n} AUROC (s)" for n in names)
