@@ -71,3 +71,21 @@ def test_coreset_scores_rank_as_anomalib(textures):
 
     assert spearmanr(ours, theirs).statistic > 0.9
     assert abs(roc_auc_score(y, ours) - roc_auc_score(y, theirs)) <= 0.05
+
+
+def test_anomalib_coreset_is_seeded_whatever_ran_before(textures):
+    """anomalib's projection draws columns from NumPy's global generator: the comparison
+    seeds it (and leaves the caller's state as it was), so the coreset is the same whatever
+    the tests before it drew."""
+    train, test, _ = textures
+    scores = []
+    for draws in (1, 7):
+        np.random.rand(draws)  # the global state that must not matter
+        state = np.random.get_state()
+        model, ours = parity.anomalib_model("test_resnet", None, (2, 3), 9)
+        mean, std = ours.mean, ours.std
+        scores.append(parity.anomalib_scores(model, lambda x, m=mean, s=std: (x - m) / s,
+                                             train, test, 0.1))
+        after = np.random.get_state()
+        assert all(np.array_equal(a, b) for a, b in zip(state, after))
+    np.testing.assert_array_equal(scores[0], scores[1])

@@ -67,20 +67,28 @@ def anomalib_model(backbone, weights, layers, n_neighbors=9):
 def anomalib_scores(model, normalise, train, test, coreset_ratio, seed=0, batch_size=16):
     """Fit anomalib's model on ``train`` (B, 3, H, W) in [0, 1]; image scores of ``test``.
 
-    anomalib's coreset draws its start from torch's global generator: it is seeded here
-    with ``seed`` (inside a fork, so the caller's generator is left alone).
+    anomalib's coreset draws its start and its projection's signs from torch's global
+    generator, and its projection's columns from NumPy's (scikit-learn's
+    ``sample_without_replacement`` with ``random_state=None``): both are seeded here with
+    ``seed``, and restored afterwards, so that the caller's generators are left alone and
+    the coreset does not depend on what ran before.
     """
     model.train()
     with torch.no_grad():
         for start in range(0, len(train), batch_size):
             model(normalise(train[start:start + batch_size]))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        if coreset_ratio < 1:
-            model.subsample_embedding(coreset_ratio)
-        else:
-            model.memory_bank = torch.vstack(model.embedding_store)
-            model.embedding_store.clear()
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            np.random.seed(seed)  # the global generator: anomalib draws from it
+            if coreset_ratio < 1:
+                model.subsample_embedding(coreset_ratio)
+            else:
+                model.memory_bank = torch.vstack(model.embedding_store)
+                model.embedding_store.clear()
+    finally:
+        np.random.set_state(numpy_state)
     model.eval()
     with torch.no_grad():
         return torch.cat([model(normalise(test[s:s + batch_size])).pred_score

@@ -12,6 +12,12 @@ takes 10 of them as references. Then ``--n-images`` images drawn from ``<categor
 and maps). The reference is lite0's own forward pass (levels 2 and 3) over the same images,
 read and resized the same way, measured before and after the detectors (the faster kept).
 Times include reading the files. The machine may be shared: compare the ratios.
+
+Beside the time, the work: the floating-point operations of the matrix products,
+convolutions and attention of ``decision_function`` per image (counted on ``--n-flop-images``
+images by :class:`torch.utils.flop_counter.FlopCounterMode`; element-wise work, reading and
+resizing are not counted), as a multiple of the backbone's. A detector whose time ratio is
+near its FLOP ratio spends its time in its networks' arithmetic, not in overhead.
 """
 
 import argparse
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from skad import GeneralAD, GlobalLocal, MetaComparer, MMR, PatchCore
 from skad._backbone import create_backbone
@@ -55,6 +62,22 @@ def backbone_seconds(paths, device):
     return time.perf_counter() - t0
 
 
+def backbone_flops(images):
+    """Floating-point operations of lite0's forward pass (levels 2 and 3) per image."""
+    backbone = create_backbone(LITE0, layers=(2, 3))
+    return flops(lambda x: [backbone(b) for _, b in iter_batches(check_images(x), 16, 256)],
+                 images)
+
+
+def flops(call, images):
+    """Floating-point operations of ``call(images)`` per image, as FlopCounterMode counts
+    them (matrix products, convolutions, attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        call(images)
+    return counter.get_total_flops() / len(images)
+
+
 def fit(det, method, train):
     if method == "metacomparer":  # two "domains", anomalies synthesized
         groups = np.arange(len(train)) % 2
@@ -74,6 +97,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+",
                     default=["patchcore", "generalad", "mmr", "metacomparer", "globallocal"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n-flop-images", type=int, default=4)
     args = ap.parse_args(argv)
     if not (Path(args.data) / args.category).is_dir():
         print(f"scoring_speed: {args.data}/{args.category} not found; nothing to do")
@@ -93,18 +117,20 @@ def main(argv=None):
             t0 = time.perf_counter()
             call(test)
             seconds.append(time.perf_counter() - t0)
-        rows.append((method, *seconds))
+        rows.append((method, *seconds, flops(det.decision_function, test[:args.n_flop_images])))
         print(f"{method}: {seconds[0]:.1f} s scores, {seconds[1]:.1f} s scores and maps",
               file=sys.stderr, flush=True)
     ref = min(ref, backbone_seconds(test, args.device))
+    ref_flops = backbone_flops(test[:args.n_flop_images])
     n = len(test)
-    print(f"backbone (lite0, levels 2-3) forward pass: {ref:.1f} s, {n / ref:.1f} images/s\n")
+    print(f"backbone (lite0, levels 2-3) forward pass: {ref:.1f} s, {n / ref:.1f} images/s, "
+          f"{ref_flops / 1e9:.2f} GFLOP/image\n")
     print("| detector | scores: images/s | / backbone | scores and maps: images/s | "
-          "/ backbone |")
-    print("|---|---|---|---|---|")
-    for method, s_scores, s_maps in rows:
+          "/ backbone | GFLOP/image (scores) | / backbone |")
+    print("|---|---|---|---|---|---|---|")
+    for method, s_scores, s_maps, work in rows:
         print(f"| {method} | {n / s_scores:.1f} | {s_scores / ref:.2f} | {n / s_maps:.1f} | "
-              f"{s_maps / ref:.2f} |")
+              f"{s_maps / ref:.2f} | {work / 1e9:.2f} | {work / ref_flops:.1f} |")
     return 0
 
 
