@@ -659,7 +659,11 @@ class PatchCore(BaseDetector):
     the coreset's projection of at most ``coreset_chunk_size`` patches with a
     copy of their features (``coreset_chunk_size * (n_features + 162)``
     values, 41 MB for lite0 and 222 MB for WideResNet-50-2) and blocks of at
-    most 128 MiB for the searches.
+    most 128 MiB for the searches. On a CPU that other jobs share, give torch
+    no more threads than there are free cores (``torch.set_num_threads``): the
+    coreset's many small operations each wait for every thread, and took ten
+    times longer with two threads than with one beside another job
+    (docs/benchmarks.md, "PatchCore fit").
 
     Defaults changed in 0.2 for the time of large fits (issue 12):
     ``coreset_chunk_size=32768`` (was None: the exact selection at any size;
