@@ -35,6 +35,8 @@ __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_a
 # reference rows: cache-sized on the CPU (measured fastest), large on a GPU
 _PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
 _REF_ROWS = {"cpu": 1024, "cuda": 8192}
+# logits of one row of blocks, reduced at once: few running reductions, bounded memory
+_LOGIT_BLOCK = {"cpu": 2**20, "cuda": 2**26}
 # reference rows per block in an exported graph (skad._onnx), whose blocks hold every query
 # row of the batch: 16 MiB per image for 1024 patches and 64 hidden units
 _EXPORT_REF_ROWS = 64
@@ -74,47 +76,65 @@ class PairComparer(nn.Module):
         """Logits of aligned pairs ``q[..., :]`` with ``r[..., :]``."""
         return self.from_hidden(self.query(q) + self.reference(r))
 
-    def _tail(self, hidden):
-        """Logits from first-layer pre-activations, overwriting them (no autograd)."""
-        hidden = hidden.relu_()
-        if len(self.rest) == 2:  # one hidden layer: a matrix-vector product
-            weight = self.rest[1].weight[0].to(hidden.dtype)
-            if is_exporting():  # ONNX Runtime multiplies and sums 2.4 times as fast
-                return (hidden * weight).sum(-1) + self.rest[1].bias[0]
-            return hidden @ weight + self.rest[1].bias[0]
-        return self.rest[1:](hidden).squeeze(-1)
+    def _block_logits(self, q, r, weight, buffer):
+        """Logits ``(n, m)`` of the query rows ``q (n, H)`` with the reference rows ``r (m,
+        H)``, no autograd; with one hidden layer, ``weight`` is its output weights and the
+        output bias is left out (added to a row of blocks at once). The ``(n, m, H)``
+        pre-activations are written into ``buffer`` (flat, or None to allocate them)."""
+        out = None
+        if buffer is not None:
+            out = buffer[:q.shape[0] * r.shape[0] * q.shape[1]].view(q.shape[0], r.shape[0], -1)
+        hidden = torch.add(q[:, None, :], r[None, :, :], out=out).relu_()
+        if weight is None:
+            return self.rest[1:](hidden).squeeze(-1)
+        if is_exporting():  # ONNX Runtime multiplies and sums 2.4 times as fast
+            return (hidden * weight).sum(-1)
+        return hidden @ weight  # one hidden layer: a matrix-vector product
 
     def reduce(self, qh, rh, reduction="max", exclude=None):
         """For every query row, the max (Eq. 1) or min logit over all reference rows.
 
         ``qh (n_q, H)`` and ``rh (n_r, H)`` are ``query(q)`` and ``reference(r)``.
-        Pairs are scored in blocks of bounded size with a running reduction (no
-        autograd); ``exclude(q_rows, r_rows) -> bool (n, m)`` masks pairs out.
-        Returns the values ``(n_q,)`` and the index of the reference row reaching them.
+        Pairs are scored in cache-sized blocks (``_PAIR_BLOCK`` elements of ``(queries,
+        references, H)``, written into one buffer), whose logits are joined into a row of
+        up to ``_LOGIT_BLOCK`` and reduced at once, with a running reduction across such
+        rows (no autograd); ``exclude(q_rows, r_rows) -> bool (n, m)`` masks pairs out.
+        Returns the values ``(n_q,)`` and the index of the reference row reaching them
+        (the first of equal ones).
         """
         # the number of query rows grows with the batch size: qh.shape[0], not len(qh),
         # leaves it open in a graph of this code (skad._onnx)
         n_q, n_r, hidden = qh.shape[0], len(rh), qh.shape[1]
         device = "cpu" if qh.device.type == "cpu" else "cuda"
         rows_r = max(1, min(n_r, _REF_ROWS[device], _PAIR_BLOCK[device] // hidden))
-        if is_exporting():  # one block of all query rows (row_blocks)
-            rows_r = min(n_r, _EXPORT_REF_ROWS)
         rows_q = max(1, _PAIR_BLOCK[device] // (rows_r * hidden))
+        cols = max(1, _LOGIT_BLOCK[device] // (rows_q * rows_r)) * rows_r
+        buffer = None
+        if is_exporting():  # one block of all query rows (row_blocks), reduced block by block
+            rows_r = cols = min(n_r, _EXPORT_REF_ROWS)
         sign = 1.0 if reduction == "max" else -1.0
         best = torch.full((n_q,), -torch.inf, device=qh.device)
         where = torch.zeros(n_q, dtype=torch.long, device=qh.device)
+        dtype = torch.promote_types(qh.dtype, rh.dtype)
         with torch.no_grad():
+            weight = self.rest[1].weight[0].to(dtype) if len(self.rest) == 2 else None
+            if not is_exporting():
+                buffer = torch.empty(min(n_q, rows_q) * rows_r * hidden, device=qh.device,
+                                     dtype=dtype)
             for qs in row_blocks(n_q, rows_q):
-                for r0 in range(0, n_r, rows_r):
-                    rs = slice(r0, r0 + rows_r)
-                    z = self._tail(qh[qs, None, :] + rh[None, rs, :]).float()
+                q = qh[qs]
+                for c0 in range(0, n_r, cols):
+                    c1 = min(c0 + cols, n_r)
+                    z = torch.cat([self._block_logits(q, rh[r0:r0 + rows_r], weight, buffer)
+                                   for r0 in range(c0, c1, rows_r)], dim=1)
+                    z = (z if weight is None else z + self.rest[1].bias[0]).float()
                     z = z if sign > 0 else z.neg_()
                     if exclude is not None:
-                        z = z.masked_fill_(exclude(qs, rs), -torch.inf)
+                        z = z.masked_fill_(exclude(qs, slice(c0, c1)), -torch.inf)
                     val, idx = z.max(dim=1)
                     better = val > best[qs]
                     best[qs] = torch.where(better, val, best[qs])
-                    where[qs] = torch.where(better, idx + r0, where[qs])
+                    where[qs] = torch.where(better, idx + c0, where[qs])
         return sign * best, where
 
 
