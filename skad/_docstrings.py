@@ -41,8 +41,9 @@ false_reject_rate : float in (0, 1), default=0.05
 max_calibration_references : int or None, default=200
     At most this many references are scored to calibrate ``threshold_`` and
     ``pixel_threshold_``: with more, that many drawn at random (``random_state``;
-    ``calibration_indices_``), with which the guarantee of ``false_reject_rate``
-    holds; all of them still serve as the reference. None: all of them.{calibration_cost}
+    ``calibration_indices_``); the guarantee of ``false_reject_rate`` holds with
+    that many, which must be at least ``1 / false_reject_rate - 1`` (19 for 0.05, 99
+    for 0.01). All of them still serve as the reference. None: all of them.{calibration_cost}
 threshold_quantile : float, default="deprecated"
     Deprecated since 0.2: ``threshold_`` as this quantile of the references'
     scores, without a guarantee. Use ``false_reject_rate``.""",
@@ -70,7 +71,7 @@ threshold_ : float
     ``predict`` flags images scoring above it.
 false_reject_rate_ : float
     The rate ``threshold_`` guarantees (``false_reject_rate``, or
-    ``1 / (n_references + 1)`` when the references are too few).
+    ``1 / (n_calibration + 1)`` when the calibrating references are too few).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)

@@ -459,9 +459,13 @@ class BaseDetector(BaseEstimator):
                         "largest maximum of their maps)")
                 message = too_few_references_message(len(scores), rate, what)
                 n_references = getattr(self, "n_references_", len(scores))
-                if len(scores) < n_references:
+                if len(scores) < n_references:  # the cap, not the references, limits it
+                    need = min_references(rate)
                     message += (f" Only max_calibration_references={len(scores)} of the "
-                                f"{n_references} references calibrate: raise it.")
+                                f"{n_references} references calibrate: "
+                                + (f"set it to at least {need} (or None)."
+                                   if n_references >= need else
+                                   f"even all {n_references} (None) are fewer than {need}."))
                 warnings.warn(f"{type(self).__name__}: " + message, CalibrationWarning,
                               stacklevel=stacklevel)
             threshold = conformal_threshold(scores, rate, warn=False)

@@ -501,5 +501,9 @@ def test_a_detector_pickled_before_max_calibration_references_loads(data):
 
 def test_too_few_calibrating_references_say_which_parameter_limits_them(data):
     det = _patchcore().set_params(max_calibration_references=4)
-    with pytest.warns(CalibrationWarning, match="max_calibration_references=4 of the 10"):
+    with pytest.warns(CalibrationWarning, match="max_calibration_references=4 of the 10 "
+                      "references calibrate: even all 10 \\(None\\) are fewer than 19"):
         det.fit(data.images[data.y == 0][:10])
+    det.set_params(false_reject_rate=0.2)  # needs 4: reached by all 10, not by the cap of 3
+    with pytest.warns(CalibrationWarning, match="set it to at least 4 \\(or None\\)"):
+        det.set_params(max_calibration_references=3).set_reference(data.images[data.y == 0][:10])

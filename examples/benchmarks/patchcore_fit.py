@@ -168,7 +168,7 @@ def main(argv=None):
               "calibration / other s | peak MiB | anon. MiB: features / coreset / calibration "
               "| backbone peak MiB (anon.) | old fit s | old / backbone | old phases s | "
               "old peak MiB | old anon. MiB |")
-        print("|---" * 14 + "|")
+        print("|---" * 13 + "|")
         for size in args.sizes:
             ref = _run("backbone", REPO, args, size)
             row = [str(size), f"{ref['seconds']:.1f}"]
