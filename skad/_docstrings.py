@@ -7,7 +7,9 @@ import, so that ``help()``, the API pages and the docstring's examples read
 the whole text. A paragraph may leave a few words to the detector as
 ``{field}``: the detector passes them to :func:`fill_doc`, or takes the
 default of :data:`FIELDS`; a description that the words make too long is
-wrapped again. As matplotlib's ``_docstring.interpd``, but only whole
+wrapped again. One paragraph is written from the class itself: ``%(deprecated)s``,
+the entry of the old names of its renamed parameters (``_deprecated_parameters``,
+:mod:`skad._params`). As matplotlib's ``_docstring.interpd``, but only whole
 placeholder lines are replaced, so that the rest of a docstring keeps its
 ``%`` signs and braces as they are.
 """
@@ -16,7 +18,9 @@ import re
 import string
 import textwrap
 
-__all__ = ["FIELDS", "PARAGRAPHS", "fill_doc"]
+from ._params import REMOVED_IN, RENAMED_IN
+
+__all__ = ["FIELDS", "PARAGRAPHS", "fill_doc", "renamed_entry"]
 
 #: the shared paragraphs, as they read at the indentation of a Parameters entry
 PARAGRAPHS = {
@@ -115,10 +119,41 @@ def _rewrapped(text):
     return "\n".join(out)
 
 
-def _paragraph(match, fields):
+def _paragraph(match, paragraphs, fields):
     indent, name = match.groups()
-    text = _rewrapped(PARAGRAPHS[name].format_map(fields))
+    text = _rewrapped(paragraphs[name].format_map(fields))
     return "\n".join(indent + line if line else line for line in text.split("\n"))
+
+
+def _and(words):
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def renamed_entry(renames):
+    """The Parameters entry of the old names of a detector's renamed parameters.
+
+    Parameters
+    ----------
+    renames : dict
+        A detector's ``_deprecated_parameters`` (not empty): old name -> new
+        name, or ``(new name, convert)`` where ``convert``'s docstring says how
+        an old value reads.
+
+    Returns
+    -------
+    str
+        ``"old_a, old_b : deprecated"`` and its description.
+    """
+    news = []
+    for spec in renames.values():
+        new, convert = spec if isinstance(spec, tuple) else (spec, None)
+        how = f" ({convert.__doc__.strip().rstrip('.')})" if convert is not None else ""
+        news.append(f"``{new}``{how}")
+    names = "names" if len(news) > 1 else "name"
+    return (f"{', '.join(renames)} : deprecated\n"
+            f"    Deprecated in {RENAMED_IN}, removed in {REMOVED_IN}: the old {names} of "
+            f"{_and(news)}{', in this order' if len(news) > 1 else ''}; set the new "
+            f"{names} (an old one still works, with a FutureWarning).")
 
 
 def fill_doc(**fields):
@@ -145,7 +180,11 @@ def fill_doc(**fields):
 
     def decorate(cls):
         if cls.__doc__:  # None under python -OO
-            cls.__doc__ = _PLACEHOLDER.sub(lambda m: _paragraph(m, fields), cls.__doc__)
+            renames = getattr(cls, "_deprecated_parameters", None)
+            paragraphs = {**PARAGRAPHS, **({"deprecated": renamed_entry(renames)}
+                                           if renames else {})}
+            cls.__doc__ = _PLACEHOLDER.sub(lambda m: _paragraph(m, paragraphs, fields),
+                                           cls.__doc__)
         return cls
 
     return decorate

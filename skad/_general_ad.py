@@ -267,9 +267,7 @@ class GeneralAD(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the discriminator's initialisation, the distortions, dropout and the order of
         the training images (and random backbone weights, for tests).
-    lr, lr_final_ratio : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``learning_rate`` and
-        ``final_learning_rate_ratio``.
+    %(deprecated)s
 
     Attributes
     ----------
@@ -321,15 +319,14 @@ class GeneralAD(BaseDetector):
 
     Examples
     --------
-    >>> from skad import GeneralAD
-    >>> from skad.datasets import make_textures
-    >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=4, image_size=32,
-    ...                      random_state=0)
+    >>> from skad import GeneralAD, datasets
+    >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=4,
+    ...                               image_size=32, random_state=0)
     >>> det = GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), image_size=32,
     ...                 hidden_dim=32, n_epochs=2, random_state=0).fit(data.images[data.y == 0])
-    >>> det.decision_function(data.images[:3]).shape
+    >>> det.predict(data.images[:3]).shape  # 1 = rejected at false_reject_rate
     (3,)
-    >>> det.predict_map(data.images[:2]).shape
+    >>> det.predict_mask(data.images[:2]).shape  # pixels above pixel_threshold_
     (2, 32, 32)
     """
 
@@ -366,28 +363,8 @@ class GeneralAD(BaseDetector):
                  max_calibration_references=200, threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None,
                  lr=DEPRECATED, lr_final_ratio=DEPRECATED):
-        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
-                         max_calibration_references=max_calibration_references,
-                         threshold_quantile=threshold_quantile, batch_size=batch_size,
-                         device=device, verbose=verbose, random_state=random_state)
-        self.backbone = backbone
-        self.weights = weights
-        self.layers = layers
-        self.norm = norm
-        self.distortions = distortions
-        self.noise_std = noise_std
-        self.n_heads = n_heads
-        self.hidden_dim = hidden_dim
-        self.dropout = dropout
-        self.n_epochs = n_epochs
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.final_learning_rate_ratio = final_learning_rate_ratio
-        self.top_k = top_k
-        self.sigma = sigma
-        self.standardize_positions = standardize_positions
-        self.lr = lr
-        self.lr_final_ratio = lr_final_ratio
+        # scikit-learn's constructor: the parameters stored as given, nothing else
+        self._store_parameters(locals())
 
     # ------------------------------------------------------------ checks
     def _check_param_relations(self):

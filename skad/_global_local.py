@@ -266,7 +266,7 @@ def add_stains(patches, generator, radius=(0.08, 0.3), alpha=(0.3, 1.0)):
 
 # ------------------------------------------------------------------ the detector
 def _one_level(layer):
-    """``teacher_layer=k`` (deprecated) is ``teacher_layers=(k,)``."""
+    """``teacher_layer=k`` is ``teacher_layers=(k,)``."""
     return (layer,)
 
 
@@ -360,11 +360,7 @@ class GlobalLocal(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the networks' initialisation, the patch positions, the stains
         and the minibatch order.
-    teacher_layer, lambda_k, lambda_c, lambda_t, lambda_s, lr, idw_neighbors : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``teacher_layers``
-        (``teacher_layer=k`` is ``teacher_layers=(k,)``), ``distillation_weight``,
-        ``compactness_weight``, ``dad_weight``, ``iad_score_weight``,
-        ``learning_rate`` and ``n_idw_neighbors``.
+    %(deprecated)s
 
     Attributes
     ----------
@@ -418,18 +414,17 @@ class GlobalLocal(BaseDetector):
 
     Examples
     --------
-    >>> from skad import GlobalLocal
-    >>> from skad.datasets import make_textures
-    >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=2, image_size=32,
-    ...                      random_state=0)
+    >>> from skad import GlobalLocal, datasets
+    >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=2,
+    ...                               image_size=32, random_state=0)
     >>> det = GlobalLocal(teacher="test_efficientnet", teacher_weights=None, teacher_size=32,
     ...                   patch_size=8, stride=4, embed_dim=16, width=8, n_distill_epochs=1,
     ...                   n_finetune_epochs=1, n_epochs=1, image_size=32,
     ...                   random_state=0).fit(data.images[data.y == 0])
     >>> det.decision_function(data.images).shape
     (10,)
-    >>> det.predict_map(data.images[:2]).shape
-    (2, 32, 32)
+    >>> len(det.predict_regions(data.images[:2]))  # each image's connected anomalous regions
+    2
     """
 
     _parameter_constraints: ClassVar[dict] = {
@@ -487,42 +482,8 @@ class GlobalLocal(BaseDetector):
                  teacher_layer=DEPRECATED, lambda_k=DEPRECATED, lambda_c=DEPRECATED,
                  lambda_t=DEPRECATED, lambda_s=DEPRECATED, lr=DEPRECATED,
                  idw_neighbors=DEPRECATED):
-        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
-                         max_calibration_references=max_calibration_references,
-                         threshold_quantile=threshold_quantile, batch_size=batch_size,
-                         device=device, verbose=verbose, random_state=random_state)
-        self.teacher = teacher
-        self.teacher_weights = teacher_weights
-        self.teacher_layers = teacher_layers
-        self.teacher_size = teacher_size
-        self.patch_size = patch_size
-        self.stride = stride
-        self.context = context
-        self.embed_dim = embed_dim
-        self.width = width
-        self.n_distill_patches = n_distill_patches
-        self.n_distill_epochs = n_distill_epochs
-        self.n_finetune_epochs = n_finetune_epochs
-        self.distill_images = distill_images
-        self.local_net = local_net
-        self.n_patches = n_patches
-        self.n_epochs = n_epochs
-        self.distillation_weight = distillation_weight
-        self.compactness_weight = compactness_weight
-        self.dad_weight = dad_weight
-        self.dad_input = dad_input
-        self.iad_score_weight = iad_score_weight
-        self.learning_rate = learning_rate
-        self.n_idw_neighbors = n_idw_neighbors
-        self.idw_power = idw_power
-        self.standardize_positions = standardize_positions
-        self.teacher_layer = teacher_layer
-        self.lambda_k = lambda_k
-        self.lambda_c = lambda_c
-        self.lambda_t = lambda_t
-        self.lambda_s = lambda_s
-        self.lr = lr
-        self.idw_neighbors = idw_neighbors
+        # scikit-learn's constructor: the parameters stored as given, nothing else
+        self._store_parameters(locals())
 
     # ----------------------------------------------------------- parameters
     def _check_param_relations(self):

@@ -387,15 +387,7 @@ class MetaComparer(BaseDetector):
     %(verbose)s
     random_state : int, Generator or None, default=None
         Seeds initialisation, episodes, patch sampling and synthetic anomalies.
-    hidden_sizes, fpn_cells, fpn_levels : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``hidden_layer_sizes``,
-        ``n_fpn_cells`` and ``n_fpn_levels``.
-    episode_queries, episode_references, backbone_lr_ratio : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``n_episode_queries``,
-        ``n_episode_references`` and ``backbone_learning_rate_ratio``.
-    rank_lambda : deprecated
-        Deprecated in 0.2, removed in 0.3: the scale λ of Eq. 4's ranking weights,
-        which multiplied L_rank exactly as ``rank_weight`` does; set ``rank_weight``.
+    %(deprecated)s
 
     Attributes
     ----------
@@ -443,10 +435,9 @@ class MetaComparer(BaseDetector):
 
     Examples
     --------
-    >>> from skad import MetaComparer
-    >>> from skad.datasets import make_textures
-    >>> data = make_textures(n_domains=3, n_normal=8, n_anomalous=4, image_size=32,
-    ...                      random_state=0)
+    >>> from skad import MetaComparer, datasets
+    >>> data = datasets.make_textures(n_domains=3, n_normal=8, n_anomalous=4,
+    ...                               image_size=32, random_state=0)
     >>> src = data.groups != data.groups[-1]
     >>> det = MetaComparer(backbone="test_resnet", weights=None, image_size=32, n_epochs=1,
     ...                    n_episodes=2, random_state=0)
@@ -520,44 +511,8 @@ class MetaComparer(BaseDetector):
                  fpn_cells=DEPRECATED, fpn_levels=DEPRECATED, episode_queries=DEPRECATED,
                  episode_references=DEPRECATED, backbone_lr_ratio=DEPRECATED,
                  rank_lambda=DEPRECATED):
-        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
-                         max_calibration_references=max_calibration_references,
-                         threshold_quantile=threshold_quantile, batch_size=batch_size,
-                         device=device, verbose=verbose, random_state=random_state)
-        self.backbone = backbone
-        self.weights = weights
-        self.layers = layers
-        self.train_backbone = train_backbone
-        self.fpn_width = fpn_width
-        self.n_fpn_cells = n_fpn_cells
-        self.n_fpn_levels = n_fpn_levels
-        self.scales = scales
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.attention_dim = attention_dim
-        self.reference_reduction = reference_reduction
-        self.patch_score = patch_score
-        self.attention_weight = attention_weight
-        self.rank_weight = rank_weight
-        self.rank_lambda = rank_lambda
-        self.mismatch_ratio = mismatch_ratio
-        self.n_epochs = n_epochs
-        self.n_episodes = n_episodes
-        self.n_episode_queries = n_episode_queries
-        self.n_episode_references = n_episode_references
-        self.n_reference_patches = n_reference_patches
-        self.n_rank_pairs = n_rank_pairs
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.backbone_learning_rate_ratio = backbone_learning_rate_ratio
-        self.synthesize_anomalies = synthesize_anomalies
-        self.n_synthetic = n_synthetic
-        self.sigma = sigma
-        self.hidden_sizes = hidden_sizes
-        self.fpn_cells = fpn_cells
-        self.fpn_levels = fpn_levels
-        self.episode_queries = episode_queries
-        self.episode_references = episode_references
-        self.backbone_lr_ratio = backbone_lr_ratio
+        # scikit-learn's constructor: the parameters stored as given, nothing else
+        self._store_parameters(locals())
 
     # ------------------------------------------------------------ fit
     def _check_param_relations(self):

@@ -208,9 +208,7 @@ class MMR(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the student's initialisation, the minibatch order, the masks and
         the augmentation.
-    lr, lr_milestones : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``learning_rate`` and
-        ``learning_rate_milestones``.
+    %(deprecated)s
 
     Attributes
     ----------
@@ -271,17 +269,15 @@ class MMR(BaseDetector):
 
     Examples
     --------
-    >>> from skad import MMR
-    >>> from skad.datasets import make_textures
-    >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=2, image_size=32,
-    ...                      random_state=0)
+    >>> from skad import MMR, datasets
+    >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=2,
+    ...                               image_size=32, random_state=0)
     >>> det = MMR(teacher="test_efficientnet", teacher_weights=None, student="test_vit",
     ...           student_weights=None, student_depth=1, n_epochs=1, image_size=32,
     ...           random_state=0).fit(data.images[data.y == 0])
-    >>> det.decision_function(data.images).shape
-    (10,)
-    >>> det.predict_map(data.images[:2]).shape
-    (2, 32, 32)
+    >>> scores, maps = det.score_and_map(data.images)  # one pass for both
+    >>> scores.shape, maps.shape
+    ((10,), (10, 32, 32))
     """
 
     _parameter_constraints: ClassVar[dict] = {
@@ -317,28 +313,8 @@ class MMR(BaseDetector):
                  max_calibration_references=200,
                  threshold_quantile=DEPRECATED, batch_size=16, device="auto", verbose=0,
                  random_state=None, lr=DEPRECATED, lr_milestones=DEPRECATED):
-        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
-                         max_calibration_references=max_calibration_references,
-                         threshold_quantile=threshold_quantile, batch_size=batch_size,
-                         device=device, verbose=verbose, random_state=random_state)
-        self.teacher = teacher
-        self.teacher_weights = teacher_weights
-        self.teacher_layers = teacher_layers
-        self.student = student
-        self.student_weights = student_weights
-        self.student_depth = student_depth
-        self.mask_ratio = mask_ratio
-        self.n_epochs = n_epochs
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
-        self.learning_rate_milestones = learning_rate_milestones
-        self.crop_scale = crop_scale
-        self.hflip = hflip
-        self.sigma = sigma
-        self.standardize_positions = standardize_positions
-        self.lr = lr
-        self.lr_milestones = lr_milestones
+        # scikit-learn's constructor: the parameters stored as given, nothing else
+        self._store_parameters(locals())
 
     # ----------------------------------------------------------- fitting
     def _check_param_relations(self):

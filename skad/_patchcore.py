@@ -611,17 +611,15 @@ class PatchCore(BaseDetector):
     random_state : int, Generator or None, default=None
         Seeds the coreset's projection and starting point (and random backbone
         weights, for tests).
-    n_projections, n_reweight : deprecated
-        Deprecated in 0.2, removed in 0.3: the old names of ``projection_dim``
-        and ``n_reweight_neighbors``.
+    %(deprecated)s
 
     Attributes
     ----------
-    %(n_samples_fit)s
-    backbone_ : skad._backbone.Backbone
-        The frozen feature extractor.
     memory_bank_ : torch.Tensor of shape (n_patches, n_features)
         Coreset of the reference patches.
+    backbone_ : skad._backbone.Backbone
+        The frozen feature extractor.
+    %(n_samples_fit)s
     memory_owner_ : torch.Tensor of shape (n_patches,)
         Index of the reference image each bank patch comes from.
     memory_position_ : torch.Tensor of shape (n_patches,)
@@ -715,12 +713,12 @@ class PatchCore(BaseDetector):
 
     Examples
     --------
-    >>> from skad import PatchCore
-    >>> from skad.datasets import make_textures
-    >>> data = make_textures(n_domains=1, n_normal=12, n_anomalous=6, image_size=64,
-    ...                      random_state=0)
+    >>> from skad import PatchCore, datasets
+    >>> data = datasets.make_textures(n_domains=1, n_normal=12, n_anomalous=6,
+    ...                               image_size=64, random_state=0)
+    >>> normal = data.images[data.y == 0]
     >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=64,
-    ...                 random_state=0).fit(data.images[data.y == 0][:8])
+    ...                 random_state=0).fit(normal[:8])
     >>> det.decision_function(data.images[8:]).shape
     (10,)
     >>> det.predict_map(data.images[:2]).shape
@@ -750,21 +748,8 @@ class PatchCore(BaseDetector):
                  threshold_quantile=DEPRECATED, batch_size=16,
                  device="auto", verbose=0, random_state=None, n_projections=DEPRECATED,
                  n_reweight=DEPRECATED):
-        super().__init__(image_size=image_size, false_reject_rate=false_reject_rate,
-                         max_calibration_references=max_calibration_references,
-                         threshold_quantile=threshold_quantile, batch_size=batch_size,
-                         device=device, verbose=verbose, random_state=random_state)
-        self.backbone = backbone
-        self.weights = weights
-        self.layers = layers
-        self.embedding_dim = embedding_dim
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.n_reweight_neighbors = n_reweight_neighbors
-        self.coreset_chunk_size = coreset_chunk_size
-        self.sigma = sigma
-        self.n_projections = n_projections
-        self.n_reweight = n_reweight
+        # scikit-learn's constructor: the parameters stored as given, nothing else
+        self._store_parameters(locals())
 
     def _fit(self, images, y, groups):
         self.backbone_ = self._create_backbone(load_weights=True)

@@ -214,18 +214,24 @@ class BaseDetector(BaseEstimator):
         """Parameter ``name``, or its deprecated old name's value where that is set."""
         return renamed_value(self, name)
 
-    def __init__(self, *, image_size, false_reject_rate, max_calibration_references,
-                 threshold_quantile, batch_size, device, verbose, random_state):
-        # the parameters every detector has, stored as given; a detector's constructor
-        # gives their defaults, passes them here and stores its own
-        self.image_size = image_size
-        self.false_reject_rate = false_reject_rate
-        self.max_calibration_references = max_calibration_references
-        self.threshold_quantile = threshold_quantile
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
-        self.random_state = random_state
+    def _store_parameters(self, arguments):
+        """Store a constructor's arguments as attributes, as given.
+
+        scikit-learn's constructors only store their parameters (``self.x =
+        x``), under the names of the signature, where :meth:`get_params` and
+        ``clone`` read them back. A detector's ``__init__`` calls
+        ``self._store_parameters(locals())`` and does nothing else, so each of
+        its parameters is written once, in its signature (with its default);
+        nothing is validated or converted here (:meth:`_check_params` does
+        that in ``fit``).
+
+        Parameters
+        ----------
+        arguments : dict
+            The constructor's ``locals()``: every name of its signature.
+        """
+        for name in self._get_param_names():
+            setattr(self, name, arguments[name])
 
     # ----------------------------------------------------------- fitting
     def fit(self, X, y=None, groups=None):

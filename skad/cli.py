@@ -562,9 +562,7 @@ def _add_fit(sub):
                     help="folder of normal images (subfolders too), an MVTec category (its "
                          "train/good), or an MVTec root: train/good of every category for "
                          "one-class methods, every image with its label for metacomparer")
-    sp.add_argument("--reference", metavar="DIR",
-                    help="folder of normal images to set as the reference after fitting "
-                         "(default: the training images)")
+    _reference_option(sp, "after fitting (default: the training images)")
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="model file to write (.skad: skad's safe format, see skad.save); "
                          "new unless --overwrite")
@@ -598,9 +596,7 @@ def _add_score(sub):
                                     "run; --scheduler scores on a Dask cluster.\n\n"
                                     f"columns of scores.csv:\n{columns}",
                         epilog=_SCORE_NOTES)
-    sp.add_argument("--model", required=True, metavar="FILE",
-                    help="model file written by skad fit (or skad.save)")
-    _allow_pickle_option(sp)
+    _model_options(sp)
     inputs = sp.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", metavar="DIR",
                         help="folder of images to score (subfolders too), listed in a sorted "
@@ -611,9 +607,8 @@ def _add_score(sub):
     inputs.add_argument("--glob", metavar="PATTERN",
                         help="image files matching a pattern (quote it): * and ? within a "
                              "name, ** any folders, e.g. 'line3/2026-*/**/*.png'; sorted walk")
-    sp.add_argument("--reference", metavar="DIR",
-                    help="folder of normal images of the parts to score: recalibrates the "
-                         "threshold (and replaces PatchCore's memory bank) before scoring")
+    _reference_option(sp, "before scoring (good parts of the kind scored): it recalibrates "
+                          "the threshold (and replaces PatchCore's memory bank)")
     sp.add_argument("--out", required=True, metavar="DIR",
                     help="results folder: scores.csv and one overlay PNG per image; new or "
                          "empty unless --overwrite or --resume")
@@ -660,10 +655,19 @@ cut short by a kill is dropped and its image scored again. The last line says ho
 many images were scored, rejected and unreadable, and the images per second."""
 
 
-def _allow_pickle_option(sp):
+def _model_options(sp):
+    """--model and --allow-pickle, alike in every sub-command that reads a model file."""
+    sp.add_argument("--model", required=True, metavar="FILE",
+                    help="model file written by skad fit (or skad.save)")
     sp.add_argument("--allow-pickle", action="store_true",
                     help="also accept a joblib/pickle model file. Loading a pickle RUNS "
                          "CODE stored in it: only for files you trust")
+
+
+def _reference_option(sp, when):
+    """--reference, alike in fit, score and export; ``when`` says what it does there."""
+    sp.add_argument("--reference", metavar="DIR",
+                    help=f"folder of normal images to set as the reference {when}")
 
 
 def _add_export(sub):
@@ -674,17 +678,13 @@ def _add_export(sub):
                     "maps, labels (score > threshold) and masks (map > pixel threshold), "
                     "with the networks, references and thresholds inside and in the "
                     "model's metadata. Needs pip install \"skad[onnx]\". See docs/usage.md.")
-    sp.add_argument("--model", required=True, metavar="FILE",
-                    help="model file written by skad fit (or skad.save)")
-    _allow_pickle_option(sp)
+    _model_options(sp)
     sp.add_argument("--format", choices=["onnx"], default="onnx",
                     help="the graph's format (default: %(default)s)")
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="file to write (.onnx); replaced if it exists")
-    sp.add_argument("--reference", metavar="DIR",
-                    help="folder of normal images to set as the reference before exporting "
-                         "(PatchCore's memory bank, MetaComparer's references and the "
-                         "thresholds come from it)")
+    _reference_option(sp, "before exporting (PatchCore's memory bank, MetaComparer's "
+                          "references and the thresholds come from it)")
     sp.add_argument("--batch-size", type=_positive_int, metavar="N",
                     help="fix the number of images per run (default: any number)")
     sp.add_argument("--opset", type=int, default=18, metavar="N",

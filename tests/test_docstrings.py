@@ -1,6 +1,7 @@
 """The detectors' docstrings, filled with the shared paragraphs of skad._docstrings."""
 
 import re
+from typing import ClassVar
 
 import pytest
 
@@ -46,6 +47,52 @@ def test_shared_paragraphs_are_filled_at_their_indentation():
     assert ("\n        verbose : int, default=0\n            When > 0, progress bars on stderr "
             "(count, rate, time left) for feature\n            extraction, the coreset and "
             "scoring.\n") in Detector.__doc__
+
+
+def _one_level(layer):
+    """``old_layer=k`` is ``layers=(k,)``."""
+    return (layer,)
+
+
+def test_renamed_parameters_entry_is_written_from_the_class():
+    @fill_doc()
+    class Detector:
+        """A detector.
+
+        Parameters
+        ----------
+        %(deprecated)s
+        """
+
+        _deprecated_parameters: ClassVar[dict] = {"lr": "learning_rate",
+                                                  "old_layer": ("layers", _one_level)}
+
+    assert "\n        lr, old_layer : deprecated\n            Deprecated in 0.2" in Detector.__doc__
+    assert ("Deprecated in 0.2, removed in 0.3: the old names of ``learning_rate`` and "
+            "``layers`` (``old_layer=k`` is ``layers=(k,)``), in this order; set the new names "
+            "(an old one still works, with a FutureWarning).") in " ".join(Detector.__doc__.split())
+
+    @fill_doc()
+    class Single:
+        """%(deprecated)s"""
+
+        _deprecated_parameters: ClassVar[dict] = {"lr": "learning_rate"}
+
+    assert Single.__doc__.startswith("lr : deprecated\n    Deprecated in 0.2, removed in 0.3: ")
+    assert "the old name of ``learning_rate``; set the new name (" in " ".join(Single.__doc__.split())
+
+
+def test_renamed_entry_needs_renamed_parameters():
+    with pytest.raises(KeyError, match="deprecated"):
+        @fill_doc()
+        class Detector:
+            """%(deprecated)s"""
+
+
+def test_every_detector_documents_its_old_names():
+    for cls in DETECTORS:
+        entry = next(line for line in cls.__doc__.split("\n") if line.endswith(": deprecated"))
+        assert entry.strip().split(" : ")[0].split(", ") == list(cls._deprecated_parameters)
 
 
 def test_unknown_names_are_refused():
