@@ -90,6 +90,17 @@ def fitted(request, data):
 
 
 @pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_constructor_stores_each_argument_as_given_and_nothing_else(factory, fit_kwargs):
+    cls = type(factory())
+    names = cls._get_param_names()
+    given = {name: object() for name in names}
+    det = cls(**given)
+    assert set(vars(det)) == set(names)
+    assert [n for n in names if getattr(det, n) is not given[n]] == []
+    assert det.get_params() == given
+
+
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
 def test_constructor_only_stores_params(factory, fit_kwargs):
     det = factory()
     params = det.get_params()
