@@ -18,7 +18,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from ._progress import progress
 
-__all__ = ["ImageSet", "check_groups", "check_images", "check_labels", "displayed_size",
+__all__ = ["ImageSet", "ImageSets", "check_groups", "check_images", "check_labels", "displayed_size",
            "image_hw", "iter_batches", "load_resized", "read_image", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
@@ -285,6 +285,20 @@ class ImageSet:
     def subset(self, indices):
         """The images at ``indices``, as a new :class:`ImageSet`."""
         return ImageSet([self._items[int(i)] for i in indices], self.name)
+
+
+class ImageSets:
+    """Two image sets read as one, ``first`` then ``second`` (None: none)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self):
+        return len(self.first) + (len(self.second) if self.second is not None else 0)
+
+    def read(self, i):
+        n = len(self.first)
+        return self.first.read(i) if i < n else self.second.read(i - n)
 
 
 def read_image(path, *, where):

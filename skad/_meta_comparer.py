@@ -19,17 +19,17 @@ from torch import nn
 
 from ._backbone import backbone_constraints, create_backbone
 from ._docstrings import fill_doc
-from ._images import check_images, load_resized
+from ._images import ImageSets, check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
 from ._patchcore import locally_aware_features, nearest
 from ._random import seed_from, torch_seed
-from ._textures import cut_mask, ellipse_mask
+from ._textures import synthetic_anomalies
 from ._training import cosine_schedule, make_optimizer, train
 from .base import BaseDetector, is_exporting, row_blocks
 
-__all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention", "synthesize_anomaly"]
+__all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention"]
 
 # elements of one (queries x references x hidden) block of the pair scorer, and its
 # reference rows: cache-sized on the CPU (measured fastest), large on a GPU
@@ -232,49 +232,6 @@ def episode_losses(head, patches, n_queries, y, *, reduction, n_reference_patche
     s_v = torch.sigmoid(cmp(q[rows, v], r[k.gather(1, v)]).float())
     l_rank = rank_loss(s_u, s_v, a.gather(1, u), a.gather(1, v), lam)
     return l_cls, l_att, l_rank
-
-
-# ------------------------------------------------------------------ synthetic anomalies (ours)
-def synthesize_anomaly(image, donor, rng):
-    """One synthetic defect on a float image ``(H, W, 3)``; returns ``(image, mask)``.
-
-    Goes beyond the paper (which needs real anomalous images): a region of
-    ``donor`` pasted in, a noise blob, or a scratch, chosen at random.
-    """
-    h, w = image.shape[:2]
-    kind = rng.integers(3)
-    mask = (cut_mask(rng, max(h, w)) if kind == 2
-            else ellipse_mask(rng, max(h, w), 0.05, 0.15, wobble=0.3))[:h, :w]
-    if not mask.any():
-        mask[h // 2, w // 2] = True
-    out = image.copy()
-    if kind == 0:  # a patch of another image, shifted so that its content is unrelated
-        shifted = np.roll(donor, (rng.integers(h), rng.integers(w)), axis=(0, 1))
-        out[mask] = shifted[mask]
-    elif kind == 1:  # a blob of noise, grey on grey images (a new hue would give it away)
-        grey = np.allclose(image[..., :1], image[..., 1:])
-        channels = 1 if grey else 3
-        noise = rng.uniform(0, 1, channels) + rng.normal(0, 0.15, (int(mask.sum()), channels))
-        alpha = rng.uniform(0.5, 0.9)
-        out[mask] = (1 - alpha) * out[mask] + alpha * noise
-    else:  # a dark or bright scratch
-        alpha = rng.uniform(0.6, 0.9)
-        out[mask] = (1 - alpha) * out[mask] + alpha * float(rng.random() < 0.5)
-    return np.clip(out, 0, 1), mask
-
-
-class _Concat:
-    """Two image sets read as one (training images, then synthetic ones)."""
-
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __len__(self):
-        return len(self.first) + (len(self.second) if self.second is not None else 0)
-
-    def read(self, i):
-        n = len(self.first)
-        return self.first.read(i) if i < n else self.second.read(i - n)
 
 
 # ------------------------------------------------------------------ the estimator
@@ -551,7 +508,7 @@ class MetaComparer(BaseDetector):
         with torch_seed(seed) as gen:
             self.backbone_ = self._create_backbone(seed, load_weights=True)
             self.head_ = self._create_head(self.backbone_.channels)
-            fetch = self._feature_source(_Concat(images, synthetic))
+            fetch = self._feature_source(ImageSets(images, synthetic))
             self.loss_history_ = self._train(fetch, plan, labels, rng, gen)
         self.domains_ = np.asarray(names)
         self.n_synthetic_ = n_syn
@@ -606,11 +563,7 @@ class MetaComparer(BaseDetector):
         arrays = []
         for d, idx in bases:
             start = len(images) + len(arrays)
-            for b in idx:
-                others = normals[normals != b]
-                donor = read(rng.choice(others)) if len(others) else read(b)
-                arrays.append(np.round(synthesize_anomaly(read(b), donor, rng)[0] * 255)
-                              .astype(np.uint8))
+            arrays += synthetic_anomalies(read, idx, normals, rng)
             plan[d][1] = np.r_[plan[d][1], np.arange(start, start + len(idx))]
         return check_images(arrays, name="synthetic") if arrays else None
 

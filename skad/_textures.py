@@ -1,4 +1,5 @@
-"""Procedural textures and synthetic defects behind :func:`skad.datasets.make_textures`.
+"""Procedural textures and synthetic defects behind :func:`skad.datasets.make_textures`,
+and the synthetic anomalies MetaComparer trains on (:func:`synthetic_anomalies`).
 
 Images are built as float RGB arrays in [0, 1] and converted to uint8 at the
 end. Normal texture values are kept inside [0.05, 0.95] so that every defect,
@@ -267,3 +268,53 @@ def make_texture_set(n_domains, n_normal, n_anomalous, image_size, defects, rand
         "masks": np.stack(masks).astype(np.uint8),
         "defect_types": kinds,
     }
+
+
+# --------------------------------------------------------------------------
+# Synthetic anomalies on real images, for MetaComparer's domains without
+# anomalous images (ours: the paper needs real ones).
+# --------------------------------------------------------------------------
+
+
+def synthesize_anomaly(image, donor, rng):
+    """One synthetic defect on a float image ``(H, W, 3)``; returns ``(image, mask)``.
+
+    Goes beyond the paper (which needs real anomalous images): a region of
+    ``donor`` pasted in, a noise blob, or a scratch, chosen at random.
+    """
+    h, w = image.shape[:2]
+    kind = rng.integers(3)
+    mask = (cut_mask(rng, max(h, w)) if kind == 2
+            else ellipse_mask(rng, max(h, w), 0.05, 0.15, wobble=0.3))[:h, :w]
+    if not mask.any():
+        mask[h // 2, w // 2] = True
+    out = image.copy()
+    if kind == 0:  # a patch of another image, shifted so that its content is unrelated
+        shifted = np.roll(donor, (rng.integers(h), rng.integers(w)), axis=(0, 1))
+        out[mask] = shifted[mask]
+    elif kind == 1:  # a blob of noise, grey on grey images (a new hue would give it away)
+        grey = np.allclose(image[..., :1], image[..., 1:])
+        channels = 1 if grey else 3
+        noise = rng.uniform(0, 1, channels) + rng.normal(0, 0.15, (int(mask.sum()), channels))
+        alpha = rng.uniform(0.5, 0.9)
+        out[mask] = (1 - alpha) * out[mask] + alpha * noise
+    else:  # a dark or bright scratch
+        alpha = rng.uniform(0.6, 0.9)
+        out[mask] = (1 - alpha) * out[mask] + alpha * float(rng.random() < 0.5)
+    return np.clip(out, 0, 1), mask
+
+
+def synthetic_anomalies(read, bases, donors, rng):
+    """One synthetic anomalous image per index of ``bases``, as uint8 ``(H, W, 3)`` arrays.
+
+    ``read(i)`` gives image ``i`` as floats ``(H, W, 3)`` in [0, 1]; each defect
+    (:func:`synthesize_anomaly`) takes its donor from ``donors`` (indices), other
+    than the image itself where there is another.
+    """
+    arrays = []
+    for b in bases:
+        others = donors[donors != b]
+        donor = read(rng.choice(others)) if len(others) else read(b)
+        arrays.append(np.round(synthesize_anomaly(read(b), donor, rng)[0] * 255)
+                      .astype(np.uint8))
+    return arrays

@@ -12,8 +12,8 @@ from sklearn.model_selection import LeaveOneGroupOut, cross_validate
 import skad._meta_comparer as mc
 from skad._layers import BiFPN, FastFusion
 from skad._meta_comparer import (CoAttention, MetaComparer, MetaComparerHead, PairComparer,
-                                 attention_loss, classification_loss, episode_losses, rank_loss,
-                                 synthesize_anomaly)
+                                 attention_loss, classification_loss, episode_losses, rank_loss)
+from skad._textures import synthesize_anomaly
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
 
