@@ -23,7 +23,7 @@ from ._images import ImageSets, check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
-from ._patchcore import locally_aware_features, nearest
+from ._patchcore import locally_aware_features, nearest, nearest_in_bank
 from ._random import seed_from, torch_seed
 from ._textures import synthetic_anomalies
 from ._training import cosine_schedule, make_optimizer, train
@@ -818,7 +818,8 @@ class MetaComparer(BaseDetector):
     def _nearest_grid(self, feats, device):
         """Distances ``(n, h, w)`` of the patches to their nearest reference patch."""
         n, h, w, c = feats.shape
-        return nearest(feats.reshape(-1, c), self.reference_features_.to(device))[0].view(n, h, w)
+        bank = self.reference_features_.to(device)
+        return nearest_in_bank(feats.reshape(-1, c), bank)[0].view(n, h, w)
 
     def _score_batch(self, batch, return_maps):
         self._check_patch_score()

@@ -380,6 +380,24 @@ def test_nearest_outside_is_nearest_with_rows_left_out(monkeypatch):
         assert torch.equal(got[1], expected[1])
 
 
+def test_scoring_search_is_nearest(monkeypatch):
+    monkeypatch.setattr(pc, "_CACHE_ROWS", 40)
+    monkeypatch.setattr(pc, "_CACHE_COLUMNS", 96)
+    gen = torch.Generator().manual_seed(1)
+    for n_queries, n_bank in ((1, 1), (7, 300), (200, 1000)):
+        bank = torch.randn(n_bank, 16, generator=gen)
+        queries = torch.cat([torch.randn(n_queries, 16, generator=gen), bank[:3]])
+        got, expected = pc.nearest_in_bank(queries, bank), nearest(queries, bank)
+        # the same squared distances to rounding (a query equal to a bank row: 0 or the
+        # square root of a rounding error), the same rows
+        torch.testing.assert_close(got[0] ** 2, expected[0] ** 2, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[1], expected[1])
+    # traced for ONNX, the search is nearest's, whose graph holds for any batch size
+    monkeypatch.setattr(pc, "is_exporting", lambda: True)
+    monkeypatch.setattr(pc, "nearest_outside", None)
+    assert torch.equal(pc.nearest_in_bank(queries, bank)[0], expected[0])  # nearest's own
+
+
 def test_nearest_outside_works_in_cache_sized_blocks(monkeypatch):
     monkeypatch.setattr(pc, "_CACHE_ROWS", 32)
     monkeypatch.setattr(pc, "_CACHE_COLUMNS", 100)
