@@ -30,6 +30,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -183,7 +184,7 @@ def _load_model(path, *, allow_pickle=False):
     from ._serialization import ModelFileError
 
     try:
-        with _version_warnings_as_lines():
+        with _warnings_as_lines():
             det = skad.load(path)
     except ModelFileError as exc:
         if allow_pickle:  # whatever is not skad's format, joblib reads (or says why not)
@@ -193,21 +194,33 @@ def _load_model(path, *, allow_pickle=False):
 
 
 @contextlib.contextmanager
-def _version_warnings_as_lines():
-    """A model file's :class:`~skad.ModelVersionWarning` as one ``skad: warning:`` line on
-    stderr, like the command's errors, rather than a Python warning with its source line."""
-    from ._serialization import ModelVersionWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ModelVersionWarning)
-        try:
+def _warnings_as_lines():
+    """skad's warnings (a model file's :class:`~skad.ModelVersionWarning`, too few
+    references, images left out of a fit: every ``UserWarning``) as one ``skad: warning:``
+    line each on stderr, like the command's errors, rather than Python warnings with
+    their source lines; a parameter a warning names is set here with ``--param``."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
             yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, ModelVersionWarning):
-                    print(f"skad: warning: {w.message}", file=sys.stderr)
-                else:  # the others as they would have been
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:  # outside the recording: a warning given again is not recorded again
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                print(f"skad: warning: {_on_the_command_line(str(w.message))}",
+                      file=sys.stderr)
+            else:  # the others as they would have been
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _on_the_command_line(message):
+    """``message`` with how to set the detector's parameters it names, when it names one."""
+    named = [name for name in ("max_calibration_references", "false_reject_rate")
+             if re.search(rf"\b{name}\b", message)]
+    if not named:
+        return message
+    return (f"{message} (on the command line: "
+            + " or ".join(f"--param {name}=..." for name in named) + ")")
 
 
 def _model_file_error(path, exc):
@@ -264,9 +277,10 @@ def cmd_fit(args):
                         verbose=int(args.progress), seed=args.seed)
     paths, y, groups = _training_set(args.train, labelled=not det._one_class)
     t0 = time.perf_counter()
-    det.fit(paths, y, groups=groups)
-    if args.reference:
-        det.set_reference(list_images(args.reference))
+    with _warnings_as_lines():
+        det.fit(paths, y, groups=groups)
+        if args.reference:
+            det.set_reference(list_images(args.reference))
     skad.save(det, args.out)
     # the pretrained network a detector builds on (MMR's student may start from scratch)
     params = det.get_params()
@@ -300,7 +314,8 @@ def _score_model(args):
         return args.model
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     if args.reference:
-        det.set_reference(list_images(args.reference))
+        with _warnings_as_lines():
+            det.set_reference(list_images(args.reference))
     return det
 
 
@@ -345,7 +360,7 @@ def cmd_score(args):
     from .scoring import score_files  # light: torch loads with the model, inside
 
     try:
-        with _version_warnings_as_lines():
+        with _warnings_as_lines():
             summary = score_files(
                 model, inputs, out, resume=args.resume, overwrite=args.overwrite,
                 scheduler=args.scheduler, output_format=args.format, overlays=args.overlays,
@@ -377,7 +392,8 @@ def cmd_export(args):
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     det.set_params(device=args.device, verbose=int(args.progress))
     if args.reference:
-        det.set_reference(list_images(args.reference))
+        with _warnings_as_lines():
+            det.set_reference(list_images(args.reference))
     check_reference(det, subject=f"the model in {args.model}", error=CLIError,
                     remedy="pass --reference with a folder of good images of the parts to score")
     t0 = time.perf_counter()

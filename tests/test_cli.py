@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -849,3 +850,33 @@ def test_the_conversion_command_runs_as_printed(model, tmp_path, capsys, name):
     assert len(converted) == 1 and pickled.is_file()  # a new file; the pickle is left alone
     assert main(["score", "--model", str(converted[0]), "--images", str(tmp_path / "i"),
                  "--out", str(tmp_path / "out2")]) == 0
+
+
+@pytest.mark.parametrize("extra,named", [
+    ([], ["false_reject_rate"]),  # 5 training images: too few for 0.05
+    (["--param", "max_calibration_references=3", "--reference", "REFS"],
+     ["max_calibration_references", "false_reject_rate"]),  # 20 references, 3 calibrate
+])
+def test_calibration_warnings_are_lines_that_name_the_command_line(mvtec, tmp_path, capsys,
+                                                                   extra, named):
+    cat = sorted(p for p in mvtec.iterdir())[0]
+    refs = str(_images(tmp_path / "refs", n=20))
+    extra = [refs if x == "REFS" else x for x in extra]
+    assert main(["fit", "--train", str(cat), "--out", str(tmp_path / "m.skad"), *TINY,
+                 *extra]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "cannot support false_reject_rate" in x]
+    assert lines and all(x.startswith("skad: warning: PatchCore:") for x in lines)
+    assert lines[-1].endswith("(on the command line: "
+                              + " or ".join(f"--param {n}=..." for n in named) + ")")
+    assert "CalibrationWarning" not in err and "warnings.warn" not in err
+
+
+def test_other_library_warnings_are_kept_as_python_warnings(capsys):
+    from skad.cli import _warnings_as_lines
+
+    with pytest.warns(FutureWarning, match="old name"), _warnings_as_lines():
+        warnings.warn("old name", FutureWarning, stacklevel=1)
+    with _warnings_as_lines():
+        warnings.warn("a user warning without parameters", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "skad: warning: a user warning without parameters\n"
