@@ -302,11 +302,12 @@ def nearest_in_bank(queries, bank):
     on the CPU (1,024 queries per image, a 20,480-patch bank). The squared
     distances are :func:`nearest`'s to rounding (the blocks' products may round
     differently), so a query equal to a bank row may get 0 where :func:`nearest`
-    gets the square root of a rounding error, about 1e-3. Under
-    ``torch.export`` (:mod:`skad._onnx`) it is :func:`nearest`, whose graph
-    holds for any batch size.
+    gets the square root of a rounding error, about 1e-3. On a GPU, where one
+    large product beats many small ones, and under ``torch.export``
+    (:mod:`skad._onnx`), whose graph must hold for any batch size, it is
+    :func:`nearest`.
     """
-    if is_exporting():
+    if is_exporting() or queries.device.type != "cpu":
         return nearest(queries, bank)
     no_rows = torch.empty(0, dtype=torch.long, device=queries.device)
     return nearest_outside(queries, _augmented_bank(bank), no_rows)
