@@ -298,8 +298,9 @@ def nearest_in_bank(queries, bank):
 
     The distance of every query row to its nearest bank row and that row's
     index, with no row left out: squared distances in cache-sized blocks and
-    the square root of the minima only, 1.4-1.6 times as fast as :func:`nearest`
-    on the CPU (1,024 queries per image, a 20,480-patch bank). The squared
+    the square root of the minima only: 1.8 to 3 times as fast as :func:`nearest`
+    on one CPU thread (4,096 queries against banks of 3,072 to 61,440 rows;
+    docs/benchmarks.md, "The nearest-neighbour search"). The squared
     distances are :func:`nearest`'s to rounding (the blocks' products may round
     differently), so a query equal to a bank row may get 0 where :func:`nearest`
     gets the square root of a rounding error, about 1e-3. On a GPU, where one

@@ -25,3 +25,12 @@ def test_gpu_check_runs_every_detector(tmp_path):
         assert row["scores_ips"] > 0 and row["maps_ips"] > 0, row
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} |" in table for name in _DETECTORS)
+
+
+def test_nearest_search_benchmark_runs_and_agrees():
+    run = subprocess.run([sys.executable, str(_BENCHMARKS / "nearest_search.py"),
+                          "--banks", "300", "--n-images", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = [line for line in run.stdout.splitlines() if line.startswith("| 300 |")]
+    assert float(row.split("|")[5]) < 1e-3  # the two searches' distances agree
