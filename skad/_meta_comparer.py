@@ -23,7 +23,8 @@ from ._images import ImageSets, check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
-from ._patchcore import locally_aware_features, nearest, nearest_in_bank
+from ._patchcore import (augmented_bank, locally_aware_features, nearest, nearest_in_bank,
+                         nearest_outside)
 from ._random import seed_from, torch_seed
 from ._textures import synthetic_anomalies
 from ._training import cosine_schedule, make_optimizer, train
@@ -755,13 +756,14 @@ class MetaComparer(BaseDetector):
         device = self._device()
         n, h, w, _ = feats.shape
         bank = self.reference_features_.to(device)
-        owner = torch.arange(n, device=device).repeat_interleave(h * w)
         pos = torch.arange(h * w, device=device)
+        bank_aug, workspace = augmented_bank(bank), {}  # PatchCore's leave-one-out search
         out = torch.empty(len(calibration), h * w)
         for k, i in enumerate(calibration.tolist()):
             q = feats[i].flatten(0, 1).to(device)
-            if n > 1:
-                d = nearest(q, bank[owner != i])[0]
+            if n > 1:  # the reference's own rows of the bank left out, the bank not copied
+                own = torch.arange(i * h * w, (i + 1) * h * w, device=device)
+                d = nearest_outside(q, bank_aug, own, workspace)[0]
             else:
                 d = nearest(q, bank, lambda rows: adjacent(pos[rows], pos, w))[0]
             out[k] = d.cpu()

@@ -23,9 +23,9 @@ from ._progress import progress
 from ._random import seed_from
 from .base import BaseDetector, is_exporting, row_blocks
 
-__all__ = ["PatchCore", "euclidean", "farthest_patch", "greedy_coreset",
-           "locally_aware_features", "nearest", "nearest_in_bank", "reduced_features",
-           "reweighted_score", "reweighted_scores"]
+__all__ = ["PatchCore", "augmented_bank", "euclidean", "farthest_patch", "greedy_coreset",
+           "locally_aware_features", "nearest", "nearest_in_bank", "nearest_outside",
+           "reduced_features", "reweighted_score", "reweighted_scores"]
 
 # elements of one distance block (128 MiB of float32): bounds memory whatever the bank size
 _BLOCK = 2**25
@@ -311,13 +311,13 @@ def nearest_in_bank(queries, bank):
     if is_exporting() or queries.device.type != "cpu":
         return nearest(queries, bank)
     no_rows = torch.empty(0, dtype=torch.long, device=queries.device)
-    return nearest_outside(queries, _augmented_bank(bank), no_rows)
+    return nearest_outside(queries, augmented_bank(bank), no_rows)
 
 
 def nearest_outside(queries, bank_aug, rows_out, workspace=None):
     """:func:`nearest` with the bank rows ``rows_out`` (sorted) excluded for every query row.
 
-    ``bank_aug`` is :func:`_augmented_bank` of the bank. The distances are
+    ``bank_aug`` is :func:`augmented_bank` of the bank. The distances are
     those of :func:`euclidean` (``|x|^2 - 2 x.y + |y|^2`` in one matrix
     product, as ``torch.cdist`` computes it), but the exclusion and the
     minimum work on the squared distances and the square root is taken of the
@@ -383,7 +383,7 @@ def _buffer(workspace, name, numel, dtype, device):
     return buf
 
 
-def _augmented_bank(bank):
+def augmented_bank(bank):
     """``[bank, 1, |bank|^2]``, the bank's side of :func:`euclidean`'s matrix product."""
     sq = bank.pow(2).sum(dim=1, keepdim=True)
     return torch.cat([bank, torch.ones_like(sq), sq], dim=1)
@@ -828,7 +828,7 @@ class PatchCore(BaseDetector):
         bank = self.memory_bank_.to(device)
         h, w = self.feature_grid_
         own = _rows_by_image(self.memory_owner_, len(feats))
-        bank_aug = _augmented_bank(bank)
+        bank_aug = augmented_bank(bank)
         workspace = {}  # the search's buffers, allocated once for every reference
         dist = torch.empty(len(calibration), h * w)
         farthest, s_star, m_star = [], [], []

@@ -375,7 +375,7 @@ def test_nearest_outside_is_nearest_with_rows_left_out(monkeypatch):
         mask = torch.zeros(1, len(bank), dtype=torch.bool)
         mask[0, rows_out] = True
         expected = nearest(queries, bank, lambda rows, mask=mask: mask)
-        got = pc.nearest_outside(queries, pc._augmented_bank(bank), rows_out)
+        got = pc.nearest_outside(queries, pc.augmented_bank(bank), rows_out)
         assert torch.equal(got[0], expected[0])
         assert torch.equal(got[1], expected[1])
 
@@ -412,7 +412,7 @@ def test_nearest_outside_works_in_cache_sized_blocks(monkeypatch):
     bank = torch.randn(1000, 8)
     workspace = {}
     for _ in range(3):
-        pc.nearest_outside(torch.randn(100, 8), pc._augmented_bank(bank), torch.arange(10),
+        pc.nearest_outside(torch.randn(100, 8), pc.augmented_bank(bank), torch.arange(10),
                            workspace)
     # no block of distances larger than the cache-sized one, whatever the bank's size, and
     # every block written into the one buffer that the workspace keeps across calls
