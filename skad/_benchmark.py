@@ -176,7 +176,7 @@ COLUMNS = {
     "frr_bound": ("{:.3f}", ("the false-reject rate threshold_ guarantees for good parts "
                              "exchangeable with the references (false_reject_rate_); frr "
                              "on n_good images scatters around it")),
-    "n_good": ("{}", "good test images, over which frr is counted"),
+    "n_good": ("{:.0f}", "good test images, over which frr is counted (mean row: their mean)"),
     "escape": ("{:.3f}", ("escape rate: share of the defective test images scored at or "
                           "below the threshold_ (missed defects)")),
     "f1": ("{:.3f}", "F1 score of the defective class at the threshold_"),

@@ -880,3 +880,14 @@ def test_other_library_warnings_are_kept_as_python_warnings(capsys):
     with _warnings_as_lines():
         warnings.warn("a user warning without parameters", UserWarning, stacklevel=1)
     assert capsys.readouterr().err == "skad: warning: a user warning without parameters\n"
+
+
+def test_benchmark_mean_row_rounds_every_column():
+    from skad._benchmark import COLUMNS, markdown_table
+
+    base = {k: 0.5 for k in COLUMNS}
+    rows = [{**base, "category": c, "k": "all", "seed": 0, "n_good": n}
+            for c, n in (("a", 34), ("b", 47), ("c", 96))]
+    mean = markdown_table(rows).splitlines()[-1].split(" | ")
+    assert mean[0] == "| **mean**" and mean[list(COLUMNS).index("n_good")] == "59"
+    assert all(len(cell) <= 6 for cell in mean[1:])  # no float printed in full
