@@ -197,20 +197,21 @@ def _load_model(path, *, allow_pickle=False):
 def _warnings_as_lines():
     """skad's warnings (a model file's :class:`~skad.ModelVersionWarning`, too few
     references, images left out of a fit: every ``UserWarning``) as one ``skad: warning:``
-    line each on stderr, like the command's errors, rather than Python warnings with
-    their source lines; a parameter a warning names is set here with ``--param``."""
-    caught = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            yield
-    finally:  # outside the recording: a warning given again is not recorded again
-        for w in caught:
-            if issubclass(w.category, UserWarning):
-                print(f"skad: warning: {_on_the_command_line(str(w.message))}",
-                      file=sys.stderr)
-            else:  # the others as they would have been
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    line each on stderr, when they happen, like the command's errors, rather than Python
+    warnings with their source lines; a parameter a warning names is set here with
+    ``--param``. Each is shown once per place it comes from (Python's "default")."""
+    show = warnings.showwarning
+
+    def as_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning):
+            print(f"skad: warning: {_on_the_command_line(str(message))}", file=sys.stderr)
+        else:  # the others as they would have been
+            show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = as_line
+        yield
 
 
 def _on_the_command_line(message):

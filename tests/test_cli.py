@@ -891,3 +891,12 @@ def test_benchmark_mean_row_rounds_every_column():
     mean = markdown_table(rows).splitlines()[-1].split(" | ")
     assert mean[0] == "| **mean**" and mean[list(COLUMNS).index("n_good")] == "59"
     assert all(len(cell) <= 6 for cell in mean[1:])  # no float printed in full
+
+
+def test_warning_lines_come_when_warned_and_once_per_place(capsys):
+    from skad.cli import _warnings_as_lines
+
+    with _warnings_as_lines():
+        for _ in range(3):
+            warnings.warn("left out 2 images", UserWarning, stacklevel=1)
+        assert capsys.readouterr().err == "skad: warning: left out 2 images\n"  # not at the end
