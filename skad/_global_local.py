@@ -393,10 +393,10 @@ class GlobalLocal(BaseDetector):
     stride 16, a context window of 3p (Eq. 6 runs the Global-Net on the whole
     image I with the patch masked, ``context="image"``; 3p does about 25 times
     less Global-Net work at 256 px, which is why it is the default; at half
-    size with shortened training and one seed, the whole image took 27 times
-    the Global-Net training time and was not clearly more accurate: on
-    aitex_04 image AUROC 0.533 against 0.477, pixel AUROC 0.804 against 0.779,
-    PRO 0.100 against 0.174; docs/benchmarks.md, "GlobalLocal"), R(p) = the
+    size with shortened training and one seed, on aitex_04 and aitex_00, the
+    whole image took 27-34 times the Global-Net training time and was not more
+    accurate: mean image AUROC 0.562 against 0.544, pixel AUROC 0.535 against
+    0.574, PRO 0.175 against 0.183; docs/benchmarks.md, "GlobalLocal"), R(p) = the
     pooled deepest teacher map
     of the patch resized to ``teacher_size``, standardised teacher targets and Z_l, the stain
     generator (:func:`add_stains`), feeding each patch both clean and stained
