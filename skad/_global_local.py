@@ -388,9 +388,12 @@ class GlobalLocal(BaseDetector):
     scores. No public code exists; our choices: the network layouts, p = 32,
     stride 16, a context window of 3p (Eq. 6 runs the Global-Net on the whole
     image I with the patch masked, ``context="image"``; 3p does about 25 times
-    less Global-Net work at 256 px, which is why it is the default; how the two
-    compare in accuracy has not been measured: a fit with the whole image did
-    not fit in this CPU's time), R(p) = the pooled deepest teacher map
+    less Global-Net work at 256 px, which is why it is the default; at half
+    size with shortened training and one seed, on aitex_04 and aitex_00, the
+    whole image took 27-34 times the Global-Net training time and was not more
+    accurate: mean image AUROC 0.562 against 0.544, pixel AUROC 0.535 against
+    0.574, PRO 0.175 against 0.183; docs/benchmarks.md, "GlobalLocal"), R(p) = the
+    pooled deepest teacher map
     of the patch resized to ``teacher_size``, standardised teacher targets and Z_l, the stain
     generator (:func:`add_stains`), feeding each patch both clean and stained
     to the DAD head, all loss weights, the optimiser and epochs, and IDW over

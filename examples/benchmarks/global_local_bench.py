@@ -24,6 +24,11 @@ and prints both.
 GlobalLocal's Local-Net is distilled on the training images' patches: the
 paper's ImageNet distillation cannot be done offline (see
 docs/methods/global_local.md). Split a long run with --categories.
+
+``--context 3 image`` fits one GlobalLocal per context, identical otherwise
+(same seed), one after the other in the same process: the rows are named by
+their context. ``--skip-ablation`` leaves out the lambda_s rescorings (two
+more passes over the test set).
 """
 
 import sys
@@ -44,10 +49,15 @@ CATEGORIES = ["mt", "aitex_00", "aitex_01", "aitex_02", "aitex_03", "aitex_04"]
 LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def make_global_local(args):
+def _context(text):
+    """``--context``: a number of patch sizes, or ``image`` (the paper's Eq. 6)."""
+    return text if text == "image" else float(text)
+
+
+def make_global_local(args, context):
     return GlobalLocal(teacher="tf_efficientnet_lite0", teacher_weights=args.weights,
                        teacher_size=args.teacher_size, patch_size=args.patch_size,
-                       stride=args.stride, context=args.context,
+                       stride=args.stride, context=context,
                        n_distill_epochs=args.distill_epochs,
                        n_finetune_epochs=args.finetune_epochs, n_patches=args.n_patches,
                        n_epochs=args.epochs, dad_input=args.dad_input,
@@ -117,7 +127,9 @@ def run_category(root, category, args, n_train, n_test):
     train, paths, y, masks = _split(root, category, args.eval_size, n_train, n_test,
                                     np.random.default_rng(args.seed))
     rows, ablation = [], {}
-    makers = [("GlobalLocal", make_global_local)]
+    named = len(args.context) > 1
+    makers = [(f"GlobalLocal context {c}" if named else "GlobalLocal",
+               lambda args, c=c: make_global_local(args, c)) for c in args.context]
     if not args.skip_patchcore:
         makers.append(("PatchCore", make_patchcore))
     for name, make in makers:
@@ -131,11 +143,12 @@ def run_category(root, category, args, n_train, n_test):
         rows.append(row)
         print(f"{category} {name}: image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
               f"pro {row['pro']:.3f} fit {fit_s:.1f}s {row['score_ips']:.1f} img/s", flush=True)
-        if name == "GlobalLocal":
-            ablation = _ablation(det, row, paths, y, masks, args.eval_size)
-            print(f"{category} lambda_s PRO: " + " ".join(
-                f"{lam:.1f}={ablation[lam]['pro']:.3f}" for lam in LAMBDAS), flush=True)
-    return rows, {category: ablation}
+        if name.startswith("GlobalLocal") and not args.skip_ablation:
+            key = f"{category} ({name})" if named else category
+            ablation[key] = _ablation(det, row, paths, y, masks, args.eval_size)
+            print(f"{key} lambda_s PRO: " + " ".join(
+                f"{lam:.1f}={ablation[key][lam]['pro']:.3f}" for lam in LAMBDAS), flush=True)
+    return rows, ablation
 
 
 def main_table(rows):
@@ -172,7 +185,9 @@ def main(argv=None):
                    "a few epochs, PatchCore coreset 0.01")
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--stride", type=int, default=16)
-    parser.add_argument("--context", type=float, default=3.0)
+    parser.add_argument("--context", type=_context, nargs="+", default=[3.0],
+                        help="Global-Net window in patch sizes, or 'image' (Eq. 6); "
+                             "several: one fit each")
     parser.add_argument("--teacher-size", type=int, default=128)
     parser.add_argument("--distill-epochs", type=int, default=40)
     parser.add_argument("--finetune-epochs", type=int, default=10)
@@ -181,6 +196,8 @@ def main(argv=None):
     parser.add_argument("--dad-input", choices=["joint", "difference"], default="joint",
                         help="the DAD head's input: [Z*, Z_g] (paper) or their difference")
     parser.add_argument("--skip-patchcore", action="store_true")
+    parser.add_argument("--skip-ablation", action="store_true",
+                        help="no lambda_s ablation (saves two rescorings of the test set)")
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"global_local_bench: data folder {args.data} not found; nothing to do "
@@ -194,7 +211,8 @@ def main(argv=None):
         n_train, n_test = 24, 16
     settings = (f"GlobalLocal: teacher tf_efficientnet_lite0 (ImageNet, offline), deepest level "
                 f"pooled, patches resized to {args.teacher_size}; image {args.image_size}, patch "
-                f"{args.patch_size}, stride {args.stride}, context {args.context} x patch; "
+                f"{args.patch_size}, stride {args.stride}, context "
+                f"{' / '.join(str(c) if c == 'image' else f'{c} x patch' for c in args.context)}; "
                 f"Local-Net distilled on the training patches {args.distill_epochs} + "
                 f"{args.finetune_epochs} epochs; Global-Net + DAD {args.epochs} epochs x "
                 f"{args.n_patches} patches per image, batch {args.batch_size}; lambda_s 0.8, "
@@ -209,11 +227,13 @@ def main(argv=None):
     out = ["# GlobalLocal benchmark", "", settings, "",
            "## One-class, beside PatchCore (scoring images/s at stride "
            f"{args.stride}: {len(patch_starts(args.image_size, args.patch_size, args.stride))}"
-           "^2 patches per image)", "", main_table(rows), "",
-           "## lambda_s ablation (paper Table 4): PRO, one fit rescored", "",
-           ablation_table(ablations, "pro"), "",
-           "## lambda_s ablation: pixel AUROC", "", ablation_table(ablations, "pixel_auroc"), "",
-           "## lambda_s ablation: image AUROC", "", ablation_table(ablations, "image_auroc"), ""]
+           "^2 patches per image)", "", main_table(rows), ""]
+    if ablations:
+        out += ["## lambda_s ablation (paper Table 4): PRO, one fit rescored", "",
+                ablation_table(ablations, "pro"), "",
+                "## lambda_s ablation: pixel AUROC", "", ablation_table(ablations, "pixel_auroc"),
+                "", "## lambda_s ablation: image AUROC", "",
+                ablation_table(ablations, "image_auroc"), ""]
     text = "\n".join(out)
     print(text)
     if args.out:
