@@ -184,7 +184,7 @@ def _load_model(path, *, allow_pickle=False):
     from ._serialization import ModelFileError
 
     try:
-        with _warnings_as_lines():
+        with _warnings_as_lines("score"):
             det = skad.load(path)
     except ModelFileError as exc:
         if allow_pickle:  # whatever is not skad's format, joblib reads (or says why not)
@@ -194,34 +194,46 @@ def _load_model(path, *, allow_pickle=False):
 
 
 @contextlib.contextmanager
-def _warnings_as_lines():
+def _warnings_as_lines(command="fit"):
     """skad's warnings (a model file's :class:`~skad.ModelVersionWarning`, too few
-    references, images left out of a fit: every ``UserWarning``) as one ``skad: warning:``
-    line each on stderr, when they happen, like the command's errors, rather than Python
-    warnings with their source lines; a parameter a warning names is set here with
-    ``--param``. Each is shown once per place it comes from (Python's "default")."""
+    references, images left out of a fit, renamed parameters: every ``UserWarning`` and
+    ``FutureWarning``) as one ``skad: warning:`` line each on stderr, when they happen,
+    like the command's errors, rather than Python warnings with their source lines. A
+    detector parameter a warning names is said as ``--param`` of ``skad fit``, the only
+    sub-command that sets them (``command``: the one running). Each is shown once per
+    place it comes from (Python's "default")."""
     show = warnings.showwarning
 
     def as_line(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning):
-            print(f"skad: warning: {_on_the_command_line(str(message))}", file=sys.stderr)
+        if issubclass(category, (UserWarning, FutureWarning)):
+            text = _on_the_command_line(str(message), command)
+            print(f"skad: warning: {text}", file=sys.stderr)
         else:  # the others as they would have been
             show(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():  # restores showwarning and the filters
         warnings.simplefilter("default", UserWarning)
+        warnings.simplefilter("default", FutureWarning)
         warnings.showwarning = as_line
         yield
 
 
-def _on_the_command_line(message):
-    """``message`` with how to set the detector's parameters it names, when it names one."""
-    named = [name for name in ("max_calibration_references", "false_reject_rate")
-             if re.search(rf"\b{name}\b", message)]
+# the detector parameters that skad's warnings advise setting
+_ADVISED = ("max_calibration_references", "false_reject_rate")
+
+
+def _on_the_command_line(message, command="fit"):
+    """``message`` with the detector parameters it advises said as ``skad fit --param``."""
+    # a renamed parameter's warning ends "use new_name=value"
+    message = re.sub(r"\buse (\w+)=", r"use --param \1=", message)
+    named = [name for name in _ADVISED if re.search(rf"\b{name}\b", message)]
     if not named:
         return message
-    return (f"{message} (on the command line: "
-            + " or ".join(f"--param {name}=..." for name in named) + ")")
+    prefix = "--param" if command == "fit" else "skad fit --param"
+    hint = " or ".join(f"{prefix} {name}=..." for name in named)
+    if "None" in message:
+        hint += "; None is null there"
+    return f"{message} (on the command line: {hint})"
 
 
 def _model_file_error(path, exc):
@@ -315,7 +327,7 @@ def _score_model(args):
         return args.model
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     if args.reference:
-        with _warnings_as_lines():
+        with _warnings_as_lines("score"):
             det.set_reference(list_images(args.reference))
     return det
 
@@ -361,7 +373,7 @@ def cmd_score(args):
     from .scoring import score_files  # light: torch loads with the model, inside
 
     try:
-        with _warnings_as_lines():
+        with _warnings_as_lines("score"):
             summary = score_files(
                 model, inputs, out, resume=args.resume, overwrite=args.overwrite,
                 scheduler=args.scheduler, output_format=args.format, overlays=args.overlays,
@@ -393,7 +405,7 @@ def cmd_export(args):
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     det.set_params(device=args.device, verbose=int(args.progress))
     if args.reference:
-        with _warnings_as_lines():
+        with _warnings_as_lines("export"):
             det.set_reference(list_images(args.reference))
     check_reference(det, subject=f"the model in {args.model}", error=CLIError,
                     remedy="pass --reference with a folder of good images of the parts to score")
@@ -833,6 +845,10 @@ def _one_line(exc):
     if backbone is not None and isinstance(exc, backbone.WeightsNotFoundError):
         # the library's message lists Python remedies; the command line has its own
         reason = str(exc).splitlines()[0].rstrip(".")
+        if "does not exist" in reason:  # a weights file named with --param: --offline or not
+            return (f"{reason}: check the path given with --param weights=..., or leave "
+                    "it out with --offline (the packaged ImageNet weights of "
+                    "tf_efficientnet_lite0)")
         return (f"{reason}. Add --offline (the packaged ImageNet weights of "
                 "tf_efficientnet_lite0), or --param weights=/path/to/state_dict.pth")
     return str(exc)

@@ -867,16 +867,18 @@ def test_calibration_warnings_are_lines_that_name_the_command_line(mvtec, tmp_pa
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "cannot support false_reject_rate" in x]
     assert lines and all(x.startswith("skad: warning: PatchCore:") for x in lines)
-    assert lines[-1].endswith("(on the command line: "
-                              + " or ".join(f"--param {n}=..." for n in named) + ")")
+    hint = " or ".join(f"--param {n}=..." for n in named)
+    if "max_calibration_references" in named:  # "set it to at least 19 (or None)"
+        hint += "; None is null there"
+    assert lines[-1].endswith(f"(on the command line: {hint})")
     assert "CalibrationWarning" not in err and "warnings.warn" not in err
 
 
 def test_other_library_warnings_are_kept_as_python_warnings(capsys):
     from skad.cli import _warnings_as_lines
 
-    with pytest.warns(FutureWarning, match="old name"), _warnings_as_lines():
-        warnings.warn("old name", FutureWarning, stacklevel=1)
+    with pytest.warns(DeprecationWarning, match="a library's"), _warnings_as_lines():
+        warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=1)
     with _warnings_as_lines():
         warnings.warn("a user warning without parameters", UserWarning, stacklevel=1)
     assert capsys.readouterr().err == "skad: warning: a user warning without parameters\n"
@@ -900,3 +902,33 @@ def test_warning_lines_come_when_warned_and_once_per_place(capsys):
         for _ in range(3):
             warnings.warn("left out 2 images", UserWarning, stacklevel=1)
         assert capsys.readouterr().err == "skad: warning: left out 2 images\n"  # not at the end
+
+
+def test_score_warnings_say_the_fit_command_that_sets_a_parameter(model, tmp_path, capsys):
+    refs = str(_images(tmp_path / "refs", n=5))
+    assert main(["score", "--model", str(model), "--images", str(_images(tmp_path / "i")),
+                 "--reference", refs, "--out", str(tmp_path / "out")]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "cannot support" in x]
+    assert line.startswith("skad: warning: ")
+    assert line.endswith("(on the command line: skad fit --param false_reject_rate=...)")
+
+
+def test_a_renamed_parameter_is_one_line_with_its_new_param(mvtec, tmp_path, capsys):
+    cat = sorted(p for p in mvtec.iterdir())[0]
+    assert main(["fit", "--train", str(cat), "--out", str(tmp_path / "m.skad"), *TINY,
+                 "--param", "n_reweight=3"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "n_reweight" in x]
+    assert line.startswith("skad: warning: PatchCore's parameter 'n_reweight' was renamed")
+    assert line.endswith("use --param n_reweight_neighbors=3")
+    assert "FutureWarning" not in err
+
+
+def test_a_missing_weights_file_is_said_as_such(mvtec, tmp_path, capsys):
+    cat = sorted(p for p in mvtec.iterdir())[0]
+    args = ["fit", "--train", str(cat), "--out", str(tmp_path / "m.skad"), "--offline",
+            "--param", "weights=/no/such/weights.pth", "--param", "image_size=32"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "/no/such/weights.pth" in err and "does not exist" in err
+    assert "Add --offline" not in err and "--param weights=" in err
