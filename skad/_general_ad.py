@@ -288,9 +288,10 @@ class GeneralAD(BaseDetector):
     Notes
     -----
     Defaults follow the paper and the authors' released code (LucStrater/GeneralAD and its
-    jobs, NOTES.md): the attention discriminator's xavier initialisation with zero biases,
-    weight decay on every parameter, dropped last partial batches, the map smoothing's
-    Gaussian truncated at ``round(sigma * 18 / 16)`` px. It differs from the released code:
+    jobs; docs/methods/general_ad.md): the attention discriminator's xavier initialisation
+    with zero biases, weight decay on every parameter, dropped last partial batches, the map
+    smoothing's Gaussian truncated at ``round(sigma * 18 / 16)`` px. It differs from the
+    released code:
 
     - images are resized with skad's shared reader (bilinear with antialiasing), the
       released code with PIL's Lanczos filter: one reader for every detector, so that a

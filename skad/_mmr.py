@@ -182,7 +182,9 @@ class MMR(BaseDetector):
     mask_ratio : float, default=0.4
         Fraction of the patches removed from the student's input in training.
     n_epochs : int, default=200
+        Passes over the training images (the paper's 200).
     learning_rate : float, default=1e-3
+        AdamW's peak learning rate, after the warm-up.
     weight_decay : float, default=0.05
         AdamW weight decay, on weight matrices and kernels only.
     warmup_ratio : float, default=0.25
@@ -226,7 +228,7 @@ class MMR(BaseDetector):
 
     Notes
     -----
-    Paper settings (NOTES.md, the authors' configuration): WideResNet-50-2
+    Paper settings (the authors' configuration; docs/methods/mmr.md): WideResNet-50-2
     layer1-3, MAE ViT-B/16, masking 0.4, AdamW (0.9, 0.95), learning rate 1e-3,
     weight decay 0.05, batch 16, 200 epochs with 50 of warm-up and the learning rate
     / 10 at 120 and 160, crop scale 0.7-1.0 and flips, sigma 4, score = map maximum. The

@@ -627,6 +627,7 @@ class PatchCore(BaseDetector):
         Gaussian smoothing of the maps at ``image_size``.
     %(false_reject_rate)s
     batch_size : int, default=16
+        Images per backbone forward pass (fit and scoring).
     %(device)s
     %(verbose)s
     random_state : int, Generator or None, default=None
