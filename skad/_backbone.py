@@ -62,7 +62,15 @@ _CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 class WeightsNotFoundError(RuntimeError):
-    """Raised when pretrained weights were asked for and none could be found."""
+    """Raised when pretrained weights were asked for and none could be found.
+
+    ``file`` is the weights file the caller named when that file does not
+    exist, else None.
+    """
+
+    def __init__(self, message, *, file=None):
+        super().__init__(message)
+        self.file = file
 
 
 def _how_to_supply(model_name):
@@ -244,7 +252,7 @@ def resolve_weights(model_name, weights):
             os.path.isfile(weights) or _looks_like_path(weights))):
         path = os.fspath(weights)
         if not os.path.isfile(path):
-            raise WeightsNotFoundError(f"weights file {path!r} does not exist")
+            raise WeightsNotFoundError(f"weights file {path!r} does not exist", file=path)
         return _load_state(path), path
     if not isinstance(weights, str):
         raise TypeError(f"weights must be 'pretrained', a tag, a file path or None; got {weights!r}")

@@ -845,7 +845,7 @@ def _one_line(exc):
     if backbone is not None and isinstance(exc, backbone.WeightsNotFoundError):
         # the library's message lists Python remedies; the command line has its own
         reason = str(exc).splitlines()[0].rstrip(".")
-        if "does not exist" in reason:  # a weights file named with --param: --offline or not
+        if exc.file is not None:  # the file named with --param weights: --offline or not
             return (f"{reason}: check the path given with --param weights=..., or leave "
                     "it out with --offline (the packaged ImageNet weights of "
                     "tf_efficientnet_lite0)")
