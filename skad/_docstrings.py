@@ -18,7 +18,7 @@ import re
 import string
 import textwrap
 
-from ._params import REMOVED_IN, RENAMED_IN
+from ._params import REMOVED_IN, RENAMED_IN, renamed_target
 
 __all__ = ["FIELDS", "PARAGRAPHS", "fill_doc", "renamed_entry"]
 
@@ -146,7 +146,7 @@ def renamed_entry(renames):
     """
     news = []
     for spec in renames.values():
-        new, convert = spec if isinstance(spec, tuple) else (spec, None)
+        new, convert = renamed_target(spec)
         how = f" ({convert.__doc__.strip().rstrip('.')})" if convert is not None else ""
         news.append(f"``{new}``{how}")
     names = "names" if len(news) > 1 else "name"

@@ -18,8 +18,8 @@ from PIL import ExifTags, Image, ImageOps
 
 from ._progress import progress
 
-__all__ = ["ImageSet", "ImageSets", "check_groups", "check_images", "check_labels", "displayed_size",
-           "image_hw", "iter_batches", "load_resized", "read_image", "read_mask"]
+__all__ = ["ImageSet", "ImageSets", "check_groups", "check_images", "check_labels",
+           "displayed_size", "image_hw", "iter_batches", "load_resized", "read_image", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
 

@@ -31,8 +31,8 @@ from numbers import Integral, Real
 import torch
 from sklearn.utils._param_validation import Hidden, Interval, Options, StrOptions, make_constraint
 
-__all__ = ["DEPRECATED", "Devices", "Ints", "Reals", "Sequences", "deprecated", "renamed_value",
-           "upgrade_state", "warn_renamed"]
+__all__ = ["DEPRECATED", "Devices", "Ints", "Reals", "Sequences", "deprecated", "renamed_target",
+           "renamed_value", "upgrade_state", "warn_renamed"]
 
 #: the default of a renamed parameter's old name: not set
 DEPRECATED = "deprecated"
@@ -141,13 +141,13 @@ def _is_set(value):
     return not (isinstance(value, str) and value == DEPRECATED)
 
 
-def _target(spec):
+def renamed_target(spec):
     """``(new name, convert or None)`` of an entry of ``_deprecated_parameters``."""
     return (spec, None) if isinstance(spec, str) else spec
 
 
 def _converted(spec, value):
-    convert = _target(spec)[1]
+    convert = renamed_target(spec)[1]
     return convert(value) if convert is not None else value
 
 
@@ -164,7 +164,7 @@ def _same(a, b):
 def renamed_value(estimator, name):
     """Parameter ``name`` of ``estimator``: its deprecated old name's value where that is set."""
     for old, spec in estimator._deprecated_parameters.items():
-        if _target(spec)[0] == name and _is_set(getattr(estimator, old, DEPRECATED)):
+        if renamed_target(spec)[0] == name and _is_set(getattr(estimator, old, DEPRECATED)):
             return _converted(spec, getattr(estimator, old))
     return getattr(estimator, name)
 
@@ -181,7 +181,7 @@ def warn_renamed(estimator):
         value = getattr(estimator, old, DEPRECATED)
         if not _is_set(value):
             continue
-        new = _target(spec)[0]
+        new = renamed_target(spec)[0]
         if not _same(getattr(estimator, new), defaults[new].default):
             raise ValueError(
                 f"{cls} got both {old}={value!r} and {new}={getattr(estimator, new)!r}; "
@@ -196,7 +196,7 @@ def upgrade_state(state, renames):
     """``state`` of a pickle, with attributes pickled under an old name moved to the new one."""
     state = dict(state)
     for old, spec in renames.items():
-        new = _target(spec)[0]
+        new = renamed_target(spec)[0]
         if new not in state and old in state:
             state[new] = _converted(spec, state.pop(old))
             state[old] = DEPRECATED
