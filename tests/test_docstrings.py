@@ -79,7 +79,8 @@ def test_renamed_parameters_entry_is_written_from_the_class():
         _deprecated_parameters: ClassVar[dict] = {"lr": "learning_rate"}
 
     assert Single.__doc__.startswith("lr : deprecated\n    Deprecated in 0.2, removed in 0.3: ")
-    assert "the old name of ``learning_rate``; set the new name (" in " ".join(Single.__doc__.split())
+    single = " ".join(Single.__doc__.split())
+    assert "the old name of ``learning_rate``; set the new name (" in single
 
 
 def test_renamed_entry_needs_renamed_parameters():

@@ -7,8 +7,8 @@ The offline settings of ``skad --offline`` (``tf_efficientnet_lite0`` with its p
 weights, 256 px; MMR's ViT-S student and GlobalLocal's networks from scratch), trained
 briefly on ``--n-train`` images of ``<category>/train/good`` (scoring speed does not depend
 on training length, except PatchCore's, whose nearest-neighbour search grows with its memory
-bank: ``--n-train`` images' patches at 10 %). MetaComparer trains on them as two domains with synthetic anomalies and
-takes 10 of them as references. Then ``--n-images`` images drawn from ``<category>/test``
+bank: ``--n-train`` images' patches at 10 %). MetaComparer trains on them as two domains
+with synthetic anomalies and takes 10 of them as references. Then ``--n-images`` images drawn from ``<category>/test``
 (seed 0) are scored twice: ``decision_function`` (scores) and ``score_and_map`` (scores
 and maps). The reference is lite0's own forward pass (levels 2 and 3) over the same images,
 read and resized the same way, measured before and after the detectors (the faster kept).
