@@ -326,8 +326,10 @@ class GeneralAD(BaseDetector):
     >>> from skad import GeneralAD, datasets
     >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=4,
     ...                               image_size=32, random_state=0)
+    >>> # 8 normal images calibrate false-reject rates of 1/9 and above
     >>> det = GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), image_size=32,
-    ...                 hidden_dim=32, n_epochs=2, random_state=0).fit(data.images[data.y == 0])
+    ...                 hidden_dim=32, n_epochs=2, false_reject_rate=0.2,
+    ...                 random_state=0).fit(data.images[data.y == 0])
     >>> det.predict(data.images[:3]).shape  # 1 = rejected at false_reject_rate
     (3,)
     >>> det.predict_mask(data.images[:2]).shape  # pixels above pixel_threshold_

@@ -423,6 +423,7 @@ class GlobalLocal(BaseDetector):
     >>> det = GlobalLocal(teacher="test_efficientnet", teacher_weights=None, teacher_size=32,
     ...                   patch_size=8, stride=4, embed_dim=16, width=8, n_distill_epochs=1,
     ...                   n_finetune_epochs=1, n_epochs=1, image_size=32,
+    ...                   false_reject_rate=0.2,  # 8 normal images support 1/9 and above
     ...                   random_state=0).fit(data.images[data.y == 0])
     >>> det.decision_function(data.images).shape
     (10,)

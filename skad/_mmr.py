@@ -276,9 +276,10 @@ class MMR(BaseDetector):
     >>> from skad import MMR, datasets
     >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=2,
     ...                               image_size=32, random_state=0)
+    >>> # 8 normal images calibrate false-reject rates of 1/9 and above
     >>> det = MMR(teacher="test_efficientnet", teacher_weights=None, student="test_vit",
     ...           student_weights=None, student_depth=1, n_epochs=1, image_size=32,
-    ...           random_state=0).fit(data.images[data.y == 0])
+    ...           false_reject_rate=0.2, random_state=0).fit(data.images[data.y == 0])
     >>> scores, maps = det.score_and_map(data.images)  # one pass for both
     >>> scores.shape, maps.shape
     ((10,), (10, 32, 32))

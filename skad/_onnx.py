@@ -175,6 +175,7 @@ def export_onnx(detector, path, *, batch_size=None, opset=DEFAULT_OPSET):
     >>> data = make_textures(n_domains=1, n_normal=8, n_anomalous=2, image_size=32,
     ...                      random_state=0)
     >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=32,
+    ...                 false_reject_rate=0.2,  # 8 normals support 1/9 and above
     ...                 random_state=0).fit(data.images[:8])
     >>> path = export_onnx(det, tmp_path / "patchcore.onnx")  # doctest: +SKIP
     >>> import onnxruntime as ort  # doctest: +SKIP

@@ -739,8 +739,9 @@ class PatchCore(BaseDetector):
     >>> data = datasets.make_textures(n_domains=1, n_normal=12, n_anomalous=6,
     ...                               image_size=64, random_state=0)
     >>> normal = data.images[data.y == 0]
+    >>> # 8 normal images calibrate false-reject rates of 1/9 and above
     >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=64,
-    ...                 random_state=0).fit(normal[:8])
+    ...                 false_reject_rate=0.2, random_state=0).fit(normal[:8])
     >>> det.decision_function(data.images[8:]).shape
     (10,)
     >>> det.predict_map(data.images[:2]).shape

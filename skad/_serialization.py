@@ -234,6 +234,7 @@ def save(detector, path):
     >>> data = make_textures(n_domains=1, n_normal=6, n_anomalous=2, image_size=32,
     ...                      random_state=0)
     >>> det = skad.PatchCore(backbone="test_resnet", weights=None, image_size=32,
+    ...                      false_reject_rate=0.2,  # 6 normals support 1/7 and above
     ...                      random_state=0).fit(data.images[data.y == 0])
     >>> path = skad.save(det, os.path.join(tempfile.mkdtemp(), "model.skad"))
     >>> loaded = skad.load(path)

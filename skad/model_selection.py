@@ -55,7 +55,9 @@ class ReferenceScorer:
     >>> from skad.model_selection import ReferenceScorer
     >>> data = make_textures(n_domains=2, n_normal=8, n_anomalous=4, image_size=32,
     ...                      random_state=0)
-    >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=32)
+    >>> # 3 references per fold calibrate false-reject rates of 1/4 and above
+    >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=32,
+    ...                 false_reject_rate=0.25)
     >>> scores = cross_val_score(det, data.images, data.y, groups=data.groups,
     ...                          cv=LeaveOneGroupOut(), scoring=ReferenceScorer(n_references=3))
     >>> scores.shape

@@ -47,6 +47,7 @@ Examples
 ...     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
 ...         os.path.join(folder, f"{i:03d}.png"))
 >>> det = PatchCore(backbone="test_resnet", weights=None, image_size=32,
+...                 false_reject_rate=0.2,  # 6 normals support 1/7 and above
 ...                 random_state=0).fit(list(ImageFolder(folder)))
 >>> out = os.path.join(tempfile.mkdtemp(), "results")
 >>> summary = score_files(det, folder, out, chunk_size=4)
