@@ -23,8 +23,8 @@ from ._images import ImageSets, check_images, load_resized
 from ._layers import BiFPN, BiFPNCell, FastFusion, SeparableConv  # noqa: F401 (old pickles)
 from ._maps import adjacent, gaussian_blur, upsample
 from ._params import DEPRECATED, Ints, Reals, Sequences, deprecated
-from ._patchcore import (augmented_bank, locally_aware_features, nearest, nearest_in_bank,
-                         nearest_outside)
+from ._patchcore import (augmented_bank, greedy_coreset, locally_aware_features, nearest,
+                         nearest_in_bank, nearest_outside)
 from ._random import seed_from, torch_seed
 from ._textures import synthetic_anomalies
 from ._training import cosine_schedule, make_optimizer, train
@@ -324,6 +324,14 @@ class MetaComparer(BaseDetector):
         Normal reference images per episode, from the queries' domain.
     n_reference_patches : int or None, default=256
         Reference patches sampled per scale and episode for training (None: all).
+    max_reference_patches : int or None, default=1024
+        Reference patches kept per scale and part by :meth:`set_reference` (ours, beyond
+        the paper): when the references have more, a greedy k-center coreset of them
+        (PatchCore's Alg. 1: of the comparer's reference vectors ``W_r r`` for the learned
+        part, of the locally aware features for the nearest part), so that scoring time
+        stops growing with the number of references (1024 = one reference image at
+        256 px). None keeps every patch (the paper's Eq. 1 over all of them). Measured:
+        docs/benchmarks.md, "References that count" and "Scoring speed".
     n_rank_pairs : int, default=128
         Query patch pairs (u, v) sampled per query and scale for L_rank.
     learning_rate : float, default=1e-3
@@ -362,11 +370,12 @@ class MetaComparer(BaseDetector):
     patch_score_ : str
         The ``patch_score`` the reference was set with (scoring needs the same).
     reference_hidden_ : list of torch.Tensor
-        Per scale, ``W_r r`` of every reference patch ``(n_patches, hidden_layer_sizes[0])``
+        Per scale, ``W_r r`` of the reference patches kept (all of them, or
+        ``max_reference_patches`` in coreset order) ``(n_patches, hidden_layer_sizes[0])``
         (``patch_score`` "learned" and "fused").
     reference_features_ : torch.Tensor of shape (n_patches, n_channels)
-        Locally aware features of every reference patch (``patch_score`` "nearest" and
-        "fused").
+        Locally aware features of the reference patches kept, likewise (``patch_score``
+        "nearest" and "fused").
     score_mean_, score_std_ : ndarray of shape (2,)
         Mean and standard deviation of the references' leave-one-out patch values,
         learned part then nearest-reference part, that standardise them
@@ -382,8 +391,10 @@ class MetaComparer(BaseDetector):
     levels, every default of the BiFPN, MLP, co-attention, loss weights, λ,
     episodes, patch sampling, optimiser (AdamW, cosine decay to 0.1 x, gradient
     clipping at 1) and ``scales``. Eq. 1-2 are
-    computed on sampled reference patches during training and on all of them at
-    inference. Without metadata routing, ``GridSearchCV``/``cross_validate`` do
+    computed on sampled reference patches during training and, at inference, on all
+    of them up to ``max_reference_patches`` per scale (a coreset above that: scoring
+    time then stays that of about one reference image at 256 px whatever their
+    number). Without metadata routing, ``GridSearchCV``/``cross_validate`` do
     not pass ``groups`` to ``fit``: it warns and treats all images as one domain.
 
     References
@@ -397,8 +408,9 @@ class MetaComparer(BaseDetector):
     >>> data = datasets.make_textures(n_domains=3, n_normal=8, n_anomalous=4,
     ...                               image_size=32, random_state=0)
     >>> src = data.groups != data.groups[-1]
+    >>> # 3 references calibrate false-reject rates of 1/4 and above
     >>> det = MetaComparer(backbone="test_resnet", weights=None, image_size=32, n_epochs=1,
-    ...                    n_episodes=2, random_state=0)
+    ...                    n_episodes=2, false_reject_rate=0.25, random_state=0)
     >>> det = det.fit(data.images[src], data.y[src], groups=data.groups[src])
     >>> target = data.images[~src]
     >>> det = det.set_reference(target[:3])
@@ -430,6 +442,7 @@ class MetaComparer(BaseDetector):
         "n_episode_queries": [Ints(2)],
         "n_episode_references": [Ints(1)],
         "n_reference_patches": [Ints(1), None],
+        "max_reference_patches": [Ints(1), None],
         "n_rank_pairs": [Ints(1)],
         "learning_rate": [Reals(0, None, closed="neither")],
         "weight_decay": [Reals(0)],
@@ -460,7 +473,7 @@ class MetaComparer(BaseDetector):
                  reference_reduction="max", patch_score="fused", attention_weight=1.0,
                  rank_weight=1.0, mismatch_ratio=0.0, n_epochs=10, n_episodes=50,
                  n_episode_queries=8, n_episode_references=4, n_reference_patches=256,
-                 n_rank_pairs=128,
+                 max_reference_patches=1024, n_rank_pairs=128,
                  learning_rate=1e-3, weight_decay=1e-4, backbone_learning_rate_ratio=0.1,
                  synthesize_anomalies="auto", n_synthetic=32, sigma=0.0,
                  false_reject_rate=0.05, max_calibration_references=200,
@@ -668,17 +681,19 @@ class MetaComparer(BaseDetector):
         for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
             self.__dict__.pop(name, None)
         self.patch_score_ = self.patch_score
+        gen = torch.Generator().manual_seed(seed_from(self.random_state))
         with torch.inference_mode():
-            if self.patch_score == "learned":
-                self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in parts[1::2]]
-                return self._leave_one_out_scores(parts[0::2], calibration)
             if self._uses("learned"):
-                self.reference_hidden_ = [r.flatten(0, 2).contiguous() for r in learned[1::2]]
+                banks = [self._reference_rows(r, gen) for r in learned[1::2]]
+                self.reference_hidden_ = [bank for bank, _ in banks]
+                kept = [rows for _, rows in banks]
+            if self.patch_score == "learned":
+                return self._leave_one_out_scores(learned[0::2], kept, calibration)
             feats = parts[-1]
-            self.reference_features_ = feats.flatten(0, 2).contiguous()
-            grid = self._nearest_leave_one_out(feats, calibration)
+            self.reference_features_, rows = self._reference_rows(feats, gen)
+            grid = self._nearest_leave_one_out(feats, rows, calibration)
             if self.patch_score == "fused":
-                grids = self._learned_leave_one_out(learned[0::2], calibration)
+                grids = self._learned_leave_one_out(learned[0::2], kept, calibration)
                 learned_grid = self._on_grid(grids, grid.shape[1:])
                 mean, std = [], []
                 for g in (learned_grid, grid):
@@ -689,34 +704,53 @@ class MetaComparer(BaseDetector):
                 grid = self._fuse(learned_grid, grid)
             return self._grid_scores(grid, [q.shape[1:3] for q in parts[0:-1:2]] or None)
 
+    def _reference_rows(self, maps, generator):
+        """The rows kept of the reference patches ``maps (n, h, w, dim)``: all of them, or
+        a greedy coreset of ``max_reference_patches`` (PatchCore's), and their indices
+        among the ``n * h * w`` patches (image ``i // (h * w)``, cell ``i % (h * w)``)."""
+        rows = maps.flatten(0, 2)
+        cap = self.max_reference_patches
+        if cap is None or len(rows) <= cap:
+            return rows.contiguous(), torch.arange(len(rows))
+        kept = greedy_coreset(rows.to(self._device()), cap, generator=generator,
+                              verbose=self.verbose)
+        return rows[kept].contiguous(), kept
+
     def _grid_scores(self, grid, sizes):
         """The references' scores and map maxima from their leave-one-out grids ``(n, h, w)``
         (non-finite cells do not count)."""
         finite = torch.isfinite(grid)
         scores = torch.where(finite, grid, -torch.inf).flatten(1).amax(dim=1)
         if not torch.isfinite(scores).all():
-            raise ValueError(self._single_reference_message(sizes or [grid.shape[1:]]))
+            raise ValueError(self._no_leave_one_out(len(grid), sizes or [grid.shape[1:]]))
         return scores.numpy(), self._map_maxima([grid], scores)
 
-    def _single_reference_message(self, sizes):
+    def _no_leave_one_out(self, n_references, sizes):
+        """Why a reference cannot be scored without its own patches, and what to change."""
+        if n_references > 1:  # the coreset kept one image's patches only
+            return ("MetaComparer cannot calibrate threshold_: the max_reference_patches="
+                    f"{self.max_reference_patches} reference patches kept all come from one "
+                    "reference image, which then has no other image's patch to be scored "
+                    "against. Raise max_reference_patches (or set it to None)")
         sizes = ", ".join(f"{h} x {w}" for h, w in sizes)
         return ("MetaComparer cannot calibrate threshold_ on one reference image with patch "
                 f"grids of {sizes}: every reference patch lies in the 3 x 3 neighbourhood of "
                 "every patch, so the image would be scored against itself. Pass at least 2 "
                 "reference images (or raise image_size)")
 
-    def _learned_leave_one_out(self, queries, calibration):
+    def _learned_leave_one_out(self, queries, kept, calibration):
         """Per scale, the patch values ``(len(calibration), h, w)`` of the references at
-        ``calibration`` against the other references' patches; with a single reference,
-        without the reference patches of its own 3 x 3 neighbourhood (non-finite: patches
-        with none left outside it)."""
+        ``calibration`` against the other references' patches among those ``kept`` (per
+        scale, :meth:`_reference_rows`); with a single reference, without the reference
+        patches of its own 3 x 3 neighbourhood (non-finite: patches with none left
+        outside it)."""
         device = self._device()
         n = len(queries[0])
         grids = []
-        for qh, bank in zip(queries, self.reference_hidden_):
+        for qh, bank, rows in zip(queries, self.reference_hidden_, kept):
             _, h, w, _ = qh.shape
-            owner = torch.arange(n).repeat_interleave(h * w)
-            pos = torch.arange(h * w, device=device)
+            owner = rows // (h * w)
+            pos, bank_pos = torch.arange(h * w, device=device), (rows % (h * w)).to(device)
             values = torch.empty(len(calibration), h * w)
             for k, i in enumerate(calibration.tolist()):
                 q = qh[i].flatten(0, 1).to(device)
@@ -724,13 +758,13 @@ class MetaComparer(BaseDetector):
                     z = self._patch_values(q, bank[owner != i].to(device))
                 else:
                     def exclude(qs, rs):
-                        return adjacent(pos[qs], pos[rs], w)
+                        return adjacent(pos[qs], bank_pos[rs], w)
                     z = self._patch_values(q, bank.to(device), exclude)
                 values[k] = z.cpu()
             grids.append(values.view(len(calibration), h, w))
         return grids
 
-    def _leave_one_out_scores(self, queries, calibration):
+    def _leave_one_out_scores(self, queries, kept, calibration):
         """Each reference at ``calibration`` scored against the other references' patches
         (Eq. 5), and the maximum of its map so scored (Eq. 6; it calibrates
         ``pixel_threshold_``).
@@ -739,33 +773,36 @@ class MetaComparer(BaseDetector):
         patches of its own 3 x 3 neighbourhood instead; patches with none left
         outside it do not count.
         """
-        grids = self._learned_leave_one_out(queries, calibration)
+        grids = self._learned_leave_one_out(queries, kept, calibration)
         scores = torch.full((len(calibration),), -torch.inf)
         for g in grids:
             z = torch.where(torch.isfinite(g), g, -torch.inf).flatten(1).amax(dim=1)
             scores = torch.maximum(scores, z)
         if not torch.isfinite(scores).all():
             # scoring the reference against its own patches would calibrate on self-matches
-            raise ValueError(self._single_reference_message([q.shape[1:3] for q in queries]))
+            raise ValueError(self._no_leave_one_out(len(queries[0]),
+                                                    [q.shape[1:3] for q in queries]))
         return scores.numpy(), self._map_maxima(grids, scores)
 
-    def _nearest_leave_one_out(self, feats, calibration):
+    def _nearest_leave_one_out(self, feats, kept, calibration):
         """The nearest-reference-patch distances ``(len(calibration), h, w)`` of the
-        references at ``calibration`` to the other references' patches (with a single
-        reference: outside its 3 x 3 neighbourhood, inf where none is left)."""
+        references at ``calibration`` to the other references' patches among those
+        ``kept`` (with a single reference: outside its 3 x 3 neighbourhood, inf where none
+        is left)."""
         device = self._device()
         n, h, w, _ = feats.shape
         bank = self.reference_features_.to(device)
-        pos = torch.arange(h * w, device=device)
+        owner = kept // (h * w)
+        pos, bank_pos = torch.arange(h * w, device=device), (kept % (h * w)).to(device)
         bank_aug, workspace = augmented_bank(bank), {}  # PatchCore's leave-one-out search
         out = torch.empty(len(calibration), h * w)
         for k, i in enumerate(calibration.tolist()):
             q = feats[i].flatten(0, 1).to(device)
             if n > 1:  # the reference's own rows of the bank left out, the bank not copied
-                own = torch.arange(i * h * w, (i + 1) * h * w, device=device)
+                own = torch.nonzero(owner == i).flatten().to(device)
                 d = nearest_outside(q, bank_aug, own, workspace)[0]
             else:
-                d = nearest(q, bank, lambda rows: adjacent(pos[rows], pos, w))[0]
+                d = nearest(q, bank, lambda rows: adjacent(pos[rows], bank_pos, w))[0]
             out[k] = d.cpu()
         return out.view(len(calibration), h, w)
 
@@ -850,4 +887,7 @@ class MetaComparer(BaseDetector):
         # pickles of skad < 0.3 have no patch_score: their reference holds the learned
         # part only, and they keep scoring with it (the paper's Eq. 1)
         state.setdefault("patch_score", "learned")
+        # before max_reference_patches every reference patch was kept; a pickle of then
+        # keeps doing so at its next set_reference
+        state.setdefault("max_reference_patches", None)
         super().__setstate__(state)

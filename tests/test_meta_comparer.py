@@ -481,11 +481,98 @@ def test_old_pickles_keep_the_learned_score(variants, data, split):
     det = copy.deepcopy(variants["learned"]).set_reference(data.images[split[1]][:3])
     state = det.__getstate__()
     del state["patch_score"], state["patch_score_"]
+    del state["max_reference_patches"]
     old = MetaComparer.__new__(MetaComparer)
     old.__setstate__(state)
     assert old.patch_score == "learned"
+    assert old.max_reference_patches is None  # every reference patch, as before 0.3
     np.testing.assert_array_equal(old.decision_function(data.images[:3]),
                                   det.decision_function(data.images[:3]))
+
+
+# ------------------------------------------------------------------ max_reference_patches
+def _banks(det):
+    """The reference rows scoring searches: per scale of the learned part, then the nearest
+    part's."""
+    nearest = [det.reference_features_] if hasattr(det, "reference_features_") else []
+    return [*getattr(det, "reference_hidden_", []), *nearest]
+
+
+def _set_banks(det, banks):
+    n_learned = len(getattr(det, "reference_hidden_", []))
+    if n_learned:
+        det.reference_hidden_ = banks[:n_learned]
+    if hasattr(det, "reference_features_"):
+        det.reference_features_ = banks[-1]
+
+
+def _kept_rows(det, every):
+    """For each kept row of ``det``'s banks, its index among ``every`` (all the rows)."""
+    rows = []
+    for kept, full in zip(_banks(det), every):
+        match = (kept[:, None, :] == full[None]).all(-1)
+        assert (match.sum(1) == 1).all()  # each kept row is one reference patch
+        rows.append(match.float().argmax(1))
+    return rows
+
+
+@pytest.mark.parametrize("patch_score", ["learned", "nearest", "fused"])
+def test_reference_coreset_and_its_leave_one_out(variants, data, split, patch_score):
+    """Above max_reference_patches, set_reference keeps a greedy coreset of the reference
+    patches of each scale and part (rows of the whole set, the coreset's order), and
+    each reference's calibration score is its score against the other references'
+    kept patches."""
+    refs = data.images[split[1]][:4]  # 4 x 16 patches at the finest scale, 4 x 4, 4 x 1
+    every = _banks(copy.deepcopy(variants[patch_score])
+                   .set_params(max_reference_patches=None).set_reference(refs))
+    det = copy.deepcopy(variants[patch_score]).set_params(max_reference_patches=10)
+    det.set_reference(refs)
+    kept = _kept_rows(det, every)
+    assert [len(k) for k in kept] == [min(10, len(e)) for e in every]
+    for rows, full in zip(kept, every):
+        if len(full) > 10:  # a coreset: not the first rows, spread over the images
+            assert not torch.equal(rows, torch.arange(10))
+            assert len(set((rows // (len(full) // 4)).tolist())) > 1
+    for i in range(4):
+        alone = copy.deepcopy(det)
+        _set_banks(alone, [b[r // (len(e) // 4) != i]
+                           for b, r, e in zip(_banks(det), kept, every)])
+        assert alone.decision_function(refs[i:i + 1])[0] == pytest.approx(
+            det.reference_scores_[i], rel=1e-4, abs=1e-4)
+    # the scores of new images: against the kept rows (fewer: the nearest part's distances
+    # can only grow)
+    if patch_score == "nearest":
+        full = copy.deepcopy(variants["nearest"]).set_params(max_reference_patches=None)
+        X = data.images[split[1]][4:]
+        near_all = full.set_reference(refs).decision_function(X)
+        assert (det.decision_function(X) >= near_all - 1e-5).all()
+
+
+def test_reference_coreset_of_a_single_reference(variants, data, split):
+    """One reference with more patches than max_reference_patches: each of its patches is
+    calibrated against the kept patches outside its own 3 x 3 neighbourhood."""
+    ref = data.images[split[1]][:1]
+    full = copy.deepcopy(variants["nearest"]).set_params(max_reference_patches=None)
+    every = full.set_reference(ref).reference_features_  # 4 x 4 grid, in order
+    det = copy.deepcopy(variants["nearest"]).set_params(max_reference_patches=6)
+    det.set_reference(ref)
+    (pos,) = _kept_rows(det, [every])
+    assert len(pos) == 6
+    grid = torch.arange(16)
+    allowed = ~mc.adjacent(grid, pos, 4)
+    dist = torch.cdist(every.double(), det.reference_features_.double())
+    dist = torch.where(allowed, dist, torch.inf).amin(dim=1)
+    assert det.reference_scores_[0] == pytest.approx(float(dist[torch.isfinite(dist)].max()),
+                                                     rel=1e-4, abs=1e-4)
+
+
+def test_reference_coreset_of_one_image_is_refused(variants, data, split):
+    refs = data.images[split[1]][:4]
+    det = copy.deepcopy(variants["nearest"]).set_params(max_reference_patches=1)
+    with pytest.raises(ValueError, match=r"max_reference_patches=1 reference patches kept all "
+                                         r"come from one reference image.*Raise "
+                                         r"max_reference_patches"):
+        det.set_reference(refs)
 
 
 @pytest.mark.parametrize("patch_score", ["learned", "fused"])

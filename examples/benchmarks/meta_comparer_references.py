@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import skad
-from skad import PatchCore
+from skad import MetaComparer, PatchCore
 from skad._benchmark import draw_references
 from skad._images import check_images
 from skad._maps import upsample
@@ -69,6 +69,10 @@ def parse_args(argv=None):
     ap.add_argument("--ref-patches", type=int, default=256)
     ap.add_argument("--fuse-weights", nargs="*", type=float, default=[],
                     help="also score fused variants 'fused_w<w>': z_learned + w * z_nearest")
+    ap.add_argument("--max-reference-patches", default=MetaComparer().max_reference_patches,
+                    type=lambda v: None if v.lower() == "none" else int(v),
+                    help="MetaComparer's max_reference_patches (default: its default; 'none': "
+                         "every reference patch, as before it existed)")
     ap.add_argument("--skip-patchcore", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: target aitex_00, small aitex sources, k 1 and 5, 1 draw")
@@ -143,7 +147,8 @@ def run(args, present, log):
         test = load_mvtec(args.data, target, "test", return_masks=True, mask_size=EVAL_SIZE)
         train = load_mvtec(args.data, target, "train").paths
         det = fitted_model(args, target, present, log)
-        det.set_params(patch_score="fused", device="cpu", verbose=0)
+        det.set_params(patch_score="fused", max_reference_patches=args.max_reference_patches,
+                       device="cpu", verbose=0)
         args.backbone = det.backbone
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -164,7 +169,7 @@ def run(args, present, log):
                 elapsed = time.perf_counter() - t0
                 for name, (scores, maps) in outs.items():
                     row = {"category": target, "k": k, "draw": draw, "seed": args.seed,
-                           "variant": name,
+                           "variant": name, "max_reference_patches": args.max_reference_patches,
                            **evaluate(test.y, scores, masks=test.masks, maps=maps)}
                     rows.append(row)
                 log(f"  k={k} draw={draw} ({elapsed:.0f}s): " + "  ".join(
