@@ -702,7 +702,8 @@ class MetaComparer(BaseDetector):
                     std.append(max(float(v.std()) if len(v) > 1 else 0.0, _MIN_STD))
                 self.score_mean_, self.score_std_ = np.array(mean), np.array(std)
                 grid = self._fuse(learned_grid, grid)
-            return self._grid_scores(grid, [q.shape[1:3] for q in parts[0:-1:2]] or None)
+            return self._grid_scores(grid, len(feats),
+                                     [q.shape[1:3] for q in parts[0:-1:2]] or None)
 
     def _reference_rows(self, maps, generator):
         """The rows kept of the reference patches ``maps (n, h, w, dim)``: all of them, or
@@ -716,13 +717,13 @@ class MetaComparer(BaseDetector):
                               verbose=self.verbose)
         return rows[kept].contiguous(), kept
 
-    def _grid_scores(self, grid, sizes):
-        """The references' scores and map maxima from their leave-one-out grids ``(n, h, w)``
-        (non-finite cells do not count)."""
+    def _grid_scores(self, grid, n_references, sizes):
+        """The scores and map maxima of the references that calibrate, from their
+        leave-one-out grids ``(n, h, w)`` (non-finite cells do not count)."""
         finite = torch.isfinite(grid)
         scores = torch.where(finite, grid, -torch.inf).flatten(1).amax(dim=1)
         if not torch.isfinite(scores).all():
-            raise ValueError(self._no_leave_one_out(len(grid), sizes or [grid.shape[1:]]))
+            raise ValueError(self._no_leave_one_out(n_references, sizes or [grid.shape[1:]]))
         return scores.numpy(), self._map_maxima([grid], scores)
 
     def _no_leave_one_out(self, n_references, sizes):
