@@ -118,6 +118,12 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
 
     if protocol not in ("oneclass", "fewshot", "domains"):
         raise ValueError(f"unknown protocol {protocol!r}")
+    categories = list(categories)
+    if protocol == "domains" and len(categories) < 2:
+        raise ValueError(
+            f"the domains protocol holds each category out in turn and fits on the others: "
+            f"it needs two or more categories, got {categories} (the categories given are "
+            "both the targets and their sources)")
     if log is None:
         log = logger.info
     rows = []

@@ -328,7 +328,8 @@ def check_images(X, *, name="X"):
         must lie in [0, 1]); other dtypes are refused. Or a list of 2-D / 3-D
         such arrays of possibly different sizes; or a list of image file paths,
         read lazily at the fixed range of their mode (see ``docs/usage.md``),
-        first frame, EXIF orientation applied. An :class:`ImageSet` passes
+        first frame, EXIF orientation applied. Either list may also come as a
+        one-dimensional array (of str or object dtype). An :class:`ImageSet` passes
         through.
     name : str, default="X"
         The argument's name, used in error messages.
@@ -351,6 +352,10 @@ def check_images(X, *, name="X"):
             f"{name} is a single path {os.fspath(X)!r}; pass a list of image paths "
             "(e.g. sorted(pathlib.Path(folder).glob('*.png')))"
         )
+    if isinstance(X, np.ndarray) and X.ndim == 1 and X.dtype.kind in "UO":
+        # file paths (np.array(paths), a DataFrame column's values), or arrays of
+        # different sizes, in a one-dimensional array: read as the list they hold
+        X = X.tolist()
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
             raise ValueError(

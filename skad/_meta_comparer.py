@@ -45,7 +45,7 @@ _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
                     "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_",
                     "patch_score_", "reference_features_", "score_mean_", "score_std_",
-                    "calibration_indices_")
+                    "calibration_indices_", "max_reference_patches_")
 # the learned and the nearest-reference parts of patch_score="fused": no spread below this
 _MIN_STD = 1e-6
 
@@ -369,6 +369,8 @@ class MetaComparer(BaseDetector):
         Mean loss of each epoch.
     patch_score_ : str
         The ``patch_score`` the reference was set with (scoring needs the same).
+    max_reference_patches_ : int or None
+        The ``max_reference_patches`` the reference was set with (scoring needs the same).
     reference_hidden_ : list of torch.Tensor
         Per scale, ``W_r r`` of the reference patches kept (all of them, or
         ``max_reference_patches`` in coreset order) ``(n_patches, hidden_layer_sizes[0])``
@@ -681,6 +683,7 @@ class MetaComparer(BaseDetector):
         for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
             self.__dict__.pop(name, None)
         self.patch_score_ = self.patch_score
+        self.max_reference_patches_ = self.max_reference_patches
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         with torch.inference_mode():
             if self._uses("learned"):
@@ -839,13 +842,17 @@ class MetaComparer(BaseDetector):
             maxima.append(float(amap.max()))
         return np.array(maxima)
 
-    def _check_patch_score(self):
-        """Scoring reads what ``set_reference`` kept for ``patch_score``: the same one."""
-        made = getattr(self, "patch_score_", "learned")  # skad < 0.3 kept the learned part
-        if made != self.patch_score:
-            raise RuntimeError(
-                f"MetaComparer's reference was set with patch_score={made!r}, and "
-                f"patch_score is now {self.patch_score!r}: call set_reference(normals) again")
+    def _check_reference_settings(self):
+        """Scoring reads what ``set_reference`` kept for ``patch_score`` and
+        ``max_reference_patches``: the same ones."""
+        # skad < 0.3 kept the learned part, and every reference patch
+        made = {"patch_score": getattr(self, "patch_score_", "learned"),
+                "max_reference_patches": getattr(self, "max_reference_patches_", None)}
+        for name, value in made.items():
+            if getattr(self, name) != value:
+                raise RuntimeError(
+                    f"MetaComparer's reference was set with {name}={value!r}, and {name} is "
+                    f"now {getattr(self, name)!r}: call set_reference(normals) again")
 
     def _learned_grids(self, parts, device):
         """Per scale, the patch values ``(n, h, w)`` of Eq. 1 (reduced over the references)."""
@@ -862,7 +869,7 @@ class MetaComparer(BaseDetector):
         return nearest_in_bank(feats.reshape(-1, c), bank)[0].view(n, h, w)
 
     def _score_batch(self, batch, return_maps):
-        self._check_patch_score()
+        self._check_reference_settings()
         parts = self._embed(batch)
         if self.patch_score == "learned":
             grids = self._learned_grids(parts, batch.device)

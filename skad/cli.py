@@ -637,7 +637,8 @@ def _add_score(sub):
                         help="image files matching a pattern (quote it): * and ? within a "
                              "name, ** any folders, e.g. 'line3/2026-*/**/*.png'; sorted walk")
     _reference_option(sp, "before scoring (good parts of the kind scored): it recalibrates "
-                          "the threshold (and replaces PatchCore's memory bank)")
+                          "the threshold (and replaces PatchCore's memory bank, "
+                          "MetaComparer's references)")
     sp.add_argument("--out", required=True, metavar="DIR",
                     help="results folder: scores.csv and one overlay PNG per image; new or "
                          "empty unless --overwrite or --resume")
@@ -761,7 +762,9 @@ def _add_benchmark(sub):
                     help="MVTec-layout data root: ROOT/CATEGORY/{train/good, test, "
                          "ground_truth}")
     sp.add_argument("--categories", nargs="+", metavar="CATEGORY",
-                    help="categories to run (default: every category under --data)")
+                    help="categories to run (default: every category under --data); with "
+                         "--protocol domains, each is held out in turn and the others are its "
+                         "sources, so give two or more")
     sp.add_argument("--protocol", choices=["oneclass", "fewshot", "domains"],
                     default="oneclass",
                     help="oneclass: fit on the category's train/good; fewshot: fit on k of "

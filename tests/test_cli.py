@@ -349,6 +349,17 @@ def test_benchmark_rows_are_reproducible(mvtec):
     assert [r["seed"] for r in runs[0]] == [0, 1]
 
 
+def test_domains_benchmark_needs_sources(mvtec, capsys):
+    from skad._benchmark import run_benchmark
+
+    cat = sorted(p.name for p in mvtec.iterdir())[:1]
+    with pytest.raises(ValueError, match=r"two or more categories, got \['[^']+'\]"):
+        run_benchmark(lambda: None, str(mvtec), cat, protocol="domains")
+    assert main(["benchmark", "--data", str(mvtec), "--method", "metacomparer", "--protocol",
+                 "domains", "--categories", cat[0]]) == 1
+    assert "skad: error: the domains protocol holds each category out" in capsys.readouterr().err
+
+
 def test_oneclass_benchmark_rows_show_their_seed(mvtec):
     """Every row says the seed its detector was given: oneclass rows too (they were blank)."""
     from skad import PatchCore

@@ -28,10 +28,20 @@ def test_forms_read_the_same_pixels(tmp_path):
     assert mixed.sizes() == [(10, 12), (5, 7)]
     rgba = check_images([np.zeros((4, 4, 4), np.uint8)])
     assert rgba.read(0).shape == (4, 4, 3)
+    # the lists in one-dimensional arrays: of str, of Path objects, of arrays
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for array in (np.array([str(p) for p in paths]), np.array(paths, dtype=object)):
+        as_array = check_images(array)
+        np.testing.assert_array_equal(as_array.read(1), from_files.read(1))
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [rgb[0], rgb[1, :5, :7, :1]]
+    assert check_images(ragged).sizes() == [(10, 12), (5, 7)]
 
 
 @pytest.mark.parametrize("X, error, match", [
     (np.zeros((4, 4)), ValueError, "For one image use X\\[None\\]"),
+    (np.zeros(4), ValueError, "For one image use X\\[None\\]"),
+    (np.array(["a.png", "nope.png"]), ValueError, r"X\[0\].*a.png.*does not exist"),
     (np.zeros((0, 4, 4)), ValueError, "empty"),
     ([], ValueError, "empty"),
     (np.zeros((1, 4, 4, 2)), ValueError, "1, 3 or 4 channels"),

@@ -9,6 +9,7 @@ import sklearn
 import torch
 from sklearn.model_selection import LeaveOneGroupOut, cross_validate
 
+import skad
 import skad._meta_comparer as mc
 from skad._layers import BiFPN, FastFusion
 from skad._meta_comparer import (CoAttention, MetaComparer, MetaComparerHead, PairComparer,
@@ -481,7 +482,7 @@ def test_old_pickles_keep_the_learned_score(variants, data, split):
     det = copy.deepcopy(variants["learned"]).set_reference(data.images[split[1]][:3])
     state = det.__getstate__()
     del state["patch_score"], state["patch_score_"]
-    del state["max_reference_patches"]
+    del state["max_reference_patches"], state["max_reference_patches_"]
     old = MetaComparer.__new__(MetaComparer)
     old.__setstate__(state)
     assert old.patch_score == "learned"
@@ -564,6 +565,21 @@ def test_reference_coreset_of_a_single_reference(variants, data, split):
     dist = torch.where(allowed, dist, torch.inf).amin(dim=1)
     assert det.reference_scores_[0] == pytest.approx(float(dist[torch.isfinite(dist)].max()),
                                                      rel=1e-4, abs=1e-4)
+
+
+def test_max_reference_patches_changed_after_reference_asks_for_a_new_one(variants, data, split,
+                                                                         tmp_path):
+    X = data.images[split[1]]
+    det = copy.deepcopy(variants["fused"]).set_params(max_reference_patches=10)
+    det.set_reference(X[:4])
+    det.set_params(max_reference_patches=None)  # would keep every patch: the reference did not
+    with pytest.raises(RuntimeError, match=r"max_reference_patches=10.*now None.*set_reference"):
+        det.decision_function(X[4:6])
+    det.set_reference(X[:4])
+    assert det.max_reference_patches_ is None and len(det.reference_features_) == 4 * 16
+    loaded = skad.load(skad.save(det, tmp_path / "m.skad"))
+    assert loaded.max_reference_patches_ is None
+    np.testing.assert_array_equal(loaded.decision_function(X[4:6]), det.decision_function(X[4:6]))
 
 
 def test_reference_coreset_of_one_image_is_refused(variants, data, split):
