@@ -127,13 +127,23 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     valid = det.get_params()
     unknown = sorted(set(settings) - set(valid))
     if unknown:
-        # the old names of renamed parameters still work, but are not offered
-        offered = sorted(set(valid) - set(cls._deprecated_parameters))
+        # deprecated parameters (old names of renamed ones included) still work, but are
+        # not offered
+        from ._params import DEPRECATED
+
+        offered = sorted(name for name, value in valid.items()
+                         if not (isinstance(value, str) and value == DEPRECATED))
         raise CLIError(f"{cls.__name__} has no parameter {', '.join(unknown)}; "
                        f"its parameters: {', '.join(offered)}")
     det.set_params(**settings)
     # a bad value is named before any image is read; an old name warns (FutureWarning)
-    det._check_params()
+    try:
+        det._check_params()
+    except ValueError as exc:
+        if "None" in settings.values():  # Python's None is JSON's null on the command line
+            raise CLIError(f"{exc} (on the command line None is written null: "
+                           "--param name=null)") from exc
+        raise
     # its parameters (one line), for a log that says what ran
     logger.debug("detector: %s", " ".join(repr(det).split()))
     return det

@@ -304,7 +304,19 @@ def test_missing_weights_are_one_line_with_command_line_remedies(mvtec, tmp_path
 def test_unknown_parameter(mvtec, tmp_path, capsys):
     assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m"),
                  "--param", "colour=1"]) == 1
-    assert "has no parameter colour" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no parameter colour" in err
+    offered = err.split("its parameters: ")[1].split(", ")
+    assert "coreset_ratio" in offered and "false_reject_rate" in offered
+    # deprecated ones are not offered: the replaced threshold_quantile, renamed names
+    assert "threshold_quantile" not in offered and "n_reweight" not in offered
+
+
+def test_none_is_told_to_be_null(mvtec, tmp_path, capsys):
+    assert main(["fit", "--method", "metacomparer", "--train", str(mvtec), "--out",
+                 str(tmp_path / "m"), "--param", "max_reference_patches=None"]) == 1
+    err = capsys.readouterr().err
+    assert "max_reference_patches" in err and "None is written null" in err
 
 
 @pytest.mark.parametrize("command", ["fit", "benchmark"])
