@@ -326,9 +326,9 @@ class GeneralAD(BaseDetector):
     >>> from skad import GeneralAD, datasets
     >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=4,
     ...                               image_size=32, random_state=0)
-    >>> # 8 normal images calibrate false-reject rates of 1/9 and above
     >>> det = GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), image_size=32,
-    ...                 hidden_dim=32, n_epochs=2, false_reject_rate=0.2,
+    ...                 hidden_dim=32, n_epochs=2,
+    ...                 false_reject_rate=0.2,  # 8 normals calibrate rates from 1/9 up
     ...                 random_state=0).fit(data.images[data.y == 0])
     >>> det.predict(data.images[:3]).shape  # 1 = rejected at false_reject_rate
     (3,)
