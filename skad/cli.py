@@ -240,7 +240,10 @@ def _on_the_command_line(message, command="fit"):
     if not named:
         return message
     prefix = "--param" if command == "fit" else "skad fit --param"
-    hint = " or ".join(f"{prefix} {name}=..." for name in named)
+    # score and export recalibrate for another rate themselves: no new fit needed
+    hint = " or ".join("--false-reject-rate ..."
+                       if name == "false_reject_rate" and command in ("score", "export")
+                       else f"{prefix} {name}=..." for name in named)
     if "None" in message:
         hint += "; None is null there"
     return f"{message} (on the command line: {hint})"
@@ -327,19 +330,35 @@ def _check_model_path(path):
 
 def _score_model(args):
     """What skad score scores with: the model file, or the detector when this command
-    changes it (--reference) or reads a pickle (--allow-pickle).
+    changes it (--reference, --false-reject-rate) or reads a pickle (--allow-pickle).
 
     A file is loaded by :func:`skad.scoring.score_files` (safely), and on a cluster by
     each worker from the same path; a detector is sent to the workers pickled.
     """
     _check_model_path(args.model)
-    if not (args.reference or args.allow_pickle):
+    if not (args.reference or args.allow_pickle or args.false_reject_rate is not None):
         return args.model
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
-    if args.reference:
-        with _warnings_as_lines("score"):
-            det.set_reference(list_images(args.reference))
+    _calibrate(det, args, "score")
     return det
+
+
+def _calibrate(det, args, command):
+    """``--false-reject-rate`` and ``--reference`` of score and export: the new rate set,
+    and the thresholds calibrated for it on the new references, or on the stored
+    reference scores (no image read, no training)."""
+    with _warnings_as_lines(command):
+        if args.false_reject_rate is not None:
+            det.set_params(false_reject_rate=args.false_reject_rate)
+        if args.reference:
+            det.set_reference(list_images(args.reference))
+        elif args.false_reject_rate is not None:
+            from .base import check_reference
+
+            check_reference(det, subject=f"the model in {args.model}", error=CLIError,
+                            remedy="pass --reference with a folder of good images of the "
+                                   "parts to score")
+            det.recalibrate()
 
 
 def _score_inputs(args):
@@ -414,9 +433,7 @@ def cmd_export(args):
         raise CLIError(str(exc)) from None
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     det.set_params(device=args.device, verbose=int(args.progress))
-    if args.reference:
-        with _warnings_as_lines("export"):
-            det.set_reference(list_images(args.reference))
+    _calibrate(det, args, "export")
     check_reference(det, subject=f"the model in {args.model}", error=CLIError,
                     remedy="pass --reference with a folder of good images of the parts to score")
     t0 = time.perf_counter()
@@ -614,6 +631,16 @@ def _add_fit(sub):
     sp.set_defaults(func=cmd_fit)
 
 
+def _rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate between 0 and 1; got {text!r}")
+    return value
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -646,6 +673,7 @@ def _add_score(sub):
     inputs.add_argument("--glob", metavar="PATTERN",
                         help="image files matching a pattern (quote it): * and ? within a "
                              "name, ** any folders, e.g. 'line3/2026-*/**/*.png'; sorted walk")
+    _rate_option(sp)
     _reference_option(sp, "before scoring (good parts of the kind scored): it recalibrates "
                           "the threshold (and replaces PatchCore's memory bank, "
                           "MetaComparer's references)")
@@ -710,6 +738,15 @@ def _reference_option(sp, when):
                     help=f"folder of normal images to set as the reference {when}")
 
 
+def _rate_option(sp):
+    """--false-reject-rate, alike in score and export."""
+    sp.add_argument("--false-reject-rate", type=_rate, metavar="RATE",
+                    help="the rate of good parts rejected that the threshold is calibrated "
+                         "for, in (0, 1) (default: the model's false_reject_rate): "
+                         "recalibrated on the model's reference scores, or on --reference's "
+                         "images; no training")
+
+
 def _add_export(sub):
     sp = sub.add_parser(
         "export", help="export a saved detector's scoring to ONNX",
@@ -723,6 +760,7 @@ def _add_export(sub):
                     help="the graph's format (default: %(default)s)")
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="file to write (.onnx); replaced if it exists")
+    _rate_option(sp)
     _reference_option(sp, "before exporting (PatchCore's memory bank, MetaComparer's "
                           "references and the thresholds come from it)")
     sp.add_argument("--batch-size", type=_positive_int, metavar="N",

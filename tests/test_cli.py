@@ -927,13 +927,59 @@ def test_warning_lines_come_when_warned_and_once_per_place(capsys):
         assert capsys.readouterr().err == "skad: warning: left out 2 images\n"  # not at the end
 
 
-def test_score_warnings_say_the_fit_command_that_sets_a_parameter(model, tmp_path, capsys):
+def test_score_warnings_say_the_option_that_sets_the_rate(model, tmp_path, capsys):
     refs = str(_images(tmp_path / "refs", n=5))
     assert main(["score", "--model", str(model), "--images", str(_images(tmp_path / "i")),
                  "--reference", refs, "--out", str(tmp_path / "out")]) == 0
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "cannot support" in x]
     assert line.startswith("skad: warning: ")
-    assert line.endswith("(on the command line: skad fit --param false_reject_rate=...)")
+    assert line.endswith("(on the command line: --false-reject-rate ...)")
+    from skad.cli import _on_the_command_line
+
+    advice = "raise max_calibration_references or false_reject_rate"
+    assert _on_the_command_line(advice, "fit").endswith(
+        "(on the command line: --param max_calibration_references=... or "
+        "--param false_reject_rate=...)")
+    assert _on_the_command_line(advice, "export").endswith(
+        "(on the command line: skad fit --param max_calibration_references=... or "
+        "--false-reject-rate ...)")
+
+
+def test_score_recalibrates_for_another_false_reject_rate(model, tmp_path, capsys):
+    """--false-reject-rate: the thresholds calibrated for it on the stored reference scores
+    (or on --reference's images), without training; the model file is unchanged."""
+    import skad
+    from skad.thresholds import conformal_threshold
+
+    images = str(_images(tmp_path / "i", n=4))
+    before = model.read_bytes()
+    det = skad.load(model)
+    for rate in (0.2, 0.5):
+        out = tmp_path / f"out{rate}"
+        assert main(["score", "--model", str(model), "--images", images, "--out", str(out),
+                     "--false-reject-rate", str(rate)]) == 0
+        (threshold,) = {float(r["threshold"]) for r in _rows(out)}
+        expected = conformal_threshold(det.reference_scores_, rate)
+        assert threshold == pytest.approx(expected, rel=1e-5)  # written to 6 digits
+        rows = _rows(out)
+        assert all(r["predicted_label"] == str(int(float(r["score"]) > threshold))
+                   for r in rows)
+    assert float(_rows(tmp_path / "out0.5")[0]["threshold"]) < float(
+        _rows(tmp_path / "out0.2")[0]["threshold"])
+    assert model.read_bytes() == before
+    # with new references, calibrated on them at that rate
+    refs = str(_images(tmp_path / "refs", n=9, size=(40, 40)))
+    assert main(["score", "--model", str(model), "--images", images, "--out",
+                 str(tmp_path / "outr"), "--reference", refs, "--false-reject-rate", "0.3"]) == 0
+    det.set_params(false_reject_rate=0.3).set_reference(
+        sorted(str(p) for p in (tmp_path / "refs").iterdir()))
+    assert float(_rows(tmp_path / "outr")[0]["threshold"]) == pytest.approx(det.threshold_,
+                                                                           rel=1e-5)
+    for bad in ("0", "1", "1.5", "abc"):
+        with pytest.raises(SystemExit):
+            main(["score", "--model", str(model), "--images", images, "--out",
+                  str(tmp_path / "x"), "--false-reject-rate", bad])
+        assert "expected a rate between 0 and 1" in capsys.readouterr().err
 
 
 def test_a_renamed_parameter_is_one_line_with_its_new_param(mvtec, tmp_path, capsys):

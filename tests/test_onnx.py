@@ -5,6 +5,7 @@ exported once (about 5-15 s each on 2 cores); the graph is run on images that
 are not among the references, in batches of other sizes than the export's.
 """
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -160,14 +161,19 @@ def test_cli_export_with_a_fixed_batch(fitted, data, tmp_path, capsys):
     model, out = tmp_path / "m.skad", tmp_path / "graphs" / "m.onnx"
     skad.save(det, model)
     assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(out),
-                 "--batch-size", "4"]) == 0
-    assert "exported PatchCore" in capsys.readouterr().out
+                 "--batch-size", "4", "--false-reject-rate", "0.4"]) == 0
+    recalibrated = copy.deepcopy(det).set_params(false_reject_rate=0.4).recalibrate()
+    printed = capsys.readouterr().out
+    assert "exported PatchCore" in printed
+    assert f"threshold {recalibrated.threshold_:.4g} at a false-reject rate of" in printed
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary file left
     session = _session(out)
     assert session.get_inputs()[0].shape == [4, 3, SIZE, SIZE]
     images = data.images[data.test[:4]]
-    scores, *_ = session.run(None, {"images": _nchw(images)})
+    scores, _, labels, _ = session.run(None, {"images": _nchw(images)})
     assert _relative_error(scores, det.decision_function(images)) < RTOL
+    # the graph's labels compare with the threshold recalibrated for --false-reject-rate
+    np.testing.assert_array_equal(labels, scores > recalibrated.threshold_)
     with pytest.raises(Exception, match="images"):  # a fixed batch takes 4 images only
         session.run(None, {"images": _nchw(images[:3])})
 
@@ -177,6 +183,9 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     joblib.dump(PatchCore(), unfitted)
     assert main(["export", "--allow-pickle", "--model", str(unfitted), "--out", str(tmp_path / "m.onnx")]) == 1
     assert "has no reference" in capsys.readouterr().err
+    assert main(["export", "--allow-pickle", "--model", str(unfitted), "--out",
+                 str(tmp_path / "m.onnx"), "--false-reject-rate", "0.2"]) == 1
+    assert "has no reference yet: pass --reference" in capsys.readouterr().err
     assert main(["export", "--allow-pickle", "--model", str(unfitted), "--out", str(tmp_path)]) == 1
     assert "must be a file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: onnx is the only format
