@@ -673,10 +673,10 @@ def _add_score(sub):
     inputs.add_argument("--glob", metavar="PATTERN",
                         help="image files matching a pattern (quote it): * and ? within a "
                              "name, ** any folders, e.g. 'line3/2026-*/**/*.png'; sorted walk")
-    _rate_option(sp)
     _reference_option(sp, "before scoring (good parts of the kind scored): it recalibrates "
                           "the threshold (and replaces PatchCore's memory bank, "
                           "MetaComparer's references)")
+    _rate_option(sp)
     sp.add_argument("--out", required=True, metavar="DIR",
                     help="results folder: scores.csv and one overlay PNG per image; new or "
                          "empty unless --overwrite or --resume")
@@ -760,9 +760,9 @@ def _add_export(sub):
                     help="the graph's format (default: %(default)s)")
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="file to write (.onnx); replaced if it exists")
-    _rate_option(sp)
     _reference_option(sp, "before exporting (PatchCore's memory bank, MetaComparer's "
                           "references and the thresholds come from it)")
+    _rate_option(sp)
     sp.add_argument("--batch-size", type=_positive_int, metavar="N",
                     help="fix the number of images per run (default: any number)")
     sp.add_argument("--opset", type=int, default=18, metavar="N",
