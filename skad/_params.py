@@ -31,8 +31,8 @@ from numbers import Integral, Real
 import torch
 from sklearn.utils._param_validation import Hidden, Interval, Options, StrOptions, make_constraint
 
-__all__ = ["DEPRECATED", "Devices", "Ints", "Reals", "Sequences", "deprecated", "renamed_target",
-           "renamed_value", "upgrade_state", "warn_renamed"]
+__all__ = ["DEPRECATED", "Devices", "Ints", "Reals", "Sequences", "deprecated", "is_set",
+           "renamed_target", "renamed_value", "upgrade_state", "warn_renamed"]
 
 #: the default of a renamed parameter's old name: not set
 DEPRECATED = "deprecated"
@@ -137,7 +137,8 @@ def deprecated(*constraints):
     return [*constraints, Hidden(StrOptions({DEPRECATED}))]
 
 
-def _is_set(value):
+def is_set(value):
+    """Whether a deprecated parameter's ``value`` was set (not its ``DEPRECATED`` default)."""
     return not (isinstance(value, str) and value == DEPRECATED)
 
 
@@ -164,7 +165,7 @@ def _same(a, b):
 def renamed_value(estimator, name):
     """Parameter ``name`` of ``estimator``: its deprecated old name's value where that is set."""
     for old, spec in estimator._deprecated_parameters.items():
-        if renamed_target(spec)[0] == name and _is_set(getattr(estimator, old, DEPRECATED)):
+        if renamed_target(spec)[0] == name and is_set(getattr(estimator, old, DEPRECATED)):
             return _converted(spec, getattr(estimator, old))
     return getattr(estimator, name)
 
@@ -179,7 +180,7 @@ def warn_renamed(estimator):
     defaults = inspect.signature(type(estimator).__init__).parameters
     for old, spec in estimator._deprecated_parameters.items():
         value = getattr(estimator, old, DEPRECATED)
-        if not _is_set(value):
+        if not is_set(value):
             continue
         new = renamed_target(spec)[0]
         if not _same(getattr(estimator, new), defaults[new].default):

@@ -129,10 +129,9 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     if unknown:
         # deprecated parameters (old names of renamed ones included) still work, but are
         # not offered
-        from ._params import DEPRECATED
+        from ._params import is_set
 
-        offered = sorted(name for name, value in valid.items()
-                         if not (isinstance(value, str) and value == DEPRECATED))
+        offered = sorted(name for name, value in valid.items() if is_set(value))
         raise CLIError(f"{cls.__name__} has no parameter {', '.join(unknown)}; "
                        f"its parameters: {', '.join(offered)}")
     det.set_params(**settings)
