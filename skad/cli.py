@@ -352,12 +352,16 @@ def _calibrate(det, args, command):
         if args.reference:
             det.set_reference(list_images(args.reference))
         elif args.false_reject_rate is not None:
-            from .base import check_reference
-
-            check_reference(det, subject=f"the model in {args.model}", error=CLIError,
-                            remedy="pass --reference with a folder of good images of the "
-                                   "parts to score")
+            _check_reference(det, args.model)
             det.recalibrate()
+
+
+def _check_reference(det, model):
+    """The command line's one-line error for a model without a reference."""
+    from .base import check_reference
+
+    check_reference(det, subject=f"the model in {model}", error=CLIError,
+                    remedy="pass --reference with a folder of good images of the parts to score")
 
 
 def _score_inputs(args):
@@ -424,7 +428,6 @@ def cmd_export(args):
         raise CLIError(f"--out must be a file; {args.out} is a folder")
     from . import _onnx  # torch: the model needs it too
     from ._images import image_hw
-    from .base import check_reference
 
     try:
         _onnx.check_onnx_installed()
@@ -433,8 +436,7 @@ def cmd_export(args):
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
     det.set_params(device=args.device, verbose=int(args.progress))
     _calibrate(det, args, "export")
-    check_reference(det, subject=f"the model in {args.model}", error=CLIError,
-                    remedy="pass --reference with a folder of good images of the parts to score")
+    _check_reference(det, args.model)
     t0 = time.perf_counter()
     path = _onnx.export_onnx(det, args.out, batch_size=args.batch_size, opset=args.opset)
     height, width = image_hw(det.image_size)
