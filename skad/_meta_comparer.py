@@ -421,6 +421,7 @@ class MetaComparer(BaseDetector):
     """
 
     _one_class = False
+    _compares_with_references = True
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,

@@ -748,6 +748,8 @@ class PatchCore(BaseDetector):
     (2, 64, 64)
     """
 
+    _compares_with_references = True
+
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
         **backbone_constraints(),

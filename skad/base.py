@@ -167,6 +167,16 @@ def _spread(var):
     return std.clamp(min=_SPREAD_FLOOR * float(var.clamp(min=0).mean().sqrt()) + 1e-12)
 
 
+def _self_calibration_message(false_reject_rate):
+    """What :class:`CalibrationWarning` says of a single reference scored against itself."""
+    return ("its one reference image was scored against its own patches (each without "
+            "its 3 x 3 neighbourhood), which resemble it more than a new image of the "
+            "surface does, so threshold_ and pixel_threshold_ carry no false-reject "
+            "guarantee, whatever the rate: good parts may be rejected far more often "
+            f"than {false_reject_rate:g}. Pass at least "
+            f"{max(2, min_references(false_reject_rate))} defect-free references.")
+
+
 class BaseDetector(BaseEstimator):
     """Base class for skad detectors; see the module docstring for the hooks.
 
@@ -179,6 +189,10 @@ class BaseDetector(BaseEstimator):
 
     #: one-class detectors learn from the normal images only
     _one_class = True
+
+    #: detectors that compare an image with their references' patches (PatchCore,
+    #: MetaComparer) score a single reference against its own other patches
+    _compares_with_references = False
 
     # the parameters every detector has; a detector adds its own (module docstring)
     _parameter_constraints: ClassVar[dict] = {
@@ -315,10 +329,15 @@ class BaseDetector(BaseEstimator):
         was not trained on: after ``fit``, a detector that learned from its
         training images (GeneralAD, MMR, GlobalLocal) scores them lower than
         new good parts, so call ``set_reference`` with held-out normals before
-        relying on the rate. A detector with ``standardize_positions=True`` also
-        keeps the mean and standard deviation of the references' maps at each
-        position (``position_mean_``, ``position_std_``, arrays of shape
-        ``image_size``) and scores an image by its standardised map (see
+        relying on the rate. A single reference of a detector whose references
+        are the comparison set (PatchCore, MetaComparer) is scored against its
+        own other patches, not as a new image is: no rate is guaranteed then
+        (:class:`~skad.thresholds.CalibrationWarning` at any rate; two
+        references are scored against each other). A detector with
+        ``standardize_positions=True`` also keeps the mean and standard
+        deviation of the references' maps at each position (``position_mean_``,
+        ``position_std_``, arrays of shape ``image_size``) and scores an image
+        by its standardised map (see
         :meth:`predict_map`); the references' own scores are then each computed
         against the other references' statistics.
 
@@ -336,7 +355,8 @@ class BaseDetector(BaseEstimator):
             When the references are too few for ``false_reject_rate``
             (``false_reject_rate < 1 / (n + 1)``): the thresholds are then the
             largest reference score and map maximum, ``false_reject_rate_`` is
-            ``1 / (n + 1)``.
+            ``1 / (n + 1)``; and, at any rate, for PatchCore's and
+            MetaComparer's single reference.
 
         Raises
         ------
@@ -436,7 +456,8 @@ class BaseDetector(BaseEstimator):
         Warns
         -----
         skad.thresholds.CalibrationWarning
-            When the references are too few for ``false_reject_rate``.
+            When the references are too few for ``false_reject_rate``, or are
+            PatchCore's or MetaComparer's single reference.
         """
         self._check_ready()
         self._check_params()
@@ -460,7 +481,10 @@ class BaseDetector(BaseEstimator):
             pixel_threshold = float(np.quantile(maxima, self.threshold_quantile))
         else:
             rate = self.false_reject_rate
-            if len(scores) < min_references(rate):
+            if self._calibrated_on_itself():
+                warnings.warn(f"{type(self).__name__}: " + _self_calibration_message(rate),
+                              CalibrationWarning, stacklevel=stacklevel)
+            elif len(scores) < min_references(rate):
                 what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
                         "largest maximum of their maps)")
                 message = too_few_references_message(len(scores), rate, what)
@@ -479,6 +503,11 @@ class BaseDetector(BaseEstimator):
         self.threshold_ = threshold
         self.false_reject_rate_ = false_reject_bound(scores, threshold)
         self.pixel_threshold_ = pixel_threshold
+
+    def _calibrated_on_itself(self):
+        """Whether the one reference was scored against its own patches: not a new image's
+        score, so no rate is guaranteed."""
+        return self._compares_with_references and getattr(self, "n_references_", 0) == 1
 
     def _needs_new_reference(self, what):
         return (f"{type(self).__name__} was calibrated by an earlier skad without {what}: "

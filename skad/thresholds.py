@@ -37,7 +37,12 @@ for scores without ties it follows ``Beta(n + 1 - k, k)``, so with few
 references it is often above ``alpha`` (``scipy.stats.beta.sf(eps, n + 1 - k,
 k)`` is the chance that it exceeds ``eps``); more references narrow it. With
 ``k > n`` (``alpha < 1 / (n + 1)``) no reference score gives the guarantee:
-the smallest rate ``n`` references support is ``1 / (n + 1)``.
+the smallest rate ``n`` references support is ``1 / (n + 1)``. A detector
+that compares an image with its references (PatchCore, MetaComparer) scores
+each reference without its own patches, against the others; a single
+reference it can only score against its own other patches, which is not how
+a new image is scored: no rate is guaranteed then (CalibrationWarning at
+any rate).
 
 Names
 -----
@@ -81,7 +86,12 @@ class CalibrationWarning(UserWarning):
     """Too few reference images for the false-reject rate asked for.
 
     The threshold is then the largest reference score, whose guaranteed rate
-    is ``1 / (n_references + 1)``. Silence it, where the threshold is not used
+    is ``1 / (n_references + 1)``. A detector that compares images with its
+    references' patches (PatchCore, MetaComparer) and has a single reference
+    warns at any rate: that reference is scored against its own other patches,
+    not exchangeable with a new image, so no rate is guaranteed (on real
+    fabrics, new good images lie far above it: docs/benchmarks.md, "False
+    rejects with a single reference"). Silence it, where the threshold is not used
     (ranking metrics), with
     ``warnings.filterwarnings("ignore", category=CalibrationWarning)``.
     """

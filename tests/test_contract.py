@@ -510,6 +510,38 @@ def test_a_detector_pickled_before_max_calibration_references_loads(data):
     assert np.array_equal(old.set_reference(normals[:12]).calibration_indices_, np.arange(12))
 
 
+def test_a_single_reference_scored_against_itself_guarantees_no_rate(fitted, data):
+    """PatchCore and MetaComparer can score one reference only against its own other
+    patches, not as a new image: they warn at any rate; the others score it as a new image,
+    and one reference supports 1/2 there. Two references are scored against each other."""
+    _, _, det = fitted
+    normals = data.images[data.y == 0]
+    det.set_params(false_reject_rate=0.6)  # 1 / (1 + 1) <= 0.6: one reference would do
+    if det._standardizes_positions():
+        det.set_params(standardize_positions=False)  # else 3 references at least
+    if type(det).__name__ in ("PatchCore", "MetaComparer"):
+        with pytest.warns(CalibrationWarning, match=(
+                r"its one reference image was scored against its own patches.*no "
+                r"false-reject guarantee, whatever the rate.*at least 2 defect-free")):
+            det.set_reference(normals[-1:])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CalibrationWarning)
+            det.set_reference(normals[-1:])
+    assert np.isfinite(det.threshold_)
+    for n in (2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CalibrationWarning)
+            det.set_reference(normals[-n:])
+    # at a rate one reference cannot support, one warning says both
+    det.set_params(false_reject_rate=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        det.set_reference(normals[-1:])
+    messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+    assert len(messages) == 1 and "at least 19 defect-free" in messages[0]
+
+
 def test_too_few_calibrating_references_say_which_parameter_limits_them(data):
     det = _patchcore().set_params(max_calibration_references=4)
     with pytest.warns(CalibrationWarning, match="max_calibration_references=4 of the 10 "

@@ -21,7 +21,11 @@ anomalib is an optional dependency (``pip install anomalib``); the functions
 
 The coresets of the two implementations start from different random patches and project
 differently, so their AUROCs differ by about as much as one implementation's do between
-seeds: ``--coreset-seeds 0 1 2 3 4`` runs both with several seeds and prints mean ± sd.
+seeds: ``--coreset-seeds 0 1 2 3 4`` runs both with several seeds and prints mean ± sd,
+and, as the floor that rank agreement between the two can reach, the mean Spearman
+correlation of each implementation's image scores between its own seeds.
+``--coreset-chunk-size none`` gives skad the exact selection at any bank size (its default
+thins banks above 32,768 patches in chunks; anomalib's is always exact).
 """
 
 import json
@@ -121,15 +125,16 @@ def _arrays(x):
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", seed=0):
-    """One row: both implementations fitted on ``train``, scored on ``test``."""
+def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", seed=0, **params):
+    """One row: both implementations fitted on ``train``, scored on ``test``; ``params``:
+    skad's further PatchCore parameters."""
     model, ours = anomalib_model(backbone, "pretrained", (2, 3))
     t0 = time.perf_counter()
     theirs = anomalib_scores(model, lambda x: (x - ours.mean) / ours.std, train, test,
                              coreset_ratio, seed)
     their_s = time.perf_counter() - t0
     det = PatchCore(backbone=backbone, image_size=SIZE, coreset_ratio=coreset_ratio,
-                    random_state=seed)
+                    random_state=seed, **params)
     t0 = time.perf_counter()
     skad_scores = det.fit(_arrays(train)).decision_function(_arrays(test))
     our_s = time.perf_counter() - t0
@@ -137,14 +142,24 @@ def compare(train, test, y, coreset_ratio, backbone="tf_efficientnet_lite0", see
     return {"auroc_skad": auroc_skad, "auroc_anomalib": auroc_anomalib,
             "auroc_diff": auroc_skad - auroc_anomalib,
             "spearman": float(spearmanr(skad_scores, theirs).statistic),
-            "skad_s": our_s, "anomalib_s": their_s}
+            "skad_s": our_s, "anomalib_s": their_s,
+            "scores_skad": skad_scores.tolist(), "scores_anomalib": theirs.tolist()}
+
+
+def _between_seeds(rows, key):
+    """Mean Spearman correlation of one implementation's image scores between every two
+    of its seeds (the rows of one category and protocol); nan with a single seed."""
+    pairs = [float(spearmanr(a[key], b[key]).statistic)
+             for i, a in enumerate(rows) for b in rows[i + 1:]]
+    return np.mean(pairs) if pairs else float("nan")
 
 
 def _summary(rows, categories, protocols):
     """Per category and protocol: both AUROCs (mean and spread over the seeds), their
     difference, and the mean Spearman correlation."""
     lines = [("| category | protocol | seeds | AUROC skad | AUROC anomalib | diff | Spearman "
-              "| skad s | anomalib s | speed-up |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| Spearman between seeds: skad / anomalib | skad s | anomalib s | speed-up |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     n_seeds = len({r["seed"] for r in rows})
 
     def cell(values, spread):
@@ -154,9 +169,16 @@ def _summary(rows, categories, protocols):
         for cat in [*categories, None]:
             sel = [r for r in rows if r["protocol"] == protocol and cat in (None, r["category"])]
             if cat is None:  # the mean over categories of the per-category means
-                sel = [{k: np.mean([r[k] for r in rows if r["protocol"] == protocol
-                                    and r["category"] == c]) for k in sel[0] if k not in
-                        ("category", "protocol")} for c in categories]
+                sel = [{**{k: np.mean([r[k] for r in rows if r["protocol"] == protocol
+                                       and r["category"] == c]) for k in sel[0] if k not in
+                           ("category", "protocol", "scores_skad", "scores_anomalib")},
+                        **{f"within_{k}": _between_seeds(
+                            [r for r in rows if r["protocol"] == protocol
+                             and r["category"] == c], f"scores_{k}")
+                           for k in ("skad", "anomalib")}} for c in categories]
+                within = [np.mean([r[f"within_{k}"] for r in sel]) for k in ("skad", "anomalib")]
+            else:
+                within = [_between_seeds(sel, f"scores_{k}") for k in ("skad", "anomalib")]
             speed = (f"{np.mean([r['skad_s'] for r in sel]):.1f} | "
                      f"{np.mean([r['anomalib_s'] for r in sel]):.1f} | "
                      f"{np.mean([r['anomalib_s'] / r['skad_s'] for r in sel]):.1f}x")
@@ -165,7 +187,8 @@ def _summary(rows, categories, protocols):
                 f"| {cell([r['auroc_skad'] for r in sel], cat and n_seeds > 1)} "
                 f"| {cell([r['auroc_anomalib'] for r in sel], cat and n_seeds > 1)} "
                 f"| {np.mean([r['auroc_diff'] for r in sel]):+.3f} "
-                f"| {np.mean([r['spearman'] for r in sel]):.3f} | {speed} |")
+                f"| {np.mean([r['spearman'] for r in sel]):.3f} "
+                f"| {within[0]:.3f} / {within[1]:.3f} | {speed} |")
     return "\n".join(lines)
 
 
@@ -180,6 +203,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="draws the images")
     ap.add_argument("--coreset-seeds", type=int, nargs="+", default=[0],
                     help="seeds of both coresets; the summary gives mean ± sd over them")
+    ap.add_argument("--coreset-chunk-size", default=PatchCore().coreset_chunk_size,
+                    type=lambda v: None if v.lower() == "none" else int(v),
+                    help="skad's coreset_chunk_size (default: skad's; 'none': exact at any size)")
     args = ap.parse_args()
     root, categories = data_categories(args)
     rows = []
@@ -191,9 +217,11 @@ def main():
             for seed in args.coreset_seeds:
                 row = {"category": cat, "protocol": protocol, "seed": seed,
                        "n_bank_images": len(banks[protocol]), "n_test": len(test),
-                       **compare(banks[protocol], test, y, args.coreset_ratio, seed=seed)}
+                       **compare(banks[protocol], test, y, args.coreset_ratio, seed=seed,
+                                  coreset_chunk_size=args.coreset_chunk_size)}
                 rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                print(json.dumps({k: v for k, v in row.items() if not k.startswith("scores_")}),
+                      file=sys.stderr, flush=True)
     print(_summary(rows, categories, args.protocols))
     write_rows(rows, args.out)
 
