@@ -75,7 +75,9 @@ threshold_ : float
     ``predict`` flags images scoring above it.
 false_reject_rate_ : float
     The rate ``threshold_`` guarantees (``false_reject_rate``, or
-    ``1 / (n_calibration + 1)`` when the calibrating references are too few).
+    ``1 / (n_calibration + 1)`` when the calibrating references are too few;
+    1.0 for PatchCore's and MetaComparer's single reference, scored against
+    its own patches: no rate is guaranteed).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)

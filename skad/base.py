@@ -501,7 +501,9 @@ class BaseDetector(BaseEstimator):
             threshold = conformal_threshold(scores, rate, warn=False)
             pixel_threshold = conformal_threshold(maxima, rate, warn=False)
         self.threshold_ = threshold
-        self.false_reject_rate_ = false_reject_bound(scores, threshold)
+        # a reference scored against itself bounds nothing: 1.0, the trivial bound
+        self.false_reject_rate_ = (1.0 if self._calibrated_on_itself()
+                                   else false_reject_bound(scores, threshold))
         self.pixel_threshold_ = pixel_threshold
 
     def _calibrated_on_itself(self):

@@ -524,15 +524,18 @@ def test_a_single_reference_scored_against_itself_guarantees_no_rate(fitted, dat
                 r"its one reference image was scored against its own patches.*no "
                 r"false-reject guarantee, whatever the rate.*at least 2 defect-free")):
             det.set_reference(normals[-1:])
+        assert det.false_reject_rate_ == 1.0  # nothing guaranteed
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error", CalibrationWarning)
             det.set_reference(normals[-1:])
+        assert det.false_reject_rate_ == 0.5
     assert np.isfinite(det.threshold_)
     for n in (2, 3):
         with warnings.catch_warnings():
             warnings.simplefilter("error", CalibrationWarning)
             det.set_reference(normals[-n:])
+        assert det.false_reject_rate_ <= 0.6
     # at a rate one reference cannot support, one warning says both
     det.set_params(false_reject_rate=0.05)
     with warnings.catch_warnings(record=True) as caught:
