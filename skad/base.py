@@ -470,6 +470,7 @@ class BaseDetector(BaseEstimator):
         """``threshold_``, ``false_reject_rate_`` and ``pixel_threshold_`` from the stored
         reference scores and map maxima (module :mod:`skad.thresholds`)."""
         scores, maxima = self.reference_scores_, self.reference_map_maxima_
+        on_itself = self._calibrated_on_itself()
         if self.threshold_quantile != "deprecated":
             warnings.warn(
                 "threshold_quantile is deprecated since skad 0.2 and will be removed in 0.3: "
@@ -481,7 +482,7 @@ class BaseDetector(BaseEstimator):
             pixel_threshold = float(np.quantile(maxima, self.threshold_quantile))
         else:
             rate = self.false_reject_rate
-            if self._calibrated_on_itself():
+            if on_itself:
                 warnings.warn(f"{type(self).__name__}: " + _self_calibration_message(rate),
                               CalibrationWarning, stacklevel=stacklevel)
             elif len(scores) < min_references(rate):
@@ -502,8 +503,7 @@ class BaseDetector(BaseEstimator):
             pixel_threshold = conformal_threshold(maxima, rate, warn=False)
         self.threshold_ = threshold
         # a reference scored against itself bounds nothing: 1.0, the trivial bound
-        self.false_reject_rate_ = (1.0 if self._calibrated_on_itself()
-                                   else false_reject_bound(scores, threshold))
+        self.false_reject_rate_ = 1.0 if on_itself else false_reject_bound(scores, threshold)
         self.pixel_threshold_ = pixel_threshold
 
     def _calibrated_on_itself(self):
