@@ -312,10 +312,9 @@ def cmd_fit(args):
     random = (", RANDOM backbone weights: for tests only"
               if any(params.get(n, "") is None for n in ("weights", "teacher_weights")) else "")
     # MetaComparer fitted on labelled domains has no reference (nor threshold) until one is set
-    threshold = (f"threshold {det.threshold_:.4g} at a false-reject rate of "
-                 f"{det.false_reject_rate_:.3g}" if hasattr(det, "threshold_") else
+    threshold = (_threshold_text(det) if hasattr(det, "threshold_") else
                  "no reference yet: pass --reference to skad score")
-    print(f"fitted {type(det).__name__} on {len(paths)} images in "
+    print(f"fitted {type(det).__name__} on {len(paths)} image{'s' if len(paths) != 1 else ''} in "
           f"{time.perf_counter() - t0:.1f}s (random_state={det.random_state}, {threshold}"
           f"{random}); saved to {args.out}")
 
@@ -443,8 +442,15 @@ def cmd_export(args):
     batch = "batch" if args.batch_size is None else args.batch_size
     print(f"exported {type(det).__name__} to {path} ({path.stat().st_size / 1e6:.1f} MB, "
           f"{time.perf_counter() - t0:.1f}s): input images float32 ({batch}, 3, {height}, "
-          f"{width}), RGB in [0, 1]; outputs {', '.join(_onnx.OUTPUTS)}; threshold "
-          f"{det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}")
+          f"{width}), RGB in [0, 1]; outputs {', '.join(_onnx.OUTPUTS)}; "
+          f"{_threshold_text(det)}")
+
+
+def _threshold_text(det):
+    """The threshold and the false-reject rate it guarantees, as fit and export say them."""
+    if det.false_reject_rate_ >= 1:  # a single reference scored against itself
+        return f"threshold {det.threshold_:.4g} with no false-reject guarantee"
+    return f"threshold {det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
 
 
 def _demo_folder(out, overwrite):

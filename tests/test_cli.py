@@ -527,6 +527,16 @@ def test_files_are_written_with_the_users_umask(mvtec, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"m.skad", "out"}  # no temporary file left
 
 
+def test_fit_on_one_image_says_its_threshold_guarantees_nothing(tmp_path, capsys):
+    train = _images(tmp_path / "train", n=1)
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "m.skad"), *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "fitted PatchCore on 1 image in" in captured.out
+    assert "with no false-reject guarantee" in captured.out
+    assert "false-reject rate of" not in captured.out
+    assert "scored against its own patches" in captured.err
+
+
 def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, capsys):
     train = _images(tmp_path / "train", n=4)
     copies = _images(train / ".ipynb_checkpoints", n=4)
