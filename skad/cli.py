@@ -106,12 +106,14 @@ def _parse_value(text):
         return text
 
 
-def make_detector(method, params=(), *, offline=False, device="auto", verbose=0, seed=None):
+def make_detector(method, params=(), *, offline=False, device="auto", verbose=0, seed=None,
+                  false_reject_rate=None):
     """A detector of ``method`` with ``key=value`` parameter overrides.
 
     ``offline`` applies the :data:`OFFLINE` settings; ``seed`` becomes the
-    ``random_state`` (a ``random_state`` in ``params`` wins over both). The
-    parameters are validated here, so that a bad value is named at once.
+    ``random_state`` and ``false_reject_rate`` the detector's (one in ``params``
+    wins over them). The parameters are validated here, so that a bad value is
+    named at once.
     """
     key, cls = _detector_class(method)
     det = cls()
@@ -119,6 +121,8 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     settings.update(device=device, verbose=verbose)
     if seed is not None:
         settings["random_state"] = seed
+    if false_reject_rate is not None:
+        settings["false_reject_rate"] = false_reject_rate
     for item in params:
         name, sep, value = item.partition("=")
         if not sep:
@@ -148,12 +152,14 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     return det
 
 
-def list_images(folder, exclude=()):
+def list_images(folder, exclude=(), option=None):
     """Image files below ``folder`` (subfolders too) as str, sorted; at least one.
 
     Hidden entries and system debris are left out (see :mod:`skad._files`), and
     so are the paths in ``exclude`` and the overlays of earlier ``skad score``
     runs (those their ``scores.csv`` lists): :class:`skad.scoring.ImageFolder`.
+    ``option`` names a folder of good parts (``--train``, ``--reference``): a warning
+    then says which of its images look like defect masks.
     """
     if not Path(folder).is_dir():
         raise CLIError(f"{folder} is not a folder")
@@ -161,7 +167,32 @@ def list_images(folder, exclude=()):
     paths = list(listing)
     if not paths:
         raise CLIError(listing.nothing_found())
+    if option is not None:
+        _warn_masks(paths, folder, option)
     return paths
+
+
+# where defect masks live and how they are named (MVTec AD: ground_truth/<defect>/*_mask.png)
+_MASK_FOLDERS = frozenset({"ground_truth", "groundtruth", "gt", "mask", "masks"})
+_MASK_ENDINGS = ("_mask", "-mask", "_gt")
+
+
+def _looks_like_mask(path, folder):
+    relative = Path(path).relative_to(folder)
+    return (any(part.lower() in _MASK_FOLDERS for part in relative.parts[:-1])
+            or relative.stem.lower().endswith(_MASK_ENDINGS))
+
+
+def _warn_masks(paths, folder, option):
+    """Warn when a folder of good parts holds images that look like defect masks: they
+    would be learned (or calibrate) as good parts. They are kept: the name may mislead."""
+    masks = [p for p in paths if _looks_like_mask(p, folder)]
+    if masks:
+        warnings.warn(
+            f"{option} {folder}: {len(masks)} of its {len(paths)} images look like defect "
+            f"masks (under a ground_truth or masks folder, or named *_mask), first {masks[0]}; "
+            f"they are used as images of good parts. Point {option} at the good images only "
+            "(an MVTec category's train/good)", UserWarning, stacklevel=3)
 
 
 def _training_set(folder, labelled):
@@ -183,7 +214,7 @@ def _training_set(folder, labelled):
     if categories:
         return [p for c in categories for p in list_images(folder / c / "train" / "good")], \
             None, None
-    return list_images(folder), None, None
+    return list_images(folder, option="--train"), None, None
 
 
 def _load_model(path, *, allow_pickle=False):
@@ -208,9 +239,10 @@ def _warnings_as_lines(command="fit"):
     references, images left out of a fit, renamed parameters: every ``UserWarning`` and
     ``FutureWarning``) as one ``skad: warning:`` line each on stderr, when they happen,
     like the command's errors, rather than Python warnings with their source lines. A
-    detector parameter a warning names is said as ``--param`` of ``skad fit``, the only
-    sub-command that sets them (``command``: the one running). Each is shown once per
-    place it comes from (Python's "default")."""
+    detector parameter a warning names is said as the option that sets it:
+    ``--false-reject-rate`` (every command), else ``--param`` of ``skad fit``
+    (``command``: the one running). Each is shown once per place it comes from
+    (Python's "default")."""
     show = warnings.showwarning
 
     def as_line(message, category, filename, lineno, file=None, line=None):
@@ -239,9 +271,8 @@ def _on_the_command_line(message, command="fit"):
     if not named:
         return message
     prefix = "--param" if command == "fit" else "skad fit --param"
-    # score and export recalibrate for another rate themselves: no new fit needed
-    hint = " or ".join("--false-reject-rate ..."
-                       if name == "false_reject_rate" and command in ("score", "export")
+    # every command sets the rate (score and export recalibrate for it: no new fit needed)
+    hint = " or ".join("--false-reject-rate ..." if name == "false_reject_rate"
                        else f"{prefix} {name}=..." for name in named)
     if "None" in message:
         hint += "; None is null there"
@@ -299,13 +330,14 @@ def cmd_fit(args):
         raise CLIError(f"{args.train} is not a folder")
     _check_model_out(args.out, args.overwrite)
     det = make_detector(args.method, args.param, offline=args.offline, device=args.device,
-                        verbose=int(args.progress), seed=args.seed)
-    paths, y, groups = _training_set(args.train, labelled=not det._one_class)
+                        verbose=int(args.progress), seed=args.seed,
+                        false_reject_rate=args.false_reject_rate)
     t0 = time.perf_counter()
     with _warnings_as_lines():
+        paths, y, groups = _training_set(args.train, labelled=not det._one_class)
         det.fit(paths, y, groups=groups)
         if args.reference:
-            det.set_reference(list_images(args.reference))
+            det.set_reference(list_images(args.reference, option="--reference"))
     skad.save(det, args.out)
     # the pretrained network a detector builds on (MMR's student may start from scratch)
     params = det.get_params()
@@ -349,7 +381,7 @@ def _calibrate(det, args, command):
         if args.false_reject_rate is not None:
             det.set_params(false_reject_rate=args.false_reject_rate)
         if args.reference:
-            det.set_reference(list_images(args.reference))
+            det.set_reference(list_images(args.reference, option="--reference"))
         elif args.false_reject_rate is not None:
             _check_reference(det, args.model)
             det.recalibrate()
@@ -634,6 +666,10 @@ def _add_fit(sub):
     sp.add_argument("--seed", type=int, default=DEFAULT_SEED,
                     help="the detector's random_state, so that two fits give the same model "
                          "(default: %(default)s; --param random_state=... wins)")
+    sp.add_argument("--false-reject-rate", type=_rate, metavar="RATE",
+                    help="the rate of good parts rejected that the threshold is calibrated "
+                         "for, in (0, 1) (default: the detector's false_reject_rate, 0.05; "
+                         "--param false_reject_rate=... wins)")
     _run_options(sp)
     sp.set_defaults(func=cmd_fit)
 

@@ -900,11 +900,53 @@ def test_calibration_warnings_are_lines_that_name_the_command_line(mvtec, tmp_pa
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "cannot support false_reject_rate" in x]
     assert lines and all(x.startswith("skad: warning: PatchCore:") for x in lines)
-    hint = " or ".join(f"--param {n}=..." for n in named)
+    hint = " or ".join("--false-reject-rate ..." if n == "false_reject_rate" else
+                       f"--param {n}=..." for n in named)
     if "max_calibration_references" in named:  # "set it to at least 19 (or None)"
         hint += "; None is null there"
     assert lines[-1].endswith(f"(on the command line: {hint})")
     assert "CalibrationWarning" not in err and "warnings.warn" not in err
+
+
+@pytest.mark.parametrize("extra,rate", [
+    (["--false-reject-rate", "0.2"], 0.2),
+    (["--false-reject-rate", "0.2", "--param", "false_reject_rate=0.3"], 0.3),  # --param wins
+])
+def test_fit_calibrates_for_the_false_reject_rate_given(mvtec, tmp_path, capsys, extra, rate):
+    cat = sorted(p for p in mvtec.iterdir())[0]
+    out = tmp_path / "m.skad"
+    assert main(["fit", "--train", str(cat), "--out", str(out), *TINY, *extra]) == 0
+    det = skad.load(out)
+    assert det.false_reject_rate == rate
+    assert f"at a false-reject rate of {det.false_reject_rate_:.3g}" in capsys.readouterr().out
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--train", str(cat), "--out", str(tmp_path / "b.skad"),
+                  "--false-reject-rate", bad])
+
+
+@pytest.mark.parametrize("mask_paths,n_masks", [
+    (["ground_truth/crack/000_mask.png"], 1),  # MVTec AD's layout
+    (["masks/a.png", "b_mask.png", "Sub/GT/c.png"], 3),  # other folders, a *_mask name
+    (["masked/000.png", "gtx/001.png"], 0),  # names that only contain a mask word
+])
+def test_fit_warns_when_a_folder_of_good_parts_holds_masks(tmp_path, capsys, mask_paths,
+                                                           n_masks):
+    train, refs = _images(tmp_path / "train", n=5), _images(tmp_path / "refs", n=5)
+    for folder in (train, refs):
+        for rel in mask_paths:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / rel)
+    assert main(["fit", "--train", str(train), "--reference", str(refs), "--out",
+                 str(tmp_path / "m.skad"), *TINY, "--false-reject-rate", "0.25"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "look like defect masks" in x]
+    if not n_masks:
+        assert not lines
+        return
+    for line, option, folder in zip(lines, ["--train", "--reference"], [train, refs], strict=True):
+        assert line.startswith(f"skad: warning: {option} {folder}: {n_masks} of its "
+                               f"{5 + len(mask_paths)} images look like defect masks")
+        assert f"first {folder / sorted(mask_paths)[0]};" in line  # the listing's order
 
 
 def test_other_library_warnings_are_kept_as_python_warnings(capsys):
@@ -949,7 +991,7 @@ def test_score_warnings_say_the_option_that_sets_the_rate(model, tmp_path, capsy
     advice = "raise max_calibration_references or false_reject_rate"
     assert _on_the_command_line(advice, "fit").endswith(
         "(on the command line: --param max_calibration_references=... or "
-        "--param false_reject_rate=...)")
+        "--false-reject-rate ...)")
     assert _on_the_command_line(advice, "export").endswith(
         "(on the command line: skad fit --param max_calibration_references=... or "
         "--false-reject-rate ...)")
