@@ -45,7 +45,7 @@ _GRAD_CLIP = 1.0
 _REFERENCE_ATTRS = ("threshold_", "reference_scores_", "n_references_", "reference_hidden_",
                     "reference_map_maxima_", "pixel_threshold_", "false_reject_rate_",
                     "patch_score_", "reference_features_", "score_mean_", "score_std_",
-                    "calibration_indices_", "max_reference_patches_")
+                    "calibration_indices_", "max_reference_patches_", "map_centring_")
 # the learned and the nearest-reference parts of patch_score="fused": no spread below this
 _MIN_STD = 1e-6
 
@@ -176,6 +176,16 @@ class MetaComparerHead(nn.Module):
 
 
 # ------------------------------------------------------------------ losses (Eq. 2-4)
+def median_cell(dist):
+    """The median cell ``(n, 1, 1)`` of each distance grid of ``dist (n, h, w)``, its
+    infinite cells (no reference patch allowed) left out: the lower of the two middle
+    values, as ``torch.median``, taken by sorting, which an ONNX graph can hold (it
+    cannot hold ``aten::median``)."""
+    values = dist.flatten(1)
+    middle = (torch.isfinite(values).sum(dim=1, keepdim=True) - 1).clamp(min=0) // 2
+    return values.sort(dim=1).values.gather(1, middle)[:, :, None]  # +inf sorts last
+
+
 def classification_loss(logits, y):
     """Eq. 2 at one scale: BCE of ``max_j s^j`` (given as a logit) against ``y``."""
     return F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -302,6 +312,10 @@ class MetaComparer(BaseDetector):
           sum is calibrated per domain without training on it. The learned part brings
           what transfers from the source domains, the nearest-reference part the
           target's normality: more references lower the scores of normal patches.
+          With a single reference its leave-one-out values are distances to its own
+          patches, far closer than a new good image's (docs/benchmarks.md, "References
+          that count"), so the maps (not the scores) then centre the nearest part on
+          each image's median cell (``map_centring_``).
     attention_weight, rank_weight : float, default=1.0
         Weights of L_att (Eq. 3) and L_rank (Eq. 4) next to L_cls (Eq. 2);
         ``rank_weight`` is also Eq. 4's λ, which scales L_rank the same way.
@@ -382,6 +396,11 @@ class MetaComparer(BaseDetector):
         Mean and standard deviation of the references' leave-one-out patch values,
         learned part then nearest-reference part, that standardise them
         (``patch_score="fused"``).
+    map_centring_ : bool
+        Whether the maps subtract from the nearest-reference part its median over
+        each image's cells (``patch_score="fused"`` with a single reference). The
+        image scores never do: the whole image's distance from the reference is
+        evidence about the image, not about where in it a defect lies.
     %(thresholds)s
 
     Notes
@@ -684,6 +703,7 @@ class MetaComparer(BaseDetector):
         for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
             self.__dict__.pop(name, None)
         self.patch_score_ = self.patch_score
+        self.map_centring_ = self.patch_score == "fused" and len(images) == 1
         self.max_reference_patches_ = self.max_reference_patches
         gen = torch.Generator().manual_seed(seed_from(self.random_state))
         with torch.inference_mode():
@@ -696,18 +716,28 @@ class MetaComparer(BaseDetector):
             feats = parts[-1]
             self.reference_features_, rows = self._reference_rows(feats, gen)
             grid = self._nearest_leave_one_out(feats, rows, calibration)
-            if self.patch_score == "fused":
-                grids = self._learned_leave_one_out(learned[0::2], kept, calibration)
-                learned_grid = self._on_grid(grids, grid.shape[1:])
-                mean, std = [], []
-                for g in (learned_grid, grid):
-                    v = g[torch.isfinite(g)].double()
-                    mean.append(float(v.mean()))
-                    std.append(max(float(v.std()) if len(v) > 1 else 0.0, _MIN_STD))
-                self.score_mean_, self.score_std_ = np.array(mean), np.array(std)
-                grid = self._fuse(learned_grid, grid)
-            return self._grid_scores(grid, len(feats),
-                                     [q.shape[1:3] for q in parts[0:-1:2]] or None)
+            sizes = [q.shape[1:3] for q in parts[0:-1:2]] or None
+            if self.patch_score == "nearest":
+                return self._grid_scores(grid, len(feats), sizes)
+            learned_grid = self._on_grid(
+                self._learned_leave_one_out(learned[0::2], kept, calibration), grid.shape[1:])
+            return self._fused_leave_one_out_scores(learned_grid, grid, len(feats), sizes)
+
+    def _fused_leave_one_out_scores(self, learned, dist, n_references, sizes):
+        """``score_mean_``/``score_std_`` from the references' leave-one-out grids of the
+        two parts ``(n, h, w)``, and the references' fused scores and map maxima."""
+        mean, std = [], []
+        for g in (learned, dist):
+            v = g[torch.isfinite(g)].double()
+            mean.append(float(v.mean()))
+            std.append(max(float(v.std()) if len(v) > 1 else 0.0, _MIN_STD))
+        self.score_mean_, self.score_std_ = np.array(mean), np.array(std)
+        scores, maxima = self._grid_scores(self._fuse(learned, dist), n_references, sizes)
+        if self.map_centring_:  # the maps' maxima as the maps are made
+            centred = self._fuse(learned, dist, centred=True)
+            top = torch.where(torch.isfinite(centred), centred, -torch.inf)
+            maxima = self._map_maxima([centred], top.flatten(1).amax(dim=1))
+        return scores, maxima
 
     def _reference_rows(self, maps, generator):
         """The rows kept of the reference patches ``maps (n, h, w, dim)``: all of them, or
@@ -821,11 +851,14 @@ class MetaComparer(BaseDetector):
             out = g if out is None else torch.maximum(out, g)
         return out
 
-    def _fuse(self, learned, dist):
-        """The standardised sum of the learned and the nearest-reference grids."""
+    def _fuse(self, learned, dist, centred=False):
+        """The standardised sum of the learned and the nearest-reference grids ``(n, h,
+        w)``; ``centred``: the nearest part less its median over each image's cells."""
         mean = torch.as_tensor(self.score_mean_, dtype=torch.float32, device=learned.device)
         std = torch.as_tensor(self.score_std_, dtype=torch.float32, device=learned.device)
-        return (learned.float() - mean[0]) / std[0] + (dist.float() - mean[1]) / std[1]
+        dist = dist.float()
+        centre = median_cell(dist) if centred else mean[1]
+        return (learned.float() - mean[0]) / std[0] + (dist - centre) / std[1]
 
     def _map_maxima(self, grids, scores):
         """The maximum of each reference's map (Eq. 6, as ``_score_batch``) from its patch
@@ -881,14 +914,16 @@ class MetaComparer(BaseDetector):
                 learned = self._on_grid(self._learned_grids(parts[:-1], batch.device),
                                         dist.shape[1:])
                 grids = [self._fuse(learned, dist)]
-        scores, out = None, None
-        for z in grids:
-            s = z.flatten(1).amax(dim=1)  # Eq. 5: max over patches, then scales
-            scores = s if scores is None else torch.maximum(scores, s)
-            if return_maps:  # Eq. 6: a pixel takes the max over the cells containing it
-                m = upsample(z, batch.shape[-2:], mode="nearest")
-                out = m if out is None else torch.maximum(out, m)
-        if return_maps and self.sigma > 0:
+        scores = torch.stack([z.flatten(1).amax(dim=1) for z in grids]).amax(dim=0)  # Eq. 5
+        if not return_maps:
+            return scores, None
+        if getattr(self, "map_centring_", False):  # set by skad >= 0.3 with one reference
+            grids = [self._fuse(learned, dist, centred=True)]
+        out = None
+        for z in grids:  # Eq. 6: a pixel takes the max over the cells containing it
+            m = upsample(z, batch.shape[-2:], mode="nearest")
+            out = m if out is None else torch.maximum(out, m)
+        if self.sigma > 0:
             out = gaussian_blur(out, self.sigma)
         return scores, out
 

@@ -466,6 +466,38 @@ def test_fused_leave_one_out_scores(variants, data, split):
     assert np.isfinite(single.reference_scores_).all() and np.isfinite(single.score_std_).all()
 
 
+def test_fused_maps_of_a_single_reference_are_centred(variants, data, split):
+    """With one reference, the fused maps (not the scores) subtract the nearest part's
+    median over each image's cells, and pixel_threshold_ is calibrated on maps so made."""
+    X = data.images[split[1]]
+    det = copy.deepcopy(variants["fused"]).set_reference(X[:1])
+    assert det.map_centring_ and not copy.deepcopy(det).set_reference(X[:2]).map_centring_
+    scores, maps = det.score_and_map(X[4:8])
+    plain = copy.deepcopy(det)
+    plain.map_centring_ = False
+    plain_scores, plain_maps = plain.score_and_map(X[4:8])
+    np.testing.assert_array_equal(scores, plain_scores)  # the scores are never centred
+
+    def lower_median(a):  # of every cell, each repeated alike in a map (sigma = 0)
+        a = a.reshape(len(a), -1)
+        return np.sort(a, axis=1)[:, (a.shape[1] - 1) // 2]
+
+    near = copy.deepcopy(variants["nearest"])
+    shift = (lower_median(near.set_reference(X[:1]).predict_map(X[4:8])) - det.score_mean_[1]) \
+        / det.score_std_[1]
+    np.testing.assert_allclose(maps, plain_maps - shift[:, None, None], rtol=1e-4, atol=1e-4)
+    assert np.ptp(shift) > 1e-3  # a shift per image, not one for all
+    # the reference's own map maximum is that of its centred leave-one-out map
+    grids = []
+    leave_one_out = near._nearest_leave_one_out
+    near._nearest_leave_one_out = lambda *a: grids.append(leave_one_out(*a)) or grids[-1]
+    near.set_reference(X[:1])
+    loo = grids[0].flatten().numpy()
+    own = (lower_median(loo[np.isfinite(loo)][None]) - det.score_mean_[1]) / det.score_std_[1]
+    np.testing.assert_allclose(det.reference_map_maxima_, det.reference_scores_ - own,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_patch_score_changed_after_reference_asks_for_a_new_one(variants, data, split):
     X = data.images[split[1]]
     det = copy.deepcopy(variants["fused"]).set_reference(X[:3])

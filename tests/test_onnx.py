@@ -45,6 +45,10 @@ DETECTORS = {
                                          fpn_width=16, n_fpn_cells=1, hidden_layer_sizes=(16,),
                                          attention_dim=8, n_epochs=1, n_episodes=2,
                                          random_state=0),
+    # a single reference: its fused maps centre the nearest part on each image (a sort)
+    "MetaComparer-one-reference": lambda: MetaComparer(
+        backbone="test_resnet", weights=None, image_size=SIZE, fpn_width=16, n_fpn_cells=1,
+        hidden_layer_sizes=(16,), attention_dim=8, n_epochs=1, n_episodes=2, random_state=0),
     "GlobalLocal": lambda: GlobalLocal(teacher="test_efficientnet", teacher_weights=None,
                                        teacher_size=SIZE, patch_size=8, stride=4, embed_dim=16,
                                        width=8, n_distill_patches=8, n_distill_epochs=1,
@@ -77,7 +81,9 @@ def fitted(data):
                 det.fit(data.images[data.references])
             else:  # trained on every image of both domains, referenced on the first's normals
                 det.fit(data.images, data.y, groups=data.groups)
-                det.set_reference(data.images[data.references])
+                one = name.endswith("one-reference")
+                det.set_reference(data.images[data.references[:1] if one else data.references])
+                assert det.map_centring_ == one
             cache[name] = det
         return cache[name]
 

@@ -22,7 +22,9 @@ test images are scored three ways from the same patch values:
 - ``nearest``: the distance to the nearest reference patch in the locally aware
   backbone features;
 - ``fused``: the sum of the two, each standardised with the references'
-  leave-one-out statistics (``score_mean_``, ``score_std_``).
+  leave-one-out statistics (``score_mean_``, ``score_std_``); with a single
+  reference its maps centre the nearest part on each image's median cell, as
+  the detector's do (``map_centring_``).
 
 PatchCore (same backbone, ``--image-size``, coreset 0.1, Eq. 7 reweighting,
 sigma 4) is fed the same references; its test features are the cached locally
@@ -125,6 +127,9 @@ def variant_outputs(det, parts, fuse_weights=()):
     out = {}
     for name, g in (("learned", learned), ("nearest", dist), ("fused", fused), *weighted):
         out[name] = (g.flatten(1).amax(dim=1).numpy(), to_eval(g, det.image_size))
+    if det.map_centring_:  # a single reference: the fused maps as the detector makes them
+        out["fused"] = (out["fused"][0], to_eval(det._fuse(learned, dist, centred=True),
+                                                 det.image_size))
     return out
 
 
