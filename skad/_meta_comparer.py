@@ -176,16 +176,6 @@ class MetaComparerHead(nn.Module):
 
 
 # ------------------------------------------------------------------ losses (Eq. 2-4)
-def median_cell(dist):
-    """The median cell ``(n, 1, 1)`` of each distance grid of ``dist (n, h, w)``, its
-    infinite cells (no reference patch allowed) left out: the lower of the two middle
-    values, as ``torch.median``, taken by sorting, which an ONNX graph can hold (it
-    cannot hold ``aten::median``)."""
-    values = dist.flatten(1)
-    middle = (torch.isfinite(values).sum(dim=1, keepdim=True) - 1).clamp(min=0) // 2
-    return values.sort(dim=1).values.gather(1, middle)[:, :, None]  # +inf sorts last
-
-
 def classification_loss(logits, y):
     """Eq. 2 at one scale: BCE of ``max_j s^j`` (given as a logit) against ``y``."""
     return F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -243,6 +233,17 @@ def episode_losses(head, patches, n_queries, y, *, reduction, n_reference_patche
     s_v = torch.sigmoid(cmp(q[rows, v], r[k.gather(1, v)]).float())
     l_rank = rank_loss(s_u, s_v, a.gather(1, u), a.gather(1, v), lam)
     return l_cls, l_att, l_rank
+
+
+# ------------------------------------------------------------------ scoring
+def median_cell(dist):
+    """The median cell ``(n, 1, 1)`` of each distance grid of ``dist (n, h, w)``, its
+    infinite cells (no reference patch allowed) left out: the lower of the two middle
+    values, as ``torch.median``, taken by sorting, which an ONNX graph can hold (it
+    cannot hold ``aten::median``)."""
+    values = dist.flatten(1)
+    middle = (torch.isfinite(values).sum(dim=1, keepdim=True) - 1).clamp(min=0) // 2
+    return values.sort(dim=1).values.gather(1, middle)[:, :, None]  # +inf sorts last
 
 
 # ------------------------------------------------------------------ the estimator
@@ -917,7 +918,7 @@ class MetaComparer(BaseDetector):
         scores = torch.stack([z.flatten(1).amax(dim=1) for z in grids]).amax(dim=0)  # Eq. 5
         if not return_maps:
             return scores, None
-        if getattr(self, "map_centring_", False):  # set by skad >= 0.3 with one reference
+        if getattr(self, "map_centring_", False):  # a single reference (set since 0.2)
             grids = [self._fuse(learned, dist, centred=True)]
         out = None
         for z in grids:  # Eq. 6: a pixel takes the max over the cells containing it
