@@ -338,6 +338,9 @@ def cmd_fit(args):
         det.fit(paths, y, groups=groups)
         if args.reference:
             det.set_reference(list_images(args.reference, option="--reference"))
+    # the bars were this command's choice (--progress), not the model's: it is saved silent
+    if not any(item.partition("=")[0] == "verbose" for item in args.param):
+        det.set_params(verbose=0)
     skad.save(det, args.out)
     # the pretrained network a detector builds on (MMR's student may start from scratch)
     params = det.get_params()
@@ -369,6 +372,8 @@ def _score_model(args):
     if not (args.reference or args.allow_pickle or args.false_reject_rate is not None):
         return args.model
     det = _load_model(args.model, allow_pickle=args.allow_pickle)
+    # this command's --device and --progress, not those the model was saved with
+    det.set_params(device=args.device, verbose=int(args.progress))
     _calibrate(det, args, "score")
     return det
 
@@ -482,7 +487,12 @@ def _threshold_text(det):
     """The threshold and the false-reject rate it guarantees, as fit and export say them."""
     if det.false_reject_rate_ >= 1:  # a single reference scored against itself
         return f"threshold {det.threshold_:.4g} with no false-reject guarantee"
-    return f"threshold {det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
+    text = f"threshold {det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
+    asked, n = det.false_reject_rate, len(det.reference_scores_)
+    if det.threshold_quantile == "deprecated" and f"{asked:.3g}" != f"{det.false_reject_rate_:.3g}":
+        # the rate moves in steps of 1/(n+1); too few references also warn
+        text += f" ({asked:g} asked; {n} references calibrate it, in steps of 1/{n + 1})"
+    return text
 
 
 def _demo_folder(out, overwrite):

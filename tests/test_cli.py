@@ -918,7 +918,10 @@ def test_fit_calibrates_for_the_false_reject_rate_given(mvtec, tmp_path, capsys,
     assert main(["fit", "--train", str(cat), "--out", str(out), *TINY, *extra]) == 0
     det = skad.load(out)
     assert det.false_reject_rate == rate
-    assert f"at a false-reject rate of {det.false_reject_rate_:.3g}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # 5 references calibrate: steps of 1/6, so 0.167 for 0.2 and 0.167 for 0.3 asked
+    assert (f"at a false-reject rate of {det.false_reject_rate_:.3g} ({rate:g} asked; 5 "
+            "references calibrate it, in steps of 1/6)") in printed
     for bad in ("0", "1.5", "x"):
         with pytest.raises(SystemExit):
             main(["fit", "--train", str(cat), "--out", str(tmp_path / "b.skad"),
@@ -947,6 +950,25 @@ def test_fit_warns_when_a_folder_of_good_parts_holds_masks(tmp_path, capsys, mas
         assert line.startswith(f"skad: warning: {option} {folder}: {n_masks} of its "
                                f"{5 + len(mask_paths)} images look like defect masks")
         assert f"first {folder / sorted(mask_paths)[0]};" in line  # the listing's order
+
+
+def test_progress_is_the_commands_choice_not_the_models(mvtec, tmp_path, capsys):
+    """fit --progress saves a silent model; score --no-progress is silent with a model
+    saved to show bars (--param verbose=1), also while it sets a new reference."""
+    cat = sorted(p for p in mvtec.iterdir())[0]
+    quiet, loud = tmp_path / "quiet.skad", tmp_path / "loud.skad"
+    assert main(["fit", "--train", str(cat), "--out", str(quiet), *TINY, "--progress"]) == 0
+    assert skad.load(quiet).verbose == 0
+    assert main(["fit", "--train", str(cat), "--out", str(loud), *TINY, "--param",
+                 "verbose=1"]) == 0
+    assert skad.load(loud).verbose == 1
+    refs, images = _images(tmp_path / "refs", n=5), _images(tmp_path / "i")
+    capsys.readouterr()
+    for progress, bars in (("--progress", True), ("--no-progress", False)):
+        assert main(["score", "--model", str(loud), "--images", str(images), "--reference",
+                     str(refs), "--out", str(tmp_path / progress), progress]) == 0
+        err = capsys.readouterr().err
+        assert ("leave-one-out scores" in err) == bars, err
 
 
 def test_other_library_warnings_are_kept_as_python_warnings(capsys):
