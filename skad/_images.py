@@ -254,6 +254,10 @@ class ImageSet:
         # sizes of files already decoded: maps are resized to them right after
         # scoring, without opening the file again
         self._read_sizes = {}
+        # the images read that are one uniform value, as indices of the set that subsets
+        # were taken from (its ``constant``): set_reference warns of them
+        self.constant = set()
+        self._root, self._root_index = self, None
 
     def __len__(self):
         return len(self._items)
@@ -269,7 +273,10 @@ class ImageSet:
         if isinstance(item, _PATH_TYPES):
             item = _check_array(_read_file(item), self._where(i))
             self._read_sizes[i] = item.shape[:2]
-        return _to_float_rgb(item)
+        image = _to_float_rgb(item)
+        if image.min() == image.max():
+            self._root.constant.add(i if self._root_index is None else self._root_index[i])
+        return image
 
     def size(self, i):
         item = self._items[i]
@@ -283,8 +290,17 @@ class ImageSet:
         return [self.size(i) for i in range(len(self))]
 
     def subset(self, indices):
-        """The images at ``indices``, as a new :class:`ImageSet`."""
-        return ImageSet([self._items[int(i)] for i in indices], self.name)
+        """The images at ``indices``, as a new :class:`ImageSet` (whose uniform images
+        are recorded in this set's ``constant``)."""
+        sub = ImageSet([self._items[int(i)] for i in indices], self.name)
+        sub._root = self._root
+        sub._root_index = [int(i) if self._root_index is None else self._root_index[int(i)]
+                           for i in indices]
+        return sub
+
+    def describe(self, i):
+        """Image ``i`` as errors and warnings name it: ``X[i]``, with its path if a file."""
+        return self._where(i)
 
 
 class ImageSets:

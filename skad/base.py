@@ -267,6 +267,12 @@ class BaseDetector(BaseEstimator):
         -------
         self : object
 
+        Warns
+        -----
+        UserWarning, skad.thresholds.CalibrationWarning
+            As :meth:`set_reference`, where the training images are the
+            references (one-class detectors).
+
         Raises
         ------
         sklearn.utils._param_validation.InvalidParameterError
@@ -357,6 +363,10 @@ class BaseDetector(BaseEstimator):
             largest reference score and map maximum, ``false_reject_rate_`` is
             ``1 / (n + 1)``; and, at any rate, for PatchCore's and
             MetaComparer's single reference.
+        UserWarning
+            When reference images are one uniform value (a blank tile past a
+            part's or fabric's edge), with their count and the first's index
+            and path; they are kept.
 
         Raises
         ------
@@ -395,7 +405,20 @@ class BaseDetector(BaseEstimator):
             self.__dict__.clear()
             self.__dict__.update(snapshot)
             raise
+        self._warn_constant_references(images, stacklevel=4)
         return self
+
+    def _warn_constant_references(self, images, stacklevel):
+        """Warn when reference images read were one uniform value: a blank tile (past a
+        part's or fabric's edge) holds nothing to compare with, and calibrates on itself."""
+        constant = sorted(getattr(images, "constant", ()))
+        if constant:
+            warnings.warn(
+                f"{type(self).__name__}: {len(constant)} of the {len(images)} reference images "
+                f"are one uniform value (every pixel alike), first {images.describe(constant[0])}"
+                ": a blank image holds no texture to compare with. Leave such images out of "
+                "the references unless blank parts are normal here", UserWarning,
+                stacklevel=stacklevel)
 
     def _calibration_indices(self, n_references):
         """Sorted indices of the references whose scores calibrate the thresholds.

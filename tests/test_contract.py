@@ -545,6 +545,40 @@ def test_a_single_reference_scored_against_itself_guarantees_no_rate(fitted, dat
     assert len(messages) == 1 and "at least 19 defect-free" in messages[0]
 
 
+def _uniform_warnings(caught):
+    return [str(w.message) for w in caught if "one uniform value" in str(w.message)]
+
+
+def test_uniform_reference_images_are_named(fitted, data, tmp_path):
+    """Blank references (one value in every pixel: a tile past the part's edge) warn, once,
+    with their count and the first's index and path; textured ones do not."""
+    _, _, det = fitted
+    normals = list(data.images[data.y == 0][:4])
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 255, np.uint8)).save(blank)
+    refs = [normals[0], str(blank), *normals[1:3], np.full((SIZE, SIZE), 7, np.uint8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.set_reference(refs)
+    assert _uniform_warnings(caught) == [
+        f"{type(det).__name__}: 2 of the 5 reference images are one uniform value (every "
+        f"pixel alike), first normals[1] ({str(blank)!r}): a blank image holds no texture "
+        "to compare with. Leave such images out of the references unless blank parts are "
+        "normal here"]
+    assert caught[[str(w.message) for w in caught].index(_uniform_warnings(caught)[0])
+                  ].filename == __file__  # points at the caller
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.set_reference(np.stack(normals))
+    assert _uniform_warnings(caught) == []
+    if det._one_class:  # its training images are its references
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clone(det).fit(refs)
+        (message,) = _uniform_warnings(caught)
+        assert "2 of the 5 reference images" in message and "first X[1]" in message
+
+
 def test_too_few_calibrating_references_say_which_parameter_limits_them(data):
     det = _patchcore().set_params(max_calibration_references=4)
     with pytest.warns(CalibrationWarning, match="max_calibration_references=4 of the 10 "
