@@ -410,7 +410,7 @@ class BaseDetector(BaseEstimator):
 
     def _warn_constant_references(self, images, stacklevel):
         """Warn when reference images read were one uniform value: a blank tile (past a
-        part's or fabric's edge) holds nothing to compare with, and calibrates on itself."""
+        part's or fabric's edge) holds nothing to compare with."""
         constant = sorted(getattr(images, "constant", ()))
         if constant:
             warnings.warn(
