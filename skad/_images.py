@@ -262,7 +262,8 @@ class ImageSet:
     def __len__(self):
         return len(self._items)
 
-    def _where(self, i):
+    def describe(self, i):
+        """Image ``i`` as errors and warnings name it: ``X[i]``, with its path if a file."""
         item = self._items[i]
         if isinstance(item, _PATH_TYPES):
             return f"{self.name}[{i}] ({os.fspath(item)!r})"
@@ -271,7 +272,7 @@ class ImageSet:
     def read(self, i):
         item = self._items[i]
         if isinstance(item, _PATH_TYPES):
-            item = _check_array(_read_file(item), self._where(i))
+            item = _check_array(_read_file(item), self.describe(i))
             self._read_sizes[i] = item.shape[:2]
         image = _to_float_rgb(item)
         if image.min() == image.max():
@@ -297,10 +298,6 @@ class ImageSet:
         sub._root_index = [int(i) if self._root_index is None else self._root_index[int(i)]
                            for i in indices]
         return sub
-
-    def describe(self, i):
-        """Image ``i`` as errors and warnings name it: ``X[i]``, with its path if a file."""
-        return self._where(i)
 
 
 class ImageSets:
