@@ -124,6 +124,8 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
             f"the domains protocol holds each category out in turn and fits on the others: "
             f"it needs two or more categories, got {categories} (the categories given are "
             "both the targets and their sources)")
+    if protocol != "oneclass":
+        _check_references(make_detector(), n_references)
     if log is None:
         log = logger.info
     rows = []
@@ -156,6 +158,18 @@ def run_benchmark(make_detector, root, categories, *, protocol="oneclass", n_ref
             rows.append(row)
             log(_format_row(row))
     return rows
+
+
+def _check_references(det, n_references):
+    """Every ``k`` the detector can take, checked before any image is read: a run that
+    stops at its last ``k`` loses the hours before it."""
+    need, param = det._min_references()
+    few = sorted({k for k in n_references if k < need})
+    if few:
+        raise ValueError(
+            f"{type(det).__name__}({param}=True) needs at least {need} reference images; "
+            f"n_references asks for {', '.join(map(str, few))}. Drop those, or set "
+            f"{param}=False (--param {param}=false on the command line)")
 
 
 def _seeded(det, seed):

@@ -542,6 +542,14 @@ class BaseDetector(BaseEstimator):
         # a bool: the constraints of the detectors that have the parameter say so
         return bool(getattr(self, "standardize_positions", False))
 
+    def _min_references(self):
+        """The fewest reference images ``fit`` (one-class) or ``set_reference`` accepts,
+        and the parameter that sets it (None: any one image will do): position
+        statistics need a spread, so a few images."""
+        if self._standardizes_positions():
+            return _MIN_POSITION_REFERENCES, "standardize_positions"
+        return 1, None
+
     def _set_position_statistics(self, images, calibration):
         """Keep the mean and spread of the references' maps at each position.
 

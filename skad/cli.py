@@ -955,7 +955,20 @@ def _one_line(exc):
                     "tf_efficientnet_lite0)")
         return (f"{reason}. Add --offline (the packaged ImageNet weights of "
                 "tf_efficientnet_lite0), or --param weights=/path/to/state_dict.pth")
-    return str(exc)
+    message = str(exc)
+    remedy = _PYTHON_REMEDY.search(message)
+    if remedy and not isinstance(exc, CLIError) and "--param" not in message:
+        # the library names its remedies in Python ("..., or standardize_positions=False")
+        name, value = remedy[1], remedy[2].strip("'")
+        value = {"True": "true", "False": "false", "None": "null"}.get(value, value)
+        message += f" (on the command line: --param {name}={value})"
+    return message
+
+
+#: a parameter setting a library message offers as a remedy, in Python's spelling
+_PYTHON_REMEDY = re.compile(
+    r"\b(?:or|set) ([a-z][a-z0-9_]*)=(True|False|None|'[^']*'|[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)"
+    r"(?!\w)")
 
 
 def _show_progress(choice):

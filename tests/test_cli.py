@@ -372,6 +372,26 @@ def test_domains_benchmark_needs_sources(mvtec, capsys):
     assert "skad: error: the domains protocol holds each category out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["generalad", "mmr", "globallocal"])
+@pytest.mark.parametrize("protocol", ["fewshot", "domains"])
+def test_benchmark_refuses_too_few_references_before_reading_images(method, protocol,
+                                                                    tmp_path, capsys):
+    """Position statistics need 3 images: a k below that stops the run before any work,
+    wherever it stands in --n-references (last, it used to fail after the others ran)."""
+    for cat in ("a", "b"):  # categories whose files cannot be read: none is
+        (tmp_path / cat / "train" / "good").mkdir(parents=True)
+        (tmp_path / cat / "test").mkdir()
+    args = ["benchmark", "--data", str(tmp_path), "--method", method, "--protocol", protocol,
+            "--n-references", "4", "8", "2", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "standardize_positions=True) needs at least 3 reference images" in err
+    assert "asks for 1, 2." in err and "--param standardize_positions=false" in err
+    # without position statistics, the same run goes on to the (empty) data
+    assert main([*args, "--param", "standardize_positions=false"]) == 1
+    assert "needs at least 3" not in capsys.readouterr().err
+
+
 def test_oneclass_benchmark_rows_show_their_seed(mvtec):
     """Every row says the seed its detector was given: oneclass rows too (they were blank)."""
     from skad import PatchCore
@@ -535,6 +555,37 @@ def test_fit_on_one_image_says_its_threshold_guarantees_nothing(tmp_path, capsys
     assert "with no false-reject guarantee" in captured.out
     assert "false-reject rate of" not in captured.out
     assert "scored against its own patches" in captured.err
+
+
+def test_a_remedy_the_library_names_in_python_is_also_given_as_a_param(tmp_path, capsys):
+    """GeneralAD's position statistics need 3 images: the error's remedy
+    (standardize_positions=False) is written as the command line takes it, and works."""
+    train = _images(tmp_path / "train", n=2)
+    args = ["fit", "--method", "generalad", "--train", str(train), "--out",
+            str(tmp_path / "m.skad"), "--param", "backbone=\"test_efficientnet\"", "--param",
+            "weights=null", "--param", "layers=[2]", "--param", "hidden_dim=16", "--param",
+            "n_epochs=1", "--param", "image_size=32"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "or standardize_positions=False (on the command line: --param " \
+           "standardize_positions=false)" in err
+    assert main([*args, "--param", "standardize_positions=false"]) == 0
+
+
+@pytest.mark.parametrize("message, hint", [
+    ("Label some defective images or set synthesize_anomalies='auto' (or True)",
+     "--param synthesize_anomalies=auto"),
+    ("too few for it, or set false_reject_rate=0.2.", "--param false_reject_rate=0.2"),
+    ("or max_reference_patches=None", "--param max_reference_patches=null"),
+    ("or set batch_size=1e-3x", None),  # not a value: no hint
+    ("X has standardize_positions=True but its reference was set without it", None),
+])
+def test_python_remedies_are_translated_to_params(message, hint):
+    from skad.cli import CLIError, _one_line
+
+    line = _one_line(ValueError(message))
+    assert line == (message if hint is None else f"{message} (on the command line: {hint})")
+    assert _one_line(CLIError(message)) == message  # the command line's own words stay
 
 
 def test_training_folders_skip_debris_and_say_so_with_verbose(mvtec, tmp_path, capsys):
