@@ -25,8 +25,10 @@ files you trust.
 """
 
 import argparse
+import ast
 import contextlib
 import difflib
+import importlib.util
 import json
 import logging
 import os
@@ -89,10 +91,16 @@ def _method_key(method):
     return method.lower().replace("-", "").replace("_", "")
 
 
-def _detector_class(method):
+def _method(method):
+    """The :data:`METHODS` key of ``method``, checked; the class is not imported."""
     key = _method_key(method)
     if key not in METHODS:
         raise CLIError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return key
+
+
+def _detector_class(method):
+    key = _method(method)
     cls = getattr(skad, METHODS[key], None)
     if cls is None:
         raise CLIError(f"method {method!r} is not available in this version of skad")
@@ -106,6 +114,49 @@ def _parse_value(text):
         return text
 
 
+def _parse_params(params):
+    """``--param`` items (``name=value``, the value JSON or else a string) as a dict."""
+    settings = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--param expects name=value; got {item!r}")
+        settings[name] = _parse_value(value)
+    return settings
+
+
+def _declared_parameters(class_name):
+    """The constructor parameters of a detector class, read from its module's source
+    without importing it, ``{name: offered}`` (deprecated ones are not offered), or None
+    where the source cannot be read.
+
+    The modules import torch and timm (seconds): a mistyped ``--param`` is named at once.
+    The constructors are keyword-only, with deprecated parameters defaulting to
+    ``DEPRECATED`` (``tests/test_cli.py`` checks the reading against ``get_params``).
+    """
+    try:
+        spec = importlib.util.find_spec(skad._MODULES[class_name], "skad")
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        (init,) = [node for cls in tree.body if isinstance(cls, ast.ClassDef)
+                   and cls.name == class_name for node in cls.body
+                   if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
+    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):
+        return None  # no source beside the bytecode: the class says, once imported
+    return {arg.arg: not (isinstance(default, ast.Name) and default.id == "DEPRECATED")
+            for arg, default in zip(init.args.kwonlyargs, init.args.kw_defaults)}
+
+
+def _check_parameter_names(key, settings, declared):
+    """Raise naming every setting the detector of ``key`` has no parameter for."""
+    if declared is None:
+        return
+    unknown = sorted(set(settings) - set(declared))
+    if unknown:
+        offered = sorted(name for name, shown in declared.items() if shown)
+        raise CLIError(f"{METHODS[key]} has no parameter {', '.join(unknown)}; "
+                       f"its parameters: {', '.join(offered)}")
+
+
 def make_detector(method, params=(), *, offline=False, device="auto", verbose=0, seed=None,
                   false_reject_rate=None):
     """A detector of ``method`` with ``key=value`` parameter overrides.
@@ -115,29 +166,22 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     wins over them). The parameters are validated here, so that a bad value is
     named at once.
     """
-    key, cls = _detector_class(method)
-    det = cls()
+    key = _method(method)
     settings = dict(OFFLINE.get(key, {})) if offline else {}
     settings.update(device=device, verbose=verbose)
     if seed is not None:
         settings["random_state"] = seed
     if false_reject_rate is not None:
         settings["false_reject_rate"] = false_reject_rate
-    for item in params:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise CLIError(f"--param expects name=value; got {item!r}")
-        settings[name] = _parse_value(value)
-    valid = det.get_params()
-    unknown = sorted(set(settings) - set(valid))
-    if unknown:
-        # deprecated parameters (old names of renamed ones included) still work, but are
-        # not offered
-        from ._params import is_set
+    settings.update(_parse_params(params))
+    _check_parameter_names(key, settings, _declared_parameters(METHODS[key]))  # torch not loaded
+    det = _detector_class(method)[1]()
+    # deprecated parameters (old names of renamed ones included) still work, but are not
+    # offered; checked again here where the source could not be read
+    from ._params import is_set
 
-        offered = sorted(name for name, value in valid.items() if is_set(value))
-        raise CLIError(f"{cls.__name__} has no parameter {', '.join(unknown)}; "
-                       f"its parameters: {', '.join(offered)}")
+    _check_parameter_names(key, settings, {name: is_set(value)
+                                           for name, value in det.get_params().items()})
     det.set_params(**settings)
     # a bad value is named before any image is read; an old name warns (FutureWarning)
     try:
@@ -573,6 +617,8 @@ def cmd_benchmark(args):
     root = Path(args.data)
     if not root.is_dir():
         raise CLIError(f"data folder {root} does not exist")
+    key = _method(args.method)  # a mistyped method or --param before the data is searched
+    _check_parameter_names(key, _parse_params(args.param), _declared_parameters(METHODS[key]))
     from .datasets import find_categories
 
     categories = args.categories or find_categories(root)

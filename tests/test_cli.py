@@ -711,15 +711,33 @@ def test_help_imports_no_torch():
     ["score", "--model", "/no/model.skad", "--images", ".", "--out", "r"],
     ["fit", "--train", "/no/folder", "--out", "m.skad"],
     ["benchmark", "--data", "/no/folder"],
+    ["fit", "--train", ".", "--out", "m.skad", "--param", "colour=1"],
+    ["fit", "--method", "mmr", "--train", ".", "--out", "m.skad", "--param", "n_epoch=1"],
+    ["benchmark", "--data", ".", "--method", "generalad", "--param", "layer=[3]"],
+    ["benchmark", "--data", ".", "--method", "patchcore", "--param", "coreset_ration=0.1"],
 ])
 def test_usage_errors_do_not_wait_for_torch(argv, tmp_path):
-    """A mistyped path is reported before torch and timm load (seconds on a busy machine)."""
+    """A mistyped path or parameter name is reported before torch and timm load (seconds on
+    a busy machine)."""
     code = ("import sys, skad.cli; rc = skad.cli.main(sys.argv[1:]); "
             "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm'}))")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                          check=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "1 []" and out.stderr.startswith("skad: error:")
+
+
+def test_parameter_names_read_from_the_source_are_the_detectors_own():
+    """The names the command line checks before importing a detector (read from its
+    module's source) are those of its get_params, deprecated ones marked."""
+    from skad._params import is_set
+    from skad.cli import METHODS, _declared_parameters
+
+    for name in METHODS.values():
+        params = getattr(skad, name)().get_params()
+        assert _declared_parameters(name) == {k: is_set(v) for k, v in params.items()}, name
+    assert _declared_parameters("PatchCore")["coreset_ratio"]
+    assert not _declared_parameters("GlobalLocal")["lambda_s"]  # deprecated: not offered
 
 
 def test_the_same_image_gets_the_same_picture_alone_or_with_others(model, mvtec, tmp_path):
