@@ -188,7 +188,8 @@ def _summary(rows, categories, protocols):
                 f"| {cell([r['auroc_anomalib'] for r in sel], cat and n_seeds > 1)} "
                 f"| {np.mean([r['auroc_diff'] for r in sel]):+.3f} "
                 f"| {np.mean([r['spearman'] for r in sel]):.3f} "
-                f"| {within[0]:.3f} / {within[1]:.3f} | {speed} |")
+                f"| {' / '.join('-' if np.isnan(w) else f'{w:.3f}' for w in within)} "
+                f"| {speed} |")
     return "\n".join(lines)
 
 
