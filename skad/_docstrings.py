@@ -77,7 +77,13 @@ false_reject_rate_ : float
     The rate ``threshold_`` guarantees (``false_reject_rate``, or
     ``1 / (n_calibration + 1)`` when the calibrating references are too few;
     1.0 for PatchCore's and MetaComparer's single reference, scored against
-    its own patches: no rate is guaranteed).
+    its own patches, and for references GeneralAD's, MMR's or GlobalLocal's
+    networks were trained on (after ``fit``, until ``set_reference``): no
+    rate is guaranteed).
+reference_is_training_set_ : bool
+    Whether the references are the training images of a detector that
+    learned from them (after a one-class ``fit`` of GeneralAD, MMR or
+    GlobalLocal; False after ``set_reference``).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)

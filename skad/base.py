@@ -153,6 +153,8 @@ def _to_cpu(obj):
 #: the default false_reject_rate of every detector: the smallest rate that 19 references
 #: support (skad.thresholds.min_references)
 _DEFAULT_FALSE_REJECT_RATE = 0.05
+#: images a warning names one by one (the rest are counted)
+_NAMED_IMAGES = 5
 #: references needed to estimate the spread of the maps at each position
 _MIN_POSITION_REFERENCES = 3
 #: the spread at a position is at least this share of the spread over all positions:
@@ -175,6 +177,16 @@ def _self_calibration_message(false_reject_rate):
             "guarantee, whatever the rate: good parts may be rejected far more often "
             f"than {false_reject_rate:g}. Pass at least "
             f"{max(2, min_references(false_reject_rate))} defect-free references.")
+
+
+def _training_set_message(false_reject_rate):
+    """What :class:`CalibrationWarning` says of a reference the networks were trained on."""
+    return ("threshold_ and pixel_threshold_ were calibrated on the training images, which "
+            "the networks learned from and score lower than new good parts, so they carry "
+            "no false-reject guarantee: good parts may be rejected far more often than "
+            f"{false_reject_rate:g}. Call set_reference with at least "
+            f"{max(2, min_references(false_reject_rate))} defect-free images held out from "
+            "training (skad fit --reference) for the guarantee.")
 
 
 class BaseDetector(BaseEstimator):
@@ -271,13 +283,19 @@ class BaseDetector(BaseEstimator):
         -----
         UserWarning, skad.thresholds.CalibrationWarning
             As :meth:`set_reference`, where the training images are the
-            references (one-class detectors).
+            references (one-class detectors); and, at any rate, where the
+            detector learned from them (GeneralAD, MMR, GlobalLocal: they score
+            lower than new good parts, so ``false_reject_rate_`` is 1.0 and
+            ``reference_is_training_set_`` True until :meth:`set_reference`).
 
         Raises
         ------
         sklearn.utils._param_validation.InvalidParameterError
             A ``ValueError`` naming the parameter, if one is out of its
             constraints; before any image is read.
+        ValueError
+            If ``standardize_positions=True`` and fewer than 3 normal images are
+            given; before the training.
         """
         self._check_params()
         images = check_images(X)
@@ -290,10 +308,13 @@ class BaseDetector(BaseEstimator):
         try:
             if self._one_class:
                 images = self._normal_subset(images, y)
+                self._check_reference_count(len(images))  # before the training, not after
             self._fit(images, y, groups)
             self.n_samples_fit_ = len(images)
             if self._one_class:
-                self._update_reference(images)
+                # a detector that learned from these images scores them lower than new
+                # good parts: no false-reject rate is guaranteed until set_reference
+                self._update_reference(images, trained_on=not self._compares_with_references)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
@@ -335,7 +356,7 @@ class BaseDetector(BaseEstimator):
         was not trained on: after ``fit``, a detector that learned from its
         training images (GeneralAD, MMR, GlobalLocal) scores them lower than
         new good parts, so call ``set_reference`` with held-out normals before
-        relying on the rate. A single reference of a detector whose references
+        relying on the rate (until then ``false_reject_rate_`` is 1.0). A single reference of a detector whose references
         are the comparison set (PatchCore, MetaComparer) is scored against its
         own other patches, not as a new image is: no rate is guaranteed then
         (:class:`~skad.thresholds.CalibrationWarning` at any rate; two
@@ -365,8 +386,8 @@ class BaseDetector(BaseEstimator):
             MetaComparer's single reference.
         UserWarning
             When reference images are one uniform value (a blank tile past a
-            part's or fabric's edge), with their count and the first's index
-            and path; they are kept.
+            part's or fabric's edge), with their count, indices and paths (the
+            first five); they are kept.
 
         Raises
         ------
@@ -383,10 +404,12 @@ class BaseDetector(BaseEstimator):
         check_is_fitted(self)
         return self._update_reference(check_images(normals, name="normals"))
 
-    def _update_reference(self, images):
-        """:meth:`set_reference` on checked images and parameters."""
+    def _update_reference(self, images, trained_on=False):
+        """:meth:`set_reference` on checked images and parameters; ``trained_on``: the
+        images are those the detector just learned from (``reference_is_training_set_``)."""
         snapshot = dict(self.__dict__)
         try:
+            self.reference_is_training_set_ = trained_on
             calibration = self._calibration_indices(len(images))
             if self._standardizes_positions():
                 # an image's score is the maximum of its standardised map
@@ -413,12 +436,14 @@ class BaseDetector(BaseEstimator):
         part's or fabric's edge) holds nothing to compare with."""
         constant = sorted(getattr(images, "constant", ()))
         if constant:
+            named = ", ".join(images.describe(i) for i in constant[:_NAMED_IMAGES])
+            if len(constant) > _NAMED_IMAGES:
+                named += f" and {len(constant) - _NAMED_IMAGES} more"
             warnings.warn(
                 f"{type(self).__name__}: {len(constant)} of the {len(images)} reference images "
-                f"are one uniform value (every pixel alike), first {images.describe(constant[0])}"
-                ": a blank image holds no texture to compare with. Leave such images out of "
-                "the references unless blank parts are normal here", UserWarning,
-                stacklevel=stacklevel)
+                f"are one uniform value (every pixel alike): {named}. A blank image holds no "
+                "texture to compare with: leave such images out of the references unless "
+                "blank parts are normal here", UserWarning, stacklevel=stacklevel)
 
     def _calibration_indices(self, n_references):
         """Sorted indices of the references whose scores calibrate the thresholds.
@@ -508,6 +533,9 @@ class BaseDetector(BaseEstimator):
             if on_itself:
                 warnings.warn(f"{type(self).__name__}: " + _self_calibration_message(rate),
                               CalibrationWarning, stacklevel=stacklevel)
+            elif self._calibrated_on_training_set():
+                warnings.warn(f"{type(self).__name__}: " + _training_set_message(rate),
+                              CalibrationWarning, stacklevel=stacklevel)
             elif len(scores) < min_references(rate):
                 what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
                         "largest maximum of their maps)")
@@ -525,14 +553,22 @@ class BaseDetector(BaseEstimator):
             threshold = conformal_threshold(scores, rate, warn=False)
             pixel_threshold = conformal_threshold(maxima, rate, warn=False)
         self.threshold_ = threshold
-        # a reference scored against itself bounds nothing: 1.0, the trivial bound
-        self.false_reject_rate_ = 1.0 if on_itself else false_reject_bound(scores, threshold)
+        # a reference scored against itself, or by networks trained on it, bounds nothing:
+        # 1.0, the trivial bound
+        self.false_reject_rate_ = (1.0 if on_itself or self._calibrated_on_training_set()
+                                   else false_reject_bound(scores, threshold))
         self.pixel_threshold_ = pixel_threshold
 
     def _calibrated_on_itself(self):
         """Whether the one reference was scored against its own patches: not a new image's
         score, so no rate is guaranteed."""
         return self._compares_with_references and getattr(self, "n_references_", 0) == 1
+
+    def _calibrated_on_training_set(self):
+        """Whether the references are the images the networks were trained on (after a
+        one-class ``fit`` of GeneralAD, MMR or GlobalLocal): they score lower than new
+        good parts, so no rate is guaranteed."""
+        return getattr(self, "reference_is_training_set_", False)
 
     def _needs_new_reference(self, what):
         return (f"{type(self).__name__} was calibrated by an earlier skad without {what}: "
@@ -541,6 +577,15 @@ class BaseDetector(BaseEstimator):
     def _standardizes_positions(self):
         # a bool: the constraints of the detectors that have the parameter say so
         return bool(getattr(self, "standardize_positions", False))
+
+    def _check_reference_count(self, n):
+        """Raise if ``n`` reference images are fewer than the detector can calibrate on."""
+        need, param = self._min_references()
+        if n < need:
+            raise ValueError(
+                f"{type(self).__name__}({param}=True) needs at least {need} reference "
+                f"images to estimate the spread of the maps at each position; got {n}. Pass "
+                f"more defect-free images, or {param}=False")
 
     def _min_references(self):
         """The fewest reference images ``fit`` (one-class) or ``set_reference`` accepts,
@@ -562,13 +607,7 @@ class BaseDetector(BaseEstimator):
         threshold is not calibrated on images that set their own statistics.
         """
         n = len(images)
-        if n < _MIN_POSITION_REFERENCES:
-            raise ValueError(
-                f"{type(self).__name__}(standardize_positions=True) needs at least "
-                f"{_MIN_POSITION_REFERENCES} reference images to estimate the spread of the "
-                f"maps at each position; got {n}. Pass more defect-free images, or "
-                "standardize_positions=False"
-            )
+        self._check_reference_count(n)
         maps = self._map_images(images, lambda batch: self._score_batch(batch, True)[1],
                                 desc="reference maps").double()
         s1, s2 = maps.sum(dim=0), maps.square().sum(dim=0)

@@ -17,6 +17,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
 
+import skad
 from skad import MMR, BaseDetector, GeneralAD, GlobalLocal, MetaComparer, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
@@ -510,6 +511,59 @@ def test_a_detector_pickled_before_max_calibration_references_loads(data):
     assert np.array_equal(old.set_reference(normals[:12]).calibration_indices_, np.arange(12))
 
 
+@pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)
+def test_a_reference_the_networks_trained_on_guarantees_no_rate(factory, fit_kwargs, data,
+                                                                 tmp_path):
+    """After a one-class fit, GeneralAD, MMR and GlobalLocal are calibrated on the images
+    they learned from: no rate is promised (false_reject_rate_ 1.0, a warning) until
+    set_reference brings images they did not train on. PatchCore learns nothing from them
+    (each reference is scored without its own patches): its rate stands."""
+    normals = data.images[data.y == 0]
+    det = factory().set_params(false_reject_rate=0.4)  # 5 references support 1/6
+    if not det._one_class:  # MetaComparer: fit sets no reference
+        _fit(lambda: det, fit_kwargs, data)
+        assert not hasattr(det, "threshold_") and not hasattr(det, "reference_is_training_set_")
+        return
+    learns = not det._compares_with_references
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        det.fit(normals[:-5], **fit_kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+    assert det.reference_is_training_set_ is learns
+    assert (det.false_reject_rate_ == 1.0) is learns
+    assert bool(said) is learns
+    if learns:
+        assert f"{type(det).__name__}: threshold_ and pixel_threshold_ were calibrated on " \
+               "the training images" in said[0] and "at least 2 defect-free" in said[0]
+        with pytest.warns(CalibrationWarning, match="calibrated on the training images"):
+            det.recalibrate()  # a new rate does not make the training images held out
+        assert det.false_reject_rate_ == 1.0
+        # the flag travels with the model file
+        skad.save(det, tmp_path / "m.skad")
+        assert skad.load(tmp_path / "m.skad").reference_is_training_set_ is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        det.set_reference(normals[-5:])  # images it did not train on: the promise stands
+    assert det.reference_is_training_set_ is False
+    assert det.false_reject_rate_ == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("factory", [_general_ad, _mmr, _global_local])
+def test_too_few_images_for_position_statistics_fail_before_training(factory, data,
+                                                                     monkeypatch):
+    """standardize_positions=True needs 3 references: a fit on 2 fails at once, not after
+    its training (minutes on real images), and keeps the detector as it was."""
+    det = factory()
+    monkeypatch.setattr(type(det), "_fit", lambda *a: pytest.fail("trained first"))
+    with pytest.raises(ValueError, match=rf"{type(det).__name__}\(standardize_positions=True"
+                                         r"\) needs at least 3 reference images.*got 2"):
+        det.fit(data.images[data.y == 0][:2])
+    assert not hasattr(det, "threshold_")
+    # labelled images count their normal ones only
+    with pytest.raises(ValueError, match="got 2"), pytest.warns(UserWarning, match="left out"):
+        det.fit(data.images[np.r_[0:2, -3:0]], data.y[np.r_[0:2, -3:0]])
+
+
 def test_a_single_reference_scored_against_itself_guarantees_no_rate(fitted, data):
     """PatchCore and MetaComparer can score one reference only against its own other
     patches, not as a new image: they warn at any rate; the others score it as a new image,
@@ -551,7 +605,7 @@ def _uniform_warnings(caught):
 
 def test_uniform_reference_images_are_named(fitted, data, tmp_path):
     """Blank references (one value in every pixel: a tile past the part's edge) warn, once,
-    with their count and the first's index and path; textured ones do not."""
+    with their count, indices and paths (five at most); textured ones do not."""
     _, _, det = fitted
     normals = list(data.images[data.y == 0][:4])
     blank = tmp_path / "blank.png"
@@ -562,9 +616,9 @@ def test_uniform_reference_images_are_named(fitted, data, tmp_path):
         det.set_reference(refs)
     assert _uniform_warnings(caught) == [
         f"{type(det).__name__}: 2 of the 5 reference images are one uniform value (every "
-        f"pixel alike), first normals[1] ({str(blank)!r}): a blank image holds no texture "
-        "to compare with. Leave such images out of the references unless blank parts are "
-        "normal here"]
+        f"pixel alike): normals[1] ({str(blank)!r}), normals[4]. A blank image holds no "
+        "texture to compare with: leave such images out of the references unless blank "
+        "parts are normal here"]
     assert caught[[str(w.message) for w in caught].index(_uniform_warnings(caught)[0])
                   ].filename == __file__  # points at the caller
     with warnings.catch_warnings(record=True) as caught:
@@ -576,7 +630,14 @@ def test_uniform_reference_images_are_named(fitted, data, tmp_path):
             warnings.simplefilter("always")
             clone(det).fit(refs)
         (message,) = _uniform_warnings(caught)
-        assert "2 of the 5 reference images" in message and "first X[1]" in message
+        assert "2 of the 5 reference images" in message and "alike): X[1] (" in message
+        # many: five named, the others counted
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clone(det).fit([*normals, *[np.full((SIZE, SIZE), v, np.uint8) for v in range(7)]])
+        (message,) = _uniform_warnings(caught)
+        assert "7 of the 11 reference images" in message
+        assert "X[4], X[5], X[6], X[7], X[8] and 2 more." in message
 
 
 def test_too_few_calibrating_references_say_which_parameter_limits_them(data):
