@@ -214,9 +214,14 @@ class Renderer:
     def _overlay(self, name, image, amap, mask, score, p_value, label, n_regions):
         from .viz import overlay
 
-        # the image threshold decides; a reject whose map has no pixel above the pixel
-        # threshold (the two are calibrated apart) says so rather than show nothing
-        verdict = ("REJECT, no region" if n_regions == 0 else "REJECT") if label else "pass"
+        # the image threshold decides; the two thresholds are calibrated apart, so a reject
+        # whose map has no pixel above the pixel threshold says so rather than show
+        # nothing, and a pass with regions outlined says they did not decide it
+        if label:
+            verdict = "REJECT, no region" if n_regions == 0 else "REJECT"
+        else:
+            verdict = (f"pass, {n_regions} region{'s' if n_regions > 1 else ''} below the "
+                       "image threshold" if n_regions else "pass")
         text = f"{score:.4g}  p={p_value:.3g}  {verdict}"
         mid = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
         picture = overlay(image, amap, mid, mask=mask, text=text)

@@ -153,7 +153,10 @@ def _check_parameter_names(key, settings, declared):
     unknown = sorted(set(settings) - set(declared))
     if unknown:
         offered = sorted(name for name, shown in declared.items() if shown)
-        raise CLIError(f"{METHODS[key]} has no parameter {', '.join(unknown)}; "
+        close = [match for name in unknown
+                 for match in difflib.get_close_matches(name, offered, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise CLIError(f"{METHODS[key]} has no parameter {', '.join(unknown)}{hint}; "
                        f"its parameters: {', '.join(offered)}")
 
 
@@ -379,9 +382,20 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _warnings_as_lines():
         paths, y, groups = _training_set(args.train, labelled=not det._one_class)
-        det.fit(paths, y, groups=groups)
+        reference = None
         if args.reference:
-            det.set_reference(list_images(args.reference, option="--reference"))
+            reference = list_images(args.reference, option="--reference")
+            det._check_reference_count(len(reference))  # before the training, not after
+        with warnings.catch_warnings():
+            if reference is not None:
+                # the reference replaces the calibration on the training images: what
+                # would be said of that one does not apply
+                from .thresholds import CalibrationWarning
+
+                warnings.simplefilter("ignore", CalibrationWarning)
+            det.fit(paths, y, groups=groups)
+        if reference is not None:
+            det.set_reference(reference)
     # the bars were this command's choice (--progress), not the model's: it is saved silent
     if not any(item.partition("=")[0] == "verbose" for item in args.param):
         det.set_params(verbose=0)
@@ -529,7 +543,7 @@ def cmd_export(args):
 
 def _threshold_text(det):
     """The threshold and the false-reject rate it guarantees, as fit and export say them."""
-    if det.false_reject_rate_ >= 1:  # a single reference scored against itself
+    if det.false_reject_rate_ >= 1:  # a single reference scored against itself, a training set
         return f"threshold {det.threshold_:.4g} with no false-reject guarantee"
     text = f"threshold {det.threshold_:.4g} at a false-reject rate of {det.false_reject_rate_:.3g}"
     asked, n = det.false_reject_rate, len(det.reference_scores_)

@@ -305,7 +305,11 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
     assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m"),
                  "--param", "colour=1"]) == 1
     err = capsys.readouterr().err
-    assert "has no parameter colour" in err
+    assert "has no parameter colour;" in err  # nothing close to it: no guess
+    assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m"),
+                 "--param", "coreset_ration=0.1", "--param", "sigm=2"]) == 1
+    assert ("has no parameter coreset_ration, sigm (did you mean coreset_ratio, sigma?)"
+            in capsys.readouterr().err)
     offered = err.split("its parameters: ")[1].split(", ")
     assert "coreset_ratio" in offered and "false_reject_rate" in offered
     # deprecated ones are not offered: the replaced threshold_quantile, renamed names
@@ -572,6 +576,41 @@ def test_a_remedy_the_library_names_in_python_is_also_given_as_a_param(tmp_path,
     assert main([*args, "--param", "standardize_positions=false"]) == 0
 
 
+_TINY_GAD = ["--method", "generalad", "--param", "backbone=\"test_efficientnet\"", "--param",
+             "weights=null", "--param", "layers=[2]", "--param", "hidden_dim=16", "--param",
+             "n_epochs=1", "--param", "image_size=32"]
+
+
+def test_fit_checks_its_reference_count_before_training(tmp_path, capsys, monkeypatch):
+    """--reference with 2 images cannot calibrate GeneralAD's position statistics: said
+    before the training (minutes on real images), not after it."""
+    train, reference = _images(tmp_path / "train", n=6), _images(tmp_path / "ref", n=2)
+    monkeypatch.setattr(skad.GeneralAD, "_fit", lambda *a: pytest.fail("trained first"))
+    assert main(["fit", "--train", str(train), "--reference", str(reference), "--out",
+                 str(tmp_path / "m.skad"), *_TINY_GAD]) == 1
+    err = capsys.readouterr().err
+    assert "needs at least 3 reference images" in err and "got 2" in err
+    assert not (tmp_path / "m.skad").exists()
+
+
+def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
+    """GeneralAD calibrated on its own training images promises no rate and says why;
+    with --reference the held-out images calibrate and nothing is said of the training set."""
+    train, reference = _images(tmp_path / "train", n=6), _images(tmp_path / "ref", n=5)
+    assert main(["fit", "--train", str(train), "--out", str(tmp_path / "a.skad"),
+                 "--false-reject-rate", "0.4", *_TINY_GAD]) == 0
+    captured = capsys.readouterr()
+    assert "with no false-reject guarantee" in captured.out
+    assert "skad: warning: GeneralAD: threshold_ and pixel_threshold_ were calibrated on the " \
+           "training images" in captured.err and "(skad fit --reference)" in captured.err
+    assert main(["fit", "--train", str(train), "--reference", str(reference), "--out",
+                 str(tmp_path / "b.skad"), "--false-reject-rate", "0.4", *_TINY_GAD]) == 0
+    captured = capsys.readouterr()
+    assert "at a false-reject rate of 0.333" in captured.out
+    assert "training images" not in captured.err
+    assert skad.load(tmp_path / "b.skad").reference_is_training_set_ is False
+
+
 @pytest.mark.parametrize("message, hint", [
     ("Label some defective images or set synthesize_anomalies='auto' (or True)",
      "--param synthesize_anomalies=auto"),
@@ -763,6 +802,40 @@ def _band_height(text):
     return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((2, 1), text)[3] + 2
 
 
+@pytest.mark.parametrize("image_threshold", ["low", "high"])
+def test_the_verdict_says_how_the_two_thresholds_fell(model, tmp_path, monkeypatch,
+                                                      image_threshold):
+    """The image threshold decides; regions above the pixel threshold on a pass are said
+    to be below the image threshold, and a reject without any says so."""
+    import skad.viz
+
+    det = skad.load(model)
+    images = _images(tmp_path / "images", n=3, size=(64, 96))
+    paths = [str(p) for p in sorted(images.iterdir())]
+    maps, scores = det.predict_map(paths), det.decision_function(paths)
+    det.pixel_threshold_ = float(np.median(maps))  # regions on every image
+    det.threshold_ = float(scores.min() - 1 if image_threshold == "low" else scores.max() + 1)
+    if image_threshold == "low":  # and none: every pixel below the pixel threshold
+        det.pixel_threshold_ = float(np.max(maps) + 1)
+    skad.save(det, tmp_path / "t.skad")
+    texts = []
+    draw = skad.viz.overlay
+    monkeypatch.setattr(skad.viz, "overlay", lambda *a, text, **k: texts.append(text) or
+                        draw(*a, text=text, **k))
+    assert main(["score", "--model", str(tmp_path / "t.skad"), "--images", str(images),
+                 "--out", str(tmp_path / "res"), "--overlays", "all"]) == 0
+    verdicts = [t.split("  ")[-1] for t in texts]
+    rows = _rows(tmp_path / "res")
+    assert len(verdicts) == len(rows) == 3
+    for row, verdict in zip(rows, verdicts):
+        n = int(row["n_regions"])
+        if image_threshold == "low":
+            assert row["predicted_label"] == "1" and n == 0 and verdict == "REJECT, no region"
+        else:
+            assert row["predicted_label"] == "0" and n > 0
+            assert verdict == f"pass, {n} region{'s' if n > 1 else ''} below the image threshold"
+
+
 def test_overlays_carry_the_verdict_and_outline_the_regions(model, tmp_path):
     from scipy import ndimage
 
@@ -778,7 +851,9 @@ def test_overlays_carry_the_verdict_and_outline_the_regions(model, tmp_path):
     assert all(int(r["n_regions"]) > 0 for r in _rows(out))
     for row in _rows(out):
         picture = np.asarray(Image.open(out / row["map"]).convert("RGB"))
-        verdict = "REJECT" if row["predicted_label"] == "1" else "pass"
+        n = int(row["n_regions"])
+        verdict = ("REJECT" if row["predicted_label"] == "1" else
+                   f"pass, {n} region{'s' if n > 1 else ''} below the image threshold")
         text = f"{float(row['score']):.4g}  p={float(row['p_value']):.3g}  {verdict}"
         band = _band_height(text)
         # the text on a band above the image, which keeps every pixel of it
