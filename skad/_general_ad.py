@@ -324,12 +324,15 @@ class GeneralAD(BaseDetector):
     Examples
     --------
     >>> from skad import GeneralAD, datasets
-    >>> data = datasets.make_textures(n_domains=1, n_normal=8, n_anomalous=4,
+    >>> data = datasets.make_textures(n_domains=1, n_normal=12, n_anomalous=4,
     ...                               image_size=32, random_state=0)
+    >>> normal = data.images[data.y == 0]
     >>> det = GeneralAD(backbone="test_efficientnet", weights=None, layers=(2,), image_size=32,
-    ...                 hidden_dim=32, n_epochs=2,
-    ...                 false_reject_rate=0.2,  # 8 normals calibrate rates from 1/9 up
-    ...                 random_state=0).fit(data.images[data.y == 0])
+    ...                 hidden_dim=32, n_epochs=2, false_reject_rate=0.2,
+    ...                 random_state=0).fit(normal[:8])  # warns: no rate on its training set
+    >>> # good images it was not trained on calibrate: 4 of them support 1/5
+    >>> det.set_reference(normal[8:]).false_reject_rate_
+    0.2
     >>> det.predict(data.images[:3]).shape  # 1 = rejected at false_reject_rate
     (3,)
     >>> det.predict_mask(data.images[:2]).shape  # pixels above pixel_threshold_
@@ -373,15 +376,17 @@ class GeneralAD(BaseDetector):
         self._store_parameters(locals())
 
     # ------------------------------------------------------------ checks
-    def _check_param_relations(self):
-        """The distortions, as a tuple, after what ``_parameter_constraints`` cannot say."""
+    def _distortion_kinds(self):
+        """``distortions`` as a tuple."""
         kinds = self.distortions
-        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        return (kinds,) if isinstance(kinds, str) else tuple(kinds)
+
+    def _check_param_relations(self):
+        """What ``_parameter_constraints`` cannot say: noise distortions need noise."""
         # with no noise the distorted copies equal the real tokens yet are labelled anomalous
-        if not self.noise_std > 0 and any(k.startswith("noise") for k in kinds):
+        if not self.noise_std > 0 and any(k.startswith("noise") for k in self._distortion_kinds()):
             raise ValueError(f"noise_std must be > 0 for the noise distortions; "
                              f"got {self.noise_std!r}")
-        return kinds
 
     # ------------------------------------------------------------ features (§3.1)
     def _feature_map(self, batch):
@@ -401,7 +406,7 @@ class GeneralAD(BaseDetector):
 
     # ------------------------------------------------------------ fitting
     def _fit(self, images, y, groups):
-        kinds = self._check_param_relations()
+        kinds = self._distortion_kinds()
         seed = seed_from(self.random_state)
         self.backbone_ = self._create_backbone(seed, load_weights=True)
         patch = self.backbone_.strides[-1]

@@ -517,7 +517,7 @@ class MetaComparer(BaseDetector):
                 "MetaComparer's mismatch_ratio (episodes with other-domain references, beyond "
                 "the paper) is deprecated since 0.2 and will be removed in 0.3: measured, it "
                 "did not make more references help and lowered the image AUROC with Eq. 1 "
-                "(docs/benchmarks.md, MetaComparer ablations)", FutureWarning, stacklevel=4)
+                "(docs/benchmarks.md, MetaComparer ablations)", FutureWarning, stacklevel=3)
         fpn_levels = self._param("n_fpn_levels")
         n_levels = max(fpn_levels, len(self.layers))
         if any(s >= n_levels for s in self.scales):
@@ -525,7 +525,6 @@ class MetaComparer(BaseDetector):
                              f"(n_fpn_levels={fpn_levels}, {len(self.layers)} layers)")
 
     def _fit(self, images, y, groups):
-        self._check_param_relations()
         if y is None:
             raise ValueError("MetaComparer learns from image-level labels: call "
                              "fit(X, y, groups=domains) with y (0 = normal, 1 = anomalous)")

@@ -236,6 +236,10 @@ class BaseDetector(BaseEstimator):
             self._validate_params()
         warn_renamed(self)
 
+    def _check_param_relations(self):
+        """What ``_parameter_constraints`` cannot say (one parameter against another);
+        ``fit`` checks it before reading an image. Detectors override it."""
+
     def _param(self, name):
         """Parameter ``name``, or its deprecated old name's value where that is set."""
         return renamed_value(self, name)
@@ -298,6 +302,7 @@ class BaseDetector(BaseEstimator):
             given; before the training.
         """
         self._check_params()
+        self._check_param_relations()
         images = check_images(X)
         if y is not None:
             y = check_labels(y, len(images))
@@ -356,9 +361,10 @@ class BaseDetector(BaseEstimator):
         was not trained on: after ``fit``, a detector that learned from its
         training images (GeneralAD, MMR, GlobalLocal) scores them lower than
         new good parts, so call ``set_reference`` with held-out normals before
-        relying on the rate (until then ``false_reject_rate_`` is 1.0). A single reference of a detector whose references
-        are the comparison set (PatchCore, MetaComparer) is scored against its
-        own other patches, not as a new image is: no rate is guaranteed then
+        relying on the rate (until then ``false_reject_rate_`` is 1.0). A
+        single reference of a detector whose references are the comparison
+        set (PatchCore, MetaComparer) is scored against its own other
+        patches, not as a new image is: no rate is guaranteed then
         (:class:`~skad.thresholds.CalibrationWarning` at any rate; two
         references are scored against each other). A detector with
         ``standardize_positions=True`` also keeps the mean and standard
