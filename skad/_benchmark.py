@@ -168,8 +168,9 @@ def _check_references(det, n_references):
     if few:
         raise ValueError(
             f"{type(det).__name__}({param}=True) needs at least {need} reference images; "
-            f"n_references asks for {', '.join(map(str, few))}. Drop those, or set "
-            f"{param}=False (--param {param}=false on the command line)")
+            f"n_references asks for {', '.join(map(str, few))}. Drop them from "
+            f"n_references (--n-references), or set {param}=False (--param {param}=false "
+            "on the command line)")
 
 
 def _seeded(det, seed):
@@ -195,7 +196,9 @@ COLUMNS = {
                        "detector's threshold_")),
     "frr_bound": ("{:.3f}", ("the false-reject rate threshold_ guarantees for good parts "
                              "exchangeable with the references (false_reject_rate_); frr "
-                             "on n_good images scatters around it")),
+                             "on n_good images scatters around it. 1.000: none (GeneralAD, "
+                             "MMR and GlobalLocal calibrated on their own training images, "
+                             "a single PatchCore or MetaComparer reference)")),
     "n_good": ("{:.0f}", "good test images, over which frr is counted (mean row: their mean)"),
     "escape": ("{:.3f}", ("escape rate: share of the defective test images scored at or "
                           "below the threshold_ (missed defects)")),

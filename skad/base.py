@@ -313,7 +313,8 @@ class BaseDetector(BaseEstimator):
         try:
             if self._one_class:
                 images = self._normal_subset(images, y)
-                self._check_reference_count(len(images))  # before the training, not after
+                # before the training, not after
+                self._check_reference_count(len(images), "training images (its first references)")
             self._fit(images, y, groups)
             self.n_samples_fit_ = len(images)
             if self._one_class:
@@ -445,9 +446,10 @@ class BaseDetector(BaseEstimator):
             named = ", ".join(images.describe(i) for i in constant[:_NAMED_IMAGES])
             if len(constant) > _NAMED_IMAGES:
                 named += f" and {len(constant) - _NAMED_IMAGES} more"
+            verb = "is" if len(constant) == 1 else "are"
             warnings.warn(
                 f"{type(self).__name__}: {len(constant)} of the {len(images)} reference images "
-                f"are one uniform value (every pixel alike): {named}. A blank image holds no "
+                f"{verb} one uniform value (every pixel alike): {named}. A blank image holds no "
                 "texture to compare with: leave such images out of the references unless "
                 "blank parts are normal here", UserWarning, stacklevel=stacklevel)
 
@@ -584,14 +586,15 @@ class BaseDetector(BaseEstimator):
         # a bool: the constraints of the detectors that have the parameter say so
         return bool(getattr(self, "standardize_positions", False))
 
-    def _check_reference_count(self, n):
-        """Raise if ``n`` reference images are fewer than the detector can calibrate on."""
+    def _check_reference_count(self, n, what="reference images"):
+        """Raise if ``n`` reference images (``what``, as the message names them) are
+        fewer than the detector can calibrate on."""
         need, param = self._min_references()
         if n < need:
             raise ValueError(
                 f"{type(self).__name__}({param}=True) needs at least {need} reference "
-                f"images to estimate the spread of the maps at each position; got {n}. Pass "
-                f"more defect-free images, or {param}=False")
+                f"images to estimate the spread of the maps at each position; got {n} {what}. "
+                f"Pass more defect-free images, or {param}=False")
 
     def _min_references(self):
         """The fewest reference images ``fit`` (one-class) or ``set_reference`` accepts,

@@ -317,7 +317,7 @@ def _on_the_command_line(message, command="fit"):
     named = [name for name in _ADVISED if re.search(rf"\b{name}\b", message)]
     if not named:
         return message
-    prefix = "--param" if command == "fit" else "skad fit --param"
+    prefix = "--param" if command in ("fit", "benchmark") else "skad fit --param"
     # every command sets the rate (score and export recalibrate for it: no new fit needed)
     hint = " or ".join("--false-reject-rate ..." if name == "false_reject_rate"
                        else f"{prefix} {name}=..." for name in named)
@@ -385,7 +385,8 @@ def cmd_fit(args):
         reference = None
         if args.reference:
             reference = list_images(args.reference, option="--reference")
-            det._check_reference_count(len(reference))  # before the training, not after
+            # before the training, not after
+            det._check_reference_count(len(reference), f"in --reference {args.reference}")
         with warnings.catch_warnings():
             if reference is not None:
                 # the reference replaces the calibration on the training images: what
@@ -482,8 +483,12 @@ def _score_summary(s):
     resumed = f" ({s.n_resumed} of them by the interrupted run)" if s.n_resumed else ""
     stopped = "" if s.complete else f"; stopped at --limit {s.n_images} (--resume continues)"
     parquet = f" and {s.parquet_path}" if s.parquet_path else ""
+    rate = ("" if not s.false_reject_rate <= 1 else  # nan: a model older than the rates
+            " (with no false-reject guarantee: give good images the model was not trained "
+            "on with --reference)" if s.false_reject_rate == 1 else
+            f" (false-reject rate {s.false_reject_rate:.3g})")
     return (f"scored {s.n_scored} of {s.n_images} images{resumed}: {s.n_rejected} above the "
-            f"threshold {s.threshold:.4g}{failed}; {s.images_per_second:.1f} images/s"
+            f"threshold {s.threshold:.4g}{rate}{failed}; {s.images_per_second:.1f} images/s"
             f"{stopped}; results in {s.csv_path}{parquet}")
 
 
@@ -644,9 +649,10 @@ def cmd_benchmark(args):
                              device=args.device, verbose=int(args.progress))
 
     factory()  # parameter errors before any work
-    rows = run_benchmark(factory, str(root), categories, protocol=args.protocol,
-                         n_references=args.n_references, seeds=args.seeds,
-                         log=lambda line: print(line, file=sys.stderr))
+    with _warnings_as_lines("benchmark"):
+        rows = run_benchmark(factory, str(root), categories, protocol=args.protocol,
+                             n_references=args.n_references, seeds=args.seeds,
+                             log=lambda line: print(line, file=sys.stderr))
     print(markdown_table(rows))
     if args.out:
         write_table(rows, args.out)

@@ -119,6 +119,11 @@ class ScoringSummary:
         False when ``limit`` stopped the run before the end of the listing.
     threshold : float
         The model's ``threshold_``.
+    false_reject_rate : float
+        The model's ``false_reject_rate_``: the rate ``threshold`` guarantees,
+        1.0 where it guarantees none (calibrated on the training images of
+        GeneralAD, MMR or GlobalLocal, or on a single reference); nan for a
+        model saved before skad 0.2.
     csv_path : Path
     parquet_path : Path or None
     """
@@ -131,6 +136,7 @@ class ScoringSummary:
     seconds: float
     complete: bool
     threshold: float
+    false_reject_rate: float
     csv_path: Path
     parquet_path: Path | None
 
@@ -417,7 +423,10 @@ class _Progress:
             n_images=t.n_rows, n_scored=t.n_scored, n_rejected=t.n_rejected,
             n_failed=t.n_failed, n_resumed=self.n_resumed,
             seconds=time.perf_counter() - self.t0, complete=complete,
-            threshold=float(self.det.threshold_), csv_path=t.csv_path,
+            threshold=float(self.det.threshold_),
+            # a model saved before skad 0.2 states no rate: nan
+            false_reject_rate=float(getattr(self.det, "false_reject_rate_", np.nan)),
+            csv_path=t.csv_path,
             parquet_path=t.parquet_path)
 
     def _status(self):

@@ -390,7 +390,8 @@ def test_benchmark_refuses_too_few_references_before_reading_images(method, prot
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "standardize_positions=True) needs at least 3 reference images" in err
-    assert "asks for 1, 2." in err and "--param standardize_positions=false" in err
+    assert "asks for 1, 2. Drop them from n_references (--n-references)" in err
+    assert "--param standardize_positions=false" in err
     # without position statistics, the same run goes on to the (empty) data
     assert main([*args, "--param", "standardize_positions=false"]) == 1
     assert "needs at least 3" not in capsys.readouterr().err
@@ -589,7 +590,7 @@ def test_fit_checks_its_reference_count_before_training(tmp_path, capsys, monkey
     assert main(["fit", "--train", str(train), "--reference", str(reference), "--out",
                  str(tmp_path / "m.skad"), *_TINY_GAD]) == 1
     err = capsys.readouterr().err
-    assert "needs at least 3 reference images" in err and "got 2" in err
+    assert "needs at least 3 reference images" in err and f"got 2 in --reference {reference}" in err
     assert not (tmp_path / "m.skad").exists()
 
 
@@ -609,6 +610,13 @@ def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
     assert "at a false-reject rate of 0.333" in captured.out
     assert "training images" not in captured.err
     assert skad.load(tmp_path / "b.skad").reference_is_training_set_ is False
+    # scoring says it too, in its last line
+    for name, said in [("a", "(with no false-reject guarantee: give good images the model "
+                              "was not trained on with --reference)"),
+                       ("b", "(false-reject rate 0.333)")]:
+        assert main(["score", "--model", str(tmp_path / f"{name}.skad"), "--images",
+                     str(reference), "--out", str(tmp_path / f"res_{name}")]) == 0
+        assert said in capsys.readouterr().out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("message, hint", [

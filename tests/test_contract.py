@@ -556,7 +556,8 @@ def test_too_few_images_for_position_statistics_fail_before_training(factory, da
     det = factory()
     monkeypatch.setattr(type(det), "_fit", lambda *a: pytest.fail("trained first"))
     with pytest.raises(ValueError, match=rf"{type(det).__name__}\(standardize_positions=True"
-                                         r"\) needs at least 3 reference images.*got 2"):
+                                         r"\) needs at least 3 reference images.*got 2 "
+                                         r"training images \(its first references\)"):
         det.fit(data.images[data.y == 0][:2])
     assert not hasattr(det, "threshold_")
     # labelled images count their normal ones only
@@ -625,6 +626,10 @@ def test_uniform_reference_images_are_named(fitted, data, tmp_path):
         warnings.simplefilter("always")
         det.set_reference(np.stack(normals))
     assert _uniform_warnings(caught) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.set_reference(refs[:4])
+    assert "1 of the 4 reference images is one uniform value" in _uniform_warnings(caught)[0]
     if det._one_class:  # its training images are its references
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
