@@ -80,10 +80,12 @@ false_reject_rate_ : float
     its own patches, and for references GeneralAD's, MMR's or GlobalLocal's
     networks were trained on (after ``fit``, until ``set_reference``): no
     rate is guaranteed).
-reference_is_training_set_ : bool
-    Whether the references are the training images of a detector that
-    learned from them (after a one-class ``fit`` of GeneralAD, MMR or
-    GlobalLocal; False after ``set_reference``).
+n_references_trained_on_ : int
+    How many references are images the networks were trained on: all of
+    them after a one-class ``fit`` of GeneralAD, MMR or GlobalLocal; after
+    ``set_reference``, those with the same decoded pixels as a training
+    image (``training_digests_``: a 63-bit digest of each training image).
+    Above 0, no rate is guaranteed (``false_reject_rate_`` 1.0).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)

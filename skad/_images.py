@@ -9,6 +9,7 @@ detector ever needs all images in memory at once.
 """
 
 import contextlib
+import hashlib
 import os
 
 import numpy as np
@@ -223,6 +224,16 @@ def displayed_size(path):
     return (width, height) if turned else (height, width)
 
 
+def pixel_digest(array):
+    """A 63-bit digest of an image's decoded pixels, their shape and dtype: the same
+    picture read from a file or passed as the array it decodes to gets the same one."""
+    array = np.ascontiguousarray(array)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{array.shape}{array.dtype}".encode())
+    h.update(array.data)
+    return int.from_bytes(h.digest(), "little") >> 1  # fits an int64
+
+
 def read_mask(path):
     """A ground-truth mask file as a boolean array (H, W): any nonzero pixel is a defect.
 
@@ -257,6 +268,9 @@ class ImageSet:
         # the images read that are one uniform value, as indices of the set that subsets
         # were taken from (its ``constant``): set_reference warns of them
         self.constant = set()
+        # a digest of each image read (of its decoded pixels), by index of that set:
+        # set_reference tells training images among the references by them
+        self._digests = {}
         self._root, self._root_index = self, None
 
     def __len__(self):
@@ -274,10 +288,17 @@ class ImageSet:
         if isinstance(item, _PATH_TYPES):
             item = _check_array(_read_file(item), self.describe(i))
             self._read_sizes[i] = item.shape[:2]
+        root_i = i if self._root_index is None else self._root_index[i]
+        self._root._digests[root_i] = pixel_digest(item)
         image = _to_float_rgb(item)
         if image.min() == image.max():
-            self._root.constant.add(i if self._root_index is None else self._root_index[i])
+            self._root.constant.add(root_i)
         return image
+
+    def read_digests(self):
+        """The :func:`pixel_digest` of each image of this set read so far, as a set."""
+        index = range(len(self)) if self._root_index is None else self._root_index
+        return {self._root._digests[j] for j in index if j in self._root._digests}
 
     def size(self, i):
         item = self._items[i]

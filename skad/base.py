@@ -179,11 +179,15 @@ def _self_calibration_message(false_reject_rate):
             f"{max(2, min_references(false_reject_rate))} defect-free references.")
 
 
-def _training_set_message(false_reject_rate):
-    """What :class:`CalibrationWarning` says of a reference the networks were trained on."""
-    return ("threshold_ and pixel_threshold_ were calibrated on the training images, which "
-            "the networks learned from and score lower than new good parts, so they carry "
-            "no false-reject guarantee: good parts may be rejected far more often than "
+def _training_set_message(false_reject_rate, n_trained_on, n_references):
+    """What :class:`CalibrationWarning` says of references the networks were trained on:
+    all of them (after ``fit``) or ``n_trained_on`` of the ``n_references``."""
+    which = ("the training images" if n_trained_on == n_references else
+             f"{n_trained_on} of the {n_references} reference images, which are training "
+             "images (the same pixels)")
+    return (f"threshold_ and pixel_threshold_ were calibrated on {which}, which the networks "
+            "learned from and score lower than new good parts, so they carry no "
+            "false-reject guarantee: good parts may be rejected far more often than "
             f"{false_reject_rate:g}. Call set_reference with at least "
             f"{max(2, min_references(false_reject_rate))} defect-free images held out from "
             "training (skad fit --reference) for the guarantee.")
@@ -289,8 +293,8 @@ class BaseDetector(BaseEstimator):
             As :meth:`set_reference`, where the training images are the
             references (one-class detectors); and, at any rate, where the
             detector learned from them (GeneralAD, MMR, GlobalLocal: they score
-            lower than new good parts, so ``false_reject_rate_`` is 1.0 and
-            ``reference_is_training_set_`` True until :meth:`set_reference`).
+            lower than new good parts, so ``false_reject_rate_`` is 1.0 until
+            :meth:`set_reference` gives other images).
 
         Raises
         ------
@@ -317,10 +321,14 @@ class BaseDetector(BaseEstimator):
                 self._check_reference_count(len(images), "training images (its first references)")
             self._fit(images, y, groups)
             self.n_samples_fit_ = len(images)
+            learned = self._one_class and not self._compares_with_references
+            if learned:  # set_reference tells these images among its references
+                self.training_digests_ = np.array(sorted(images.read_digests()),
+                                                  dtype=np.int64)
             if self._one_class:
                 # a detector that learned from these images scores them lower than new
                 # good parts: no false-reject rate is guaranteed until set_reference
-                self._update_reference(images, trained_on=not self._compares_with_references)
+                self._update_reference(images, trained_on=learned)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
@@ -362,7 +370,9 @@ class BaseDetector(BaseEstimator):
         was not trained on: after ``fit``, a detector that learned from its
         training images (GeneralAD, MMR, GlobalLocal) scores them lower than
         new good parts, so call ``set_reference`` with held-out normals before
-        relying on the rate (until then ``false_reject_rate_`` is 1.0). A
+        relying on the rate (until then ``false_reject_rate_`` is 1.0; references
+        with the same pixels as a training image are recognised and keep it
+        there: ``n_references_trained_on_``). A
         single reference of a detector whose references are the comparison
         set (PatchCore, MetaComparer) is scored against its own other
         patches, not as a new image is: no rate is guaranteed then
@@ -413,10 +423,9 @@ class BaseDetector(BaseEstimator):
 
     def _update_reference(self, images, trained_on=False):
         """:meth:`set_reference` on checked images and parameters; ``trained_on``: the
-        images are those the detector just learned from (``reference_is_training_set_``)."""
+        images are those the detector just learned from."""
         snapshot = dict(self.__dict__)
         try:
-            self.reference_is_training_set_ = trained_on
             calibration = self._calibration_indices(len(images))
             if self._standardizes_positions():
                 # an image's score is the maximum of its standardised map
@@ -430,6 +439,8 @@ class BaseDetector(BaseEstimator):
             self.reference_map_maxima_ = np.asarray(maxima, dtype=np.float64)
             self.n_references_ = len(images)
             self.calibration_indices_ = calibration
+            self.n_references_trained_on_ = (len(images) if trained_on else
+                                             self._count_training_images(images))
             self._calibrate(stacklevel=4)
         except BaseException:
             self.__dict__.clear()
@@ -542,8 +553,10 @@ class BaseDetector(BaseEstimator):
                 warnings.warn(f"{type(self).__name__}: " + _self_calibration_message(rate),
                               CalibrationWarning, stacklevel=stacklevel)
             elif self._calibrated_on_training_set():
-                warnings.warn(f"{type(self).__name__}: " + _training_set_message(rate),
-                              CalibrationWarning, stacklevel=stacklevel)
+                message = _training_set_message(rate, self.n_references_trained_on_,
+                                                self.n_references_)
+                warnings.warn(f"{type(self).__name__}: " + message, CalibrationWarning,
+                              stacklevel=stacklevel)
             elif len(scores) < min_references(rate):
                 what = ("threshold_ is the largest reference score (and pixel_threshold_ the "
                         "largest maximum of their maps)")
@@ -573,10 +586,18 @@ class BaseDetector(BaseEstimator):
         return self._compares_with_references and getattr(self, "n_references_", 0) == 1
 
     def _calibrated_on_training_set(self):
-        """Whether the references are the images the networks were trained on (after a
-        one-class ``fit`` of GeneralAD, MMR or GlobalLocal): they score lower than new
-        good parts, so no rate is guaranteed."""
-        return getattr(self, "reference_is_training_set_", False)
+        """Whether references are images the networks were trained on (after a
+        one-class ``fit`` of GeneralAD, MMR or GlobalLocal, all of them): they score lower
+        than new good parts, so no rate is guaranteed."""
+        return getattr(self, "n_references_trained_on_", 0) > 0
+
+    def _count_training_images(self, images):
+        """How many of the reference ``images`` read are training images of a detector
+        that learned from them, told by their decoded pixels (``training_digests_``)."""
+        trained = getattr(self, "training_digests_", None)
+        if trained is None:  # PatchCore, MetaComparer, or a model saved before
+            return 0
+        return len(images.read_digests() & set(trained.tolist()))
 
     def _needs_new_reference(self, what):
         return (f"{type(self).__name__} was calibrated by an earlier skad without {what}: "

@@ -597,7 +597,9 @@ def test_fit_checks_its_reference_count_before_training(tmp_path, capsys, monkey
 def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
     """GeneralAD calibrated on its own training images promises no rate and says why;
     with --reference the held-out images calibrate and nothing is said of the training set."""
-    train, reference = _images(tmp_path / "train", n=6), _images(tmp_path / "ref", n=5)
+    train, reference = _images(tmp_path / "train", n=6), _images(tmp_path / "ref", n=11)
+    for i in range(6):  # the same pixels as the training images (one random sequence)
+        (reference / f"{i:03d}.png").unlink()
     assert main(["fit", "--train", str(train), "--out", str(tmp_path / "a.skad"),
                  "--false-reject-rate", "0.4", *_TINY_GAD]) == 0
     captured = capsys.readouterr()
@@ -609,7 +611,14 @@ def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "at a false-reject rate of 0.333" in captured.out
     assert "training images" not in captured.err
-    assert skad.load(tmp_path / "b.skad").reference_is_training_set_ is False
+    assert skad.load(tmp_path / "b.skad").n_references_trained_on_ == 0
+    # the training folder again as --reference is told by its pixels: no rate either
+    assert main(["fit", "--train", str(train), "--reference", str(train), "--out",
+                 str(tmp_path / "c.skad"), "--false-reject-rate", "0.4", *_TINY_GAD]) == 0
+    captured = capsys.readouterr()
+    assert "with no false-reject guarantee" in captured.out
+    assert "calibrated on 6 of the 6 reference images" not in captured.err  # all: as fit
+    assert "calibrated on the training images" in captured.err
     # scoring says it too, in its last line
     for name, said in [("a", "(with no false-reject guarantee: give good images the model "
                               "was not trained on with --reference)"),

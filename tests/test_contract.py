@@ -68,12 +68,16 @@ def data():
     return make_textures(n_domains=2, n_normal=8, n_anomalous=4, image_size=SIZE, random_state=0)
 
 
+#: the last normal images are held out of one-class training: references that the
+#: detector did not learn from, for the tests of its thresholds
+N_HELD_OUT = 5
+
+
 def _fit(factory, fit_kwargs, data, **overrides):
     det = factory()
     det.set_params(**overrides)
     if det._one_class:
-        normal = data.y == 0
-        return det.fit(data.images[normal], **fit_kwargs)
+        return det.fit(data.images[data.y == 0][:-N_HELD_OUT], **fit_kwargs)
     return det.fit(data.images, data.y, groups=data.groups, **fit_kwargs)
 
 
@@ -522,14 +526,14 @@ def test_a_reference_the_networks_trained_on_guarantees_no_rate(factory, fit_kwa
     det = factory().set_params(false_reject_rate=0.4)  # 5 references support 1/6
     if not det._one_class:  # MetaComparer: fit sets no reference
         _fit(lambda: det, fit_kwargs, data)
-        assert not hasattr(det, "threshold_") and not hasattr(det, "reference_is_training_set_")
+        assert not hasattr(det, "threshold_") and not hasattr(det, "n_references_trained_on_")
         return
     learns = not det._compares_with_references
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         det.fit(normals[:-5], **fit_kwargs)
     said = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
-    assert det.reference_is_training_set_ is learns
+    assert det.n_references_trained_on_ == (len(normals) - 5 if learns else 0)
     assert (det.false_reject_rate_ == 1.0) is learns
     assert bool(said) is learns
     if learns:
@@ -538,13 +542,22 @@ def test_a_reference_the_networks_trained_on_guarantees_no_rate(factory, fit_kwa
         with pytest.warns(CalibrationWarning, match="calibrated on the training images"):
             det.recalibrate()  # a new rate does not make the training images held out
         assert det.false_reject_rate_ == 1.0
-        # the flag travels with the model file
+        # training images among the references are told by their pixels, read from files
+        # or passed as arrays; and the digests travel with the model file
+        files = []
+        for i, image in enumerate(normals[-6:]):  # one of them a training image
+            files.append(tmp_path / f"{i}.png")
+            Image.fromarray(image).save(files[-1])
         skad.save(det, tmp_path / "m.skad")
-        assert skad.load(tmp_path / "m.skad").reference_is_training_set_ is True
+        det = skad.load(tmp_path / "m.skad")
+        with pytest.warns(CalibrationWarning, match="calibrated on 1 of the 6 reference images, "
+                          r"which are training images \(the same pixels\)"):
+            det.set_reference(files)
+        assert det.n_references_trained_on_ == 1 and det.false_reject_rate_ == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         det.set_reference(normals[-5:])  # images it did not train on: the promise stands
-    assert det.reference_is_training_set_ is False
+    assert det.n_references_trained_on_ == 0
     assert det.false_reject_rate_ == pytest.approx(1 / 3)
 
 
