@@ -268,9 +268,9 @@ class ImageSet:
         # the images read that are one uniform value, as indices of the set that subsets
         # were taken from (its ``constant``): set_reference warns of them
         self.constant = set()
-        # a digest of each image read (of its decoded pixels), by index of that set:
-        # set_reference tells training images among the references by them
-        self._digests = {}
+        # once record_digests() is called, a digest of each image read (of its decoded
+        # pixels), by index of that set: set_reference tells training images by them
+        self._digests = None
         self._root, self._root_index = self, None
 
     def __len__(self):
@@ -289,16 +289,26 @@ class ImageSet:
             item = _check_array(_read_file(item), self.describe(i))
             self._read_sizes[i] = item.shape[:2]
         root_i = i if self._root_index is None else self._root_index[i]
-        self._root._digests[root_i] = pixel_digest(item)
+        if self._root._digests is not None:
+            self._root._digests[root_i] = pixel_digest(item)
         image = _to_float_rgb(item)
         if image.min() == image.max():
             self._root.constant.add(root_i)
         return image
 
+    def record_digests(self):
+        """From now on, keep the :func:`pixel_digest` of each image read (this set's, and
+        those of the sets it was taken from or that were taken from it)."""
+        if self._root._digests is None:
+            self._root._digests = {}
+        return self
+
     def read_digests(self):
-        """The :func:`pixel_digest` of each image of this set read so far, as a set."""
+        """The :func:`pixel_digest` of each image of this set read since
+        :meth:`record_digests`, as a set."""
+        digests = self._root._digests or {}
         index = range(len(self)) if self._root_index is None else self._root_index
-        return {self._root._digests[j] for j in index if j in self._root._digests}
+        return {digests[j] for j in index if j in digests}
 
     def size(self, i):
         item = self._items[i]

@@ -315,14 +315,16 @@ class BaseDetector(BaseEstimator):
         # a failed fit leaves a previously fitted detector exactly as it was
         snapshot = dict(self.__dict__)
         try:
+            learned = self._one_class and not self._compares_with_references
+            if learned:  # set_reference tells these images among its references
+                images.record_digests()
             if self._one_class:
                 images = self._normal_subset(images, y)
                 # before the training, not after
                 self._check_reference_count(len(images), "training images (its first references)")
             self._fit(images, y, groups)
             self.n_samples_fit_ = len(images)
-            learned = self._one_class and not self._compares_with_references
-            if learned:  # set_reference tells these images among its references
+            if learned:
                 self.training_digests_ = np.array(sorted(images.read_digests()),
                                                   dtype=np.int64)
             if self._one_class:
@@ -425,6 +427,8 @@ class BaseDetector(BaseEstimator):
         """:meth:`set_reference` on checked images and parameters; ``trained_on``: the
         images are those the detector just learned from."""
         snapshot = dict(self.__dict__)
+        if hasattr(self, "training_digests_"):
+            images.record_digests()  # to tell training images among the references
         try:
             calibration = self._calibration_indices(len(images))
             if self._standardizes_positions():

@@ -309,3 +309,25 @@ def test_uncompressed_tiffs_turned_a_quarter_are_read_as_displayed(tmp_path, mod
     out = images.read(0)
     assert out.shape[:2] == (24, 16) and images.size(0) == (24, 16)
     np.testing.assert_allclose(out if expected.ndim == 3 else out[..., 0], expected, atol=1e-6)
+
+
+def test_digests_are_kept_only_when_asked_and_tell_the_same_pixels(tmp_path):
+    """An ImageSet keeps no digest unless asked (scoring millions of images would hold
+    them all); asked, a file and the array it decodes to get the same one, and a subset's
+    reads are recorded for the set it was taken from."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    Image.fromarray(arrays[0]).save(tmp_path / "a.png")
+    files = check_images([str(tmp_path / "a.png"), arrays[1]])
+    files.read(0)
+    assert files.read_digests() == set() and files._digests is None
+    files.record_digests()
+    sub = files.subset([1])
+    sub.read(0)
+    files.read(0)
+    same = check_images([arrays[0], arrays[2]]).record_digests()
+    same.read(0), same.read(1)
+    assert len(files.read_digests()) == 2 and len(sub.read_digests()) == 1
+    assert sub.read_digests() < files.read_digests()
+    assert len(files.read_digests() & same.read_digests()) == 1  # a.png is arrays[0]
+    assert not sub.read_digests() & same.read_digests()  # arrays[1]: in neither of same
