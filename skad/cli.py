@@ -177,14 +177,16 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
     if false_reject_rate is not None:
         settings["false_reject_rate"] = false_reject_rate
     settings.update(_parse_params(params))
-    _check_parameter_names(key, settings, _declared_parameters(METHODS[key]))  # torch not loaded
+    declared = _declared_parameters(METHODS[key])
+    _check_parameter_names(key, settings, declared)  # before torch loads
     det = _detector_class(method)[1]()
-    # deprecated parameters (old names of renamed ones included) still work, but are not
-    # offered; checked again here where the source could not be read
-    from ._params import is_set
+    if declared is None:  # the source could not be read: the class says, now it is loaded
+        # deprecated parameters (old names of renamed ones included) still work, but are
+        # not offered
+        from ._params import is_set
 
-    _check_parameter_names(key, settings, {name: is_set(value)
-                                           for name, value in det.get_params().items()})
+        _check_parameter_names(key, settings, {name: is_set(value)
+                                               for name, value in det.get_params().items()})
     det.set_params(**settings)
     # a bad value is named before any image is read; an old name warns (FutureWarning)
     try:

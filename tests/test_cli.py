@@ -316,6 +316,20 @@ def test_unknown_parameter(mvtec, tmp_path, capsys):
     assert "threshold_quantile" not in offered and "n_reweight" not in offered
 
 
+def test_unknown_parameter_without_the_source(mvtec, tmp_path, capsys, monkeypatch):
+    """Where the detector's source cannot be read (bytecode only), the loaded class names
+    the unknown parameter, with the same list."""
+    import skad.cli
+
+    monkeypatch.setattr(skad.cli, "_declared_parameters", lambda name: None)
+    assert main(["fit", "--train", str(mvtec), "--out", str(tmp_path / "m"),
+                 "--param", "coreset_ration=0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "has no parameter coreset_ration (did you mean coreset_ratio?)" in err
+    offered = err.split("its parameters: ")[1].strip().split(", ")
+    assert "coreset_ratio" in offered and "threshold_quantile" not in offered
+
+
 def test_none_is_told_to_be_null(mvtec, tmp_path, capsys):
     assert main(["fit", "--method", "metacomparer", "--train", str(mvtec), "--out",
                  str(tmp_path / "m"), "--param", "max_reference_patches=None"]) == 1
