@@ -10,6 +10,7 @@ detector ever needs all images in memory at once.
 
 import contextlib
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -19,8 +20,9 @@ from PIL import ExifTags, Image, ImageOps
 
 from ._progress import progress
 
-__all__ = ["ImageSet", "ImageSets", "check_groups", "check_images", "check_labels",
-           "displayed_size", "image_hw", "iter_batches", "load_resized", "read_image", "read_mask"]
+__all__ = ["ASPECT_TOLERANCE", "ImageSet", "ImageSets", "aspect_warning", "check_groups",
+           "check_images", "check_labels", "displayed_size", "image_hw", "iter_batches",
+           "load_resized", "read_image", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
 
@@ -479,6 +481,52 @@ def image_hw(image_size):
     if isinstance(image_size, (int, np.integer)):
         return int(image_size), int(image_size)
     return int(image_size[0]), int(image_size[1])
+
+
+#: how far resizing may change an image's height-to-width ratio before fit warns
+ASPECT_TOLERANCE = 1.5
+
+
+def _like(length, short):
+    """``length`` rounded (halves up) to a multiple of what divides ``short`` among 32 (the
+    CNN backbones' largest stride) and 14 (DINOv2's patch), both where both do: a size the
+    detector takes wherever ``short`` was taken."""
+    step = math.lcm(*[d for d in (32, 14) if short % d == 0] or [1])
+    return max(step, int(np.floor(length / step + 0.5)) * step)
+
+
+def aspect_warning(images, image_size, what="training images"):
+    """The warning for ``images`` whose height-to-width ratio resizing to ``image_size``
+    changes by more than :data:`ASPECT_TOLERANCE` times, or None.
+
+    Sizes come from the images read, else from the files' headers (no decoding).
+    The message names the count, the most distorted image and a remedy: an
+    ``image_size`` pair in their ratio (long side a multiple of what the short side is), or, for
+    images of both orientations, which no single size keeps, turning them to one.
+    """
+    height, width = image_hw(image_size)
+    sizes = images.sizes()
+    stretch = np.array([(h / w) / (height / width) for h, w in sizes])
+    factor = np.maximum(stretch, 1 / stretch)
+    off = np.flatnonzero(factor > ASPECT_TOLERANCE)
+    if not len(off):
+        return None
+    worst = int(off[np.argmax(factor[off])])
+    h, w = sizes[worst]
+    msg = (f"{len(off)} of {len(sizes)} {what} change their height-to-width ratio more than "
+           f"{ASPECT_TOLERANCE:g} times when resized to {height} x {width} "
+           f"(image_size={image_size!r}), which stretches or squashes what they show: "
+           f"{images.describe(worst)} is {h} x {w} (height x width)")
+    taller = int((stretch[off] > 1).sum())
+    if 0 < taller < len(off):
+        return (msg + f". They come in both orientations ({taller} taller, {len(off) - taller} "
+                "wider than that size): no one image_size keeps both; turn them to one "
+                "orientation first, or accept the distortion")
+    ratio = float(np.median([sizes[i][0] / sizes[i][1] for i in off]))
+    short = min(height, width)
+    pair = ((_like(short * ratio, short), short) if ratio > 1
+            else (short, _like(short / ratio, short)))
+    return msg + f". Pass image_size as a (height, width) pair in their ratio, e.g. {pair}"
 
 
 def load_resized(images, i, image_size):

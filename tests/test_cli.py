@@ -1250,3 +1250,35 @@ def test_a_missing_weights_file_is_said_as_such(mvtec, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "/no/such/weights.pth" in err and "does not exist" in err
     assert "Add --offline" not in err and "--param weights=" in err
+
+
+def test_offline_settings_documented_as_they_are():
+    """docs/usage.md's ``--offline`` table lists each method's settings exactly as
+    :data:`skad.cli.OFFLINE` holds them (it once named a student the code no longer used)."""
+    import ast
+
+    from skad.cli import OFFLINE
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    table = text[text.index("| method | settings under `--offline` |"):]
+    table = table[:table.index("\n\n")]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        method, settings = (cell.strip() for cell in row.strip("|").split("|"))
+        pairs = re.findall(r"`(\w+)=([^`]+)`", settings)
+        documented[method.strip("`")] = {k: ast.literal_eval(v) for k, v in pairs}
+    assert documented == OFFLINE
+
+
+def test_fit_says_how_to_keep_the_images_ratio(tmp_path, capsys):
+    """Images the resize would squash: a warning line with the --param that keeps their
+    ratio, and that setting, passed back, fits without it."""
+    train = str(_images(tmp_path / "train", n=4, size=(80, 32)))
+    args = ["fit", "--method", "patchcore", "--train", train, *TINY[:4]]
+    assert main([*args, "--param", "image_size=32", "--out", str(tmp_path / "a.skad")]) == 0
+    err = capsys.readouterr().err
+    assert "4 of 4 training images change their height-to-width ratio" in err
+    hint = re.search(r"on the command line: --param (image_size=\[\d+,\d+\])\)", err)
+    assert hint and hint[1] == "image_size=[96,32]"
+    assert main([*args, "--param", hint[1], "--out", str(tmp_path / "b.skad")]) == 0
+    assert "height-to-width" not in capsys.readouterr().err

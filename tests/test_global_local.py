@@ -44,30 +44,33 @@ def fitted(textures):
 
 
 # ------------------------------------------------------------------ partial convolution
-def _notes_partial_conv(x, mask, weight, bias, padding):
+def _notes_partial_conv(x, mask, weight, bias, padding, stride=1):
     """NOTES.md's formula with a C-channel mask, written out independently."""
     c, k = x.shape[1], weight.shape[-1]
     m = mask.expand(-1, c, -1, -1)
-    update = F.conv2d(m, torch.ones(1, c, k, k), padding=padding)
+    update = F.conv2d(m, torch.ones(1, c, k, k), stride=stride, padding=padding)
     ratio = k * k * c / (update + 1e-8)
     update = update.clamp(0, 1)
-    raw = F.conv2d(x * m, weight, bias, padding=padding)
+    raw = F.conv2d(x * m, weight, bias, stride=stride, padding=padding)
     b = bias.view(1, -1, 1, 1)
     return (raw - b) * ratio * update + b * update, update
 
 
-def test_partial_conv_matches_the_notes_formula():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_conv_matches_the_notes_formula(stride):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 7, generator=g)
     mask = (torch.rand(2, 1, 7, 7, generator=g) > 0.4).float()
     mask[0, :, :4, :4] = 0  # a hole larger than the kernel: outputs there must be 0
     weight, bias = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
-    out, update = partial_conv2d(x, mask, weight, bias, padding=1)
-    ref, ref_update = _notes_partial_conv(x, mask, weight, bias, 1)
+    out, update = partial_conv2d(x, mask, weight, bias, stride=stride, padding=1)
+    ref, ref_update = _notes_partial_conv(x, mask, weight, bias, 1, stride)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(update, ref_update)
     assert set(update.unique().tolist()) <= {0.0, 1.0}
-    assert torch.all(out[0, :, :3, :3] == 0) and torch.all(update[0, :, :3, :3] == 0)
+    inside = {1: 3, 2: 2}[stride]  # outputs whose 3 x 3 window lies in the hole
+    assert torch.all(out[0, :, :inside, :inside] == 0)
+    assert torch.all(update[0, :, :inside, :inside] == 0)
     # with nothing masked (and no padding) it is an ordinary convolution
     plain, _ = partial_conv2d(x, torch.ones_like(mask), weight, bias)
     torch.testing.assert_close(plain, F.conv2d(x, weight, bias), rtol=1e-5, atol=1e-5)

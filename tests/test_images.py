@@ -331,3 +331,44 @@ def test_digests_are_kept_only_when_asked_and_tell_the_same_pixels(tmp_path):
     assert sub.read_digests() < files.read_digests()
     assert len(files.read_digests() & same.read_digests()) == 1  # a.png is arrays[0]
     assert not sub.read_digests() & same.read_digests()  # arrays[1]: in neither of same
+
+
+def _aspect_warnings(det, X):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.fit(X)
+    return [str(w.message) for w in caught if "height-to-width" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["PatchCore", "MMR"])
+def test_fit_warns_of_images_squashed_by_their_resize(tmp_path, method):
+    """Resizing changes what the images show; fit says so before training, for files
+    (sizes from their headers) and arrays alike, with a size that keeps the ratio."""
+    import skad
+
+    kwargs = ({"backbone": "test_resnet", "weights": None} if method == "PatchCore" else
+              {"teacher": "test_efficientnet", "teacher_weights": None, "student": "test_vit",
+               "student_weights": None, "student_depth": 1, "n_epochs": 1,
+               "standardize_positions": False})
+    det = getattr(skad, method)(image_size=32, random_state=0, **kwargs)
+    rng = np.random.default_rng(0)
+    tall = [rng.random((100, 40, 3)) for _ in range(3)]  # 2.5 : 1
+    msg, = _aspect_warnings(det, tall)
+    assert "3 of 3 training images" in msg and "X[0] is 100 x 40 (height x width)" in msg
+    assert "image_size=32" in msg and "e.g. (96, 32)" in msg  # 32 * 2.5 = 80 -> 96
+
+    paths = []
+    for i, (h, w) in enumerate([(40, 40), (40, 100), (40, 110)]):  # two wide ones
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((h, w, 3), 40 * i + 20, np.uint8)).save(paths[-1])
+    msg, = _aspect_warnings(det, paths)
+    assert "2 of 3 training images" in msg and "2.png" in msg and "40 x 110" in msg
+    assert "e.g. (32, 96)" in msg
+
+    both = [rng.random((100, 40, 3)), rng.random((40, 100, 3)), rng.random((40, 40, 3))]
+    msg, = _aspect_warnings(det, both)
+    assert "both orientations (1 taller, 1 wider" in msg and "e.g." not in msg
+
+    # within 1.5 times, or a pair in their ratio: no warning
+    assert not _aspect_warnings(det, [rng.random((56, 40, 3)) for _ in range(3)])
+    assert not _aspect_warnings(det.set_params(image_size=(80, 32)), tall)

@@ -2,9 +2,11 @@
 
     python examples/benchmarks/scoring_speed.py [--data ROOT] [--category mt] [--n-images 40]
         [--methods patchcore generalad mmr metacomparer globallocal] [--device cpu]
+        [--globallocal-strides 24 32] [--variant mmr:student_depth=null ...]
 
-The offline settings of ``skad --offline`` (``tf_efficientnet_lite0`` with its packaged
-weights, 256 px; MMR's ViT-S student and GlobalLocal's networks from scratch), trained
+The detectors ``skad fit --method METHOD --offline`` builds (:data:`skad.cli.OFFLINE`:
+``tf_efficientnet_lite0`` with its packaged weights, 256 px; MMR's student and GlobalLocal's
+networks from scratch; docs/usage.md lists them), trained
 briefly on ``--n-train`` images of ``<category>/train/good`` (scoring speed does not depend
 on training length, except PatchCore's, whose nearest-neighbour search grows with its memory
 bank: ``--n-train`` images' patches at 10 %). MetaComparer trains on them as two domains
@@ -12,6 +14,10 @@ with synthetic anomalies and takes 10 of them as references. Then ``--n-images``
 (seed 0) are scored twice: ``decision_function`` (scores) and ``score_and_map`` (scores
 and maps). The reference is lite0's own forward pass (levels 2 and 3) over the same images,
 read and resized the same way, measured before and after the detectors (the faster kept).
+``--globallocal-strides`` rescores the same GlobalLocal fit at other strides (after
+``set_reference`` on its training images at each: the position statistics follow the raster).
+``--variant METHOD:NAME=VALUE[,NAME=VALUE]`` adds a row: that detector with those
+settings changed (as ``skad fit --param``), fitted and timed like the others.
 Times include reading the files. The machine may be shared: compare the ratios.
 
 Beside the time, the work: the floating-point operations of the matrix products,
@@ -24,33 +30,38 @@ near its FLOP ratio spends its time in its networks' arithmetic, not in overhead
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from skad import GeneralAD, GlobalLocal, MetaComparer, MMR, PatchCore
 from skad._backbone import create_backbone
 from skad._images import check_images, iter_batches
+from skad.cli import make_detector
 from skad.datasets import load_mvtec
+from skad.thresholds import CalibrationWarning
 
 REPO = Path(__file__).resolve().parents[2]
 LITE0 = "tf_efficientnet_lite0"
 
 
-def make(method, device):
-    common = {"image_size": 256, "device": device, "random_state": 0}
-    return {
-        "patchcore": lambda: PatchCore(backbone=LITE0, **common),
-        "generalad": lambda: GeneralAD(backbone=LITE0, layers=(3,), n_epochs=1, **common),
-        "mmr": lambda: MMR(teacher=LITE0, student="vit_small_patch16_224", student_weights=None,
-                           n_epochs=1, **common),
-        "metacomparer": lambda: MetaComparer(backbone=LITE0, n_epochs=1, n_episodes=5,
-                                             **common),
-        "globallocal": lambda: GlobalLocal(teacher=LITE0, n_distill_epochs=1,
-                                           n_finetune_epochs=1, n_epochs=1, **common),
-    }[method]()
+# short training: scoring speed does not depend on it (PatchCore's bank aside)
+SHORT_TRAINING = {
+    "patchcore": [],
+    "generalad": ["n_epochs=1"],
+    "mmr": ["n_epochs=1"],
+    "metacomparer": ["n_epochs=1", "n_episodes=5"],
+    "globallocal": ["n_distill_epochs=1", "n_finetune_epochs=1", "n_epochs=1"],
+}
+
+
+def make(method, device, params=()):
+    """The detector ``skad fit --method METHOD --offline [--param P ...]`` builds, trained
+    briefly."""
+    return make_detector(method, [*SHORT_TRAINING[method], *params], offline=True,
+                         device=device, seed=0)
 
 
 def backbone_seconds(paths, device):
@@ -89,6 +100,19 @@ def fit(det, method, train):
     return det
 
 
+def time_scoring(det, name, test, n_flop_images):
+    """``(name, seconds of decision_function, seconds of score_and_map, FLOP per image)``."""
+    det.decision_function(test[:2])  # warm-up: first-call allocations
+    seconds = []
+    for call in (det.decision_function, det.score_and_map):
+        t0 = time.perf_counter()
+        call(test)
+        seconds.append(time.perf_counter() - t0)
+    print(f"{name}: {seconds[0]:.1f} s scores, {seconds[1]:.1f} s scores and maps",
+          file=sys.stderr, flush=True)
+    return (name, *seconds, flops(det.decision_function, test[:n_flop_images]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
@@ -99,6 +123,10 @@ def main(argv=None):
                     default=["patchcore", "generalad", "mmr", "metacomparer", "globallocal"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-flop-images", type=int, default=4)
+    ap.add_argument("--globallocal-strides", type=int, nargs="*", default=[],
+                    help="also rescore the GlobalLocal fit at these strides (no refit)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="METHOD:NAME=VALUE[,NAME=VALUE]: one more row, those settings changed")
     args = ap.parse_args(argv)
     if not (Path(args.data) / args.category).is_dir():
         print(f"scoring_speed: {args.data}/{args.category} not found; nothing to do")
@@ -112,15 +140,19 @@ def main(argv=None):
     rows = []
     for method in args.methods:
         det = fit(make(method, args.device), method, train)
-        det.decision_function(test[:2])  # warm-up: first-call allocations
-        seconds = []
-        for call in (det.decision_function, det.score_and_map):
-            t0 = time.perf_counter()
-            call(test)
-            seconds.append(time.perf_counter() - t0)
-        rows.append((method, *seconds, flops(det.decision_function, test[:args.n_flop_images])))
-        print(f"{method}: {seconds[0]:.1f} s scores, {seconds[1]:.1f} s scores and maps",
-              file=sys.stderr, flush=True)
+        rows.append(time_scoring(det, method, test, args.n_flop_images))
+        if method == "globallocal":  # the same fit, rescored at other strides
+            for stride in args.globallocal_strides:
+                det.set_params(stride=stride)
+                with warnings.catch_warnings():  # calibrated on its training images: speed only
+                    warnings.simplefilter("ignore", CalibrationWarning)
+                    det.set_reference(train)
+                rows.append(time_scoring(det, f"globallocal, stride {stride}", test,
+                                         args.n_flop_images))
+    for variant in args.variant:
+        method, _, params = variant.partition(":")
+        det = fit(make(method, args.device, params.split(",")), method, train)
+        rows.append(time_scoring(det, f"{method} ({params})", test, args.n_flop_images))
     ref = min(ref, backbone_seconds(test, args.device))
     ref_flops = backbone_flops(test[:args.n_flop_images])
     n = len(test)
