@@ -216,7 +216,8 @@ def main(argv=None):
         quick_help="smoke run: aitex_00, 24 train / 16 test images, 128 px, patch 16, stride 8, "
                    "a few epochs, PatchCore coreset 0.01")
     parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--stride", type=int, default=GlobalLocal().stride,
+                        help="default: the detector's")
     parser.add_argument("--context", type=_context, nargs="+", default=[3.0],
                         help="Global-Net window in patch sizes, or 'image' (Eq. 6); "
                              "several: one fit each")
