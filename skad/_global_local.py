@@ -298,10 +298,10 @@ class GlobalLocal(BaseDetector):
         positions around that raster (:func:`jittered_starts`), and the stride
         may still be changed after ``fit`` (then call ``set_reference``). Patch
         32 at 256 px: 11 x 11 patches (the last flush with the border). Scoring
-        time grows with the patches: on five fabrics stride 24 scored 1.8 times
-        faster than 16 (15 x 15) and ranked images and pixels better on every
-        one; stride 32 (8 x 8) is 3.5 times faster than 16, with a lower mean
-        PRO (docs/benchmarks.md, "Scoring stride").
+        time grows with the patches: stride 24 scores 1.9 times faster than 16
+        (15 x 15) and ranked images better on each of five fabrics; stride 32
+        (8 x 8) 1.8 times faster than 24, within 4 times lite0's forward pass,
+        with a lower mean PRO (docs/benchmarks.md, "Scoring stride").
     context : float or "image", default=3
         Side of the Global-Net's window in patch sizes, centred on the patch
         (3: one patch of context on every side). ``"image"``: a window of

@@ -372,3 +372,18 @@ def test_fit_warns_of_images_squashed_by_their_resize(tmp_path, method):
     # within 1.5 times, or a pair in their ratio: no warning
     assert not _aspect_warnings(det, [rng.random((56, 40, 3)) for _ in range(3)])
     assert not _aspect_warnings(det.set_params(image_size=(80, 32)), tall)
+
+
+def test_the_squash_warning_comes_before_the_training(monkeypatch):
+    from skad import PatchCore
+
+    det = PatchCore(backbone="test_resnet", weights=None, image_size=32)
+
+    def training(*args):
+        raise RuntimeError("training started")
+
+    monkeypatch.setattr(det, "_fit", training)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError):
+        warnings.simplefilter("always")
+        det.fit([np.random.default_rng(0).random((100, 40, 3)) for _ in range(3)])
+    assert any("height-to-width" in str(w.message) for w in caught)
