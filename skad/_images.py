@@ -500,13 +500,17 @@ def aspect_warning(images, image_size, what="training images"):
     changes by more than :data:`ASPECT_TOLERANCE` times, or None.
 
     Sizes come from the images read, else from the files' headers (no decoding).
-    The message names the count, the most distorted image and a remedy: an
-    ``image_size`` pair in their ratio (long side a multiple of what the short side is), or, for
-    images of both orientations, which no single size keeps, turning them to one.
+    The message names the count, the most distorted image and a remedy: the
+    ``(height, width)`` pair at the geometric middle of all the images' ratios
+    (long side a multiple of what the short side is), which keeps every one
+    within the tolerance where any pair can; where none can (ratios further
+    apart than the tolerance squared, such as images of both orientations) it
+    says so, with the pair that distorts the worst of them least.
     """
     height, width = image_hw(image_size)
     sizes = images.sizes()
-    stretch = np.array([(h / w) / (height / width) for h, w in sizes])
+    ratios = np.array([h / w for h, w in sizes])
+    stretch = ratios / (height / width)
     factor = np.maximum(stretch, 1 / stretch)
     off = np.flatnonzero(factor > ASPECT_TOLERANCE)
     if not len(off):
@@ -517,16 +521,25 @@ def aspect_warning(images, image_size, what="training images"):
            f"{ASPECT_TOLERANCE:g} times when resized to {height} x {width} "
            f"(image_size={image_size!r}), which stretches or squashes what they show: "
            f"{images.describe(worst)} is {h} x {w} (height x width)")
-    taller = int((stretch[off] > 1).sum())
-    if 0 < taller < len(off):
-        return (msg + f". They come in both orientations ({taller} taller, {len(off) - taller} "
-                "wider than that size): no one image_size keeps both; turn them to one "
-                "orientation first, or accept the distortion")
-    ratio = float(np.median([sizes[i][0] / sizes[i][1] for i in off]))
-    short = min(height, width)
-    pair = ((_like(short * ratio, short), short) if ratio > 1
-            else (short, _like(short / ratio, short)))
-    return msg + f". Pass image_size as a (height, width) pair in their ratio, e.g. {pair}"
+    low, high = float(ratios.min()), float(ratios.max())
+    middle, short = math.sqrt(low * high), min(height, width)
+    pair = ((_like(short * middle, short), short) if middle > 1
+            else (short, _like(short / middle, short)))
+    advice = []
+    if high / low > ASPECT_TOLERANCE ** 2:
+        advice.append(f"Their height-to-width ratios span {low:.2f} to {high:.2f}: no one "
+                      f"image_size keeps them all within {ASPECT_TOLERANCE:g} times")
+        if low < 1 < high:
+            advice.append("turn them to one orientation first where the part allows")
+    if pair == (height, width):  # sizes rounded as they must be: nothing better to offer
+        advice.append("image_size is already the pair that distorts the worst of them least")
+    elif high / low <= ASPECT_TOLERANCE ** 2:
+        advice.append(f"Pass image_size as a (height, width) pair in their ratio, e.g. {pair}")
+    else:
+        most = max(high / (pair[0] / pair[1]), pair[0] / pair[1] / low)
+        advice.append(f"the pair that distorts the worst of them least is e.g. {pair} (at "
+                      f"most {most:.1f} times), or accept the distortion")
+    return f"{msg}. {'; '.join(advice)}"
 
 
 def load_resized(images, i, image_size):

@@ -197,6 +197,12 @@ def make_detector(method, params=(), *, offline=False, device="auto", verbose=0,
         if "None" in settings.values():  # Python's None is JSON's null on the command line
             raise CLIError(f"{exc} (on the command line None is written null: "
                            "--param name=null)") from exc
+        tuples = [f"--param {name}=[{value.strip('()').replace(' ', '')}]"
+                  for name, value in settings.items()
+                  if isinstance(value, str) and value.startswith("(") and value.endswith(")")]
+        if tuples:  # Python's tuple is a JSON list there
+            raise CLIError(f"{exc} (on the command line a tuple is written as a list: "
+                           f"{' '.join(tuples)})") from exc
         raise
     # its parameters (one line), for a log that says what ran
     logger.debug("detector: %s", " ".join(repr(det).split()))
@@ -319,7 +325,7 @@ def _on_the_command_line(message, command="fit"):
     prefix = "--param" if command in ("fit", "benchmark") else "skad fit --param"
     # a renamed parameter's warning ends "use new_name=value"
     message = re.sub(r"\buse (\w+)=", r"use --param \1=", message)
-    pair = re.search(r"image_size as a \(height, width\) pair .*e\.g\. \((\d+), (\d+)\)", message)
+    pair = re.search(r"height-to-width ratio .*e\.g\. \((\d+), (\d+)\)", message)
     if pair:  # fit's warning of images its resize squashes
         return f"{message} (on the command line: {prefix} image_size=[{pair[1]},{pair[2]}])"
     named = [name for name in _ADVISED if re.search(rf"\b{name}\b", message)]
@@ -493,7 +499,8 @@ def _score_summary(s):
     rate = ("" if not s.false_reject_rate <= 1 else  # nan: a model older than the rates
             " (with no false-reject guarantee: give good images the model was not trained "
             "on with --reference)" if s.false_reject_rate == 1 else
-            f" (false-reject rate {s.false_reject_rate:.3g})")
+            f" (set for a false-reject rate of at most {s.false_reject_rate:.3g} on good "
+            "parts like its references)")
     return (f"scored {s.n_scored} of {s.n_images} images{resumed}: {s.n_rejected} above the "
             f"threshold {s.threshold:.4g}{rate}{failed}; {s.images_per_second:.1f} images/s"
             f"{stopped}; results in {s.csv_path}{parquet}")

@@ -337,6 +337,17 @@ def test_none_is_told_to_be_null(mvtec, tmp_path, capsys):
     assert "max_reference_patches" in err and "None is written null" in err
 
 
+@pytest.mark.parametrize("method, param, spelled", [
+    ("patchcore", "image_size=(640, 256)", "--param image_size=[640,256]"),
+    ("mmr", "teacher_layers=(1,2,3)", "--param teacher_layers=[1,2,3]"),
+])
+def test_a_tuple_is_told_to_be_a_list(mvtec, tmp_path, capsys, method, param, spelled):
+    assert main(["fit", "--method", method, "--train", str(mvtec), "--out",
+                 str(tmp_path / "m"), "--param", param]) == 1
+    err = capsys.readouterr().err
+    assert f"a tuple is written as a list: {spelled})" in err
+
+
 @pytest.mark.parametrize("command", ["fit", "benchmark"])
 @pytest.mark.parametrize("param, name", [("batch_size=0", "batch_size"),
                                          ("coreset_ratio=1.5", "coreset_ratio"),
@@ -636,7 +647,8 @@ def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
     # scoring says it too, in its last line
     for name, said in [("a", "(with no false-reject guarantee: give good images the model "
                               "was not trained on with --reference)"),
-                       ("b", "(false-reject rate 0.333)")]:
+                       ("b", "(set for a false-reject rate of at most 0.333 on good parts "
+                              "like its references)")]:
         assert main(["score", "--model", str(tmp_path / f"{name}.skad"), "--images",
                      str(reference), "--out", str(tmp_path / f"res_{name}")]) == 0
         assert said in capsys.readouterr().out.splitlines()[-1]

@@ -358,16 +358,29 @@ def test_fit_warns_of_images_squashed_by_their_resize(tmp_path, method):
     assert "image_size=32" in msg and "e.g. (96, 32)" in msg  # 32 * 2.5 = 80 -> 96
 
     paths = []
-    for i, (h, w) in enumerate([(40, 40), (40, 100), (40, 110)]):  # two wide ones
+    for i, (h, w) in enumerate([(40, 100), (40, 110), (40, 90)]):  # wide ones
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(np.full((h, w, 3), 40 * i + 20, np.uint8)).save(paths[-1])
     msg, = _aspect_warnings(det, paths)
-    assert "2 of 3 training images" in msg and "2.png" in msg and "40 x 110" in msg
-    assert "e.g. (32, 96)" in msg
+    assert "3 of 3 training images" in msg and "1.png" in msg and "40 x 110" in msg
+    assert "e.g. (32, 64)" in msg  # 32 x 80 at their middle ratio, the width to 32's multiple
+    assert not _aspect_warnings(det.set_params(image_size=(32, 64)), paths)
+    det.set_params(image_size=32)
 
     both = [rng.random((100, 40, 3)), rng.random((40, 100, 3)), rng.random((40, 40, 3))]
     msg, = _aspect_warnings(det, both)
-    assert "both orientations (1 taller, 1 wider" in msg and "e.g." not in msg
+    assert "span 0.40 to 2.50" in msg and "turn them to one orientation" in msg
+    assert "image_size is already the pair" in msg and "e.g." not in msg
+
+    # one orientation, ratios too far apart for any pair: the pair that distorts the worst
+    # least, which, passed back, is not answered with another pair (no advice in a circle)
+    spread = [rng.random((100, 40, 3)), rng.random((40, 40, 3)), rng.random((60, 40, 3))]
+    msg, = _aspect_warnings(det.set_params(image_size=32), spread)
+    assert "span 1.00 to 2.50" in msg and "orientation" not in msg
+    assert "least is e.g. (64, 32) (at most 2.0 times)" in msg
+    msg, = _aspect_warnings(det.set_params(image_size=(64, 32)), spread)
+    assert "image_size is already the pair" in msg and "e.g." not in msg
+    det.set_params(image_size=32)
 
     # within 1.5 times, or a pair in their ratio: no warning
     assert not _aspect_warnings(det, [rng.random((56, 40, 3)) for _ in range(3)])
