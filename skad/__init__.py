@@ -27,6 +27,7 @@ _MODULES = {
     "ModelFileError": "._serialization",
     "ModelVersionWarning": "._serialization",
     "PatchCore": "._patchcore",
+    "ReferenceScoredWarning": ".base",
     "WeightsNotFoundError": "._backbone",
     "datasets": ".datasets",
     "load": "._serialization",

@@ -86,6 +86,10 @@ n_references_trained_on_ : int
     ``set_reference``, those with the same decoded pixels as a training
     image (``training_digests_``: a 63-bit digest of each training image).
     Above 0, no rate is guaranteed (``false_reject_rate_`` 1.0).
+reference_digests_ : ndarray of shape (n_distinct_references,)
+    A 63-bit digest of each reference's decoded pixels (sorted): scoring warns
+    when it meets a reference, whose score is in-sample (lower than a new good
+    part's).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)

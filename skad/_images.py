@@ -22,7 +22,7 @@ from ._progress import progress
 
 __all__ = ["ASPECT_TOLERANCE", "ImageSet", "ImageSets", "aspect_warning", "check_groups",
            "check_images", "check_labels", "displayed_size", "image_hw", "iter_batches",
-           "load_resized", "read_image", "read_mask"]
+           "load_resized", "read_decoded", "read_image", "read_mask"]
 
 _PATH_TYPES = (str, os.PathLike)
 
@@ -273,6 +273,9 @@ class ImageSet:
         # once record_digests() is called, a digest of each image read (of its decoded
         # pixels), by index of that set: set_reference tells training images by them
         self._digests = None
+        # once watch_for() is called, the digests looked for, and where they were read
+        # (indices of that set): scoring tells the detector's references by them
+        self._watched, self._found = None, set()
         self._root, self._root_index = self, None
 
     def __len__(self):
@@ -291,8 +294,13 @@ class ImageSet:
             item = _check_array(_read_file(item), self.describe(i))
             self._read_sizes[i] = item.shape[:2]
         root_i = i if self._root_index is None else self._root_index[i]
-        if self._root._digests is not None:
-            self._root._digests[root_i] = pixel_digest(item)
+        root = self._root
+        if root._digests is not None or root._watched is not None:
+            digest = pixel_digest(item)
+            if root._digests is not None:
+                root._digests[root_i] = digest
+            if root._watched is not None and digest in root._watched:
+                root._found.add(root_i)
         image = _to_float_rgb(item)
         if image.min() == image.max():
             self._root.constant.add(root_i)
@@ -311,6 +319,18 @@ class ImageSet:
         digests = self._root._digests or {}
         index = range(len(self)) if self._root_index is None else self._root_index
         return {digests[j] for j in index if j in digests}
+
+    def watch_for(self, digests):
+        """From now on, note which images read have a :func:`pixel_digest` in ``digests``
+        (keeping nothing of the others: a scoring run may read millions)."""
+        self._root._watched = set(digests)
+        return self
+
+    def found(self):
+        """The indices (ascending) of this set's images read since :meth:`watch_for` whose
+        digest it looks for."""
+        index = range(len(self)) if self._root_index is None else self._root_index
+        return [i for i, j in enumerate(index) if j in self._root._found]
 
     def size(self, i):
         item = self._items[i]
@@ -347,6 +367,13 @@ class ImageSets:
         return self.first.read(i) if i < n else self.second.read(i - n)
 
 
+def read_decoded(path, *, where):
+    """One image file's pixels as decoded and checked, before :func:`read_image` turns them
+    to float RGB: an array that :func:`check_images` reads to the same image (and the
+    same :func:`pixel_digest`) as the file. ``where`` as for :func:`read_image`."""
+    return _check_array(_read_file(path), where)
+
+
 def read_image(path, *, where):
     """One image file as :meth:`ImageSet.read` reads it: float32 (H, W, 3) in [0, 1].
 
@@ -359,7 +386,7 @@ def read_image(path, *, where):
     ValueError
         If the file cannot be read, or holds values its type does not allow.
     """
-    return _to_float_rgb(_check_array(_read_file(path), where))
+    return _to_float_rgb(read_decoded(path, where=where))
 
 
 def check_images(X, *, name="X"):

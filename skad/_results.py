@@ -13,6 +13,8 @@ import hashlib
 import os
 import re
 import threading
+import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -249,23 +251,54 @@ class Renderer:
         return ("",) * (len(COLUMNS) - 2) + (message,)
 
 
+# where the warnings re-issued by _warn_again have been shown (Python's per-module registry)
+_WARNED = {}
+# the detectors whose scoring run has said that it meets their references: once a run
+_SAID_REFERENCES = weakref.WeakSet()
+
+
+def _warn_again(caught, det, paths):
+    """Re-issue the warnings of scoring a chunk; one of references scored, which names the
+    decoded arrays (``X[i]``), by the files they came from, and once a run (``det``)."""
+    from .base import _IN_SAMPLE, _NAMED_IMAGES, ReferenceScoredWarning
+
+    for w in caught:
+        if isinstance(w.message, ReferenceScoredWarning):
+            if det in _SAID_REFERENCES:
+                continue
+            _SAID_REFERENCES.add(det)
+            named = ", ".join(paths[i] for i in w.message.indices[:_NAMED_IMAGES])
+            warnings.warn(ReferenceScoredWarning(
+                f"scoring images that are references of the model (the same decoded pixels), "
+                f"such as {named}. {_IN_SAMPLE}"), stacklevel=2)
+        else:  # once per place, as if not caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   registry=_WARNED)
+
+
 def score_chunk(det, renderer, start, paths):
     """Rows (without ``path``) of the images ``paths``, at listing positions ``start``...
 
     Each file is decoded once: the images that decode are scored together, so
-    that one bad file does not fail the others; the others get error rows.
+    that one bad file does not fail the others; the others get error rows. They
+    are scored as decoded (the detector reads them to float RGB, as it reads
+    files), so that it tells its references among them by their pixels.
     """
-    from ._images import read_image
+    from ._images import _to_float_rgb, read_decoded
 
     decoded, errors = {}, {}
     for k, path in enumerate(paths):
         try:  # named by its position in the whole listing
-            decoded[k] = read_image(path, where=f"images[{start + k}] ({path!r})")
+            decoded[k] = read_decoded(path, where=f"images[{start + k}] ({path!r})")
         except ValueError as exc:
             errors[k] = str(exc)
     scored = {}
     if decoded:
-        scores, maps = det.score_and_map(list(decoded.values()))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scores, maps = det.score_and_map(list(decoded.values()))
+        _warn_again(caught, det, [paths[k] for k in decoded])
         scored = dict(zip(decoded, zip(scores, maps)))
     return [renderer.error_row(errors[k]) if k in errors else
-            renderer.row(start + k, paths[k], *scored[k], decoded[k]) for k in range(len(paths))]
+            renderer.row(start + k, paths[k], *scored[k], _to_float_rgb(decoded[k]))
+            for k in range(len(paths))]

@@ -155,6 +155,19 @@ def _to_cpu(obj):
 _DEFAULT_FALSE_REJECT_RATE = 0.05
 #: images a warning names one by one (the rest are counted)
 _NAMED_IMAGES = 5
+_IN_SAMPLE = ("A reference is part of what it is compared with, so it scores lower than a new "
+              "good part would; judge the detector on images held out of its references")
+
+
+class ReferenceScoredWarning(UserWarning):
+    """Scored images were references of the detector (their scores are in-sample).
+
+    ``indices`` holds their positions among the images scored.
+    """
+
+    def __init__(self, message, indices=()):
+        super().__init__(message)
+        self.indices = list(indices)
 #: references needed to estimate the spread of the maps at each position
 _MIN_POSITION_REFERENCES = 3
 #: the spread at a position is at least this share of the spread over all positions:
@@ -322,8 +335,8 @@ class BaseDetector(BaseEstimator):
         snapshot = dict(self.__dict__)
         try:
             learned = self._one_class and not self._compares_with_references
-            if learned:  # set_reference tells these images among its references
-                images.record_digests()
+            # set_reference tells these images among its references, scoring its references
+            images.record_digests()
             if self._one_class:
                 images = self._normal_subset(images, y)
                 # before the training, not after
@@ -436,8 +449,8 @@ class BaseDetector(BaseEstimator):
         """:meth:`set_reference` on checked images and parameters; ``trained_on``: the
         images are those the detector just learned from."""
         snapshot = dict(self.__dict__)
-        if hasattr(self, "training_digests_"):
-            images.record_digests()  # to tell training images among the references
+        # to tell training images among the references, and the references among scored images
+        images.record_digests()
         try:
             calibration = self._calibration_indices(len(images))
             if self._standardizes_positions():
@@ -454,6 +467,7 @@ class BaseDetector(BaseEstimator):
             self.calibration_indices_ = calibration
             self.n_references_trained_on_ = (len(images) if trained_on else
                                              self._count_training_images(images))
+            self.reference_digests_ = np.array(sorted(images.read_digests()), dtype=np.int64)
             self._calibrate(stacklevel=4)
         except BaseException:
             self.__dict__.clear()
@@ -832,6 +846,9 @@ class BaseDetector(BaseEstimator):
         self._to_device(device)
         statistics = (self._position_statistics(device) if self._standardizes_positions()
                       else None)
+        references = getattr(self, "reference_digests_", None)  # None: a model saved before
+        if references is not None:
+            images.watch_for(references.tolist())
         scores, out_maps = [], []
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
@@ -840,7 +857,22 @@ class BaseDetector(BaseEstimator):
                 scores.append(s.float().cpu())
                 if return_maps:
                     out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
+        if references is not None:
+            self._warn_scored_references(images)
         return torch.cat(scores).numpy().astype(np.float64), out_maps
+
+    def _warn_scored_references(self, images):
+        """Warn when scored images are references: each is part of what it is compared with
+        (a memory bank, position statistics), so its score is lower than a new good
+        part's; judged on them, a detector looks better than it is."""
+        found = images.found()
+        if found:
+            named = ", ".join(images.describe(i) for i in found[:_NAMED_IMAGES])
+            warnings.warn(ReferenceScoredWarning(
+                f"{type(self).__name__}: {len(found)} of the {len(images)} images scored "
+                f"{'is a reference' if len(found) == 1 else 'are references'} of this "
+                f"detector (the same decoded pixels): {named}. {_IN_SAMPLE}", found),
+                stacklevel=4)
 
     def _score_standardized(self, batch, return_maps, statistics):
         """``_score_batch``, its maps standardised by position where ``statistics`` is given.

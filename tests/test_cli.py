@@ -1294,3 +1294,17 @@ def test_fit_says_how_to_keep_the_images_ratio(tmp_path, capsys):
     assert hint and hint[1] == "image_size=[96,32]"
     assert main([*args, "--param", hint[1], "--out", str(tmp_path / "b.skad")]) == 0
     assert "height-to-width" not in capsys.readouterr().err
+
+
+def test_score_warns_when_it_scores_the_models_references(model, mvtec, tmp_path, capsys):
+    """skad score on the references (here the training folder of a PatchCore) says their
+    scores are in-sample, naming files, once; on other images it says nothing."""
+    cat = min(mvtec.iterdir())
+    assert main(["score", "--model", str(model), "--images", str(cat / "train"), "--out",
+                 str(tmp_path / "a"), "--chunk-size", "2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "references of" in line]
+    assert len(lines) == 1 and lines[0].startswith("skad: warning: scoring images that are")
+    assert str(cat / "train" / "good") in lines[0] and "held out" in lines[0]
+    assert main(["score", "--model", str(model), "--images", str(_images(tmp_path / "new")),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "references of" not in capsys.readouterr().err

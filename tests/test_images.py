@@ -400,3 +400,21 @@ def test_the_squash_warning_comes_before_the_training(monkeypatch):
         warnings.simplefilter("always")
         det.fit([np.random.default_rng(0).random((100, 40, 3)) for _ in range(3)])
     assert any("height-to-width" in str(w.message) for w in caught)
+
+
+def test_watching_for_digests_notes_only_the_images_looked_for(tmp_path):
+    """Scoring looks for its references among millions of images: the ones found, by index,
+    and nothing kept of the others."""
+    from skad._images import pixel_digest
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
+    Image.fromarray(arrays[2]).save(tmp_path / "c.png")
+    images = check_images([arrays[0], arrays[1], tmp_path / "c.png", arrays[3]])
+    images.watch_for([pixel_digest(arrays[2]), pixel_digest(arrays[3])])
+    for i in range(3):
+        images.read(i)
+    assert images.found() == [2]  # the file, by its decoded pixels; arrays[3] not read yet
+    images.read(3)
+    assert images.found() == [2, 3] and images._digests is None
+    assert images.subset([3, 1]).found() == [0]

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import f1_score
 
 from skad import PatchCore
@@ -236,3 +237,43 @@ def test_tune_threshold_checks_before_scoring(tuned_setup, monkeypatch):
         tune_threshold(det, X, y, objective="cost", miss_cost=-1)
     with pytest.raises(ValueError, match="both normal"):
         tune_threshold(det, X, np.zeros(len(y)))
+
+
+def _scored_reference_warnings(det, X):
+    from skad import ReferenceScoredWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.decision_function(X)
+    return [w.message for w in caught if isinstance(w.message, ReferenceScoredWarning)]
+
+
+@pytest.mark.parametrize("method", ["PatchCore", "MMR"])
+def test_scoring_a_reference_warns_its_score_is_in_sample(tmp_path, method):
+    """A reference scores lower than a new good part (it is in the memory bank, or in the
+    position statistics): scoring one says so, named, for arrays and files alike, also after
+    a save and load; images held out of the references do not warn."""
+    import skad
+
+    kwargs = ({"backbone": "test_resnet", "weights": None} if method == "PatchCore" else
+              {"teacher": "test_efficientnet", "teacher_weights": None, "student": "test_vit",
+               "student_weights": None, "student_depth": 1, "n_epochs": 1})
+    rng = np.random.default_rng(0)
+    train = [rng.random((32, 32, 3)) for _ in range(6)]
+    held = [rng.random((32, 32, 3)) for _ in range(6)]
+    det = getattr(skad, method)(image_size=32, random_state=0, **kwargs).fit(train)
+    det.set_reference(held[:4])
+    assert not _scored_reference_warnings(det, held[4:] + train)
+    found, = _scored_reference_warnings(det, held[4:] + held[:2])
+    assert found.indices == [2, 3] and "2 of the 4 images scored are references" in str(found)
+    assert "X[2], X[3]" in str(found)
+
+    paths = []
+    for i, image in enumerate(held[3:5]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
+    det.set_reference(held[:3] + [paths[0]])  # a file among the references
+    skad.save(det, tmp_path / "m.skad")
+    loaded = skad.load(tmp_path / "m.skad")
+    found, = _scored_reference_warnings(loaded, paths)
+    assert found.indices == [0] and "0.png" in str(found) and "1.png" not in str(found)
