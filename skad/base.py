@@ -155,25 +155,30 @@ def _to_cpu(obj):
 _DEFAULT_FALSE_REJECT_RATE = 0.05
 #: images a warning names one by one (the rest are counted)
 _NAMED_IMAGES = 5
+#: why a reference's own score says little (ReferenceScoredWarning)
 _IN_SAMPLE = ("A reference is part of what it is compared with, so it scores lower than a new "
               "good part would; judge the detector on images held out of its references")
-
-
-class ReferenceScoredWarning(UserWarning):
-    """Scored images were references of the detector (their scores are in-sample).
-
-    ``indices`` holds their positions among the images scored.
-    """
-
-    def __init__(self, message, indices=()):
-        super().__init__(message)
-        self.indices = list(indices)
 #: references needed to estimate the spread of the maps at each position
 _MIN_POSITION_REFERENCES = 3
 #: the spread at a position is at least this share of the spread over all positions:
 #: where the references' maps hardly vary (a uniform background), float noise would
 #: otherwise become a large standardised score
 _SPREAD_FLOOR = 0.1
+
+
+class ReferenceScoredWarning(UserWarning):
+    """Scored images were references of the detector: their scores are in-sample.
+
+    A reference is part of what it is compared with (PatchCore's memory bank,
+    the position statistics of ``standardize_positions``), so it scores lower
+    than a new good part would. Told by the decoded pixels
+    (``reference_digests_``). ``indices`` holds their positions among the
+    images scored.
+    """
+
+    def __init__(self, message, indices=()):
+        super().__init__(message)
+        self.indices = list(indices)
 
 
 def _spread(var):
@@ -313,7 +318,8 @@ class BaseDetector(BaseEstimator):
             height-to-width ratio of training images more than 1.5 times (an int
             ``image_size`` squashes 1240 x 500 images 2.5 times): it names the
             count, the most distorted image and an ``image_size`` pair that keeps
-            their ratio.
+            their ratio, or, where their ratios lie too far apart for any, the
+            pair that distorts the worst of them least.
 
         Raises
         ------
@@ -686,6 +692,13 @@ class BaseDetector(BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_samples,)
+
+        Warns
+        -----
+        ReferenceScoredWarning
+            Where images scored are references of the detector (the same
+            decoded pixels), named: their scores are in-sample, lower than a
+            new good part's. Every scoring method warns alike.
         """
         return self._predict(X, return_maps=False)[0]
 
