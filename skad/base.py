@@ -697,8 +697,10 @@ class BaseDetector(BaseEstimator):
         -----
         ReferenceScoredWarning
             Where images scored are references of the detector (the same
-            decoded pixels), named: their scores are in-sample, lower than a
-            new good part's. Every scoring method warns alike.
+            decoded pixels), named, and references are part of what images are
+            compared with (PatchCore, MetaComparer, ``standardize_positions``):
+            their scores are in-sample, lower than a new good part's. Every
+            scoring method warns alike.
         """
         return self._predict(X, return_maps=False)[0]
 
@@ -859,7 +861,11 @@ class BaseDetector(BaseEstimator):
         self._to_device(device)
         statistics = (self._position_statistics(device) if self._standardizes_positions()
                       else None)
-        references = getattr(self, "reference_digests_", None)  # None: a model saved before
+        # a reference scores in-sample where it is part of what images are compared with (not
+        # where references only calibrate); None: a model saved before the digests
+        references = (getattr(self, "reference_digests_", None)
+                      if self._compares_with_references or self._standardizes_positions()
+                      else None)
         if references is not None:
             images.watch_for(references.tolist())
         scores, out_maps = [], []

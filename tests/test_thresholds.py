@@ -277,3 +277,6 @@ def test_scoring_a_reference_warns_its_score_is_in_sample(tmp_path, method):
     loaded = skad.load(tmp_path / "m.skad")
     found, = _scored_reference_warnings(loaded, paths)
     assert found.indices == [0] and "0.png" in str(found) and "1.png" not in str(found)
+    if method == "MMR":  # references that only calibrate: a reference's score is its own
+        loaded.set_params(standardize_positions=False).set_reference(held[:4])
+        assert not _scored_reference_warnings(loaded, held[:4])
