@@ -88,8 +88,8 @@ n_references_trained_on_ : int
     Above 0, no rate is guaranteed (``false_reject_rate_`` 1.0).
 reference_digests_ : ndarray of shape (n_distinct_references,)
     A 63-bit digest of each reference's decoded pixels (sorted): scoring warns
-    when it meets a reference, whose score is in-sample (lower than a new good
-    part's).
+    when it meets a reference that images are compared with (its score is
+    in-sample, lower than a new good part's; ``ReferenceScoredWarning``).
 reference_map_maxima_ : ndarray of shape (n_calibration,)
     Maxima of the references' maps, as ``reference_scores_``.
 calibration_indices_ : ndarray of shape (n_calibration,)
