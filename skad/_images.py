@@ -558,14 +558,15 @@ def aspect_warning(images, image_size, what="training images"):
                       f"image_size keeps them all within {ASPECT_TOLERANCE:g} times")
         if low < 1 < high:
             advice.append("turn them to one orientation first where the part allows")
+    most = max(high / (pair[0] / pair[1]), pair[0] / pair[1] / low)
     if pair == (height, width):  # sizes rounded as they must be: nothing better to offer
-        advice.append("image_size is already the pair that distorts the worst of them least")
+        advice.append(f"image_size is already the pair that distorts the worst of them least "
+                      f"(at most {most:.1f} times)")
     elif high / low <= ASPECT_TOLERANCE ** 2:
         advice.append(f"Pass image_size as a (height, width) pair in their ratio, e.g. {pair}")
     else:
-        most = max(high / (pair[0] / pair[1]), pair[0] / pair[1] / low)
-        advice.append(f"the pair that distorts the worst of them least is e.g. {pair} (at "
-                      f"most {most:.1f} times), or accept the distortion")
+        advice.append(f"the pair that distorts the worst of them least (at most {most:.1f} "
+                      f"times) is e.g. {pair}")
     return f"{msg}. {'; '.join(advice)}"
 
 

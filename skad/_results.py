@@ -269,8 +269,9 @@ def _warn_again(caught, det, paths):
             _SAID_REFERENCES.add(det)
             named = ", ".join(paths[i] for i in w.message.indices[:_NAMED_IMAGES])
             warnings.warn(ReferenceScoredWarning(
-                f"scoring images that are references of the model (the same decoded pixels), "
-                f"such as {named}. {_IN_SAMPLE}"), stacklevel=2)
+                f"scoring images with the same decoded pixels as references of the model, "
+                f"such as {named}. {_IN_SAMPLE}: leave them out of --images (or list the "
+                "others with --file-list)"), stacklevel=2)
         else:  # once per place, as if not caught
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
                                    registry=_WARNED)

@@ -889,8 +889,8 @@ class BaseDetector(BaseEstimator):
             named = ", ".join(images.describe(i) for i in found[:_NAMED_IMAGES])
             warnings.warn(ReferenceScoredWarning(
                 f"{type(self).__name__}: {len(found)} of the {len(images)} images scored "
-                f"{'is a reference' if len(found) == 1 else 'are references'} of this "
-                f"detector (the same decoded pixels): {named}. {_IN_SAMPLE}", found),
+                f"{'has' if len(found) == 1 else 'have'} the same decoded pixels as "
+                f"references of this detector: {named}. {_IN_SAMPLE}", found),
                 stacklevel=4)
 
     def _score_standardized(self, batch, return_maps, statistics):

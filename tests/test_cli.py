@@ -1303,8 +1303,8 @@ def test_score_warns_when_it_scores_the_models_references(model, mvtec, tmp_path
     assert main(["score", "--model", str(model), "--images", str(cat / "train"), "--out",
                  str(tmp_path / "a"), "--chunk-size", "2"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "references of" in line]
-    assert len(lines) == 1 and lines[0].startswith("skad: warning: scoring images that are")
-    assert str(cat / "train" / "good") in lines[0] and "held out" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("skad: warning: scoring images with the same")
+    assert str(cat / "train" / "good") in lines[0] and "leave them out of --images" in lines[0]
     assert main(["score", "--model", str(model), "--images", str(_images(tmp_path / "new")),
                  "--out", str(tmp_path / "b")]) == 0
     assert "references of" not in capsys.readouterr().err

@@ -377,9 +377,10 @@ def test_fit_warns_of_images_squashed_by_their_resize(tmp_path, method):
     spread = [rng.random((100, 40, 3)), rng.random((40, 40, 3)), rng.random((60, 40, 3))]
     msg, = _aspect_warnings(det.set_params(image_size=32), spread)
     assert "span 1.00 to 2.50" in msg and "orientation" not in msg
-    assert "least is e.g. (64, 32) (at most 2.0 times)" in msg
+    assert "least (at most 2.0 times) is e.g. (64, 32)" in msg
     msg, = _aspect_warnings(det.set_params(image_size=(64, 32)), spread)
-    assert "image_size is already the pair" in msg and "e.g." not in msg
+    assert "image_size is already the pair" in msg and "(at most 2.0 times)" in msg
+    assert "e.g." not in msg
     det.set_params(image_size=32)
 
     # within 1.5 times, or a pair in their ratio: no warning
