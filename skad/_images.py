@@ -288,12 +288,16 @@ class ImageSet:
             return f"{self.name}[{i}] ({os.fspath(item)!r})"
         return f"{self.name}[{i}]"
 
+    def _in_root(self):
+        """The index of each of this set's images in the set subsets were taken from."""
+        return range(len(self)) if self._root_index is None else self._root_index
+
     def read(self, i):
         item = self._items[i]
         if isinstance(item, _PATH_TYPES):
             item = _check_array(_read_file(item), self.describe(i))
             self._read_sizes[i] = item.shape[:2]
-        root_i = i if self._root_index is None else self._root_index[i]
+        root_i = self._in_root()[i]
         root = self._root
         if root._digests is not None or root._watched is not None:
             digest = pixel_digest(item)
@@ -317,8 +321,7 @@ class ImageSet:
         """The :func:`pixel_digest` of each image of this set read since
         :meth:`record_digests`, as a set."""
         digests = self._root._digests or {}
-        index = range(len(self)) if self._root_index is None else self._root_index
-        return {digests[j] for j in index if j in digests}
+        return {digests[j] for j in self._in_root() if j in digests}
 
     def watch_for(self, digests):
         """From now on, note which images read have a :func:`pixel_digest` in ``digests``
@@ -329,8 +332,7 @@ class ImageSet:
     def found(self):
         """The indices (ascending) of this set's images read since :meth:`watch_for` whose
         digest it looks for."""
-        index = range(len(self)) if self._root_index is None else self._root_index
-        return [i for i, j in enumerate(index) if j in self._root._found]
+        return [i for i, j in enumerate(self._in_root()) if j in self._root._found]
 
     def size(self, i):
         item = self._items[i]
@@ -348,8 +350,8 @@ class ImageSet:
         are recorded in this set's ``constant``)."""
         sub = ImageSet([self._items[int(i)] for i in indices], self.name)
         sub._root = self._root
-        sub._root_index = [int(i) if self._root_index is None else self._root_index[int(i)]
-                           for i in indices]
+        in_root = self._in_root()
+        sub._root_index = [in_root[int(i)] for i in indices]
         return sub
 
 

@@ -341,8 +341,8 @@ class BaseDetector(BaseEstimator):
         snapshot = dict(self.__dict__)
         try:
             learned = self._one_class and not self._compares_with_references
-            # set_reference tells these images among its references, scoring its references
-            images.record_digests()
+            if learned:  # set_reference tells these images among its references
+                images.record_digests()
             if self._one_class:
                 images = self._normal_subset(images, y)
                 # before the training, not after
