@@ -358,7 +358,7 @@ class BaseDetector(BaseEstimator):
             if self._one_class:
                 # a detector that learned from these images scores them lower than new
                 # good parts: no false-reject rate is guaranteed until set_reference
-                self._update_reference(images, trained_on=learned)
+                self._update_reference(images, trained_on=learned, role="training images")
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(snapshot)
@@ -451,9 +451,10 @@ class BaseDetector(BaseEstimator):
         check_is_fitted(self)
         return self._update_reference(check_images(normals, name="normals"))
 
-    def _update_reference(self, images, trained_on=False):
+    def _update_reference(self, images, trained_on=False, role="reference images"):
         """:meth:`set_reference` on checked images and parameters; ``trained_on``: the
-        images are those the detector just learned from."""
+        images are those the detector just learned from; ``role``: what the warnings
+        call them (``fit``: the training images, which are its first references)."""
         snapshot = dict(self.__dict__)
         # to tell training images among the references, and the references among scored images
         images.record_digests()
@@ -479,12 +480,12 @@ class BaseDetector(BaseEstimator):
             self.__dict__.clear()
             self.__dict__.update(snapshot)
             raise
-        self._warn_constant_references(images, stacklevel=4)
+        self._warn_constant_references(images, role, stacklevel=4)
         return self
 
-    def _warn_constant_references(self, images, stacklevel):
-        """Warn when reference images read were one uniform value: a blank tile (past a
-        part's or fabric's edge) holds nothing to compare with."""
+    def _warn_constant_references(self, images, role, stacklevel):
+        """Warn when reference (or training: ``role``) images read were one uniform value:
+        a blank tile (past a part's or fabric's edge) holds nothing to compare with."""
         constant = sorted(getattr(images, "constant", ()))
         if constant:
             named = ", ".join(images.describe(i) for i in constant[:_NAMED_IMAGES])
@@ -492,10 +493,10 @@ class BaseDetector(BaseEstimator):
                 named += f" and {len(constant) - _NAMED_IMAGES} more"
             verb = "is" if len(constant) == 1 else "are"
             warnings.warn(
-                f"{type(self).__name__}: {len(constant)} of the {len(images)} reference images "
-                f"{verb} one uniform value (every pixel alike): {named}. A blank image holds no "
-                "texture to compare with: leave such images out of the references unless "
-                "blank parts are normal here", UserWarning, stacklevel=stacklevel)
+                f"{type(self).__name__}: {len(constant)} of the {len(images)} {role} {verb} "
+                f"one uniform value (every pixel alike): {named}. A blank image holds no "
+                f"texture to compare with: leave such images out of the {role} unless blank "
+                "parts are normal here", UserWarning, stacklevel=stacklevel)
 
     def _calibration_indices(self, n_references):
         """Sorted indices of the references whose scores calibrate the thresholds.

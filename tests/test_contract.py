@@ -631,7 +631,7 @@ def test_uniform_reference_images_are_named(fitted, data, tmp_path):
     assert _uniform_warnings(caught) == [
         f"{type(det).__name__}: 2 of the 5 reference images are one uniform value (every "
         f"pixel alike): normals[1] ({str(blank)!r}), normals[4]. A blank image holds no "
-        "texture to compare with: leave such images out of the references unless blank "
+        "texture to compare with: leave such images out of the reference images unless blank "
         "parts are normal here"]
     assert caught[[str(w.message) for w in caught].index(_uniform_warnings(caught)[0])
                   ].filename == __file__  # points at the caller
@@ -643,18 +643,19 @@ def test_uniform_reference_images_are_named(fitted, data, tmp_path):
         warnings.simplefilter("always")
         det.set_reference(refs[:4])
     assert "1 of the 4 reference images is one uniform value" in _uniform_warnings(caught)[0]
-    if det._one_class:  # its training images are its references
+    if det._one_class:  # its training images are its first references: named as such
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             clone(det).fit(refs)
         (message,) = _uniform_warnings(caught)
-        assert "2 of the 5 reference images" in message and "alike): X[1] (" in message
+        assert "2 of the 5 training images" in message and "alike): X[1] (" in message
+        assert "out of the training images unless" in message
         # many: five named, the others counted
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             clone(det).fit([*normals, *[np.full((SIZE, SIZE), v, np.uint8) for v in range(7)]])
         (message,) = _uniform_warnings(caught)
-        assert "7 of the 11 reference images" in message
+        assert "7 of the 11 training images" in message
         assert "X[4], X[5], X[6], X[7], X[8] and 2 more." in message
 
 
