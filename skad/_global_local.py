@@ -314,7 +314,9 @@ class GlobalLocal(BaseDetector):
     embed_dim : int, default=128
         Dimension n of Z_l and Z_g.
     width : int, default=32
-        Base channel width of the Local-Net and the Global-Net.
+        Base channel width of the Local-Net and the Global-Net. The scoring time
+        grows about with its square: 24 took 0.64 times as long and localised far
+        worse on two fabrics (docs/benchmarks.md, "Network width").
     n_distill_patches : int, default=32
         Random patches per image for distilling and fine-tuning the Local-Net
         (drawn once per fit; their teacher features are computed once).

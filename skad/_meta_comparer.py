@@ -33,9 +33,10 @@ from .base import BaseDetector, is_exporting, row_blocks
 __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention"]
 
 # elements of one (queries x references x hidden) block of the pair scorer, and its
-# reference rows: cache-sized on the CPU (measured fastest), large on a GPU
-_PAIR_BLOCK = {"cpu": 2**18, "cuda": 2**26}
-_REF_ROWS = {"cpu": 1024, "cuda": 8192}
+# reference rows: on the CPU 2 MiB of 128 query x 64 reference rows, 1.6-1.7 times as fast
+# as 16 x 1024 (examples/benchmarks/pair_blocks.py); large on a GPU
+_PAIR_BLOCK = {"cpu": 2**19, "cuda": 2**26}
+_REF_ROWS = {"cpu": 64, "cuda": 8192}
 # logits of one row of blocks, reduced at once: few running reductions, bounded memory
 _LOGIT_BLOCK = {"cpu": 2**20, "cuda": 2**26}
 # reference rows per block in an exported graph (skad._onnx), whose blocks hold every query

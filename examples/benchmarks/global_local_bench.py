@@ -64,7 +64,7 @@ def _context(text):
 def make_global_local(args, context):
     return GlobalLocal(teacher="tf_efficientnet_lite0", teacher_weights=args.weights,
                        teacher_size=args.teacher_size, patch_size=args.patch_size,
-                       stride=args.stride, context=context,
+                       stride=args.stride, context=context, width=args.width,
                        n_distill_epochs=args.distill_epochs,
                        n_finetune_epochs=args.finetune_epochs, n_patches=args.n_patches,
                        n_epochs=args.epochs, dad_input=args.dad_input,
@@ -222,6 +222,9 @@ def main(argv=None):
                         help="Global-Net window in patch sizes, or 'image' (Eq. 6); "
                              "several: one fit each")
     parser.add_argument("--teacher-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=GlobalLocal().width,
+                        help="base channel width of the Local-Net and the Global-Net "
+                             "(default: the detector's)")
     parser.add_argument("--distill-epochs", type=int, default=40)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=100, help="Global-Net and DAD head")
@@ -246,7 +249,7 @@ def main(argv=None):
         n_train, n_test = 24, 16
     settings = (f"GlobalLocal: teacher tf_efficientnet_lite0 (ImageNet, offline), deepest level "
                 f"pooled, patches resized to {args.teacher_size}; image {args.image_size}, patch "
-                f"{args.patch_size}, stride {args.stride}, context "
+                f"{args.patch_size}, stride {args.stride}, width {args.width}, context "
                 f"{' / '.join(str(c) if c == 'image' else f'{c} x patch' for c in args.context)}; "
                 f"Local-Net distilled on the training patches {args.distill_epochs} + "
                 f"{args.finetune_epochs} epochs; Global-Net + DAD {args.epochs} epochs x "
