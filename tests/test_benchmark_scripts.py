@@ -34,3 +34,15 @@ def test_nearest_search_benchmark_runs_and_agrees():
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = [line for line in run.stdout.splitlines() if line.startswith("| 300 |")]
     assert float(row.split("|")[5]) < 1e-3  # the two searches' distances agree
+
+
+def test_pair_blocks_benchmark_runs_and_agrees():
+    """Every block shape it times gives the maxima of the first (it fails otherwise), and
+    skad's own shape is among them."""
+    run = subprocess.run([sys.executable, str(_BENCHMARKS / "pair_blocks.py"),
+                          "--n-images", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 2^")]
+    assert len(rows) == 6
+    assert sum("(skad's)" in row for row in rows) == 1
