@@ -33,7 +33,7 @@ from .base import BaseDetector, is_exporting, row_blocks
 __all__ = ["MetaComparer", "BiFPN", "PairComparer", "CoAttention"]
 
 # elements of one (queries x references x hidden) block of the pair scorer, and its
-# reference rows: on the CPU 2 MiB of 128 query x 64 reference rows, 1.6-1.7 times as fast
+# reference rows: on the CPU 2 MiB of 128 query x 64 reference rows, 1.7-2.0 times as fast
 # as 16 x 1024 (examples/benchmarks/pair_blocks.py); large on a GPU
 _PAIR_BLOCK = {"cpu": 2**19, "cuda": 2**26}
 _REF_ROWS = {"cpu": 64, "cuda": 8192}
