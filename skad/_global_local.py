@@ -315,7 +315,7 @@ class GlobalLocal(BaseDetector):
         Dimension n of Z_l and Z_g.
     width : int, default=32
         Base channel width of the Local-Net and the Global-Net. The scoring time
-        grows about with its square: 24 took 0.64 times as long and localised far
+        grows about with its square: 24 took 0.65 times as long and localised far
         worse on two fabrics (docs/benchmarks.md, "Network width").
     n_distill_patches : int, default=32
         Random patches per image for distilling and fine-tuning the Local-Net
