@@ -33,7 +33,8 @@ from .base import BaseDetector, row_blocks
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
-           "crop_windows", "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate"]
+           "crop_windows", "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate",
+           "stem_regions", "stem_step", "window_stems"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
 _CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
@@ -43,10 +44,16 @@ _WEIGHT_DECAY = 1e-5
 # ------------------------------------------------------------------ geometry
 def patch_starts(size, patch_size, stride):
     """Raster-scan start offsets along one axis (Sec. 3.3); the last patch ends at the border."""
+    return torch.tensor(_starts(size, patch_size, stride))
+
+
+def _starts(size, patch_size, stride):
+    """:func:`patch_starts` as a list of ints (no tensor: decided before ``torch.export``'s
+    trace, which would take a tensor's values for unknowns)."""
     starts = list(range(0, size - patch_size + 1, stride))
     if starts[-1] != size - patch_size:
         starts.append(size - patch_size)
-    return torch.tensor(starts)
+    return starts
 
 
 def jittered_starts(size, patch_size, stride, n, generator):
@@ -67,13 +74,15 @@ def jittered_starts(size, patch_size, stride, n, generator):
 def crop_windows(images, owner, top, left, size, channels_last=False):
     """``images[owner[k], :, top[k]:top[k]+size, left[k]:left[k]+size]`` for every k, gathered.
 
-    One indexing op for all crops: ``(K, C, size, size)``, in the channels-last
-    memory format if ``channels_last`` (as gathered: no copy; the faster
-    layout for CPU convolutions), else contiguous.
+    ``size`` is a side or a pair ``(height, width)``. One indexing op for all
+    crops: ``(K, C, height, width)``, in the channels-last memory format if
+    ``channels_last`` (as gathered: no copy; the faster layout for CPU
+    convolutions), else contiguous.
     """
-    ar = torch.arange(size, device=images.device)
-    rows = (top.to(images.device)[:, None] + ar)[:, :, None]
-    cols = (left.to(images.device)[:, None] + ar)[:, None, :]
+    height, width = (size, size) if isinstance(size, int) else size
+    dev = images.device
+    rows = (top.to(dev)[:, None] + torch.arange(height, device=dev))[:, :, None]
+    cols = (left.to(dev)[:, None] + torch.arange(width, device=dev))[:, None, :]
     out = images[owner.to(images.device)[:, None, None], :, rows, cols]  # (K, size, size, C)
     out = out.permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
@@ -164,13 +173,36 @@ class GlobalNet(nn.Module):
                                   nn.Linear(4 * w * 2, embed_dim))
 
     def forward(self, windows, mask):
+        return self.trunk(*self.stem(windows, mask))
+
+    @property
+    def stem_depth(self):
+        """Layers up to the first pooling: what :func:`window_stems` shares between windows."""
+        return self.pool_after.index(True) + 1
+
+    def layer(self, i, x, mask, padding=True):
+        """Partial convolution ``i``, its activation and pooling; each output is 0 where its
+        mask is. ``padding=False``: ``x`` and ``mask`` come padded (see :func:`window_stems`)."""
+        conv = self.convs[i]
+        x, mask = partial_conv2d(x, mask, conv.weight, conv.bias, conv.stride,
+                                 conv.padding if padding else 0, x_masked=i > 0)
+        x = F.leaky_relu(x, 0.1, inplace=True)
+        if self.pool_after[i]:
+            x = F.max_pool2d(x, 2, ceil_mode=True)
+            mask = F.max_pool2d(mask, 2, ceil_mode=True)
+        return x, mask
+
+    def stem(self, windows, mask):
+        """The first ``stem_depth`` layers on windows in [0, 1] and their masks M0."""
         x = (windows - 0.5) / 0.25  # masked pixels are zeroed inside the first partial conv
-        for i, (conv, pool) in enumerate(zip(self.convs, self.pool_after)):
-            x, mask = conv(x, mask, x_masked=i > 0)  # each output is 0 where its mask is
-            x = F.leaky_relu(x, 0.1, inplace=True)
-            if pool:
-                x = F.max_pool2d(x, 2, ceil_mode=True)
-                mask = F.max_pool2d(mask, 2, ceil_mode=True)
+        for i in range(self.stem_depth):
+            x, mask = self.layer(i, x, mask)
+        return x, mask
+
+    def trunk(self, x, mask):
+        """The other layers and the head: the stem's output -> Z_g ``(N, embed_dim)``."""
+        for i in range(self.stem_depth, len(self.convs)):
+            x, mask = self.layer(i, x, mask)
         x = F.adaptive_avg_pool2d(x, self.grid)
         return self.head(x.flatten(1))
 
@@ -199,6 +231,153 @@ class DADHead(nn.Module):
             d = z - z_global
             return self.mlp(torch.cat([d, d.abs()], dim=1))[:, 0]
         return self.mlp(torch.cat([z, z_global], dim=1))[:, 0]
+
+
+# ------------------------------------------------------------------ windows sharing the stem
+# The context windows of the scoring raster overlap (at stride 24 each pixel lies in 16
+# windows of 96 px). Away from its hole and its edges, a window's stem computes what the
+# stem computes on the whole padded image there: window_stems takes those outputs from one
+# pass over the image and recomputes per window only the regions that read the hole or the
+# window's own zero padding. The result is the same as the stem run on each window.
+_MAX_RECOMPUTED = 0.5  # share only where regions under half of a window's stem are recomputed
+
+
+def stem_step(net):
+    """Pixels per cell of the Global-Net's stem output (4: a stride-2 convolution and a pooling)."""
+    step = 1
+    for i in range(net.stem_depth):
+        step *= net.convs[i].stride[0] * (2 if net.pool_after[i] else 1)
+    return step
+
+
+# The regions are worked out in plain Python, not with tensors: torch.export's trace of the
+# scoring (skad._onnx) would take a tensor's values for unknowns.
+def _stem_reads(net, flags, outside):
+    """Along one side of a window (``flags``: a list of bools, one per pixel): which stem
+    outputs read a flagged pixel or, if ``outside``, the window's zero padding at any layer."""
+    for i in range(net.stem_depth):
+        k, s, p = net.convs[i].kernel_size[0], net.convs[i].stride[0], net.convs[i].padding[0]
+        flags = [outside] * p + list(flags) + [outside] * p
+        flags = [any(flags[o * s:o * s + k]) for o in range((len(flags) - k) // s + 1)]
+        if net.pool_after[i]:
+            flags = [any(flags[o:o + 2]) for o in range(0, len(flags), 2)]  # ceil_mode
+    return flags
+
+
+def _interval(flags):
+    """``(first, last + 1)`` of the true entries of a list of bools; ``(0, 0)`` if none."""
+    where = [i for i, f in enumerate(flags) if f]
+    return (where[0], where[-1] + 1) if where else (0, 0)
+
+
+def stem_regions(net, window_size, margin, patch_size):
+    """Where a window's stem differs from the stem on the whole image: the rectangles
+    ``((r0, r1), (c0, c1))`` of its grid that :func:`window_stems` recomputes per window,
+    and the one it sets to 0. None where sharing would save little.
+
+    Along each side, the outputs that read the window's padding form a band at
+    either end, those that read the hole (pixels ``margin`` to ``margin +
+    patch_size``) an interval, and those that read nothing but the hole and the
+    padding an interval within it. A cell is recomputed if its row or its
+    column reads the padding, or both read the hole, and is 0 (no valid pixel:
+    :func:`skad._layers.partial_conv2d`) if both read nothing else: four edge
+    bands and a ring of four rectangles around a square of zeros. None where the
+    recomputed rectangles cover more than half of the grid.
+    """
+    hole = [margin <= i < margin + patch_size for i in range(window_size)]
+    edge = _stem_reads(net, [False] * window_size, outside=True)
+    lo, hi = _interval([not f for f in edge])
+    if lo == hi:
+        return None
+    g = len(edge)  # the edge bands: [0, lo) and [hi, g)
+    h0, h1 = _interval(_stem_reads(net, hole, outside=False))
+    h0, h1 = max(h0, lo), min(h1, hi)
+    z0, z1 = _interval([not f for f in _stem_reads(net, [not f for f in hole], outside=False)])
+    z0, z1 = max(z0, h0), min(z1, h1)
+    if z0 >= z1:  # no zeros: the ring's lower side (z1, h1) is the whole box
+        z0 = z1 = h0
+    recomputed = [((0, lo), (0, g)), ((hi, g), (0, g)), ((lo, hi), (0, lo)), ((lo, hi), (hi, g)),
+                  ((h0, z0), (h0, h1)), ((z1, h1), (h0, h1)), ((z0, z1), (h0, z0)),
+                  ((z0, z1), (z1, h1))]
+    recomputed = [(r, c) for r, c in recomputed if r[0] < r[1] and c[0] < c[1]]
+    area = sum((r[1] - r[0]) * (c[1] - c[0]) for r, c in recomputed)
+    return (recomputed, ((z0, z1), (z0, z1))) if area <= _MAX_RECOMPUTED * g * g else None
+
+
+def _stem_sizes(net, size):
+    """Along one side of a window of ``size`` pixels: each stem layer's input and convolution
+    output sizes, and the stem's output size."""
+    sizes = []
+    for i in range(net.stem_depth):
+        conv = net.convs[i]
+        n_conv = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        sizes.append((size, n_conv))
+        size = -(-n_conv // 2) if net.pool_after[i] else n_conv  # ceil_mode pooling
+    return sizes, size
+
+
+def _stem_spans(net, size, start, stop):
+    """Back through the stem along one side of a window of ``size`` pixels: for each layer
+    (the first first), the interval ``(a, b)`` of its input grid that the stem outputs
+    ``[start, stop)`` read, reaching past ``[0, n)`` into the padding, and that grid's size n."""
+    sizes, _ = _stem_sizes(net, size)
+    spans = []
+    for i in reversed(range(net.stem_depth)):
+        conv, (n_in, n_conv) = net.convs[i], sizes[i]
+        if net.pool_after[i]:
+            start, stop = 2 * start, min(2 * stop, n_conv)
+        start = start * conv.stride[0] - conv.padding[0]
+        stop = (stop - 1) * conv.stride[0] - conv.padding[0] + conv.kernel_size[0]
+        spans.append((start, stop, n_in))
+        start, stop = max(start, 0), min(stop, n_in)
+    return spans[::-1]
+
+
+def _stem_region(net, padded, valid, owner, top, left, rows, cols, window_size, hole):
+    """The stem's outputs ``rows x cols`` on each window, from the pixels they read alone.
+
+    Each layer runs unpadded on its input, zero-padded (values and mask) only
+    where the region reaches the window's edge: there the window's own padding is.
+    """
+    rows, cols = _stem_spans(net, window_size, *rows), _stem_spans(net, window_size, *cols)
+    (r0, r1, height), (c0, c1, width) = rows[0], cols[0]
+    r0, r1, c0, c1 = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
+    size = (r1 - r0, c1 - c0)
+    x = (crop_windows(padded, owner, top + r0, left + c0, size, channels_last=True) - 0.5) / 0.25
+    mask = crop_windows(valid, owner, top + r0, left + c0, size, channels_last=True)
+    mask[:, :, max(hole[0] - r0, 0):max(hole[1] - r0, 0),
+         max(hole[0] - c0, 0):max(hole[1] - c0, 0)] = 0.0  # M0: the hole
+    for i, ((a, b, n), (c, d, m)) in enumerate(zip(rows, cols)):
+        pad = (max(-c, 0), max(d - m, 0), max(-a, 0), max(b - n, 0))
+        if any(pad):
+            x, mask = F.pad(x, pad), F.pad(mask, pad)
+        x, mask = net.layer(i, x, mask, padding=False)
+    return x, mask
+
+
+def window_stems(net, stem_map, stem_mask, padded, valid, owner, top, left, window_size, hole,
+                 regions):
+    """The Global-Net's stem on context windows, as :meth:`GlobalNet.stem` gives it, shared.
+
+    ``stem_map``, ``stem_mask``: the stem on the whole padded images ``padded``
+    (B, 3, H', W') and their validity maps ``valid`` (1 in the image, 0 in the
+    padding). Window k is the square of side ``window_size`` at ``padded[owner[k],
+    :, top[k]:, left[k]:]``, ``top`` and ``left`` multiples of :func:`stem_step`;
+    ``hole``: its patch's first and last + 1 pixel along either side;
+    ``regions``: :func:`stem_regions`. Returns the stem's output ``(K, C, g, g)``
+    and its mask ``(K, 1, g, g)``.
+    """
+    step, (_, g) = stem_step(net), _stem_sizes(net, window_size)
+    x = crop_windows(stem_map, owner, top // step, left // step, g, channels_last=True)
+    mask = crop_windows(stem_mask, owner, top // step, left // step, g, channels_last=True)
+    recomputed, (rows, cols) = regions
+    x[:, :, slice(*rows), slice(*cols)] = 0.0  # nothing but the hole: no valid pixel
+    mask[:, :, slice(*rows), slice(*cols)] = 0.0
+    for rows, cols in recomputed:
+        part = (slice(None), slice(None), slice(*rows), slice(*cols))
+        x[part], mask[part] = _stem_region(net, padded, valid, owner, top, left, rows, cols,
+                                           window_size, hole)
+    return x, mask
 
 
 # ------------------------------------------------------------------ losses and stains
@@ -708,25 +887,47 @@ class GlobalLocal(BaseDetector):
         """s_IAD and s_DAD (Eq. 11-12) of the raster-scanned patches of ``batch``, ``(B, P)`` each.
 
         ``batch`` is a float tensor ``(B, 3, H, W)`` in [0, 1] at ``image_size``
-        on the compute device. All windows run in batches of up to 1024.
+        on the compute device. All windows run in batches of up to 1024; their
+        Global-Net stems share one pass over the images (:func:`window_stems`).
         """
         b, _, h, w = batch.shape
-        ys = patch_starts(h, self.patch_size, self.stride)
-        xs = patch_starts(w, self.patch_size, self.stride)
-        top, left = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
+        ys, xs = (_starts(size, self.patch_size, self.stride) for size in (h, w))
+        top, left = (t.flatten() for t in torch.meshgrid(torch.tensor(ys), torch.tensor(xs),
+                                                         indexing="ij"))
         n, dev = len(top), batch.device
         owner = torch.arange(b, device=dev).repeat_interleave(n)
         top, left = top.to(dev).repeat(b), left.to(dev).repeat(b)
         padded, valid = self._pad(batch)
+        m, p = self._margin(), self.patch_size
         s_iad, s_dad = [], []
         with self._autocast(batch.device):
+            shared = self._shared_stem(padded, valid, ys + xs)
             for part in row_blocks(owner.shape[0], _CHUNK):
-                windows, mask, patch = self._crop(padded, valid, owner[part], top[part],
-                                                  left[part], channels_last=True)
-                z_l, z_g = self.local_net_.embed(patch), self.global_net_(windows, mask)
+                at = (padded, valid, owner[part], top[part], left[part])
+                if shared is None:
+                    z_g = self.global_net_(*self._crop(*at, channels_last=True)[:2])
+                else:
+                    stem_map, stem_mask, regions = shared
+                    z_g = self.global_net_.trunk(*window_stems(
+                        self.global_net_, stem_map, stem_mask, *at, self.window_size_,
+                        (m, m + p), regions))
+                z_l = self.local_net_.embed(crop_windows(padded, owner[part], top[part] + m,
+                                                         left[part] + m, p, channels_last=True))
                 s_iad.append(iad_score(z_l, z_g))
                 s_dad.append(torch.sigmoid(self.dad_head_(z_l, z_g).float()))  # 1 - C (Eq. 12)
         return torch.cat(s_iad).view(b, n), torch.cat(s_dad).view(b, n)
+
+    def _shared_stem(self, padded, valid, starts):
+        """The Global-Net's stem on the whole padded images, with the regions each window
+        recomputes (:func:`window_stems`); None where the windows would gain little
+        (:func:`stem_regions`) or the raster's ``starts`` (ints) are off the stem's grid
+        (``stride`` or the image's size minus ``patch_size`` not a multiple of
+        :func:`stem_step`: 4)."""
+        net = self.global_net_
+        regions = stem_regions(net, self.window_size_, self._margin(), self.patch_size)
+        if regions is None or any(start % stem_step(net) for start in starts):
+            return None
+        return (*net.stem(padded, valid), regions)
 
     def _score_batch(self, batch, return_maps):
         """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""

@@ -21,6 +21,9 @@ from skad._global_local import (
     idw_weights,
     jittered_starts,
     patch_starts,
+    stem_regions,
+    stem_step,
+    window_stems,
 )
 from skad._layers import PartialConv2d, partial_conv2d
 from skad.datasets import make_textures
@@ -139,6 +142,76 @@ def test_global_net_never_sees_the_patch(context):
         context_changed[:, 20:23, 12:20] = 1 - context_changed[:, 20:23, 12:20]
         z_ctx = net(*_windows(det, context_changed, top, left)[:2])
         assert not torch.allclose(z[1], z_ctx[1])
+
+
+def _stem_pair(height, width, patch, stride, margin, n_images=2, seed=0):
+    """The Global-Net's stem on every raster window: run on each window, and shared."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = GlobalNet(embed_dim=16, width=8).eval()
+    images = torch.rand(n_images, 3, height, width, generator=g)
+    padded = F.pad(images, (margin,) * 4)
+    valid = F.pad(torch.ones(n_images, 1, height, width), (margin,) * 4)
+    ys, xs = patch_starts(height, patch, stride), patch_starts(width, patch, stride)
+    top, left = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
+    owner = torch.arange(n_images).repeat_interleave(len(top))
+    top, left = top.repeat(n_images), left.repeat(n_images)
+    size = patch + 2 * margin
+    windows = crop_windows(padded, owner, top, left, size)
+    mask = crop_windows(valid, owner, top, left, size)
+    mask[:, :, margin:margin + patch, margin:margin + patch] = 0.0
+    regions = stem_regions(net, size, margin, patch)
+    with torch.no_grad():
+        each = net.stem(windows, mask)
+        shared = window_stems(net, *net.stem(padded, valid), padded, valid, owner, top, left,
+                              size, (margin, margin + patch), regions)
+    return each, shared, regions
+
+
+@pytest.mark.parametrize("height, width, patch, stride, margin", [
+    (256, 256, 32, 24, 32),  # the defaults: 11 x 11 windows of 96 px
+    (64, 48, 16, 8, 16),     # a rectangular image
+    (40, 40, 8, 4, 32),      # windows far past the image (context "image")
+    (64, 64, 16, 16, 8),     # a thin context
+    (60, 44, 12, 4, 12),     # odd grids: a pooling of one cell at the window's end
+])
+def test_shared_stem_equals_the_stem_on_each_window(monkeypatch, height, width, patch, stride,
+                                                     margin):
+    monkeypatch.setattr(gl_module, "_MAX_RECOMPUTED", 1.0)  # share the small ones too
+    each, shared, regions = _stem_pair(height, width, patch, stride, margin)
+    assert regions is not None and stem_step(GlobalNet(16, 8)) == 4
+    assert shared[0].shape == each[0].shape and shared[1].shape == each[1].shape
+    torch.testing.assert_close(shared[1], each[1], rtol=0, atol=0)  # masks: exactly
+    torch.testing.assert_close(shared[0], each[0], rtol=1e-5, atol=1e-5)
+    assert each[0].abs().amax() > 0.1 and (each[1] == 0).any()  # not all zeros, holes masked
+
+
+def test_shared_stem_recomputes_under_a_third_of_the_default_window():
+    """96 px windows: a band of one cell along each edge and a ring round the hole's zeros."""
+    regions, zeros = stem_regions(GlobalNet(16, 32), 96, 32, 32)
+    area = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in regions)
+    assert area == 4 * 23 + 4 * 16 and area / 24 ** 2 < 0.28  # of the stem grid's 24 x 24
+    assert zeros == ((9, 15), (9, 15))  # the stem's cells that see nothing but the hole
+    # the tests' tiny windows (24 px, a 6 x 6 stem) would recompute all: not shared
+    assert stem_regions(GlobalNet(16, 8), 24, 8, 8) is None
+
+
+def test_scoring_shares_the_stem_only_on_its_grid(fitted, textures, monkeypatch):
+    det = fitted
+    X = textures.images[-3:]
+    plain = det.predict_map(X)
+    monkeypatch.setattr(gl_module, "_MAX_RECOMPUTED", 1.0)
+    calls = []
+    original = gl_module.window_stems
+    monkeypatch.setattr(gl_module, "window_stems", lambda *a: calls.append(1) or original(*a))
+    np.testing.assert_allclose(det.predict_map(X), plain, rtol=1e-5, atol=1e-6)
+    assert calls  # shared: the raster's starts (stride 4) are multiples of the stem's step
+    calls.clear()
+    det.set_params(stride=6)  # starts 0, 6, 12, ...: off the stem's grid, each window alone
+    try:
+        assert det.predict_map(X).shape == plain.shape and not calls
+    finally:
+        det.set_params(stride=4)
 
 
 def test_crop_windows_and_raster_grid():

@@ -54,6 +54,11 @@ DETECTORS = {
                                        width=8, n_distill_patches=8, n_distill_epochs=1,
                                        n_finetune_epochs=1, n_epochs=1, image_size=SIZE,
                                        random_state=0),
+    # the whole image as context: windows share the Global-Net's stem (window_stems)
+    "GlobalLocal-whole-image-context": lambda: GlobalLocal(
+        teacher="test_efficientnet", teacher_weights=None, teacher_size=SIZE, patch_size=8,
+        stride=4, context="image", embed_dim=16, width=8, n_distill_patches=8,
+        n_distill_epochs=1, n_finetune_epochs=1, n_epochs=1, image_size=SIZE, random_state=0),
 }
 
 
