@@ -46,3 +46,17 @@ def test_pair_blocks_benchmark_runs_and_agrees():
     rows = [line for line in run.stdout.splitlines() if line.startswith("| 2^")]
     assert len(rows) == 6
     assert sum("(skad's)" in row for row in rows) == 1
+
+
+def test_window_stems_benchmark_runs_and_agrees():
+    """GlobalLocal scored with the windows' stems shared and without: the same scores (the
+    script fails otherwise); shared where the raster is on the stem's grid only."""
+    run = subprocess.run([sys.executable, str(_BENCHMARKS / "window_stems.py"),
+                          "--data", "/nonexistent", "--n-images", "2", "--image-size", "64",
+                          "--patch-size", "16", "--context", "image", "--width", "8",
+                          "--strides", "8", "6", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+            for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows == {"stride": "stem shared", "8": "yes", "6": "no"}
