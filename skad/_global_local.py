@@ -37,7 +37,7 @@ __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "
            "stem_regions", "stem_step", "window_stems"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
-_CHUNK = 1024       # windows per Global-Net forward when scoring: bounds memory, stays batched
+_CHUNK = 256        # windows per Global-Net forward when scoring: their maps stay in the cache
 _WEIGHT_DECAY = 1e-5
 
 
@@ -133,10 +133,10 @@ class LocalNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.1),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1))
+            nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.1, inplace=True))
         self.project = nn.Linear(4 * w, embed_dim)
         self.decoder = nn.Linear(embed_dim, teacher_dim)  # D: L's output to R's dimension
         for name, size in (("target", teacher_dim), ("z", embed_dim)):
@@ -887,7 +887,7 @@ class GlobalLocal(BaseDetector):
         """s_IAD and s_DAD (Eq. 11-12) of the raster-scanned patches of ``batch``, ``(B, P)`` each.
 
         ``batch`` is a float tensor ``(B, 3, H, W)`` in [0, 1] at ``image_size``
-        on the compute device. All windows run in batches of up to 1024; their
+        on the compute device. All windows run in batches of up to 256; their
         Global-Net stems share one pass over the images (:func:`window_stems`).
         """
         b, _, h, w = batch.shape

@@ -7,7 +7,8 @@ method-neutral:
 * :class:`BiFPN` (with :class:`BiFPNCell`, :class:`FastFusion`,
   :class:`SeparableConv`): EfficientDet's bidirectional feature pyramid;
 * :class:`PartialConv2d` and :func:`partial_conv2d`: convolutions over the
-  valid pixels of a mask (Liu et al. 2018);
+  valid pixels of a mask (Liu et al. 2018), through :func:`conv2d`: ``F.conv2d``,
+  by Winograd's transform where that is faster on the CPU;
 * :class:`PatchAttention`: multi-head self-attention over the patches of an image;
 * :class:`SimpleFPNLevel` and :func:`sincos_2d`: ViTDet's simple feature
   pyramid on a ViT's token grid, and MAE's fixed 2-D position embeddings;
@@ -29,7 +30,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 __all__ = ["BiFPN", "BiFPNCell", "FastFusion", "PartialConv2d", "PatchAttention",
-           "SeparableConv", "SimpleFPNLevel", "adaptive_average", "neighbourhoods",
+           "SeparableConv", "SimpleFPNLevel", "adaptive_average", "conv2d", "neighbourhoods",
            "partial_conv2d", "sincos_2d"]
 
 
@@ -123,6 +124,55 @@ class BiFPN(nn.Module):
         return levels
 
 
+# ------------------------------------------------------------------ convolution on the CPU
+_WINOGRAD_BLOCK = 2**19  # input values per NNPACK call: blocks of a few MB ran fastest
+
+
+@functools.lru_cache(maxsize=1)
+def _nnpack():
+    """Whether PyTorch's NNPACK is there and initialised (its convolution fails before)."""
+    return hasattr(torch, "_nnpack_spatial_convolution") and torch.backends.nnpack.is_available()
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """``F.conv2d``, by Winograd's transform (NNPACK, in PyTorch) where that is faster.
+
+    A 3 x 3 convolution of stride 1 with at least 32 input and 64 output
+    channels, in float32 on the CPU on one thread, without gradients, runs
+    through NNPACK (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+    Networks", CVPR 2016), which PyTorch uses itself when oneDNN is off: it
+    multiplies about half as often, and ran these convolutions 1.6 to 2.4 times
+    as fast as oneDNN on 24 x 24 to 6 x 6 maps. On more threads its own thread
+    pool competed with PyTorch's and GlobalLocal scored slower than with oneDNN
+    (docs/benchmarks.md, "GlobalLocal's scoring"). It rounds differently: up to
+    about 1e-5 of the output's largest value. Elsewhere (other shapes, several
+    threads, CUDA, training, ``torch.export``'s trace) this is ``F.conv2d``.
+    Returns ``(N, C_out, H_out, W_out)``, channels-last where NNPACK ran.
+    """
+    from .base import is_exporting  # base imports the detectors' layers
+
+    pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    step = stride if isinstance(stride, int) else stride[0]
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
+            or torch.get_num_threads() != 1
+            or tuple(weight.shape[2:]) != (3, 3) or step != 1 or max(pad) > 1
+            or weight.shape[1] < 32 or weight.shape[0] < 64 or len(x) == 0
+            or is_exporting() or not _nnpack()):
+        return F.conv2d(x, weight, bias, stride, padding)
+    bias = weight.new_zeros(len(weight)) if bias is None else bias
+    n, _, h, w = x.shape
+    # channels-last out, as oneDNN's: CPU pooling and element-wise ops run several times
+    # as fast on it as on NCHW, which is what NNPACK takes and gives
+    out = torch.empty(n, len(weight), h + 2 * pad[0] - 2, w + 2 * pad[1] - 2,
+                      dtype=x.dtype, memory_format=torch.channels_last)
+    rows = max(1, _WINOGRAD_BLOCK // x[0].numel())
+    for start in range(0, n, rows):
+        block = x[start:start + rows].contiguous()
+        out[start:start + rows] = torch._nnpack_spatial_convolution(block, weight, bias,
+                                                                     list(pad), [1, 1])
+    return out
+
+
 # ------------------------------------------------------------------ partial convolution
 def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0, x_masked=False):
     """Partial convolution (Liu et al., "Image Inpainting for Irregular Holes Using Partial
@@ -142,7 +192,7 @@ def partial_conv2d(x, mask, weight, bias=None, stride=1, padding=0, x_masked=Fal
         count = F.conv2d(mask.float(), ones, stride=stride, padding=padding)  # sum(M)
     update = count.clamp(0.0, 1.0)
     ratio = kernel.numel() / (count + 1e-8) * update  # sum(1) / sum(M), 0 where no valid pixel
-    out = F.conv2d(x if x_masked else x * mask.to(x.dtype), weight, None, stride, padding)
+    out = conv2d(x if x_masked else x * mask.to(x.dtype), weight, None, stride, padding)
     out.mul_(ratio.to(out.dtype))  # in place: no second tensor of the output's size
     if bias is not None:
         out.addcmul_(bias.view(1, -1, 1, 1).to(out.dtype), update.to(out.dtype))  # b * {0, 1}

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import skad._layers as layers
 
@@ -70,3 +71,57 @@ def test_neighbourhoods_are_unfold():
     x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.unfold(x, 3, padding=1).view(2, 5 * 9, 6, 7)
     assert torch.equal(layers.neighbourhoods(x), expected)
+
+
+# ------------------------------------------------------------------ conv2d
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch without NNPACK")
+@pytest.mark.parametrize("shape, out_channels, padding", [
+    ((5, 32, 24, 24), 64, 1), ((3, 64, 12, 12), 128, 1), ((2, 128, 6, 6), 128, 1),
+    ((4, 64, 7, 9), 64, 0),  # unpadded, odd sizes
+])
+def test_conv2d_takes_winograd_on_one_thread_and_agrees(shape, out_channels, padding,
+                                                         one_thread, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(out_channels, shape[1], 3, 3, generator=g), torch.randn(out_channels)
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda *a: calls.append(len(a[0])) or nnpack(*a))
+    monkeypatch.setattr(layers, "_WINOGRAD_BLOCK", x[0].numel() * 2)  # blocks of two rows
+    with torch.no_grad():
+        out, expected = layers.conv2d(x, weight, bias, 1, padding), F.conv2d(x, weight, bias, 1,
+                                                                              padding)
+        assert calls == [2] * (shape[0] // 2) + [1] * (shape[0] % 2)
+        assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-4 * expected.abs().max())
+        calls.clear()
+        torch.testing.assert_close(layers.conv2d(x, weight, None, 1, padding),  # no bias
+                                   F.conv2d(x, weight, None, 1, padding), rtol=0,
+                                   atol=1e-4 * expected.abs().max())
+        assert calls
+
+
+@pytest.mark.parametrize("case", ["gradients", "stride 2", "16 input channels", "two threads",
+                                  "5 x 5 kernel"])
+def test_conv2d_is_f_conv2d_elsewhere(case, one_thread, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    in_channels = 16 if case == "16 input channels" else 64
+    k = 5 if case == "5 x 5 kernel" else 3
+    x = torch.randn(2, in_channels, 12, 12, generator=g)
+    weight = torch.randn(64, in_channels, k, k, generator=g)
+    stride = 2 if case == "stride 2" else 1
+    if case == "two threads":
+        torch.set_num_threads(2)
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", None)  # would fail if called
+    with torch.set_grad_enabled(case == "gradients"):
+        assert torch.equal(layers.conv2d(x, weight, None, stride, 1),
+                           F.conv2d(x, weight, None, stride, 1))

@@ -1,17 +1,25 @@
-"""GlobalLocal's scoring with the context windows sharing the Global-Net's stem, and without.
+"""GlobalLocal's scoring: the windows sharing the Global-Net's stem, Winograd, and before.
 
     OMP_NUM_THREADS=1 python examples/benchmarks/window_stems.py [--data ROOT] [--category mt]
         [--n-images 16] [--strides 16 24 32] [--repeats 3]
 
 At each stride, the patch scores of the raster (``GlobalLocal._patch_scores``: the Local-Net
 on every patch, the Global-Net on every context window) of the same images, computed in
-turn with the windows' stems shared (:func:`skad._global_local.window_stems`: one pass of
-the stem over the padded images, the edge bands and the ring round the hole recomputed per
-window) and with the stem run on each window, ``--repeats`` rounds; the fastest round of
-each. The networks have GlobalLocal's default sizes (``--width``, ``embed_dim`` 128) and
-random weights: the arithmetic does not depend on training. The images: ``--n-images`` of
+turn three ways, ``--repeats`` rounds, the fastest round of each:
+
+* **skad**: the windows' stems shared (:func:`skad._global_local.window_stems`: one pass of
+  the stem over the padded images, the edge bands and the ring round the hole recomputed
+  per window), 256 windows per forward, and the convolutions from 32 to 64 channels and
+  wider through NNPACK's Winograd transform where :func:`skad._layers.conv2d` takes it
+  (one thread);
+* **oneDNN only**: the same without Winograd;
+* **before**: the scoring until 2026-12-03: the stem on each window, 1,024 windows per
+  forward, oneDNN only.
+
+The networks have GlobalLocal's default sizes (``--width``, ``embed_dim`` 128) and random
+weights: the arithmetic does not depend on training. The images: ``--n-images`` of
 ``<category>/test`` under ``--data`` at ``--image-size``, or random ones where the folder is
-absent. Fails if the two ways' scores differ by more than 1e-4 of their largest.
+absent. Fails if the scores of two ways differ by more than 1e-4 of their largest.
 """
 
 import argparse
@@ -22,6 +30,7 @@ import numpy as np
 import torch
 
 import skad._global_local as gl
+import skad._layers as layers
 from skad._images import check_images, iter_batches
 from skad.datasets import load_mvtec
 
@@ -52,17 +61,26 @@ def _detector(args, stride):
     return det
 
 
-def _time(det, images, shared):
-    original = gl.GlobalLocal._shared_stem
+WAYS = {"skad": (True, True, gl._CHUNK), "oneDNN only": (True, False, gl._CHUNK),
+        "before": (False, False, 1024)}
+
+
+def _time(det, images, way):
+    """Seconds and patch scores of one way: (stems shared, Winograd, windows per forward)."""
+    shared, winograd, chunk = WAYS[way]
+    saved = gl.GlobalLocal._shared_stem, layers._nnpack, gl._CHUNK
     if not shared:
         gl.GlobalLocal._shared_stem = lambda self, *a: None
+    if not winograd:
+        layers._nnpack = lambda: False
+    gl._CHUNK = chunk
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = det._patch_scores(images)
             return time.perf_counter() - t0, out
     finally:
-        gl.GlobalLocal._shared_stem = original
+        gl.GlobalLocal._shared_stem, layers._nnpack, gl._CHUNK = saved
 
 
 def main():
@@ -82,26 +100,27 @@ def main():
     print(f"{len(images)} images ({source}) at {args.image_size} px, patch {args.patch_size}, "
           f"context {args.context}, width {args.width}; {torch.get_num_threads()} thread(s), "
           f"fastest of {args.repeats} rounds\n")
-    print("| stride | windows per image | stem shared | shared: ms/image | each window: "
-          "ms/image | speed-up | max difference |")
-    print("|---|---|---|---|---|---|---|")
+    print("| stride | windows per image | stem shared | skad: ms/image | oneDNN only | before | "
+          "skad / before | oneDNN only / before | max difference |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for stride in args.strides:
         det = _detector(args, stride)
-        times = {True: [], False: []}
-        outs = {}
+        times, outs = {way: [] for way in WAYS}, {}
         for _ in range(args.repeats):
-            for shared in (True, False):
-                seconds, outs[shared] = _time(det, images, shared)
-                times[shared].append(seconds)
+            for way in WAYS:
+                seconds, outs[way] = _time(det, images, way)
+                times[way].append(seconds)
         diff = max(float((a - b).abs().max() / b.abs().max())
-                   for a, b in zip(outs[True], outs[False]))
+                   for way in ("skad", "oneDNN only") for a, b in zip(outs[way], outs["before"]))
         if diff > 1e-4:
-            raise AssertionError(f"stride {stride}: sharing the stem changed the scores by {diff}")
+            raise AssertionError(f"stride {stride}: the scores changed by {diff} of their largest")
         starts = gl._starts(args.image_size, args.patch_size, stride)
         used = det._shared_stem(*det._pad(images[:1]), starts + starts) is not None
-        fast, slow = (min(times[s]) / len(images) * 1000 for s in (True, False))
-        print(f"| {stride} | {len(starts) ** 2} | {'yes' if used else 'no'} | {fast:.0f} | "
-              f"{slow:.0f} | {slow / fast:.2f}x | {diff:.1e} |")
+        ms = {way: min(ts) / len(images) * 1000 for way, ts in times.items()}
+        print(f"| {stride} | {len(starts) ** 2} | {'yes' if used else 'no'} | {ms['skad']:.0f} | "
+              f"{ms['oneDNN only']:.0f} | {ms['before']:.0f} | "
+              f"{ms['before'] / ms['skad']:.2f}x | {ms['before'] / ms['oneDNN only']:.2f}x | "
+              f"{diff:.1e} |")
 
 
 if __name__ == "__main__":
