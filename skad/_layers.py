@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from .base import is_exporting
+
 __all__ = ["BiFPN", "BiFPNCell", "FastFusion", "PartialConv2d", "PatchAttention",
            "SeparableConv", "SimpleFPNLevel", "adaptive_average", "conv2d", "neighbourhoods",
            "partial_conv2d", "sincos_2d"]
@@ -149,8 +151,6 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     threads, CUDA, training, ``torch.export``'s trace) this is ``F.conv2d``.
     Returns ``(N, C_out, H_out, W_out)``, channels-last where NNPACK ran.
     """
-    from .base import is_exporting  # base imports the detectors' layers
-
     pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
     step = stride if isinstance(stride, int) else stride[0]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()

@@ -34,11 +34,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import skad._layers
 from skad._backbone import create_backbone
 from skad._images import check_images, iter_batches
 from skad.cli import make_detector
@@ -85,9 +87,12 @@ def backbone_flops(images):
 
 def flops(call, images):
     """Floating-point operations of ``call(images)`` per image, as FlopCounterMode counts
-    them (matrix products, convolutions, attention)."""
+    them (matrix products, convolutions, attention), with every convolution direct:
+    FlopCounterMode does not see NNPACK's, which :func:`skad._layers.conv2d` takes on one
+    thread (and which multiply about half as often)."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
+    with counter, torch.inference_mode(), mock.patch.object(skad._layers, "_nnpack",
+                                                            lambda: False):
         call(images)
     return counter.get_total_flops() / len(images)
 
