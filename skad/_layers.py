@@ -128,6 +128,7 @@ class BiFPN(nn.Module):
 
 # ------------------------------------------------------------------ convolution on the CPU
 _WINOGRAD_BLOCK = 2**19  # input values per NNPACK call: blocks of a few MB ran fastest
+_WINOGRAD_THREADS = 1    # NNPACK on up to this many threads: on two it ran slower than oneDNN
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,7 +155,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
     step = stride if isinstance(stride, int) else stride[0]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
-            or torch.get_num_threads() != 1
+            or torch.get_num_threads() > _WINOGRAD_THREADS
             or tuple(weight.shape[2:]) != (3, 3) or step != 1 or max(pad) > 1
             or weight.shape[1] < 32 or weight.shape[0] < 64 or len(x) == 0
             or is_exporting() or not _nnpack()):

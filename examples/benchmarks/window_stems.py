@@ -13,6 +13,8 @@ turn three ways, ``--repeats`` rounds, the fastest round of each:
   wider through NNPACK's Winograd transform where :func:`skad._layers.conv2d` takes it
   (one thread);
 * **oneDNN only**: the same without Winograd;
+* **Winograd on every thread** (on more than one thread only): skad's way with NNPACK also
+  where skad leaves it out (:data:`skad._layers._WINOGRAD_THREADS`);
 * **before**: the scoring until 2026-12-03: the stem on each window, 1,024 windows per
   forward, oneDNN only.
 
@@ -61,18 +63,22 @@ def _detector(args, stride):
     return det
 
 
-WAYS = {"skad": (True, True, gl._CHUNK), "oneDNN only": (True, False, gl._CHUNK),
-        "before": (False, False, 1024)}
+# (stems shared, Winograd: "skad" where skad takes it, "always" on any number of threads,
+# windows per forward)
+WAYS = {"skad": (True, "skad", gl._CHUNK), "oneDNN only": (True, None, gl._CHUNK),
+        "Winograd on every thread": (True, "always", gl._CHUNK), "before": (False, None, 1024)}
 
 
 def _time(det, images, way):
-    """Seconds and patch scores of one way: (stems shared, Winograd, windows per forward)."""
+    """Seconds and patch scores of one way."""
     shared, winograd, chunk = WAYS[way]
-    saved = gl.GlobalLocal._shared_stem, layers._nnpack, gl._CHUNK
+    saved = gl.GlobalLocal._shared_stem, layers._nnpack, layers._WINOGRAD_THREADS, gl._CHUNK
     if not shared:
         gl.GlobalLocal._shared_stem = lambda self, *a: None
-    if not winograd:
+    if winograd is None:
         layers._nnpack = lambda: False
+    elif winograd == "always":
+        layers._WINOGRAD_THREADS = torch.get_num_threads()
     gl._CHUNK = chunk
     try:
         with torch.inference_mode():
@@ -80,7 +86,8 @@ def _time(det, images, way):
             out = det._patch_scores(images)
             return time.perf_counter() - t0, out
     finally:
-        gl.GlobalLocal._shared_stem, layers._nnpack, gl._CHUNK = saved
+        (gl.GlobalLocal._shared_stem, layers._nnpack, layers._WINOGRAD_THREADS,
+         gl._CHUNK) = saved
 
 
 def main():
@@ -100,27 +107,27 @@ def main():
     print(f"{len(images)} images ({source}) at {args.image_size} px, patch {args.patch_size}, "
           f"context {args.context}, width {args.width}; {torch.get_num_threads()} thread(s), "
           f"fastest of {args.repeats} rounds\n")
-    print("| stride | windows per image | stem shared | skad: ms/image | oneDNN only | before | "
-          "skad / before | oneDNN only / before | max difference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    ways = [way for way in WAYS if torch.get_num_threads() > 1 or way != "Winograd on every thread"]
+    print("| stride | windows per image | stem shared | " + " | ".join(
+        f"{way}: ms/image" for way in ways) + " | skad / before | max difference |")
+    print("|---" * (len(ways) + 5) + "|")
     for stride in args.strides:
         det = _detector(args, stride)
-        times, outs = {way: [] for way in WAYS}, {}
+        times, outs = {way: [] for way in ways}, {}
         for _ in range(args.repeats):
-            for way in WAYS:
+            for way in ways:
                 seconds, outs[way] = _time(det, images, way)
                 times[way].append(seconds)
         diff = max(float((a - b).abs().max() / b.abs().max())
-                   for way in ("skad", "oneDNN only") for a, b in zip(outs[way], outs["before"]))
+                   for way in ways for a, b in zip(outs[way], outs["before"]))
         if diff > 1e-4:
             raise AssertionError(f"stride {stride}: the scores changed by {diff} of their largest")
         starts = gl._starts(args.image_size, args.patch_size, stride)
         used = det._shared_stem(*det._pad(images[:1]), starts + starts) is not None
         ms = {way: min(ts) / len(images) * 1000 for way, ts in times.items()}
-        print(f"| {stride} | {len(starts) ** 2} | {'yes' if used else 'no'} | {ms['skad']:.0f} | "
-              f"{ms['oneDNN only']:.0f} | {ms['before']:.0f} | "
-              f"{ms['before'] / ms['skad']:.2f}x | {ms['before'] / ms['oneDNN only']:.2f}x | "
-              f"{diff:.1e} |")
+        print(f"| {stride} | {len(starts) ** 2} | {'yes' if used else 'no'} | "
+              + " | ".join(f"{ms[way]:.0f}" for way in ways)
+              + f" | {ms['before'] / ms['skad']:.2f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":
