@@ -24,12 +24,12 @@ from torch import nn
 from ._backbone import backbone_constraints, create_backbone
 from ._docstrings import fill_doc
 from ._images import check_images, image_hw
-from ._layers import PartialConv2d, partial_conv2d
+from ._layers import PartialConv2d, max_pool2x2, partial_conv2d
 from ._params import DEPRECATED, Ints, Reals, deprecated
 from ._random import seed_from, torch_seed
 from ._training import cosine_schedule, iter_minibatches, make_optimizer
 from ._training import train as train_loop
-from .base import BaseDetector, row_blocks
+from .base import BaseDetector, is_exporting, row_blocks
 
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
@@ -77,14 +77,22 @@ def crop_windows(images, owner, top, left, size, channels_last=False):
     ``size`` is a side or a pair ``(height, width)``. One indexing op for all
     crops: ``(K, C, height, width)``, in the channels-last memory format if
     ``channels_last`` (as gathered: no copy; the faster layout for CPU
-    convolutions), else contiguous.
+    convolutions), else contiguous. Fastest on channels-last ``images``, whose
+    pixels' channels are gathered as rows (twice as fast as gathering
+    each value on the CPU). Raises IndexError if a crop reaches past the images.
     """
     height, width = (size, size) if isinstance(size, int) else size
+    b, c, h, w = images.shape
     dev = images.device
-    rows = (top.to(dev)[:, None] + torch.arange(height, device=dev))[:, :, None]
-    cols = (left.to(dev)[:, None] + torch.arange(width, device=dev))[:, None, :]
-    out = images[owner.to(images.device)[:, None, None], :, rows, cols]  # (K, size, size, C)
-    out = out.permute(0, 3, 1, 2)
+    if not is_exporting() and len(owner) and bool(
+            (top.min() < 0) | (left.min() < 0) | (top.max() + height > h)
+            | (left.max() + width > w) | (owner.min() < 0) | (owner.max() >= b)):
+        raise IndexError(f"crops of {height} x {width} reach past the images ({h} x {w})")
+    pixels = images.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view if channels-last
+    corner = (owner.to(dev) * h + top.to(dev)) * w + left.to(dev)
+    offsets = (torch.arange(height, device=dev) * w)[:, None] + torch.arange(width, device=dev)
+    out = pixels.index_select(0, (corner[:, None, None] + offsets).flatten())
+    out = out.view(-1, height, width, c).permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
 
 
@@ -188,8 +196,7 @@ class GlobalNet(nn.Module):
                                  conv.padding if padding else 0, x_masked=i > 0)
         x = F.leaky_relu(x, 0.1, inplace=True)
         if self.pool_after[i]:
-            x = F.max_pool2d(x, 2, ceil_mode=True)
-            mask = F.max_pool2d(mask, 2, ceil_mode=True)
+            x, mask = max_pool2x2(x), max_pool2x2(mask)
         return x, mask
 
     def stem(self, windows, mask):
@@ -203,7 +210,8 @@ class GlobalNet(nn.Module):
         """The other layers and the head: the stem's output -> Z_g ``(N, embed_dim)``."""
         for i in range(self.stem_depth, len(self.convs)):
             x, mask = self.layer(i, x, mask)
-        x = F.adaptive_avg_pool2d(x, self.grid)
+        # channels-last: PyTorch's CPU kernel took 15 times as long on NCHW, which NNPACK gives
+        x = F.adaptive_avg_pool2d(x.contiguous(memory_format=torch.channels_last), self.grid)
         return self.head(x.flatten(1))
 
 
@@ -870,10 +878,12 @@ class GlobalLocal(BaseDetector):
         return self._crop(padded, valid, owner, top, left)
 
     def _pad(self, images):
-        """Images padded by the margin, and the validity map (0 outside the image)."""
+        """Images padded by the margin, channels-last (:func:`crop_windows` gathers from them
+        twice as fast), and the validity map (0 outside the image)."""
         m = self._margin()
         valid = torch.ones_like(images[:, :1])
-        return F.pad(images, (m, m, m, m)), F.pad(valid, (m, m, m, m))
+        padded = F.pad(images, (m, m, m, m)).contiguous(memory_format=torch.channels_last)
+        return padded, F.pad(valid, (m, m, m, m))
 
     def _crop(self, padded, valid, owner, top, left, channels_last=False):
         """Context windows, their masks M0 (0 in the patch and outside the image) and patches."""

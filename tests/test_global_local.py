@@ -214,13 +214,26 @@ def test_scoring_shares_the_stem_only_on_its_grid(fitted, textures, monkeypatch)
         det.set_params(stride=4)
 
 
-def test_crop_windows_and_raster_grid():
-    images = torch.arange(2 * 3 * 9 * 10, dtype=torch.float32).view(2, 3, 9, 10)
-    out = crop_windows(images, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([5, 3]), 4)
-    assert torch.equal(out[0], images[1, :, 2:6, 5:9]) and torch.equal(out[1], images[0, :, :4, 3:7])
-    last = crop_windows(images, torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([5, 3]), 4,
-                        channels_last=True)
+@pytest.mark.parametrize("channels, layout", [(3, "nchw"), (3, "channels_last"), (1, "nchw"),
+                                               (5, "strided")])
+def test_crop_windows_and_raster_grid(channels, layout):
+    images = torch.arange(2 * channels * 9 * 10, dtype=torch.float32).view(2, channels, 9, 10)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        images = torch.cat([images, images], dim=3)[..., ::2]
+    owner, top, left = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 5]), torch.tensor([5, 3, 6])
+    out = crop_windows(images, owner, top, left, 4)
+    for k in range(3):  # the last one reaches the far corner
+        assert torch.equal(out[k], images[owner[k], :, top[k]:top[k] + 4, left[k]:left[k] + 4])
+    assert out.is_contiguous()
+    last = crop_windows(images, owner, top, left, 4, channels_last=True)
     assert torch.equal(last, out) and last.is_contiguous(memory_format=torch.channels_last)
+    wide = crop_windows(images, owner, top, left, (3, 4))  # (height, width)
+    assert wide.shape == (3, channels, 3, 4) and torch.equal(wide, out[:, :, :3])
+    for owner, top, left in ([2, 0, 6], [0, 6, 0], [0, 0, 7], [0, -1, 0], [0, 0, -1]):
+        with pytest.raises(IndexError, match="reach past the images"):  # not a wrapped read
+            crop_windows(images, torch.tensor([owner]), torch.tensor([top]), torch.tensor([left]), 4)
     assert patch_starts(256, 32, 16).tolist() == list(range(0, 225, 16))  # 15 per axis
     assert patch_starts(50, 32, 16).tolist() == [0, 16, 18]  # the last one ends at the border
 

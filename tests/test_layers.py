@@ -93,15 +93,14 @@ def test_conv2d_takes_winograd_on_one_thread_and_agrees(shape, out_channels, pad
     x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(out_channels, shape[1], 3, 3, generator=g), torch.randn(out_channels)
     calls = []
-    nnpack = torch._nnpack_spatial_convolution
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
-                        lambda *a: calls.append(len(a[0])) or nnpack(*a))
+    winograd = layers._winograd
+    monkeypatch.setattr(layers, "_winograd", lambda *a: calls.append(len(a[0])) or winograd(*a))
     monkeypatch.setattr(layers, "_WINOGRAD_BLOCK", x[0].numel() * 2)  # blocks of two rows
     with torch.no_grad():
         out, expected = layers.conv2d(x, weight, bias, 1, padding), F.conv2d(x, weight, bias, 1,
                                                                               padding)
         assert calls == [2] * (shape[0] // 2) + [1] * (shape[0] % 2)
-        assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+        assert out.shape == expected.shape and out.is_contiguous()
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-4 * expected.abs().max())
         calls.clear()
         torch.testing.assert_close(layers.conv2d(x, weight, None, 1, padding),  # no bias
@@ -121,7 +120,35 @@ def test_conv2d_is_f_conv2d_elsewhere(case, one_thread, monkeypatch):
     stride = 2 if case == "stride 2" else 1
     if case == "two threads":
         torch.set_num_threads(2)
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", None)  # would fail if called
+    monkeypatch.setattr(layers, "_winograd", None)  # would fail if called
     with torch.set_grad_enabled(case == "gradients"):
         assert torch.equal(layers.conv2d(x, weight, None, stride, 1),
                            F.conv2d(x, weight, None, stride, 1))
+
+
+# ------------------------------------------------------------------ max_pool2x2
+@pytest.mark.parametrize("shape, layout", [
+    ((3, 64, 24, 24), "nchw"), ((2, 16, 7, 9), "nchw"),  # odd sides keep their last row/column
+    ((4, 1, 5, 6), "nchw"), ((2, 32, 11, 12), "channels_last"), ((2, 8, 6, 6), "strided"),
+])
+def test_max_pool2x2_is_ceil_mode_max_pooling(shape, layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x[0, 0, -1, -1] = float("nan")  # propagates in both
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], generator=g)[..., ::2]
+    with torch.no_grad():
+        out = layers.max_pool2x2(x)
+    expected = F.max_pool2d(x, 2, ceil_mode=True)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_max_pool2x2_with_gradients_is_torch_max_pooling(monkeypatch):
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    monkeypatch.setattr(torch, "maximum", None)  # would fail if called
+    out = layers.max_pool2x2(x)
+    out.sum().backward()
+    assert x.grad.sum() == out.numel()  # one gradient per window, as F.max_pool2d's
