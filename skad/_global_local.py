@@ -14,7 +14,7 @@ place, a swapped colour, a bend.
 import copy
 import functools
 import math
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from .base import BaseDetector, is_exporting, row_blocks
 __all__ = ["GlobalLocal", "LocalNet", "GlobalNet", "DADHead", "PartialConv2d", "partial_conv2d",
            "distillation_loss", "compactness_loss", "dad_loss", "iad_score", "add_stains",
            "crop_windows", "patch_starts", "jittered_starts", "idw_weights", "idw_interpolate",
-           "stem_regions", "stem_step", "window_stems"]
+           "StemRegions", "edge_strips", "stem_regions", "stem_step", "window_stems"]
 
 _PATCH_BATCH = 128  # Local-Net minibatch (patches); Eq. 2 needs a batch for its correlations
 _CHUNK = 256        # windows per Global-Net forward when scoring: their maps stay in the cache
@@ -246,7 +246,10 @@ class DADHead(nn.Module):
 # windows of 96 px). Away from its hole and its edges, a window's stem computes what the
 # stem computes on the whole padded image there: window_stems takes those outputs from one
 # pass over the image and recomputes per window only the regions that read the hole or the
-# window's own zero padding. The result is the same as the stem run on each window.
+# window's own zero padding. Those along the window's edges read no hole and are the same in
+# every window of a raster row (top and bottom) or column (left and right): they are computed
+# once per row and column (edge_strips), only the corners per window. The result is the same
+# as the stem run on each window.
 _MAX_RECOMPUTED = 0.5  # share only where regions under half of a window's stem are recomputed
 
 
@@ -278,10 +281,25 @@ def _interval(flags):
     return (where[0], where[-1] + 1) if where else (0, 0)
 
 
+class StemRegions(NamedTuple):
+    """Where a window's stem differs from the stem on the whole image (:func:`stem_regions`).
+
+    ``recomputed``: rectangles ``((r0, r1), (c0, c1))`` of the stem's grid that
+    each window recomputes; ``zeros``: the one it sets to 0; ``bands``:
+    ``(((0, lo), (hi, g)), (lo, hi))``, the rows of its top and bottom edge bands
+    and their columns (also the rows of the left and right bands, whose columns
+    are the first pair), which :func:`edge_strips` computes once per raster row
+    and column, or None where each window recomputes its bands.
+    """
+
+    recomputed: list
+    zeros: tuple
+    bands: tuple = None
+
+
 def stem_regions(net, window_size, margin, patch_size):
-    """Where a window's stem differs from the stem on the whole image: the rectangles
-    ``((r0, r1), (c0, c1))`` of its grid that :func:`window_stems` recomputes per window,
-    and the one it sets to 0. None where sharing would save little.
+    """Where a window's stem differs from the stem on the whole image: a :class:`StemRegions`,
+    or None where sharing would save little.
 
     Along each side, the outputs that read the window's padding form a band at
     either end, those that read the hole (pixels ``margin`` to ``margin +
@@ -289,8 +307,12 @@ def stem_regions(net, window_size, margin, patch_size):
     padding an interval within it. A cell is recomputed if its row or its
     column reads the padding, or both read the hole, and is 0 (no valid pixel:
     :func:`skad._layers.partial_conv2d`) if both read nothing else: four edge
-    bands and a ring of four rectangles around a square of zeros. None where the
-    recomputed rectangles cover more than half of the grid.
+    bands and a ring of four rectangles around a square of zeros. Where the
+    bands read no hole, they are the same in every window of a raster row
+    (top, bottom) or column (left, right) but for the four corners, which read
+    two edges: the windows recompute the corners and take the rest from
+    :func:`edge_strips`. None where the rectangles recomputed per window and by
+    row and column cover more than half of the grid.
     """
     hole = [margin <= i < margin + patch_size for i in range(window_size)]
     edge = _stem_reads(net, [False] * window_size, outside=True)
@@ -299,17 +321,27 @@ def stem_regions(net, window_size, margin, patch_size):
         return None
     g = len(edge)  # the edge bands: [0, lo) and [hi, g)
     h0, h1 = _interval(_stem_reads(net, hole, outside=False))
+    bands_read_hole = h0 < lo or h1 > hi
     h0, h1 = max(h0, lo), min(h1, hi)
     z0, z1 = _interval([not f for f in _stem_reads(net, [not f for f in hole], outside=False)])
     z0, z1 = max(z0, h0), min(z1, h1)
     if z0 >= z1:  # no zeros: the ring's lower side (z1, h1) is the whole box
         z0 = z1 = h0
-    recomputed = [((0, lo), (0, g)), ((hi, g), (0, g)), ((lo, hi), (0, lo)), ((lo, hi), (hi, g)),
-                  ((h0, z0), (h0, h1)), ((z1, h1), (h0, h1)), ((z0, z1), (h0, z0)),
-                  ((z0, z1), (z1, h1))]
-    recomputed = [(r, c) for r, c in recomputed if r[0] < r[1] and c[0] < c[1]]
+    ring = [((h0, z0), (h0, h1)), ((z1, h1), (h0, h1)), ((z0, z1), (h0, z0)),
+            ((z0, z1), (z1, h1))]
+    if bands_read_hole:
+        bands = None
+        edges = [((0, lo), (0, g)), ((hi, g), (0, g)), ((lo, hi), (0, lo)), ((lo, hi), (hi, g))]
+    else:
+        bands = (((0, lo), (hi, g)), (lo, hi))
+        edges = [(r, c) for r in ((0, lo), (hi, g)) for c in ((0, lo), (hi, g))]  # corners
+    recomputed = [(r, c) for r, c in edges + ring if r[0] < r[1] and c[0] < c[1]]
     area = sum((r[1] - r[0]) * (c[1] - c[0]) for r, c in recomputed)
-    return (recomputed, ((z0, z1), (z0, z1))) if area <= _MAX_RECOMPUTED * g * g else None
+    if bands is not None:
+        area += 2 * (lo + g - hi) * (hi - lo)  # the bands, computed by row and column
+    if area > _MAX_RECOMPUTED * g * g:
+        return None
+    return StemRegions(recomputed, ((z0, z1), (z0, z1)), bands)
 
 
 def _stem_sizes(net, size):
@@ -341,20 +373,25 @@ def _stem_spans(net, size, start, stop):
     return spans[::-1]
 
 
-def _stem_region(net, padded, valid, owner, top, left, rows, cols, window_size, hole):
+def _stem_region(net, padded, valid, owner, top, left, rows, cols, size, hole=None):
     """The stem's outputs ``rows x cols`` on each window, from the pixels they read alone.
 
-    Each layer runs unpadded on its input, zero-padded (values and mask) only
-    where the region reaches the window's edge: there the window's own padding is.
+    The windows are ``size`` pixels (a side or ``(height, width)``) at
+    ``padded[owner, :, top:, left:]``, ``hole`` the first and last + 1 pixel
+    of their hole along either side (None: none). Each layer runs unpadded on
+    its input, zero-padded (values and mask) only where the region reaches the
+    window's edge: there the window's own padding is.
     """
-    rows, cols = _stem_spans(net, window_size, *rows), _stem_spans(net, window_size, *cols)
-    (r0, r1, height), (c0, c1, width) = rows[0], cols[0]
-    r0, r1, c0, c1 = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
+    height, width = (size, size) if isinstance(size, int) else size
+    rows, cols = _stem_spans(net, height, *rows), _stem_spans(net, width, *cols)
+    (r0, r1, n_rows), (c0, c1, n_cols) = rows[0], cols[0]
+    r0, r1, c0, c1 = max(r0, 0), min(r1, n_rows), max(c0, 0), min(c1, n_cols)
     size = (r1 - r0, c1 - c0)
     x = (crop_windows(padded, owner, top + r0, left + c0, size, channels_last=True) - 0.5) / 0.25
     mask = crop_windows(valid, owner, top + r0, left + c0, size, channels_last=True)
-    mask[:, :, max(hole[0] - r0, 0):max(hole[1] - r0, 0),
-         max(hole[0] - c0, 0):max(hole[1] - c0, 0)] = 0.0  # M0: the hole
+    if hole is not None:
+        mask[:, :, max(hole[0] - r0, 0):max(hole[1] - r0, 0),
+             max(hole[0] - c0, 0):max(hole[1] - c0, 0)] = 0.0  # M0: the hole
     for i, ((a, b, n), (c, d, m)) in enumerate(zip(rows, cols)):
         pad = (max(-c, 0), max(d - m, 0), max(-a, 0), max(b - n, 0))
         if any(pad):
@@ -363,8 +400,41 @@ def _stem_region(net, padded, valid, owner, top, left, rows, cols, window_size, 
     return x, mask
 
 
+def edge_strips(net, padded, valid, ys, xs, window_size, regions):
+    """The edge bands of the stems of the raster's windows, once per raster row and column.
+
+    The windows of a raster row (``top`` in ``ys``, a list of ints) share
+    their top and bottom bands but for the corners: the stem on a strip as
+    wide as ``padded`` (B, 3, H', W'), with the window's zero padding above and
+    below. Likewise the left and right bands per column (``left`` in ``xs``).
+    Returns ``(rows, cols)``: for the top and the bottom band, the stem's
+    output and mask ``(B * len(ys), C, band, W_g - g + hi - lo)`` by image
+    then raster row, column 0 the stem's column ``lo``; and for the left and
+    right bands ``(B * len(xs), C, H_g - g + hi - lo, band)`` by image then
+    column, row 0 the stem's row ``lo`` (``regions.bands``; g: a window's stem
+    grid, H_g x W_g: the image's).
+    """
+    (top_band, bottom_band), (lo, hi) = regions.bands
+    b, _, height, width = padded.shape
+    g = _stem_sizes(net, window_size)[1]
+    span_w, span_h = _stem_sizes(net, width)[1] - g + hi, _stem_sizes(net, height)[1] - g + hi
+    dev = padded.device
+    owner = torch.arange(b, device=dev)
+    zero = torch.zeros(b * len(ys), dtype=torch.long, device=dev)
+    tops = torch.tensor(ys, device=dev).repeat(b)
+    rows = [_stem_region(net, padded, valid, owner.repeat_interleave(len(ys)), tops, zero,
+                         band, (lo, span_w), (window_size, width)) for band in (top_band,
+                                                                                bottom_band)]
+    zero = torch.zeros(b * len(xs), dtype=torch.long, device=dev)
+    lefts = torch.tensor(xs, device=dev).repeat(b)
+    cols = [_stem_region(net, padded, valid, owner.repeat_interleave(len(xs)), zero, lefts,
+                         (lo, span_h), band, (height, window_size)) for band in (top_band,
+                                                                                 bottom_band)]
+    return rows, cols
+
+
 def window_stems(net, stem_map, stem_mask, padded, valid, owner, top, left, window_size, hole,
-                 regions):
+                 regions, strips=None, row=None, col=None):
     """The Global-Net's stem on context windows, as :meth:`GlobalNet.stem` gives it, shared.
 
     ``stem_map``, ``stem_mask``: the stem on the whole padded images ``padded``
@@ -372,20 +442,45 @@ def window_stems(net, stem_map, stem_mask, padded, valid, owner, top, left, wind
     padding). Window k is the square of side ``window_size`` at ``padded[owner[k],
     :, top[k]:, left[k]:]``, ``top`` and ``left`` multiples of :func:`stem_step`;
     ``hole``: its patch's first and last + 1 pixel along either side;
-    ``regions``: :func:`stem_regions`. Returns the stem's output ``(K, C, g, g)``
-    and its mask ``(K, 1, g, g)``.
+    ``regions``: :func:`stem_regions`. ``strips``: :func:`edge_strips`, where
+    ``regions.bands`` is set, with ``row[k]`` and ``col[k]`` the index of
+    window k's raster row and column in them (``owner[k] * len(ys) + i``);
+    without them each window recomputes its bands. Returns the stem's output
+    ``(K, C, g, g)`` and its mask ``(K, 1, g, g)``.
     """
     step, (_, g) = stem_step(net), _stem_sizes(net, window_size)
     x = crop_windows(stem_map, owner, top // step, left // step, g, channels_last=True)
     mask = crop_windows(stem_mask, owner, top // step, left // step, g, channels_last=True)
-    recomputed, (rows, cols) = regions
+    (rows, cols), recomputed = regions.zeros, list(regions.recomputed)
     x[:, :, slice(*rows), slice(*cols)] = 0.0  # nothing but the hole: no valid pixel
     mask[:, :, slice(*rows), slice(*cols)] = 0.0
+    if regions.bands is not None and strips is None:  # each window its own bands
+        (top_band, bottom_band), (lo, hi) = regions.bands
+        recomputed += [(band, (lo, hi)) for band in (top_band, bottom_band)]
+        recomputed += [((lo, hi), band) for band in (top_band, bottom_band)]
+    elif regions.bands is not None:
+        _take_bands(x, mask, strips, regions.bands, row, col, top // step, left // step)
     for rows, cols in recomputed:
         part = (slice(None), slice(None), slice(*rows), slice(*cols))
         x[part], mask[part] = _stem_region(net, padded, valid, owner, top, left, rows, cols,
                                            window_size, hole)
     return x, mask
+
+
+def _take_bands(x, mask, strips, bands, row, col, top, left):
+    """Write the windows' edge bands (but the corners) from :func:`edge_strips`'s strips;
+    ``top``, ``left``: the windows' corners on the stem's grid."""
+    (top_band, bottom_band), (lo, hi) = bands
+    for band, (strip, strip_mask) in zip((top_band, bottom_band), strips[0]):
+        part = (slice(None), slice(None), slice(*band), slice(lo, hi))
+        size = (band[1] - band[0], hi - lo)
+        x[part] = crop_windows(strip, row, torch.zeros_like(row), left, size, True)
+        mask[part] = crop_windows(strip_mask, row, torch.zeros_like(row), left, size, True)
+    for band, (strip, strip_mask) in zip((top_band, bottom_band), strips[1]):
+        part = (slice(None), slice(None), slice(lo, hi), slice(*band))
+        size = (hi - lo, band[1] - band[0])
+        x[part] = crop_windows(strip, col, top, torch.zeros_like(col), size, True)
+        mask[part] = crop_windows(strip_mask, col, top, torch.zeros_like(col), size, True)
 
 
 # ------------------------------------------------------------------ losses and stains
@@ -909,37 +1004,42 @@ class GlobalLocal(BaseDetector):
         n, dev = len(top), batch.device
         owner = torch.arange(b, device=dev).repeat_interleave(n)
         top, left = top.to(dev).repeat(b), left.to(dev).repeat(b)
+        # each window's raster row and column, by image (edge_strips)
+        raster = torch.arange(n, device=dev).repeat(b)
+        row, col = owner * len(ys) + raster // len(xs), owner * len(xs) + raster % len(xs)
         padded, valid = self._pad(batch)
         m, p = self._margin(), self.patch_size
         s_iad, s_dad = [], []
         with self._autocast(batch.device):
-            shared = self._shared_stem(padded, valid, ys + xs)
+            shared = self._shared_stem(padded, valid, ys, xs)
             for part in row_blocks(owner.shape[0], _CHUNK):
                 at = (padded, valid, owner[part], top[part], left[part])
                 if shared is None:
                     z_g = self.global_net_(*self._crop(*at, channels_last=True)[:2])
                 else:
-                    stem_map, stem_mask, regions = shared
+                    stem_map, stem_mask, regions, strips = shared
                     z_g = self.global_net_.trunk(*window_stems(
                         self.global_net_, stem_map, stem_mask, *at, self.window_size_,
-                        (m, m + p), regions))
+                        (m, m + p), regions, strips, row[part], col[part]))
                 z_l = self.local_net_.embed(crop_windows(padded, owner[part], top[part] + m,
                                                          left[part] + m, p, channels_last=True))
                 s_iad.append(iad_score(z_l, z_g))
                 s_dad.append(torch.sigmoid(self.dad_head_(z_l, z_g).float()))  # 1 - C (Eq. 12)
         return torch.cat(s_iad).view(b, n), torch.cat(s_dad).view(b, n)
 
-    def _shared_stem(self, padded, valid, starts):
-        """The Global-Net's stem on the whole padded images, with the regions each window
-        recomputes (:func:`window_stems`); None where the windows would gain little
-        (:func:`stem_regions`) or the raster's ``starts`` (ints) are off the stem's grid
-        (``stride`` or the image's size minus ``patch_size`` not a multiple of
-        :func:`stem_step`: 4)."""
+    def _shared_stem(self, padded, valid, ys, xs):
+        """The Global-Net's stem on the whole padded images, the regions each window
+        recomputes and the edge bands by raster row and column (:func:`window_stems`); None
+        where the windows would gain little (:func:`stem_regions`) or the raster's starts
+        ``ys``, ``xs`` (ints) are off the stem's grid (``stride`` or the image's size minus
+        ``patch_size`` not a multiple of :func:`stem_step`: 4)."""
         net = self.global_net_
         regions = stem_regions(net, self.window_size_, self._margin(), self.patch_size)
-        if regions is None or any(start % stem_step(net) for start in starts):
+        if regions is None or any(start % stem_step(net) for start in ys + xs):
             return None
-        return (*net.stem(padded, valid), regions)
+        strips = (None if regions.bands is None else
+                  edge_strips(net, padded, valid, ys, xs, self.window_size_, regions))
+        return (*net.stem(padded, valid), regions, strips)
 
     def _score_batch(self, batch, return_maps):
         """Eq. 13 per patch, IDW-interpolated to a map; image score = the map's maximum."""

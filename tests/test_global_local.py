@@ -16,6 +16,7 @@ from skad._global_local import (
     crop_windows,
     dad_loss,
     distillation_loss,
+    edge_strips,
     iad_score,
     idw_interpolate,
     idw_weights,
@@ -145,7 +146,8 @@ def test_global_net_never_sees_the_patch(context):
 
 
 def _stem_pair(height, width, patch, stride, margin, n_images=2, seed=0):
-    """The Global-Net's stem on every raster window: run on each window, and shared."""
+    """The Global-Net's stem on every raster window: run on each window, and shared (each
+    window its own edge bands, and the bands by raster row and column where they can be)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = GlobalNet(embed_dim=16, width=8).eval()
@@ -155,43 +157,56 @@ def _stem_pair(height, width, patch, stride, margin, n_images=2, seed=0):
     ys, xs = patch_starts(height, patch, stride), patch_starts(width, patch, stride)
     top, left = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
     owner = torch.arange(n_images).repeat_interleave(len(top))
+    raster = torch.arange(len(top)).repeat(n_images)
+    row, col = owner * len(ys) + raster // len(xs), owner * len(xs) + raster % len(xs)
     top, left = top.repeat(n_images), left.repeat(n_images)
     size = patch + 2 * margin
     windows = crop_windows(padded, owner, top, left, size)
     mask = crop_windows(valid, owner, top, left, size)
     mask[:, :, margin:margin + patch, margin:margin + patch] = 0.0
     regions = stem_regions(net, size, margin, patch)
+    at = (padded, valid, owner, top, left, size, (margin, margin + patch), regions)
     with torch.no_grad():
         each = net.stem(windows, mask)
-        shared = window_stems(net, *net.stem(padded, valid), padded, valid, owner, top, left,
-                              size, (margin, margin + patch), regions)
+        stem = net.stem(padded, valid)
+        shared = [window_stems(net, *stem, *at)]
+        if regions.bands is not None:
+            strips = edge_strips(net, padded, valid, ys.tolist(), xs.tolist(), size, regions)
+            shared.append(window_stems(net, *stem, *at, strips, row, col))
     return each, shared, regions
 
 
-@pytest.mark.parametrize("height, width, patch, stride, margin", [
-    (256, 256, 32, 24, 32),  # the defaults: 11 x 11 windows of 96 px
-    (64, 48, 16, 8, 16),     # a rectangular image
-    (40, 40, 8, 4, 32),      # windows far past the image (context "image")
-    (64, 64, 16, 16, 8),     # a thin context
-    (60, 44, 12, 4, 12),     # odd grids: a pooling of one cell at the window's end
+@pytest.mark.parametrize("height, width, patch, stride, margin, by_rows", [
+    (256, 256, 32, 24, 32, True),  # the defaults: 11 x 11 windows of 96 px
+    (64, 48, 16, 8, 16, True),     # a rectangular image
+    (40, 40, 8, 4, 32, True),      # windows far past the image (context "image")
+    (64, 64, 16, 16, 8, True),     # a thin context
+    (60, 44, 12, 4, 12, True),     # odd grids: a pooling of one cell at the window's end
+    (48, 40, 16, 8, 4, False),     # the edge bands read the hole: each window its own
+    (52, 60, 16, 8, 8, True),      # windows of 32 px: 8 x 8 stems
+    (48, 56, 16, 4, 10, True),     # windows of 36 px: 9 x 9 stems, a pooling of one cell
 ])
 def test_shared_stem_equals_the_stem_on_each_window(monkeypatch, height, width, patch, stride,
-                                                     margin):
+                                                     margin, by_rows):
     monkeypatch.setattr(gl_module, "_MAX_RECOMPUTED", 1.0)  # share the small ones too
     each, shared, regions = _stem_pair(height, width, patch, stride, margin)
     assert regions is not None and stem_step(GlobalNet(16, 8)) == 4
-    assert shared[0].shape == each[0].shape and shared[1].shape == each[1].shape
-    torch.testing.assert_close(shared[1], each[1], rtol=0, atol=0)  # masks: exactly
-    torch.testing.assert_close(shared[0], each[0], rtol=1e-5, atol=1e-5)
+    assert len(shared) == 1 + by_rows  # edge bands by raster row and column where they can be
+    for x, mask in shared:
+        assert x.shape == each[0].shape and mask.shape == each[1].shape
+        torch.testing.assert_close(mask, each[1], rtol=0, atol=0)  # masks: exactly
+        torch.testing.assert_close(x, each[0], rtol=1e-5, atol=1e-5)
     assert each[0].abs().amax() > 0.1 and (each[1] == 0).any()  # not all zeros, holes masked
 
 
 def test_shared_stem_recomputes_under_a_third_of_the_default_window():
-    """96 px windows: a band of one cell along each edge and a ring round the hole's zeros."""
-    regions, zeros = stem_regions(GlobalNet(16, 32), 96, 32, 32)
-    area = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in regions)
-    assert area == 4 * 23 + 4 * 16 and area / 24 ** 2 < 0.28  # of the stem grid's 24 x 24
-    assert zeros == ((9, 15), (9, 15))  # the stem's cells that see nothing but the hole
+    """96 px windows: a band of one cell along each edge and a ring round the hole's zeros;
+    the bands but their corners once per raster row and column."""
+    regions = stem_regions(GlobalNet(16, 32), 96, 32, 32)
+    area = sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in regions.recomputed)
+    assert area == 4 + 4 * 16  # four corners and the ring, of the stem grid's 24 x 24
+    assert regions.bands == (((0, 1), (23, 24)), (1, 23))
+    assert regions.zeros == ((9, 15), (9, 15))  # the stem's cells that see nothing but the hole
     # the tests' tiny windows (24 px, a 6 x 6 stem) would recompute all: not shared
     assert stem_regions(GlobalNet(16, 8), 24, 8, 8) is None
 

@@ -5,18 +5,22 @@
 
 At each stride, the patch scores of the raster (``GlobalLocal._patch_scores``: the Local-Net
 on every patch, the Global-Net on every context window) of the same images, computed in
-turn three ways, ``--repeats`` rounds, the fastest round of each:
+turn in several ways, ``--repeats`` rounds, the fastest round of each:
 
 * **skad**: the windows' stems shared (:func:`skad._global_local.window_stems`: one pass of
-  the stem over the padded images, the edge bands and the ring round the hole recomputed
-  per window), 256 windows per forward, and the convolutions from 32 to 64 channels and
-  wider through NNPACK's Winograd transform where :func:`skad._layers.conv2d` takes it
-  (one thread);
-* **oneDNN only**: the same without Winograd;
+  the stem over the padded images, the edge bands once per raster row and column
+  (:func:`skad._global_local.edge_strips`), the ring round the hole and the corners
+  recomputed per window), 256 windows per forward, and the convolutions from 32 to 64
+  channels and wider through NNPACK's Winograd transform where
+  :func:`skad._layers.conv2d` takes it (one thread);
+* **edge bands per window**: the same with each window's edge bands recomputed (skad's
+  scoring on 2026-12-03 until 08:00);
+* **oneDNN only**: skad's way without Winograd;
 * **Winograd on every thread** (on more than one thread only): skad's way with NNPACK also
   where skad leaves it out (:data:`skad._layers._WINOGRAD_THREADS`);
 * **before**: the scoring until 2026-12-03: the stem on each window, 1,024 windows per
-  forward, oneDNN only.
+  forward, oneDNN only (with the faster crops and pooling of 2026-12-03 07:30, which all
+  ways share).
 
 The networks have GlobalLocal's default sizes (``--width``, ``embed_dim`` 128) and random
 weights: the arithmetic does not depend on training. The images: ``--n-images`` of
@@ -63,18 +67,25 @@ def _detector(args, stride):
     return det
 
 
-# (stems shared, Winograd: "skad" where skad takes it, "always" on any number of threads,
-# windows per forward)
-WAYS = {"skad": (True, "skad", gl._CHUNK), "oneDNN only": (True, None, gl._CHUNK),
-        "Winograd on every thread": (True, "always", gl._CHUNK), "before": (False, None, 1024)}
+# (stems shared: "bands" with the edge bands by raster row and column, "windows" each window
+# its own; Winograd: "skad" where skad takes it, "always" on any number of threads; windows
+# per forward)
+WAYS = {"skad": ("bands", "skad", gl._CHUNK),
+        "edge bands per window": ("windows", "skad", gl._CHUNK),
+        "oneDNN only": ("bands", None, gl._CHUNK),
+        "Winograd on every thread": ("bands", "always", gl._CHUNK),
+        "before": (None, None, 1024)}
 
 
 def _time(det, images, way):
     """Seconds and patch scores of one way."""
     shared, winograd, chunk = WAYS[way]
-    saved = gl.GlobalLocal._shared_stem, layers._nnpack, layers._WINOGRAD_THREADS, gl._CHUNK
-    if not shared:
+    saved = (gl.GlobalLocal._shared_stem, gl.edge_strips, layers._nnpack,
+             layers._WINOGRAD_THREADS, gl._CHUNK)
+    if shared is None:
         gl.GlobalLocal._shared_stem = lambda self, *a: None
+    elif shared == "windows":
+        gl.edge_strips = lambda *a: None
     if winograd is None:
         layers._nnpack = lambda: False
     elif winograd == "always":
@@ -86,8 +97,8 @@ def _time(det, images, way):
             out = det._patch_scores(images)
             return time.perf_counter() - t0, out
     finally:
-        (gl.GlobalLocal._shared_stem, layers._nnpack, layers._WINOGRAD_THREADS,
-         gl._CHUNK) = saved
+        (gl.GlobalLocal._shared_stem, gl.edge_strips, layers._nnpack,
+         layers._WINOGRAD_THREADS, gl._CHUNK) = saved
 
 
 def main():
@@ -123,7 +134,7 @@ def main():
         if diff > 1e-4:
             raise AssertionError(f"stride {stride}: the scores changed by {diff} of their largest")
         starts = gl._starts(args.image_size, args.patch_size, stride)
-        used = det._shared_stem(*det._pad(images[:1]), starts + starts) is not None
+        used = det._shared_stem(*det._pad(images[:1]), starts, starts) is not None
         ms = {way: min(ts) / len(images) * 1000 for way, ts in times.items()}
         print(f"| {stride} | {len(starts) ** 2} | {'yes' if used else 'no'} | "
               + " | ".join(f"{ms[way]:.0f}" for way in ways)
