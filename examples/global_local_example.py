@@ -37,7 +37,10 @@ def main():
                       n_distill_epochs=20, n_finetune_epochs=5, n_epochs=40, random_state=0)
     det.fit(data.images[normal[:30]])
     for lam in (0.8, 1.0, 0.0):  # Eq. 13: the default, the IAD head alone, the DAD head alone
-        s, m = det.set_params(iad_score_weight=lam).score_and_map(X)  # read at scoring: no refit
+        if lam != det.iad_score_weight:  # read at scoring: no refit, but the position
+            # statistics and thresholds follow the maps, so the reference is set again
+            det.set_params(iad_score_weight=lam).set_reference(data.images[normal[:30]])
+        s, m = det.score_and_map(X)
         if lam == 0.8:
             scores, maps = s, m
         metrics = evaluate(y, s, masks, m)

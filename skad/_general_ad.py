@@ -339,6 +339,10 @@ class GeneralAD(BaseDetector):
     (2, 32, 32)
     """
 
+    #: read by scoring: changed after set_reference, the calibration no longer holds
+    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "top_k",
+                                            "sigma")
+
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
         **backbone_constraints(),

@@ -633,8 +633,11 @@ class GlobalLocal(BaseDetector):
     iad_score_weight : float, default=0.8
         Weight of s_IAD against s_DAD (which gets ``1 - iad_score_weight``) in the
         patch score (Eq. 13): the paper's lambda_s. Read at scoring time, so
-        ``set_params(iad_score_weight=...)`` rescores without refitting
-        (call ``set_reference`` again to recalibrate ``threshold_``).
+        ``set_params(iad_score_weight=...)`` rescores without refitting; call
+        ``set_reference`` again to recalibrate the thresholds and the position
+        statistics (scoring raises ``ValueError`` until then with
+        ``standardize_positions=True``, as for ``stride``, ``n_idw_neighbors`` and
+        ``idw_power``).
     learning_rate : float, default=1e-3
         AdamW learning rate of every stage (cosine decay to 5%).
     n_idw_neighbors : int, default=4
@@ -727,6 +730,10 @@ class GlobalLocal(BaseDetector):
     >>> len(det.predict_regions(data.images[:2]))  # each image's connected anomalous regions
     2
     """
+
+    #: read by scoring: changed after set_reference, the calibration no longer holds
+    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "stride",
+                                            "iad_score_weight", "n_idw_neighbors", "idw_power")
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,

@@ -444,6 +444,11 @@ class MetaComparer(BaseDetector):
     _one_class = False
     _compares_with_references = True
 
+    #: read by scoring: changed after set_reference, the calibration no longer holds
+    #: (patch_score, like max_reference_patches, also changes what set_reference keeps:
+    #: _check_reference_settings refuses to score then)
+    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "sigma")
+
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
         **backbone_constraints(),

@@ -288,6 +288,9 @@ class MMR(BaseDetector):
     ((14,), (14, 32, 32))
     """
 
+    #: read by scoring: changed after set_reference, the calibration no longer holds
+    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "sigma")
+
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,
         **backbone_constraints("teacher", "teacher_weights", "teacher_layers"),

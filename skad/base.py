@@ -71,7 +71,14 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Hidden, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import aspect_warning, check_groups, check_images, check_labels, iter_batches
+from ._images import (
+    aspect_warning,
+    check_groups,
+    check_images,
+    check_labels,
+    image_hw,
+    iter_batches,
+)
 from ._maps import resize_maps
 from ._params import Devices, Ints, Reals, Sequences, renamed_value, upgrade_state, warn_renamed
 from ._random import seed_from
@@ -246,6 +253,11 @@ class BaseDetector(BaseEstimator):
     #: renamed parameters, old name -> new name (or ``(new name, convert)``): the old
     #: names work for one release, with a FutureWarning (skad._params)
     _deprecated_parameters: ClassVar[dict] = {}
+
+    #: the parameters scoring reads that change the scores or maps: the thresholds, reference
+    #: scores and position statistics that set_reference calibrates hold at their values then
+    #: (``calibrated_params_``; :meth:`_check_calibrated`). A detector adds its own.
+    _scoring_parameters: ClassVar[tuple] = ("image_size",)
 
     def _check_params(self):
         """Validate every parameter against ``_parameter_constraints``.
@@ -475,6 +487,7 @@ class BaseDetector(BaseEstimator):
             self.n_references_trained_on_ = (len(images) if trained_on else
                                              self._count_training_images(images))
             self.reference_digests_ = np.array(sorted(images.read_digests()), dtype=np.int64)
+            self.calibrated_params_ = self._scoring_values()
             self._calibrate(stacklevel=4)
         except BaseException:
             self.__dict__.clear()
@@ -562,6 +575,7 @@ class BaseDetector(BaseEstimator):
         """
         self._check_ready()
         self._check_params()
+        self._check_calibrated(decisions=True)
         if not hasattr(self, "reference_map_maxima_"):
             raise RuntimeError(self._needs_new_reference("its reference maps' maxima"))
         self._calibrate(stacklevel=3)
@@ -636,6 +650,50 @@ class BaseDetector(BaseEstimator):
     def _needs_new_reference(self, what):
         return (f"{type(self).__name__} was calibrated by an earlier skad without {what}: "
                 "call set_reference(normals) again")
+
+    def _scoring_values(self):
+        """The current values of ``_scoring_parameters`` (``image_size`` as a pair, as
+        scoring reads it; ``standardize_positions`` where the detector has it)."""
+        names = list(self._scoring_parameters)
+        if "standardize_positions" in self._get_param_names():
+            names.append("standardize_positions")
+        values = {name: self._param(name) for name in names}
+        if "image_size" in values:
+            values["image_size"] = tuple(image_hw(values["image_size"]))
+        return values
+
+    def _check_calibrated(self, decisions, stacklevel=4):
+        """Raise, or warn, when ``set_params`` changed a scoring parameter since
+        ``set_reference`` (or ``fit``) calibrated at its earlier value.
+
+        The thresholds, the reference scores (p-values) and the position
+        statistics hold for scores at the values they were computed at
+        (``calibrated_params_``). Decisions (``decisions``: :meth:`predict`,
+        :meth:`predict_pvalue`, :meth:`predict_mask`, :meth:`recalibrate`,
+        ONNX export) and maps standardised by position (``standardize_positions``
+        now true) would be wrong: ``ValueError``; scores and maps alone are right
+        at the new value: :class:`~skad.thresholds.CalibrationWarning`.
+        """
+        then = getattr(self, "calibrated_params_", None)
+        if then is None:  # a model saved before skad recorded them
+            return
+        now = self._scoring_values()
+        changed = [name for name in now if name in then and now[name] != then[name]]
+        if not changed:
+            return
+        values = ", ".join(f"{name} from {then[name]!r} to {now[name]!r}" for name in changed)
+        calibrated = "threshold_, pixel_threshold_ and reference_scores_"
+        if self._standardizes_positions():  # and the maps are standardised by them
+            calibrated += " and the position statistics"
+        message = (f"{type(self).__name__}: set_params changed {values} since set_reference "
+                   f"(or fit) calibrated {calibrated} on the scores at the earlier value")
+        if decisions or self._standardizes_positions():
+            raise ValueError(message + ": call set_reference(normals) to calibrate at the new "
+                             "value, or set it back")
+        warnings.warn(CalibrationWarning(
+            message + ". The scores are at the new value; predict, predict_pvalue and "
+            "predict_mask refuse until set_reference(normals) calibrates at it (or the value "
+            "is set back)"), stacklevel=stacklevel)
 
     def _standardizes_positions(self):
         # a bool: the constraints of the detectors that have the parameter say so
@@ -734,6 +792,8 @@ class BaseDetector(BaseEstimator):
         ``false_reject_rate_``, and ``predict(X) == (predict_pvalue(X) <=
         false_reject_rate_)`` exactly.
         """
+        self._check_ready()
+        self._check_calibrated(decisions=True)
         return (self.decision_function(X) > self.threshold_).astype(np.int64)
 
     def predict_pvalue(self, X):
@@ -757,6 +817,7 @@ class BaseDetector(BaseEstimator):
             In ``[1 / (n + 1), 1]``, non-increasing in the score.
         """
         self._check_ready()
+        self._check_calibrated(decisions=True)
         return conformal_pvalues(self.reference_scores_, self.decision_function(X))
 
     def predict_mask(self, X, *, min_area=1):
@@ -837,6 +898,7 @@ class BaseDetector(BaseEstimator):
         self._check_ready()
         if not hasattr(self, "pixel_threshold_"):
             raise RuntimeError(self._needs_new_reference("a pixel threshold"))
+        self._check_calibrated(decisions=True)
 
     def score(self, X, y):
         """Image-level ROC AUC of ``decision_function(X)`` against ``y`` (1 = anomalous).
@@ -857,6 +919,7 @@ class BaseDetector(BaseEstimator):
         # set_params after fit may have changed what scoring reads (batch_size, device,
         # iad_score_weight, ...): a bad value is named here rather than failing inside a batch
         self._check_params()
+        self._check_calibrated(decisions=False)
         images = check_images(X)
         device = resolve_device(self.device)
         self._to_device(device)

@@ -5,6 +5,7 @@ Each entry of ``DETECTORS`` builds a tiny, fast configuration (random weights,
 """
 
 import pickle
+import re
 import warnings
 
 import joblib
@@ -187,6 +188,53 @@ def test_pickle_round_trip(fitted, data, tmp_path):
     assert loaded.threshold_ == det.threshold_
     loaded2 = pickle.loads(pickle.dumps(det))
     np.testing.assert_allclose(loaded2.decision_function(X), expected[0], rtol=1e-6)
+
+
+#: (detector, scoring parameter, a new value): scoring reads them, so the calibration of
+#: set_reference holds at their values then
+SCORING_CHANGES = [
+    ("PatchCore", "sigma", 2.0), ("PatchCore", "n_reweight_neighbors", 3),
+    ("PatchCore", "image_size", 48), ("GeneralAD", "top_k", 3), ("GeneralAD", "sigma", 2.0),
+    ("MMR", "sigma", 2.0), ("MMR", "image_size", 48), ("MetaComparer", "sigma", 1.0),
+    ("MetaComparer", "image_size", (32, 48)), ("GlobalLocal", "stride", 8),
+    ("GlobalLocal", "iad_score_weight", 0.5), ("GlobalLocal", "n_idw_neighbors", 2),
+    ("GlobalLocal", "idw_power", 1.0),
+]
+
+
+def test_a_scoring_parameter_changed_since_calibration_is_named(fitted, data, tmp_path):
+    _, _, det = fitted
+    X, normals = data.images[:3], data.images[data.y == 0][-N_HELD_OUT:]
+    changes = [(p, v) for name, p, v in SCORING_CHANGES if name == type(det).__name__]
+    assert changes and det.calibrated_params_ == det._scoring_values()
+    for param, value in changes:
+        old, before = det.get_params()[param], det.decision_function(X)
+        det.set_params(**{param: value})
+        named = re.escape(f"set_params changed {param} from {det.calibrated_params_[param]!r}")
+        for decide in (det.predict, det.predict_pvalue, det.predict_mask,
+                       lambda X: det.recalibrate()):
+            with pytest.raises(ValueError, match=named):  # a stale threshold: no decision
+                decide(X)
+        if det._standardizes_positions():  # the statistics of maps at the old value
+            with pytest.raises(ValueError, match=named + ".* and the position statistics"):
+                det.decision_function(X)
+        else:  # right scores at the new value, with a word on the thresholds
+            with pytest.warns(CalibrationWarning, match=named):
+                det.decision_function(X)
+        skad.save(det, tmp_path / "stale.skad")  # what was calibrated travels with the model
+        with pytest.raises(ValueError, match=named):
+            skad.load(tmp_path / "stale.skad").predict(X)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CalibrationWarning)
+            np.testing.assert_allclose(det.set_params(**{param: old}).decision_function(X),
+                                       before, rtol=1e-6)  # set back: as calibrated
+            warnings.simplefilter("ignore", CalibrationWarning)  # few references
+            det.set_params(**{param: value}).set_reference(normals)  # calibrated at the new one
+            warnings.simplefilter("error", CalibrationWarning)
+            assert det.predict(X).shape == (3,) and det.calibrated_params_[param] != old
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            det.set_params(**{param: old}).set_reference(normals)
 
 
 def test_set_reference_recalibrates(fitted, data):

@@ -1,5 +1,7 @@
 """GlobalLocal: partial convolution, no peeking, losses, stains, IDW, heads, estimator."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,7 @@ from skad._global_local import (
 from skad._layers import PartialConv2d, partial_conv2d
 from skad.datasets import make_textures
 from skad.metrics import evaluate
+from skad.thresholds import CalibrationWarning
 
 TINY = {"teacher": "test_efficientnet", "teacher_weights": None, "teacher_size": 32,
         "patch_size": 8, "stride": 4, "embed_dim": 16, "width": 8, "n_distill_patches": 8,
@@ -222,11 +225,22 @@ def test_scoring_shares_the_stem_only_on_its_grid(fitted, textures, monkeypatch)
     np.testing.assert_allclose(det.predict_map(X), plain, rtol=1e-5, atol=1e-6)
     assert calls  # shared: the raster's starts (stride 4) are multiples of the stem's step
     calls.clear()
-    det.set_params(stride=6)  # starts 0, 6, 12, ...: off the stem's grid, each window alone
+    # starts 0, 6, 12, ...: off the stem's grid, each window alone; the position statistics
+    # follow the maps, so the reference is set at the new stride
+    normals = textures.images[textures.y == 0][:10]
+    det.set_params(stride=6)
     try:
+        with pytest.raises(ValueError, match="changed stride from 4 to 6"):
+            det.predict_map(X)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)  # its training images
+            det.set_reference(normals)
+        calls.clear()
         assert det.predict_map(X).shape == plain.shape and not calls
     finally:
-        det.set_params(stride=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            det.set_params(stride=4).set_reference(normals)
 
 
 @pytest.mark.parametrize("channels, layout", [(3, "nchw"), (3, "channels_last"), (1, "nchw"),
@@ -370,27 +384,37 @@ def test_fit_trains_every_stage_and_scores(fitted, textures):
 
 
 def test_iad_score_weight_rescores_without_refit(fitted, textures):
+    """Read at scoring: the raw maps (without position statistics) are linear in it (Eq. 13),
+    with a word that the calibration holds at the earlier value."""
     det = fitted
     X = textures.images[-5:]
     maps = {}
-    for lam in (0.0, 0.5, 1.0):
-        maps[lam] = det.set_params(iad_score_weight=lam).predict_map(X)
-    np.testing.assert_allclose(maps[0.5], 0.5 * (maps[0.0] + maps[1.0]), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(maps[0.0], maps[1.0])
-    with pytest.raises(ValueError, match="iad_score_weight"):
-        det.set_params(iad_score_weight=1.5).decision_function(X)
-    det.set_params(iad_score_weight=0.8)
+    det.set_params(standardize_positions=False)
+    try:
+        for lam in (0.0, 0.5, 1.0):
+            with pytest.warns(CalibrationWarning, match=f"iad_score_weight from 0.8 to {lam}"):
+                maps[lam] = det.set_params(iad_score_weight=lam).predict_map(X)
+        np.testing.assert_allclose(maps[0.5], 0.5 * (maps[0.0] + maps[1.0]), rtol=1e-4,
+                                   atol=1e-5)
+        assert not np.allclose(maps[0.0], maps[1.0])
+        with pytest.raises(ValueError, match="iad_score_weight"):
+            det.set_params(iad_score_weight=1.5).decision_function(X)
+    finally:
+        det.set_params(iad_score_weight=0.8, standardize_positions=True)
 
 
 def test_scoring_in_chunks_and_other_strides(fitted, textures, monkeypatch):
     det = fitted
-    X = textures.images[-3:]
+    X, normals = textures.images[-3:], textures.images[textures.y == 0][:10]
     expected = det.decision_function(X)
     monkeypatch.setattr(gl_module, "_CHUNK", 7)  # many small chunks, same windows
     np.testing.assert_allclose(det.decision_function(X), expected, rtol=1e-5, atol=1e-6)
-    coarse = det.set_params(stride=8).predict_map(X)  # a stride chosen at scoring time
-    det.set_params(stride=4)
+    with warnings.catch_warnings():  # a stride chosen at scoring time, recalibrated at it
+        warnings.simplefilter("ignore", CalibrationWarning)  # on its training images
+        coarse = det.set_params(stride=8).set_reference(normals).predict_map(X)
+        det.set_params(stride=4).set_reference(normals)
     assert coarse.shape == (3, 32, 32) and not np.allclose(coarse, det.predict_map(X))
+    np.testing.assert_allclose(det.decision_function(X), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dad_input", ["joint", "difference"])

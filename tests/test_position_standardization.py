@@ -102,7 +102,8 @@ def test_switching_the_option_needs_a_new_reference(data):
     det = _general_ad(standardize_positions=False).fit(normals[:6])
     assert not hasattr(det, "position_mean_")
     det.set_params(standardize_positions=True)
-    with pytest.raises(RuntimeError, match="call set_reference"):
+    with pytest.raises(ValueError, match="changed standardize_positions from False to True "
+                                         ".*call set_reference"):
         det.decision_function(normals[:2])
     det.set_reference(normals[6:])
     assert det.decision_function(normals[:2]).shape == (2,)

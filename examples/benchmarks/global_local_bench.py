@@ -32,13 +32,14 @@ more passes over the test set).
 
 ``--score-strides 24 32`` rescores the same fit at other raster strides (the stride may be
 changed after ``fit``; ``set_reference`` on the training images again, since the position
-statistics and thresholds follow the maps): fewer context windows per image, in proportion
-faster, at a cost in accuracy the rows show. The scoring rate of lite0's own forward pass
+statistics and thresholds follow the maps, as after each lambda_s of the ablation): fewer
+context windows per image, in proportion faster, at a cost in accuracy the rows show. The scoring rate of lite0's own forward pass
 (levels 2 and 3, as PatchCore runs it) over the same test images is printed beside them.
 """
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from skad._global_local import patch_starts
 from skad._maps import maps_at
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
+from skad.thresholds import CalibrationWarning
 
 from common import comparison_parser
 from scoring_speed import backbone_seconds
@@ -109,13 +111,25 @@ def _mixed(lam, maps_iad, maps_dad, y, masks):
     return evaluate(y, maps.reshape(len(maps), -1).max(axis=1), masks, maps)
 
 
-def _ablation(det, direct, paths, y, masks, eval_size):
+def _at(det, train, **params):
+    """``det`` with ``params`` set, its reference set again on ``train`` (the position
+    statistics and thresholds follow the maps) where they changed it."""
+    before = det.get_params()
+    det.set_params(**params)
+    if any(before[k] != v for k, v in params.items()):
+        with warnings.catch_warnings():  # calibrated on its training images, as after fit
+            warnings.simplefilter("ignore", CalibrationWarning)
+            det.set_reference(train)
+    return det
+
+
+def _ablation(det, direct, train, paths, y, masks, eval_size):
     """Metrics for every lambda_s of LAMBDAS from two rescorings (lambda_s = 1 and 0)."""
     lam0 = det.iad_score_weight
     (iad, maps_iad), (dad, maps_dad) = (
-        _score(det.set_params(iad_score_weight=lam), paths, y, masks, eval_size)
+        _score(_at(det, train, iad_score_weight=lam), paths, y, masks, eval_size)
         for lam in (1.0, 0.0))
-    det.set_params(iad_score_weight=lam0)
+    _at(det, train, iad_score_weight=lam0)
     by_lam = {1.0: iad, 0.0: dad}
     for lam in LAMBDAS:
         if lam not in by_lam:
@@ -154,7 +168,8 @@ def run_category(root, category, args, n_train, n_test):
             rows += _other_strides(det, name, row, train, paths, y, masks, args)
         if name.startswith("GlobalLocal") and not args.skip_ablation:
             key = f"{category} ({name})" if named else category
-            ablation[key] = _ablation(det, row, paths, y, masks, args.eval_size)
+            ablation[key] = _ablation(det, row, train, paths, y, masks,
+                                      args.eval_size)
             print(f"{key} lambda_s PRO: " + " ".join(
                 f"{lam:.1f}={ablation[key][lam]['pro']:.3f}" for lam in LAMBDAS), flush=True)
     return rows, ablation
@@ -164,9 +179,8 @@ def _other_strides(det, name, row, train, paths, y, masks, args):
     """The fit rescored at each of ``--score-strides``, recalibrated on the training images."""
     rows = []
     for stride in args.score_strides:
-        det.set_params(stride=stride)
         t0 = time.perf_counter()
-        det.set_reference(train)
+        _at(det, train, stride=stride)
         ref_s = time.perf_counter() - t0
         metrics, _ = _score(det, paths, y, masks, args.eval_size)
         n = len(patch_starts(args.image_size, args.patch_size, stride)) ** 2
@@ -175,7 +189,7 @@ def _other_strides(det, name, row, train, paths, y, masks, args):
         print(f"{row['category']} {name} stride {stride}: image {metrics['image_auroc']:.3f} "
               f"pixel {metrics['pixel_auroc']:.3f} pro {metrics['pro']:.3f} "
               f"{metrics['score_ips']:.2f} img/s (set_reference {ref_s:.1f}s)", flush=True)
-    det.set_params(stride=args.stride)
+    _at(det, train, stride=args.stride)
     if args.score_strides:
         backbone_ips = len(paths) / backbone_seconds(paths, det._device())
         print(f"{row['category']} lite0 forward pass alone (levels 2 + 3) over the same "

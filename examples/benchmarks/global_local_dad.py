@@ -17,6 +17,7 @@ Usage (from the repository root)::
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import joblib
@@ -42,6 +43,7 @@ from skad._random import torch_seed
 from skad._training import train as train_loop
 from skad.datasets import load_mvtec
 from skad.metrics import evaluate
+from skad.thresholds import CalibrationWarning
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,7 +174,11 @@ def main(argv=None):
         det.dad_head_ = (fitted_head if inputs == "fitted"
                          else retrain_dad(det, train, inputs, args.steps))
         for lam in (0.0, 0.8):
-            s, m = det.set_params(iad_score_weight=lam).score_and_map(test.paths)
+            # the position statistics and thresholds follow the maps: set again at each lambda_s
+            with warnings.catch_warnings():  # calibrated on its training images, as after fit
+                warnings.simplefilter("ignore", CalibrationWarning)
+                det.set_params(iad_score_weight=lam).set_reference(train)
+            s, m = det.score_and_map(test.paths)
             res = evaluate(test.y, s, test.masks, maps_at(m, det.image_size))
             print(f"DAD head {inputs}, lambda_s {lam}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
