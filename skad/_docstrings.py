@@ -95,6 +95,12 @@ reference_map_maxima_ : ndarray of shape (n_calibration,)
 calibration_indices_ : ndarray of shape (n_calibration,)
     Indices (sorted) of the references whose scores are ``reference_scores_``:
     all of them, or ``max_calibration_references`` drawn at random.
+calibrated_params_ : dict
+    The parameters scoring reads (``image_size`` as a pair, and the
+    detector's own, such as ``sigma``; ``standardize_positions`` where it has
+    it), as they were when the reference was set: changed since with
+    ``set_params``, decisions and position-standardised scoring raise
+    ``ValueError`` until ``set_reference`` (plain scores warn).
 pixel_threshold_ : float
     ``predict_mask`` flags the pixels above it.""",
 }

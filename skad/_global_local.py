@@ -580,7 +580,7 @@ class GlobalLocal(BaseDetector):
         positions around that raster (:func:`jittered_starts`), and the stride
         may still be changed after ``fit`` (then call ``set_reference``). Patch
         32 at 256 px: 11 x 11 patches (the last flush with the border). Scoring
-        time grows with the patches: stride 24 scores 1.85 times faster than 16
+        time grows with the patches: stride 24 scores 1.8 times faster than 16
         (15 x 15); the same fits rescored at 24 ranked images better on each of
         five fabrics, fits trained at 24 on two of them by 0.018 on the mean; thin
         defects (aitex_04) got 0.06 lower PRO with two seeds: ``stride=16`` where
@@ -588,7 +588,7 @@ class GlobalLocal(BaseDetector):
         faster again, within 4 times lite0's forward pass, with a lower mean PRO
         (docs/benchmarks.md, "Scoring stride"). A multiple of 4 (with the image
         size minus ``patch_size``) lets the windows share the Global-Net's first
-        layers (:func:`window_stems`), 1.4 to 1.5 times as fast.
+        layers (:func:`window_stems`), 1.55 to 1.7 times as fast.
     context : float or "image", default=3
         Side of the Global-Net's window in patch sizes, centred on the patch
         (3: one patch of context on every side). ``"image"``: a window of
