@@ -79,12 +79,13 @@ def crop_windows(images, owner, top, left, size, channels_last=False):
     ``channels_last`` (as gathered: no copy; the faster layout for CPU
     convolutions), else contiguous. Fastest on channels-last ``images``, whose
     pixels' channels are gathered as rows (twice as fast as gathering
-    each value on the CPU). Raises IndexError if a crop reaches past the images.
+    each value on the CPU). Raises IndexError if a crop reaches past the images
+    (checked where ``owner`` is on the CPU: on a GPU the check would wait for it).
     """
     height, width = (size, size) if isinstance(size, int) else size
     b, c, h, w = images.shape
     dev = images.device
-    if not is_exporting() and len(owner) and bool(
+    if not is_exporting() and owner.device.type == "cpu" and len(owner) and bool(
             (top.min() < 0) | (left.min() < 0) | (top.max() + height > h)
             | (left.max() + width > w) | (owner.min() < 0) | (owner.max() >= b)):
         raise IndexError(f"crops of {height} x {width} reach past the images ({h} x {w})")

@@ -751,7 +751,8 @@ class PatchCore(BaseDetector):
     _compares_with_references = True
 
     #: read by scoring: changed after set_reference, the calibration no longer holds
-    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "sigma", "n_reweight_neighbors")
+    _scoring_parameters: ClassVar[tuple] = (*BaseDetector._scoring_parameters, "sigma",
+                                            "n_reweight_neighbors")
 
     _parameter_constraints: ClassVar[dict] = {
         **BaseDetector._parameter_constraints,

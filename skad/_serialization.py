@@ -39,6 +39,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._files import write_atomic
+from .thresholds import CalibrationWarning
 
 __all__ = ["ModelFileError", "ModelVersionWarning", "fingerprint", "load", "model_info",
            "save"]
@@ -223,6 +224,14 @@ def save(detector, path):
         If ``detector`` is not one of skad's detectors, or one of its
         attributes holds an object the format cannot store (named).
 
+    Warns
+    -----
+    skad.thresholds.CalibrationWarning
+        If ``set_params`` changed a parameter that scoring reads since the
+        reference was set: the file is written as it is, and the model it
+        holds refuses to decide (``skad score`` too) until its reference is
+        set again.
+
     See Also
     --------
     load : Read the file back.
@@ -249,6 +258,13 @@ def save(detector, path):
         raise TypeError(f"skad.save saves skad's detectors ({', '.join(classes)}); got "
                         f"{type(detector).__name__}: use joblib for other estimators")
     check_is_fitted(detector)
+    changed = detector._changed_since_calibration()
+    if changed:
+        warnings.warn(CalibrationWarning(
+            f"{type(detector).__name__}: set_params changed {changed} since its reference was "
+            f"set: the model saved to {path} refuses to decide (predict, skad score) until "
+            "set_reference (skad score: --reference DIR) calibrates at the new values"),
+            stacklevel=2)
     versions = _versions()
     state, tensors = _encode_state(detector)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,

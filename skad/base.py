@@ -207,11 +207,17 @@ def _self_calibration_message(false_reject_rate):
 def _training_set_message(false_reject_rate, n_trained_on, n_references):
     """What :class:`CalibrationWarning` says of references the networks were trained on:
     all of them (after ``fit``) or ``n_trained_on`` of the ``n_references``."""
-    which = ("the training images" if n_trained_on == n_references else
-             f"{n_trained_on} of the {n_references} reference images, which are training "
-             "images (the same pixels)")
-    return (f"threshold_ and pixel_threshold_ were calibrated on {which}, which the networks "
-            "learned from and score lower than new good parts, so they carry no "
+    if n_trained_on == n_references:
+        which = ("the training images, which the networks learned from and score lower than "
+                 "new good parts")
+    else:
+        one = n_trained_on == 1
+        which = (f"{n_references} reference images, {n_trained_on} of which "
+                 f"{'is a training image' if one else 'are training images'} (the same "
+                 "decoded pixels, such as a blank tile past a part's edge): the networks "
+                 f"learned from {'it' if one else 'them'} and score {'it' if one else 'them'} "
+                 "lower than new good parts")
+    return (f"threshold_ and pixel_threshold_ were calibrated on {which}, so they carry no "
             "false-reject guarantee: good parts may be rejected far more often than "
             f"{false_reject_rate:g}. Call set_reference with at least "
             f"{max(2, min_references(false_reject_rate))} defect-free images held out from "
@@ -662,6 +668,17 @@ class BaseDetector(BaseEstimator):
             values["image_size"] = tuple(image_hw(values["image_size"]))
         return values
 
+    def _changed_since_calibration(self):
+        """``"sigma from 4.0 to 2.0, ..."``: the scoring parameters ``set_params`` changed
+        since the reference was set (``calibrated_params_``), or None."""
+        then = getattr(self, "calibrated_params_", None)
+        if then is None:  # a model saved before skad recorded them
+            return None
+        now = self._scoring_values()
+        changed = [name for name in now if name in then and now[name] != then[name]]
+        return ", ".join(f"{name} from {then[name]!r} to {now[name]!r}"
+                         for name in changed) or None
+
     def _check_calibrated(self, decisions, stacklevel=4):
         """Raise, or warn, when ``set_params`` changed a scoring parameter since
         ``set_reference`` (or ``fit``) calibrated at its earlier value.
@@ -670,30 +687,29 @@ class BaseDetector(BaseEstimator):
         statistics hold for scores at the values they were computed at
         (``calibrated_params_``). Decisions (``decisions``: :meth:`predict`,
         :meth:`predict_pvalue`, :meth:`predict_mask`, :meth:`recalibrate`,
-        ONNX export) and maps standardised by position (``standardize_positions``
-        now true) would be wrong: ``ValueError``; scores and maps alone are right
-        at the new value: :class:`~skad.thresholds.CalibrationWarning`.
+        ONNX export, :func:`skad.scoring.score_files`) and maps standardised by
+        position (``standardize_positions`` now true) would be wrong:
+        ``ValueError``; scores and maps alone are right at the new value:
+        :class:`~skad.thresholds.CalibrationWarning`.
         """
-        then = getattr(self, "calibrated_params_", None)
-        if then is None:  # a model saved before skad recorded them
+        changed = self._changed_since_calibration()
+        if changed is None:
             return
-        now = self._scoring_values()
-        changed = [name for name in now if name in then and now[name] != then[name]]
-        if not changed:
-            return
-        values = ", ".join(f"{name} from {then[name]!r} to {now[name]!r}" for name in changed)
         calibrated = "threshold_, pixel_threshold_ and reference_scores_"
         if self._standardizes_positions():  # and the maps are standardised by them
             calibrated += " and the position statistics"
-        message = (f"{type(self).__name__}: set_params changed {values} since set_reference "
-                   f"(or fit) calibrated {calibrated} on the scores at the earlier value")
+        several = "," in changed
+        message = (f"{type(self).__name__}: set_params changed {changed} since set_reference "
+                   f"(or fit) calibrated {calibrated} on the scores at the earlier "
+                   f"value{'s' if several else ''}")
+        remedy = (f"call set_reference(normals) to calibrate at the new "
+                  f"value{'s' if several else ''}, or set {'them' if several else 'it'} back")
         if decisions or self._standardizes_positions():
-            raise ValueError(message + ": call set_reference(normals) to calibrate at the new "
-                             "value, or set it back")
+            raise ValueError(f"{message}: {remedy}")
         warnings.warn(CalibrationWarning(
-            message + ". The scores are at the new value; predict, predict_pvalue and "
-            "predict_mask refuse until set_reference(normals) calibrates at it (or the value "
-            "is set back)"), stacklevel=stacklevel)
+            f"{message}. The scores are at the new value{'s' if several else ''}; every "
+            "decision (predict, predict_pvalue, predict_mask, predict_regions, recalibrate, "
+            f"ONNX export, skad score) refuses until then: {remedy}"), stacklevel=stacklevel)
 
     def _standardizes_positions(self):
         # a bool: the constraints of the detectors that have the parameter say so
@@ -760,6 +776,16 @@ class BaseDetector(BaseEstimator):
             compared with (PatchCore, MetaComparer, ``standardize_positions``):
             their scores are in-sample, lower than a new good part's. Every
             scoring method warns alike.
+        skad.thresholds.CalibrationWarning
+            When ``set_params`` changed a parameter that scoring reads since the
+            reference was set (``calibrated_params_``): the scores are at the
+            new value, the thresholds are not.
+
+        Raises
+        ------
+        ValueError
+            Instead of that warning, with ``standardize_positions=True``: the
+            position statistics follow the maps (call ``set_reference``).
         """
         return self._predict(X, return_maps=False)[0]
 
@@ -791,6 +817,11 @@ class BaseDetector(BaseEstimator):
         exchangeable with the references is rejected with probability at most
         ``false_reject_rate_``, and ``predict(X) == (predict_pvalue(X) <=
         false_reject_rate_)`` exactly.
+
+        Raises ``ValueError`` when ``set_params`` changed a parameter that
+        scoring reads since the reference was set (``calibrated_params_``), as
+        :meth:`predict_pvalue`, :meth:`predict_mask` and :meth:`recalibrate` do:
+        ``threshold_`` holds at the earlier value (call ``set_reference``).
         """
         self._check_ready()
         self._check_calibrated(decisions=True)

@@ -320,9 +320,17 @@ def _warnings_as_lines(command="fit"):
 _ADVISED = ("max_calibration_references", "false_reject_rate")
 
 
+def _cli_remedy(message):
+    """``message`` with its Python remedy ``call set_reference(normals)`` said as the
+    command line takes it."""
+    return message.replace("call set_reference(normals)",
+                           "pass --reference with a folder of good images (set_reference)")
+
+
 def _on_the_command_line(message, command="fit"):
     """``message`` with the detector parameters it advises said as ``skad fit --param``."""
     prefix = "--param" if command in ("fit", "benchmark") else "skad fit --param"
+    message = _cli_remedy(message)
     # a renamed parameter's warning ends "use new_name=value"
     message = re.sub(r"\buse (\w+)=", r"use --param \1=", message)
     pair = re.search(r"height-to-width ratio .*e\.g\. \((\d+), (\d+)\)", message)
@@ -487,8 +495,9 @@ def _score_inputs(args):
     return Glob(args.glob)
 
 
-def _score_summary(s):
-    """The last line of skad score: counts, speed, where the results are."""
+def _score_summary(s, reference=None):
+    """The last line of skad score: counts, speed, where the results are; ``reference``:
+    the --reference folder, where this command set the references."""
     failed = f"; {s.n_failed} could not be read (see the error column)" if s.n_failed else ""
     if s.complete and s.n_resumed and s.n_resumed == s.n_images:
         return (f"nothing left to score: the run in {s.csv_path.parent} had done all "
@@ -496,9 +505,11 @@ def _score_summary(s):
     resumed = f" ({s.n_resumed} of them by the interrupted run)" if s.n_resumed else ""
     stopped = "" if s.complete else f"; stopped at --limit {s.n_images} (--resume continues)"
     parquet = f" and {s.parquet_path}" if s.parquet_path else ""
+    no_rate = (f"--reference {reference} holds images the model was trained on, or a single "
+               "image scored against itself: give other good images" if reference else
+               "give good images the model was not trained on with --reference")
     rate = ("" if not s.false_reject_rate <= 1 else  # nan: a model older than the rates
-            " (with no false-reject guarantee: give good images the model was not trained "
-            "on with --reference)" if s.false_reject_rate == 1 else
+            f" (with no false-reject guarantee: {no_rate})" if s.false_reject_rate == 1 else
             f" (set for a false-reject rate of at most {s.false_reject_rate:.3g} on good "
             "parts like its references)")
     return (f"scored {s.n_scored} of {s.n_images} images{resumed}: {s.n_rejected} above the "
@@ -532,7 +543,7 @@ def cmd_score(args):
         if serialization and isinstance(exc, serialization.ModelFileError):
             raise _model_file_error(args.model, exc) from exc
         raise
-    print(_score_summary(summary))
+    print(_score_summary(summary, args.reference))
     return EXIT_UNREADABLE if summary.n_failed else 0
 
 
@@ -1070,7 +1081,7 @@ def main(argv=None):
         except (CLIError, ValueError, TypeError, OSError, RuntimeError, MemoryError,
                 FloatingPointError) as exc:  # FloatingPointError: a fit that diverged
             close_bars()  # the message on a line of its own, not after a half-drawn bar
-            print(f"skad: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"skad: error: {_cli_remedy(_one_line(exc))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             close_bars()

@@ -163,6 +163,7 @@ def _load(model, device):
     check_reference(det, subject=f"the model in {source}" if path else "the model",
                     error=ValueError, remedy="call set_reference with good images of the parts "
                     "to score first (skad score: --reference DIR)")
+    det._check_calibrated(decisions=True)  # its thresholds decide every row
     if device is not None:
         det.set_params(device=device)
     return det, source, path

@@ -642,7 +642,7 @@ def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
                  str(tmp_path / "c.skad"), "--false-reject-rate", "0.4", *_TINY_GAD]) == 0
     captured = capsys.readouterr()
     assert "with no false-reject guarantee" in captured.out
-    assert "calibrated on 6 of the 6 reference images" not in captured.err  # all: as fit
+    assert "6 of which are training images" not in captured.err  # all: as fit
     assert "calibrated on the training images" in captured.err
     # scoring says it too, in its last line
     for name, said in [("a", "(with no false-reject guarantee: give good images the model "
@@ -652,6 +652,12 @@ def test_fit_says_a_training_set_reference_guarantees_no_rate(tmp_path, capsys):
         assert main(["score", "--model", str(tmp_path / f"{name}.skad"), "--images",
                      str(reference), "--out", str(tmp_path / f"res_{name}")]) == 0
         assert said in capsys.readouterr().out.splitlines()[-1]
+    # --reference given, but its images are the training images: it names them, not asks
+    assert main(["score", "--model", str(tmp_path / "b.skad"), "--reference", str(train),
+                 "--images", str(reference), "--out", str(tmp_path / "res_c")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert f"(with no false-reject guarantee: --reference {train} holds images the model " \
+           "was trained on, or a single image scored against itself" in last
 
 
 @pytest.mark.parametrize("message, hint", [
@@ -1308,3 +1314,26 @@ def test_score_warns_when_it_scores_the_models_references(model, mvtec, tmp_path
     assert main(["score", "--model", str(model), "--images", str(_images(tmp_path / "new")),
                  "--out", str(tmp_path / "b")]) == 0
     assert "references of" not in capsys.readouterr().err
+
+
+def test_score_refuses_a_model_saved_with_a_changed_scoring_parameter(model, mvtec, tmp_path,
+                                                                         capsys):
+    """A model whose sigma changed after its reference was set: its thresholds do not hold
+    for the new maps, so skad score refuses (saying how on the command line) until
+    --reference sets them again; saving it warned."""
+    det = skad.load(model)
+    det.set_params(sigma=det.sigma / 2)
+    stale = tmp_path / "stale.skad"
+    with pytest.warns(skad.thresholds.CalibrationWarning,
+                      match=f"changed sigma from {det.sigma * 2!r} to {det.sigma!r}"):
+        skad.save(det, stale)
+    cat = min(mvtec.iterdir())
+    images = str(cat / "test")
+    assert main(["score", "--model", str(stale), "--images", images, "--out",
+                 str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert f"changed sigma from {det.sigma * 2!r} to {det.sigma!r}" in err
+    assert "pass --reference with a folder of good images" in err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    assert main(["score", "--model", str(stale), "--reference", str(cat / "train"), "--images",
+                 images, "--out", str(tmp_path / "b")]) == 0

@@ -223,6 +223,18 @@ def test_unfitted_or_unreferenced_detectors_are_refused(tmp_path, data):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_scoring_parameter_changed_since_calibration_is_refused(fitted, tmp_path):
+    """The graph holds the thresholds: not exported with those of another sigma."""
+    det = fitted("PatchCore")
+    det.set_params(sigma=det.sigma + 1.0)
+    try:
+        with pytest.raises(ValueError, match="changed sigma from 4.0 to 5.0"):
+            export_onnx(det, tmp_path / "m.onnx")
+    finally:
+        det.set_params(sigma=det.sigma - 1.0)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"opset": 17}, {"opset": "18"}])
 def test_bad_arguments(fitted, tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
