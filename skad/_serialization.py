@@ -258,12 +258,13 @@ def save(detector, path):
         raise TypeError(f"skad.save saves skad's detectors ({', '.join(classes)}); got "
                         f"{type(detector).__name__}: use joblib for other estimators")
     check_is_fitted(detector)
-    changed = detector._changed_since_calibration()
-    if changed:
+    n_changed, changed = detector._changed_since_calibration()
+    if n_changed:
         warnings.warn(CalibrationWarning(
             f"{type(detector).__name__}: set_params changed {changed} since its reference was "
             f"set: the model saved to {path} refuses to decide (predict, skad score) until "
-            "set_reference (skad score: --reference DIR) calibrates at the new values"),
+            f"set_reference (skad score: --reference DIR) calibrates at the new "
+            f"value{'s' if n_changed > 1 else ''}"),
             stacklevel=2)
     versions = _versions()
     state, tensors = _encode_state(detector)

@@ -669,15 +669,15 @@ class BaseDetector(BaseEstimator):
         return values
 
     def _changed_since_calibration(self):
-        """``"sigma from 4.0 to 2.0, ..."``: the scoring parameters ``set_params`` changed
-        since the reference was set (``calibrated_params_``), or None."""
+        """``(how many, "sigma from 4.0 to 2.0, ...")``: the scoring parameters ``set_params``
+        changed since the reference was set (``calibrated_params_``); ``(0, "")`` if none."""
         then = getattr(self, "calibrated_params_", None)
         if then is None:  # a model saved before skad recorded them
-            return None
+            return 0, ""
         now = self._scoring_values()
         changed = [name for name in now if name in then and now[name] != then[name]]
-        return ", ".join(f"{name} from {then[name]!r} to {now[name]!r}"
-                         for name in changed) or None
+        return len(changed), ", ".join(f"{name} from {then[name]!r} to {now[name]!r}"
+                                       for name in changed)
 
     def _check_calibrated(self, decisions, stacklevel=4):
         """Raise, or warn, when ``set_params`` changed a scoring parameter since
@@ -692,13 +692,13 @@ class BaseDetector(BaseEstimator):
         ``ValueError``; scores and maps alone are right at the new value:
         :class:`~skad.thresholds.CalibrationWarning`.
         """
-        changed = self._changed_since_calibration()
-        if changed is None:
+        n_changed, changed = self._changed_since_calibration()
+        if not n_changed:
             return
         calibrated = "threshold_, pixel_threshold_ and reference_scores_"
         if self._standardizes_positions():  # and the maps are standardised by them
             calibrated += " and the position statistics"
-        several = "," in changed
+        several = n_changed > 1
         message = (f"{type(self).__name__}: set_params changed {changed} since set_reference "
                    f"(or fit) calibrated {calibrated} on the scores at the earlier "
                    f"value{'s' if several else ''}")
@@ -709,7 +709,9 @@ class BaseDetector(BaseEstimator):
         warnings.warn(CalibrationWarning(
             f"{message}. The scores are at the new value{'s' if several else ''}; every "
             "decision (predict, predict_pvalue, predict_mask, predict_regions, recalibrate, "
-            f"ONNX export, skad score) refuses until then: {remedy}"), stacklevel=stacklevel)
+            "ONNX export, skad score) refuses until set_reference(normals) calibrates at "
+            f"{'them' if several else 'it'}, or {'they are' if several else 'it is'} set back"),
+            stacklevel=stacklevel)
 
     def _standardizes_positions(self):
         # a bool: the constraints of the detectors that have the parameter say so

@@ -322,7 +322,8 @@ _ADVISED = ("max_calibration_references", "false_reject_rate")
 
 def _cli_remedy(message):
     """``message`` with its Python remedy ``call set_reference(normals)`` said as the
-    command line takes it."""
+    command line takes it (which cannot set a parameter back)."""
+    message = re.sub(r", or set (it|them) back", "", message)
     return message.replace("call set_reference(normals)",
                            "pass --reference with a folder of good images (set_reference)")
 
@@ -331,6 +332,8 @@ def _on_the_command_line(message, command="fit"):
     """``message`` with the detector parameters it advises said as ``skad fit --param``."""
     prefix = "--param" if command in ("fit", "benchmark") else "skad fit --param"
     message = _cli_remedy(message)
+    if command != "fit":  # score and export take --reference themselves
+        message = message.replace("(skad fit --reference)", "(--reference)")
     # a renamed parameter's warning ends "use new_name=value"
     message = re.sub(r"\buse (\w+)=", r"use --param \1=", message)
     pair = re.search(r"height-to-width ratio .*e\.g\. \((\d+), (\d+)\)", message)

@@ -1334,6 +1334,7 @@ def test_score_refuses_a_model_saved_with_a_changed_scoring_parameter(model, mvt
     err = capsys.readouterr().err
     assert f"changed sigma from {det.sigma * 2!r} to {det.sigma!r}" in err
     assert "pass --reference with a folder of good images" in err
+    assert "set it back" not in err  # the command line cannot
     assert not (tmp_path / "a").exists()  # refused before anything was written
     assert main(["score", "--model", str(stale), "--reference", str(cat / "train"), "--images",
                  images, "--out", str(tmp_path / "b")]) == 0

@@ -219,7 +219,8 @@ def test_a_scoring_parameter_changed_since_calibration_is_named(fitted, data, tm
             with pytest.raises(ValueError, match=named + ".* and the position statistics"):
                 det.decision_function(X)
         else:  # right scores at the new value, with a word on the thresholds
-            with pytest.warns(CalibrationWarning, match=named):
+            with pytest.warns(CalibrationWarning, match=named + ".*refuses until "
+                              r"set_reference\(normals\) calibrates at it, or it is set back"):
                 det.decision_function(X)
         skad.save(det, tmp_path / "stale.skad")  # what was calibrated travels with the model
         with pytest.raises(ValueError, match=named):
@@ -235,6 +236,14 @@ def test_a_scoring_parameter_changed_since_calibration_is_named(fitted, data, tm
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             det.set_params(**{param: old}).set_reference(normals)
+    (first, a), (second, b) = changes[:2]
+    before = det.get_params()
+    det.set_params(**{first: a, second: b})  # both named, the remedy in the plural
+    with pytest.raises(ValueError, match="at the earlier values: call set_reference.* new "
+                                         "values, or set them back") as raised:
+        det.predict(X)
+    assert f"{first} from " in str(raised.value) and f"{second} from " in str(raised.value)
+    det.set_params(**{first: before[first], second: before[second]})
 
 
 def test_set_reference_recalibrates(fitted, data):
