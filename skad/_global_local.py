@@ -78,8 +78,8 @@ def crop_windows(images, owner, top, left, size, channels_last=False):
     crops: ``(K, C, height, width)``, in the channels-last memory format if
     ``channels_last`` (as gathered: no copy; the faster layout for CPU
     convolutions), else contiguous. Fastest on channels-last ``images``, whose
-    pixels' channels are gathered as rows (twice as fast as gathering
-    each value on the CPU). Raises IndexError if a crop reaches past the images
+    pixels' channels are gathered as rows (about twice as fast as gathering
+    each value on the CPU, in ad-hoc timings). Raises IndexError if a crop reaches past the images
     (checked where ``owner`` is on the CPU: on a GPU the check would wait for it).
     """
     height, width = (size, size) if isinstance(size, int) else size
@@ -211,7 +211,8 @@ class GlobalNet(nn.Module):
         """The other layers and the head: the stem's output -> Z_g ``(N, embed_dim)``."""
         for i in range(self.stem_depth, len(self.convs)):
             x, mask = self.layer(i, x, mask)
-        # channels-last: PyTorch's CPU kernel took 15 times as long on NCHW, which NNPACK gives
+        # channels-last: PyTorch's CPU kernel took ~15x as long (ad hoc) on NCHW, which
+        # NNPACK gives
         x = F.adaptive_avg_pool2d(x.contiguous(memory_format=torch.channels_last), self.grid)
         return self.head(x.flatten(1))
 

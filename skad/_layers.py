@@ -163,7 +163,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         return F.conv2d(x, weight, bias, stride, padding)
     bias = weight.new_zeros(len(weight)) if bias is None else bias
     n, _, h, w = x.shape
-    # NCHW out, as NNPACK gives it, written in place: a channels-last copy took a fifth as
+    # NCHW out, as NNPACK gives it, written in place: a channels-last copy took about a fifth as
     # long as the convolution
     out = torch.empty(n, len(weight), h + 2 * pad[0] - 2, w + 2 * pad[1] - 2, dtype=x.dtype)
     rows = max(1, _WINOGRAD_BLOCK // x[0].numel())
@@ -185,7 +185,8 @@ def max_pool2x2(x):
 
     On NCHW CPU tensors without gradients (what :func:`conv2d` gives where
     NNPACK ran, and single-channel masks) it is the maximum of four strided
-    views, which ran 3.5 to 9 times as fast as PyTorch's NCHW kernel; the same
+    views, which ran 3.5 to 9 times as fast as PyTorch's NCHW kernel (ad-hoc timings on
+    GlobalLocal's shapes, 2026-12-03, not kept as a benchmark); the same
     values (NaN propagates in both).
     """
     if (x.device.type != "cpu" or torch.is_grad_enabled() or is_exporting()
