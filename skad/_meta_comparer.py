@@ -704,7 +704,8 @@ class MetaComparer(BaseDetector):
         return self.head_.comparer.reduce(qh, bank, self.reference_reduction, exclude)[0]
 
     def _set_reference(self, images, calibration):
-        parts = self._map_images_multi(images, self._embed, desc="reference features")
+        parts = self._map_images_multi(images, self._embed, desc="reference features",
+                                       split=True)
         learned = parts[:-1] if self.patch_score == "fused" else parts
         for name in ("reference_hidden_", "reference_features_", "score_mean_", "score_std_"):
             self.__dict__.pop(name, None)

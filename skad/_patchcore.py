@@ -805,7 +805,7 @@ class PatchCore(BaseDetector):
     def _set_reference(self, images, calibration):
         # channels last: the patches are a view of the maps, so the features are held once
         feats = self._map_images(images, lambda batch: self._embed(batch).permute(0, 2, 3, 1),
-                                 desc="reference features")
+                                 desc="reference features", split=True)
         n, h, w, dim = feats.shape
         patches = feats.view(-1, dim)
         device = self._device()

@@ -82,6 +82,7 @@ from ._images import (
 from ._maps import resize_maps
 from ._params import Devices, Ints, Reals, Sequences, renamed_value, upgrade_state, warn_renamed
 from ._random import seed_from
+from ._threads import split_batch
 from .metrics import check_image_labels, image_roc_auc
 from .thresholds import (
     CalibrationWarning,
@@ -552,7 +553,7 @@ class BaseDetector(BaseEstimator):
             return scores.float(), maps.flatten(1).amax(dim=1).float()
 
         scores, maxima = self._map_images_multi(images.subset(calibration), outputs,
-                                                desc="reference scores")
+                                                desc="reference scores", split=True)
         return scores.numpy(), maxima.numpy()
 
     # ----------------------------------------------------------- calibration
@@ -749,7 +750,7 @@ class BaseDetector(BaseEstimator):
         n = len(images)
         self._check_reference_count(n)
         maps = self._map_images(images, lambda batch: self._score_batch(batch, True)[1],
-                                desc="reference maps").double()
+                                desc="reference maps", split=True).double()
         s1, s2 = maps.sum(dim=0), maps.square().sum(dim=0)
         mean = s1 / n
         self.position_mean_ = mean.float().numpy()
@@ -969,7 +970,9 @@ class BaseDetector(BaseEstimator):
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc="scoring"):
-                s, m = self._score_standardized(batch.to(device), return_maps, statistics)
+                s, m = split_batch(
+                    lambda part: self._score_standardized(part, return_maps, statistics),
+                    batch.to(device))
                 scores.append(s.float().cpu())
                 if return_maps:
                     out_maps.extend(resize_maps(m, [images.size(int(i)) for i in idx]))
@@ -1050,17 +1053,21 @@ class BaseDetector(BaseEstimator):
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _map_images(self, images, fn, *, desc="features"):
+    def _map_images(self, images, fn, *, desc="features", split=False):
         """Run ``fn`` on every batch under inference mode; concatenate its outputs on the CPU.
 
         ``fn(batch)`` gets ``(B, 3, H, W)`` on the compute device and returns a
         tensor with the batch first (``B * r`` rows for a fixed ``r`` rows per
-        image); the result is their concatenation, one tensor. For several
+        image); the result is their concatenation, one tensor. ``split``: run
+        ``fn`` on parts of each batch on parallel threads
+        (:func:`skad._threads.split_batch`), for an ``fn`` that is the same
+        per image in any batch and draws no random numbers. For several
         outputs per batch use :meth:`_map_images_multi`.
         """
-        return self._map_images_multi(images, lambda batch: (fn(batch),), desc=desc)[0]
+        return self._map_images_multi(images, lambda batch: (fn(batch),), desc=desc,
+                                      split=split)[0]
 
-    def _map_images_multi(self, images, fn, *, desc="features"):
+    def _map_images_multi(self, images, fn, *, desc="features", split=False):
         """:meth:`_map_images` for an ``fn`` that returns a tuple or list of tensors.
 
         Returns a list of tensors, one per output of ``fn``, each concatenated
@@ -1074,7 +1081,7 @@ class BaseDetector(BaseEstimator):
         with torch.inference_mode():
             for idx, batch in iter_batches(images, self.batch_size, self.image_size,
                                            verbose=self.verbose, desc=desc):
-                out = fn(batch.to(device))
+                out = split_batch(fn, batch.to(device)) if split else fn(batch.to(device))
                 if outs is None:
                     outs = [o.new_empty((len(images) * (len(o) // len(idx)), *o.shape[1:]),
                                         device="cpu") for o in out]

@@ -294,7 +294,10 @@ def score_files(model, inputs, out, *, resume=False, overwrite=False, scheduler=
     dies loses nothing: the scheduler runs its chunks again elsewhere, and a
     chunk's rows are written once. The rows and files are those of a run in
     one process, byte for byte, given the same ``chunk_size`` (it decides which
-    images share a batch) and the same numerical library settings.
+    images share a batch) and the same numerical library settings and thread
+    count; an image scores the same in any batch of two or more
+    (:mod:`skad._threads`), a chunk's only readable image may differ in the
+    last digits (PyTorch convolves a single image with other kernels).
 
     Examples
     --------

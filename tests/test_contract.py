@@ -6,6 +6,7 @@ Each entry of ``DETECTORS`` builds a tiny, fast configuration (random weights,
 
 import pickle
 import re
+import threading
 import warnings
 
 import joblib
@@ -259,6 +260,57 @@ def test_set_reference_recalibrates(fitted, data):
                                                        det.false_reject_rate, warn=False)
     with pytest.raises(ValueError, match="normals"):
         det.set_reference([])
+
+
+def _one_part_after_the_other(n_parts):
+    """skad._threads.split_batch's parts for ``n_parts`` threads (two images a part at least),
+    computed one after the other on the calling thread."""
+    def join(outs):
+        if outs[0] is None or isinstance(outs[0], torch.Tensor):
+            return None if outs[0] is None else torch.cat(outs)
+        return type(outs[0])(join(list(parts)) for parts in zip(*outs))
+
+    return lambda fn, batch: join([fn(part) for part in batch.tensor_split(
+        max(1, min(n_parts, len(batch) // 2)))])
+
+
+def test_scoring_on_several_threads_gives_the_scores_of_one(fitted, data, monkeypatch):
+    """Scoring and calibration split each batch's images over PyTorch's thread count, one
+    Python thread per part with one PyTorch thread (skad._threads): the scores and maps of
+    scoring on one thread, to the last bit, in the images' order; the calibration of the
+    same parts computed one after the other on one thread (a reference's features can
+    round differently in another batch: MetaComparer's)."""
+    _, _, det = fitted
+    images, references = data.images[:7], data.images[data.y == 0][:4]
+    before = torch.get_num_threads()
+
+    def score(n_threads, calibrate_in_parts=None):
+        torch.set_num_threads(n_threads)
+        with monkeypatch.context() as patch:
+            if calibrate_in_parts:
+                patch.setattr(skad.base, "split_batch", _one_part_after_the_other(3))
+            det.set_reference(references)
+        return (det.reference_scores_, det.threshold_, det.decision_function(images),
+                np.stack(det.predict_map(images)))
+
+    score_batch, parts = type(det)._score_batch, []
+
+    def recorded(self, batch, return_maps):
+        parts.append((len(batch), threading.get_ident(), torch.get_num_threads()))
+        return score_batch(self, batch, return_maps)
+
+    try:
+        one = score(1, calibrate_in_parts=True)
+        monkeypatch.setattr(type(det), "_score_batch", recorded)
+        three = score(3)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(b, a)
+    scoring = [n for n, _, _ in parts[-6:]]  # decision_function's and predict_map's parts
+    assert scoring == [3, 2, 2, 3, 2, 2]
+    assert {n for _, _, n in parts} == {1}
+    assert threading.get_ident() not in {ident for _, ident, _ in parts}
 
 
 @pytest.mark.parametrize("factory,fit_kwargs", DETECTORS)

@@ -242,8 +242,12 @@ def test_features_are_computed_once_per_fit(textures, monkeypatch):
     monkeypatch.setattr(GeneralAD, "_feature_map",
                         lambda self, batch: calls.append(len(batch)) or original(self, batch))
     _tiny(n_epochs=5, batch_size=4).fit(textures.images[:10])
-    # 3 batches for the training cache + 3 to score the references; none per epoch
-    assert calls == [4, 4, 2, 4, 4, 2]
+    # 3 batches for the training cache + 3 to score the references, those split over the
+    # threads (skad._threads.split_batch); none per epoch
+    scoring = [len(part) for n in (4, 4, 2)  # two images a part at least
+               for part in torch.arange(n).tensor_split(
+                   max(1, min(torch.get_num_threads(), n // 2)))]
+    assert calls == [4, 4, 2, *scoring]
 
 
 def test_same_random_state_same_model_other_state_other_model(textures):
