@@ -13,9 +13,12 @@ draws no random numbers: scoring and the features of references.
 
 PyTorch's thread count is per thread (OpenMP's) but also remembered for
 threads that start later: :func:`thread_map` sets it back to the caller's
-when its threads are done.
+when its threads are done. Builds of PyTorch on its own thread pool rather
+than OpenMP (``torch.__config__.parallel_info()``) keep one count for all
+threads, which cannot be changed once set: there batches are not split.
 """
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -46,11 +49,12 @@ def split_batch(fn, batch):
     which round differently: up to about 1e-5 of lite0's features).
     ``fn(batch)`` on the calling thread, with PyTorch's threads, for a single
     image (the fastest way to score one), on one thread, where ``batch`` is
-    not on the CPU or where gradients are recorded (training).
+    not on the CPU, where gradients are recorded (training) or where PyTorch
+    does not run on OpenMP.
     """
     threads = torch.get_num_threads()
     if (threads <= 1 or len(batch) < 2 or batch.device.type != "cpu"
-            or torch.is_grad_enabled()):
+            or torch.is_grad_enabled() or not _openmp()):
         return fn(batch)
     return _concatenate(thread_map(fn, batch.tensor_split(min(threads, len(batch) // 2))))
 
@@ -75,6 +79,12 @@ def thread_map(fn, items):
             return list(pool.map(run, items))
     finally:
         torch.set_num_threads(caller_threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp():
+    """Whether PyTorch runs its threads on OpenMP, whose thread count is per thread."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _concatenate(outs):

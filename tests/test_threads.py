@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from skad._threads import split_batch, thread_map
+from skad._threads import _openmp, split_batch, thread_map
 
 
 @pytest.fixture
@@ -49,8 +49,9 @@ def test_the_callers_thread_count_is_kept_also_for_threads_started_after(three_t
     assert seen == [three_threads]
 
 
-@pytest.mark.parametrize("case", ["gradients", "one thread", "one image", "not on the CPU"])
-def test_not_split_where_it_would_not_help_or_be_safe(three_threads, case):
+@pytest.mark.parametrize("case", ["gradients", "one thread", "one image", "not on the CPU",
+                                  "not OpenMP"])
+def test_not_split_where_it_would_not_help_or_be_safe(three_threads, case, monkeypatch):
     batch = torch.arange(8.0).view(4, 2)
     if case == "one image":
         batch = batch[:1]
@@ -58,6 +59,10 @@ def test_not_split_where_it_would_not_help_or_be_safe(three_threads, case):
         batch = batch.to("meta")
     elif case == "one thread":
         torch.set_num_threads(1)
+    elif case == "not OpenMP":  # PyTorch's own pool: one thread count for every thread
+        monkeypatch.setattr(torch.__config__, "parallel_info",
+                            lambda: "ATen parallel backend: native thread pool")
+        _openmp.cache_clear()
     calls = []
 
     def fn(part):
@@ -66,6 +71,7 @@ def test_not_split_where_it_would_not_help_or_be_safe(three_threads, case):
 
     with torch.set_grad_enabled(case == "gradients"):
         split_batch(fn, batch)
+    _openmp.cache_clear()
     assert calls == [(len(batch), threading.get_ident())]
 
 

@@ -99,10 +99,12 @@ def flops(call, images):
     """Floating-point operations of ``call(images)`` per image, as FlopCounterMode counts
     them (matrix products, convolutions, attention), with every convolution direct:
     FlopCounterMode does not see NNPACK's, which :func:`skad._layers.conv2d` takes on one
-    thread (and which multiply about half as often)."""
+    thread (and which multiply about half as often). On the calling thread: the counter
+    does not see the threads that :mod:`skad._threads` splits batches over."""
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode(), mock.patch.object(skad._layers, "_nnpack",
-                                                            lambda: False):
+                                                            lambda: False), \
+            mock.patch("skad.base.split_batch", _whole):
         call(images)
     return counter.get_total_flops() / len(images)
 
@@ -154,9 +156,14 @@ def main(argv=None):
                          "skad._threads (the same on one thread)")
     args = ap.parse_args(argv)
     if args.no_split:
-        with mock.patch("skad.base.split_batch", lambda fn, batch: fn(batch)):
+        with mock.patch("skad.base.split_batch", _whole):
             return _run(args)
     return _run(args)
+
+
+def _whole(fn, batch):
+    """``split_batch`` that does not split: ``fn(batch)`` on PyTorch's threads."""
+    return fn(batch)
 
 
 def _run(args):
