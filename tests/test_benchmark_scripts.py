@@ -60,3 +60,18 @@ def test_window_stems_benchmark_runs_and_agrees():
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
             for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows == {"stride": "stem shared", "8": "yes", "6": "no"}
+
+
+def test_split_threads_benchmark_runs_and_agrees():
+    """Each computation split over two threads and whole: the same outputs within 1e-4 of
+    their largest (the script fails otherwise), a speed-up printed for each."""
+    run = subprocess.run([sys.executable, str(_BENCHMARKS / "split_threads.py"),
+                          "--data", "/nonexistent", "--n-images", "4", "--repeats", "1",
+                          "--threads", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0].strip() for row in rows] == [
+        "lite0 forward pass", "PatchCore scores", "GlobalLocal scores (stride 24)"]
+    assert all(float(row[3].strip().rstrip("x")) > 0 for row in rows)
