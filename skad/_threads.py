@@ -2,14 +2,16 @@
 
 PyTorch splits each operation over its threads (OpenMP). On the small
 operations of these detectors, each split costs more than it gains: on two
-cores lite0's forward pass over 16 images at 256 px ran about 1.45 times as
+cores lite0's forward pass over 16 images at 256 px ran 1.25 to 1.5 times as
 fast as two Python threads, each with one PyTorch thread and half the images,
-as on two PyTorch threads (docs/benchmarks.md, "Scoring on several
-threads"). :func:`split_batch` scores that way, with as many threads as
-PyTorch would use (``torch.get_num_threads()``), so that ``OMP_NUM_THREADS``
-and ``torch.set_num_threads`` keep their meaning. It does so for work whose
-result per image does not depend on the other images of the batch and that
-draws no random numbers: scoring and the features of references.
+as on two PyTorch threads, GlobalLocal's scoring 1.13 to 1.19 times
+(``examples/benchmarks/split_threads.py``; docs/benchmarks.md, "Scoring on
+several threads"). :func:`split_batch` scores that way, with as many threads
+as PyTorch would use (``torch.get_num_threads()``), so that
+``OMP_NUM_THREADS`` and ``torch.set_num_threads`` keep their meaning. It
+does so for work whose result per image does not depend on the other images
+of the batch and that draws no random numbers: scoring and the features of
+references.
 
 PyTorch's thread count is per thread (OpenMP's) but also remembered for
 threads that start later: :func:`thread_map` sets it back to the caller's
@@ -46,7 +48,7 @@ def split_batch(fn, batch):
     that leaves one part (two or three images): an image then scores the same
     in any batch of two or more, as on one thread (PyTorch convolves a single
     image, and on several threads also some batches, with other kernels,
-    which round differently: up to about 1e-5 of lite0's features).
+    which round differently: by up to 3e-5 in lite0's features).
     ``fn(batch)`` on the calling thread, with PyTorch's threads, for a single
     image (the fastest way to score one), on one thread, where ``batch`` is
     not on the CPU, where gradients are recorded (training) or where PyTorch
