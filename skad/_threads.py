@@ -3,10 +3,10 @@
 PyTorch splits each operation over its threads (OpenMP). On the small
 operations of these detectors, each split costs more than it gains: on two
 cores lite0's forward pass over 16 images at 256 px ran 1.25 to 1.5 times as
-fast as two Python threads, each with one PyTorch thread and half the images,
-as on two PyTorch threads, GlobalLocal's scoring 1.13 to 1.19 times
-(``examples/benchmarks/split_threads.py``; docs/benchmarks.md, "Scoring on
-several threads"). :func:`split_batch` scores that way, with as many threads
+fast on two Python threads (one PyTorch thread and half the images each) as
+on two PyTorch threads; PatchCore's scoring 1.35 times, GlobalLocal's 1.13 to
+1.19 times (``examples/benchmarks/split_threads.py``; docs/benchmarks.md,
+"Scoring on several threads"). :func:`split_batch` scores that way, with as many threads
 as PyTorch would use (``torch.get_num_threads()``), so that
 ``OMP_NUM_THREADS`` and ``torch.set_num_threads`` keep their meaning. It
 does so for work whose result per image does not depend on the other images
@@ -35,9 +35,10 @@ def split_batch(fn, batch):
     ----------
     fn : callable
         ``fn(images) -> out``: ``out`` a tensor with the images first (``r``
-        rows per image), None, or a tuple or list of those. ``fn`` must give
-        each image the rows it would give it in any other batch, and must not
-        draw random numbers or change shared state (it runs concurrently).
+        rows per image), None, or a tuple or list of those. ``fn`` must
+        compute each image's rows from that image alone (in another batch they
+        may round differently, as PyTorch's kernels do), and must not draw
+        random numbers or change shared state (it runs concurrently).
     batch : torch.Tensor of shape (B, ...)
 
     Returns
@@ -50,9 +51,10 @@ def split_batch(fn, batch):
     image, and on several threads also some batches, with other kernels,
     which round differently: by up to 3e-5 in lite0's features).
     ``fn(batch)`` on the calling thread, with PyTorch's threads, for a single
-    image (the fastest way to score one), on one thread, where ``batch`` is
-    not on the CPU, where gradients are recorded (training) or where PyTorch
-    does not run on OpenMP.
+    image (the fastest way to score one; its kernels round differently from a
+    batch's on any thread count), where PyTorch's thread count is 1, where
+    ``batch`` is not on the CPU, where gradients are recorded (training) or
+    where PyTorch does not run on OpenMP.
     """
     threads = torch.get_num_threads()
     if (threads <= 1 or len(batch) < 2 or batch.device.type != "cpu"
