@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["split_batch", "thread_map"]
+__all__ = ["n_parts", "split_batch", "thread_map"]
 
 
 def split_batch(fn, batch):
@@ -60,7 +60,13 @@ def split_batch(fn, batch):
     if (threads <= 1 or len(batch) < 2 or batch.device.type != "cpu"
             or torch.is_grad_enabled() or not _openmp()):
         return fn(batch)
-    return _concatenate(thread_map(fn, batch.tensor_split(min(threads, len(batch) // 2))))
+    return _concatenate(thread_map(fn, batch.tensor_split(n_parts(len(batch), threads))))
+
+
+def n_parts(n_images, threads):
+    """How many parts :func:`split_batch` makes of ``n_images`` images on ``threads``
+    threads: one per thread, of two images at least (one part for fewer than four)."""
+    return max(1, min(threads, n_images // 2))
 
 
 def thread_map(fn, items):

@@ -1060,8 +1060,8 @@ class BaseDetector(BaseEstimator):
         tensor with the batch first (``B * r`` rows for a fixed ``r`` rows per
         image); the result is their concatenation, one tensor. ``split``: run
         ``fn`` on parts of each batch on parallel threads
-        (:func:`skad._threads.split_batch`), for an ``fn`` that is the same
-        per image in any batch and draws no random numbers. For several
+        (:func:`skad._threads.split_batch`), for an ``fn`` that computes each
+        image's rows from that image alone and draws no random numbers. For several
         outputs per batch use :meth:`_map_images_multi`.
         """
         return self._map_images_multi(images, lambda batch: (fn(batch),), desc=desc,

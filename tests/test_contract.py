@@ -20,6 +20,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, cross_validate
 
 import skad
+import skad._threads
 from skad import MMR, BaseDetector, GeneralAD, GlobalLocal, MetaComparer, PatchCore
 from skad.datasets import make_textures
 from skad.model_selection import ReferenceScorer
@@ -271,7 +272,7 @@ def _one_part_after_the_other(n_parts):
         return type(outs[0])(join(list(parts)) for parts in zip(*outs))
 
     return lambda fn, batch: join([fn(part) for part in batch.tensor_split(
-        max(1, min(n_parts, len(batch) // 2)))])
+        skad._threads.n_parts(len(batch), n_parts))])
 
 
 def test_scoring_on_several_threads_gives_the_scores_of_one(fitted, data, monkeypatch):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from skad._general_ad import (Discriminator, GeneralAD, _ClassAttention, attention_shuffle,
                               balanced_bce, distort, noise_all, noise_random, random_shuffle,
                               top_k_mean)
+from skad._threads import n_parts
 from skad.datasets import make_textures
 
 
@@ -244,9 +245,8 @@ def test_features_are_computed_once_per_fit(textures, monkeypatch):
     _tiny(n_epochs=5, batch_size=4).fit(textures.images[:10])
     # 3 batches for the training cache + 3 to score the references, those split over the
     # threads (skad._threads.split_batch); none per epoch
-    scoring = [len(part) for n in (4, 4, 2)  # two images a part at least
-               for part in torch.arange(n).tensor_split(
-                   max(1, min(torch.get_num_threads(), n // 2)))]
+    scoring = [len(part) for n in (4, 4, 2)
+               for part in torch.arange(n).tensor_split(n_parts(n, torch.get_num_threads()))]
     assert calls == [4, 4, 2, *scoring]
 
 

@@ -16,6 +16,7 @@ from skad._mmr import (
     random_resized_crop_flip,
     reconstruction_loss,
 )
+from skad._threads import n_parts
 from skad.datasets import make_textures
 
 TINY = {"teacher": "test_efficientnet", "teacher_weights": None, "student": "test_vit",
@@ -193,7 +194,7 @@ def test_teacher_features_cached_without_augmentation(textures, monkeypatch):
     MMR(**{**TINY, "n_epochs": 3, "batch_size": 5, "crop_scale": None, "hflip": False}).fit(X)
     # the reference scores: 2 batches of 5, each split over the threads (two images a part
     # at least: skad._threads.split_batch)
-    scoring = 2 * max(1, min(torch.get_num_threads(), 5 // 2))
+    scoring = 2 * n_parts(5, torch.get_num_threads())
     cached = len(calls)
     assert cached == 2 + scoring  # one caching pass (2 batches) + the reference scores
     calls.clear()
